@@ -1,0 +1,561 @@
+//! Event pool: fixed slots of bytes handed out in O(1) and returned
+//! automatically when the last handle to them drops.
+//!
+//! Costs: no allocation, no locks. Acquire is a few plain loads (one atomic
+//! swap per refill of the acquirer's private free list); a release is one
+//! CAS push on a lock-free stack. One [`Acquirer`] per pool (it is handed out
+//! once); [`EventRef`] handles may be cloned and dropped on any thread.
+//!
+//! ABA: releasers only push, and the acquirer takes the whole stack with one
+//! swap, so no thread ever pops a node another thread may pop as well.
+
+use core::cell::UnsafeCell as DataCell;
+use core::marker::PhantomData;
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+use crate::sync::{fence, AtomicBool, AtomicU32, UnsafeCell};
+
+/// End of a free list.
+const NIL: u32 = u32::MAX;
+/// Past this many references a slot is never freed (handles leaked with
+/// `mem::forget` on a massive scale): a leak instead of a counter overflow.
+const STICKY: u32 = 1 << 31;
+
+/// Per-slot bookkeeping. Public so that callers can provide the buffer of a
+/// [`BufferPool`].
+pub struct SlotMeta {
+    refs: AtomicU32,
+    next: AtomicU32,
+    /// Stands for the slot's bytes in loom's model, so that loom checks every
+    /// access to them against the ownership protocol (zero-sized otherwise).
+    access: UnsafeCell<()>,
+}
+
+impl SlotMeta {
+    /// Bookkeeping of a free slot.
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        Self {
+            refs: AtomicU32::new(0),
+            next: AtomicU32::new(NIL),
+            access: UnsafeCell::new(()),
+        }
+    }
+
+    /// Bookkeeping of a free slot.
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        Self {
+            refs: AtomicU32::new(0),
+            next: AtomicU32::new(NIL),
+            access: UnsafeCell::new(()),
+        }
+    }
+}
+
+impl Default for SlotMeta {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// State shared by every handle of a pool.
+struct Shared {
+    /// Top of the stack of released slots.
+    released: AtomicU32,
+    acquirer_taken: AtomicBool,
+}
+
+impl Shared {
+    #[cfg(not(loom))]
+    const fn new() -> Self {
+        Self {
+            released: AtomicU32::new(NIL),
+            acquirer_taken: AtomicBool::new(false),
+        }
+    }
+
+    #[cfg(loom)]
+    fn new() -> Self {
+        Self {
+            released: AtomicU32::new(NIL),
+            acquirer_taken: AtomicBool::new(false),
+        }
+    }
+}
+
+/// The one code path behind both pool types: shared state, bookkeeping and
+/// `meta.len()` slots of `slot_size` bytes at `data`.
+#[derive(Clone, Copy)]
+struct View<'p> {
+    shared: &'p Shared,
+    meta: &'p [SlotMeta],
+    data: *mut u8,
+    slot_size: usize,
+}
+
+// SAFETY: a View is only a set of shared references plus the base pointer of
+// the slot bytes, whose every access follows the ownership protocol (one
+// SlotMut, or only readers, per slot); sending it between threads is sound.
+unsafe impl Send for View<'_> {}
+// SAFETY: as above; all mutation goes through atomics or owned slots.
+unsafe impl Sync for View<'_> {}
+
+impl<'p> View<'p> {
+    fn acquirer(self) -> Option<Acquirer<'p>> {
+        if self.shared.acquirer_taken.swap(true, Acquire) {
+            return None;
+        }
+        Some(Acquirer {
+            view: self,
+            local: NIL,
+            fresh: 0,
+            _not_sync: PhantomData,
+        })
+    }
+
+    /// Bytes of slot `index` (which must be below `meta.len()`).
+    fn slot_ptr(&self, index: u32) -> *mut u8 {
+        // The offset stays inside the data region: index < meta.len() and the
+        // region holds meta.len() * slot_size bytes.
+        self.data.wrapping_add(index as usize * self.slot_size)
+    }
+
+    /// Pushes slot `index` onto the released stack.
+    fn release(&self, index: u32) {
+        let Some(meta) = self.meta.get(index as usize) else {
+            return;
+        };
+        let mut top = self.shared.released.load(Relaxed);
+        loop {
+            meta.next.store(top, Relaxed);
+            match self
+                .shared
+                .released
+                .compare_exchange_weak(top, index, Release, Relaxed)
+            {
+                Ok(_) => return,
+                Err(now) => top = now,
+            }
+        }
+    }
+}
+
+/// A pool of `N` slots of `SLOT` bytes whose storage is part of the value;
+/// `new` is `const`, so a pool can be a `static` (firmware).
+pub struct EventPool<const N: usize, const SLOT: usize> {
+    shared: Shared,
+    meta: [SlotMeta; N],
+    data: DataCell<[[u8; SLOT]; N]>,
+}
+
+// SAFETY: slot bytes are only written through the unique SlotMut of a slot
+// and only read through EventRefs while no SlotMut exists; the bookkeeping is
+// atomic. Sharing the pool between threads is therefore sound.
+unsafe impl<const N: usize, const SLOT: usize> Sync for EventPool<N, SLOT> {}
+
+impl<const N: usize, const SLOT: usize> EventPool<N, SLOT> {
+    const SIZE_OK: () = assert!(
+        N < NIL as usize && SLOT > 0,
+        "pool needs fewer than 2^32 - 1 slots of at least one byte"
+    );
+
+    /// A pool with every slot free.
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        let () = Self::SIZE_OK;
+        Self {
+            shared: Shared::new(),
+            meta: [const { SlotMeta::new() }; N],
+            data: DataCell::new([[0; SLOT]; N]),
+        }
+    }
+
+    /// A pool with every slot free.
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        let () = Self::SIZE_OK;
+        Self {
+            shared: Shared::new(),
+            meta: core::array::from_fn(|_| SlotMeta::new()),
+            data: DataCell::new([[0; SLOT]; N]),
+        }
+    }
+
+    fn view(&self) -> View<'_> {
+        View {
+            shared: &self.shared,
+            meta: &self.meta,
+            data: self.data.get().cast::<u8>(),
+            slot_size: SLOT,
+        }
+    }
+
+    /// The pool's one acquirer; `None` after the first call.
+    pub fn acquirer(&self) -> Option<Acquirer<'_>> {
+        self.view().acquirer()
+    }
+
+    /// Number of slots.
+    pub const fn capacity(&self) -> usize {
+        N
+    }
+
+    /// Bytes per slot.
+    pub const fn slot_size(&self) -> usize {
+        SLOT
+    }
+}
+
+impl<const N: usize, const SLOT: usize> Default for EventPool<N, SLOT> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A pool over caller-provided buffers, for sizes chosen at run time.
+pub struct BufferPool<'b> {
+    shared: Shared,
+    meta: &'b [SlotMeta],
+    data: *mut u8,
+    slot_size: usize,
+    _data: PhantomData<&'b mut [u8]>,
+}
+
+// SAFETY: as for EventPool: slot bytes follow the ownership protocol and the
+// bookkeeping is atomic.
+unsafe impl Sync for BufferPool<'_> {}
+// SAFETY: the pool owns its borrow of the buffers; moving it is sound.
+unsafe impl Send for BufferPool<'_> {}
+
+/// Buffers that do not describe a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum PoolError {
+    /// `slot_size` is zero, or there are no slots or 2^32 - 1 or more.
+    Shape,
+    /// `data` is shorter than `meta.len() * slot_size`.
+    DataTooSmall,
+}
+
+impl<'b> BufferPool<'b> {
+    /// A pool of `meta.len()` slots of `slot_size` bytes stored in `data`.
+    pub fn new(
+        meta: &'b mut [SlotMeta],
+        data: &'b mut [u8],
+        slot_size: usize,
+    ) -> Result<Self, PoolError> {
+        if slot_size == 0 || meta.is_empty() || meta.len() >= NIL as usize {
+            return Err(PoolError::Shape);
+        }
+        match meta.len().checked_mul(slot_size) {
+            Some(need) if need <= data.len() => {}
+            _ => return Err(PoolError::DataTooSmall),
+        }
+        for m in meta.iter_mut() {
+            *m = SlotMeta::new();
+        }
+        Ok(Self {
+            shared: Shared::new(),
+            meta,
+            data: data.as_mut_ptr(),
+            slot_size,
+            _data: PhantomData,
+        })
+    }
+
+    /// The pool's one acquirer; `None` after the first call.
+    pub fn acquirer(&self) -> Option<Acquirer<'_>> {
+        View {
+            shared: &self.shared,
+            meta: self.meta,
+            data: self.data,
+            slot_size: self.slot_size,
+        }
+        .acquirer()
+    }
+
+    /// Number of slots.
+    pub fn capacity(&self) -> usize {
+        self.meta.len()
+    }
+
+    /// Bytes per slot.
+    pub fn slot_size(&self) -> usize {
+        self.slot_size
+    }
+}
+
+/// The single thread that takes slots from a pool. Not `Clone`, not `Sync`.
+pub struct Acquirer<'p> {
+    view: View<'p>,
+    /// Private free list (taken whole from the released stack).
+    local: u32,
+    /// Slots never used yet are `fresh..N`.
+    fresh: u32,
+    _not_sync: PhantomData<core::cell::Cell<()>>,
+}
+
+impl<'p> Acquirer<'p> {
+    /// A free slot, or `None` when every slot is in use (never blocks).
+    #[inline]
+    pub fn acquire(&mut self) -> Option<SlotMut<'p>> {
+        if self.local == NIL {
+            if (self.fresh as usize) < self.view.meta.len() {
+                let index = self.fresh;
+                self.fresh += 1;
+                return Some(self.take(index));
+            }
+            self.local = self.view.shared.released.swap(NIL, Acquire);
+            if self.local == NIL {
+                return None;
+            }
+        }
+        let index = self.local;
+        let meta = self.view.meta.get(index as usize)?;
+        self.local = meta.next.load(Relaxed);
+        Some(self.take(index))
+    }
+
+    fn take(&self, index: u32) -> SlotMut<'p> {
+        if let Some(meta) = self.view.meta.get(index as usize) {
+            meta.refs.store(1, Relaxed);
+            meta.access.with_mut(|_| ());
+        }
+        SlotMut {
+            view: self.view,
+            index,
+        }
+    }
+
+    /// Slots that can be acquired without looking at the released stack.
+    pub fn ready(&self) -> usize {
+        let mut n = self.view.meta.len() - self.fresh as usize;
+        let mut i = self.local;
+        while let Some(meta) = self.view.meta.get(i as usize) {
+            n += 1;
+            i = meta.next.load(Relaxed);
+        }
+        n
+    }
+}
+
+/// A slot owned by exactly one party, writable. Dropping it returns the slot.
+pub struct SlotMut<'p> {
+    view: View<'p>,
+    index: u32,
+}
+
+impl<'p> SlotMut<'p> {
+    /// The slot's bytes.
+    pub fn buffer_mut(&mut self) -> &mut [u8] {
+        // SAFETY: this SlotMut is the only handle to the slot (acquire hands a
+        // slot out once; it returns to the pool only when this handle or its
+        // last EventRef drops), so no other reference to these bytes exists;
+        // the range lies inside the pool's data region.
+        unsafe {
+            core::slice::from_raw_parts_mut(self.view.slot_ptr(self.index), self.view.slot_size)
+        }
+    }
+
+    /// Slot index, `0..capacity`.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Makes the first `len` bytes (clamped to the slot size) readable
+    /// through shared, clonable handles.
+    pub fn share(self, len: usize) -> EventRef<'p> {
+        let this = core::mem::ManuallyDrop::new(self);
+        EventRef {
+            view: this.view,
+            index: this.index,
+            len: len.min(this.view.slot_size) as u32,
+        }
+    }
+}
+
+impl Drop for SlotMut<'_> {
+    fn drop(&mut self) {
+        if let Some(meta) = self.view.meta.get(self.index as usize) {
+            meta.refs.store(0, Relaxed);
+        }
+        self.view.release(self.index);
+    }
+}
+
+/// A shared, read-only, reference-counted handle to the bytes of a slot. The
+/// last one dropped returns the slot to its pool.
+pub struct EventRef<'p> {
+    view: View<'p>,
+    index: u32,
+    len: u32,
+}
+
+impl EventRef<'_> {
+    /// The bytes that were shared.
+    #[inline]
+    pub fn bytes(&self) -> &[u8] {
+        if let Some(meta) = self.view.meta.get(self.index as usize) {
+            meta.access.with(|_| ());
+        }
+        // SAFETY: while any EventRef to the slot exists, no SlotMut exists
+        // (share consumed it) and the slot is not free, so the bytes are not
+        // written; len <= slot_size keeps the range inside the slot.
+        unsafe { core::slice::from_raw_parts(self.view.slot_ptr(self.index), self.len as usize) }
+    }
+
+    /// Slot index, `0..capacity`.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Handles to this slot right now (for tests and metrics).
+    pub fn ref_count(&self) -> u32 {
+        self.view
+            .meta
+            .get(self.index as usize)
+            .map_or(0, |m| m.refs.load(Relaxed))
+    }
+}
+
+impl Clone for EventRef<'_> {
+    fn clone(&self) -> Self {
+        if let Some(meta) = self.view.meta.get(self.index as usize) {
+            // Relaxed suffices, as for Arc: the new handle comes from an
+            // existing one, so the count cannot reach zero concurrently.
+            if meta.refs.fetch_add(1, Relaxed) >= STICKY {
+                meta.refs.store(STICKY, Relaxed);
+            }
+        }
+        Self {
+            view: self.view,
+            index: self.index,
+            len: self.len,
+        }
+    }
+}
+
+impl Drop for EventRef<'_> {
+    fn drop(&mut self) {
+        let Some(meta) = self.view.meta.get(self.index as usize) else {
+            return;
+        };
+        if meta.refs.load(Relaxed) >= STICKY {
+            return;
+        }
+        if meta.refs.fetch_sub(1, Release) != 1 {
+            return;
+        }
+        // Every other handle's reads happen before the slot is reused.
+        fence(Acquire);
+        self.view.release(self.index);
+    }
+}
+
+// SAFETY: an EventRef only reads bytes that nobody writes while it exists, and
+// its count is atomic: it may move to and be shared with any thread.
+unsafe impl Send for EventRef<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for EventRef<'_> {}
+// SAFETY: a SlotMut is the unique owner of its slot's bytes; moving it to
+// another thread moves that ownership.
+unsafe impl Send for SlotMut<'_> {}
+
+impl core::fmt::Debug for EventRef<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("EventRef")
+            .field("index", &self.index)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::vec::Vec;
+
+    #[test]
+    fn acquire_until_empty_then_reuse() {
+        let pool: EventPool<4, 16> = EventPool::new();
+        let mut acq = pool.acquirer().unwrap();
+        assert!(pool.acquirer().is_none());
+        let mut held: Vec<_> = (0..4).map(|_| acq.acquire().unwrap()).collect();
+        assert!(acq.acquire().is_none());
+        held.pop();
+        let again = acq.acquire().unwrap();
+        assert_eq!(again.index(), 3);
+        assert!(acq.acquire().is_none());
+    }
+
+    #[test]
+    fn last_clone_returns_the_slot() {
+        let pool: EventPool<1, 8> = EventPool::new();
+        let mut acq = pool.acquirer().unwrap();
+        let mut slot = acq.acquire().unwrap();
+        slot.buffer_mut()[..3].copy_from_slice(b"abc");
+        let a = slot.share(3);
+        let b = a.clone();
+        assert_eq!(b.ref_count(), 2);
+        assert_eq!(b.bytes(), b"abc");
+        drop(a);
+        assert!(acq.acquire().is_none());
+        drop(b);
+        assert!(acq.acquire().is_some());
+    }
+
+    #[test]
+    fn buffer_pool_checks_its_buffers() {
+        let mut meta: Vec<SlotMeta> = (0..4).map(|_| SlotMeta::new()).collect();
+        let mut data = [0u8; 15];
+        assert_eq!(
+            BufferPool::new(&mut meta, &mut data, 4).err(),
+            Some(PoolError::DataTooSmall)
+        );
+        assert_eq!(
+            BufferPool::new(&mut meta, &mut data, 0).err(),
+            Some(PoolError::Shape)
+        );
+        let mut data = [0u8; 16];
+        let pool = BufferPool::new(&mut meta, &mut data, 4).unwrap();
+        let mut acq = pool.acquirer().unwrap();
+        let mut s = acq.acquire().unwrap();
+        s.buffer_mut().copy_from_slice(&[1, 2, 3, 4]);
+        let r = s.share(100);
+        assert_eq!(r.bytes(), &[1, 2, 3, 4]);
+        assert_eq!(acq.ready(), 3);
+    }
+
+    #[test]
+    fn handles_released_on_other_threads_come_back() {
+        let pool: EventPool<8, 32> = EventPool::new();
+        let mut acq = pool.acquirer().unwrap();
+        let rounds = if cfg!(miri) { 200 } else { 20_000 };
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<EventRef<'_>>(4);
+            s.spawn(move || {
+                for r in rx {
+                    assert_eq!(r.bytes()[0] as u32, r.index());
+                    let c = r.clone();
+                    drop(r);
+                    drop(c);
+                }
+            });
+            let mut sent = 0;
+            while sent < rounds {
+                match acq.acquire() {
+                    Some(mut slot) => {
+                        let i = slot.index() as u8;
+                        slot.buffer_mut()[0] = i;
+                        tx.send(slot.share(1)).unwrap();
+                        sent += 1;
+                    }
+                    None => std::thread::yield_now(),
+                }
+            }
+        });
+        let all: Vec<_> = (0..8).map_while(|_| acq.acquire()).collect();
+        assert_eq!(all.len(), 8);
+    }
+}

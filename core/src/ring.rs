@@ -1,0 +1,575 @@
+//! Lock-free single-producer single-consumer ring, split into a [`Producer`]
+//! and a [`Consumer`] that cannot be duplicated.
+//!
+//! Costs: no allocation, no locks; a push or pop is one slot copy and one
+//! Release store of a 32-bit index, and each side reloads the other's index
+//! (an Acquire load) only when the ring looks full or empty. Batch calls move
+//! many items per store. Capacity is a power of two, as a const generic
+//! ([`Ring`], usable as a `static`) or the length of a caller's buffer
+//! ([`BufferRing`]); both run the same code.
+
+use core::marker::PhantomData;
+use core::mem::MaybeUninit;
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+use crossbeam_utils::CachePadded;
+
+use crate::sync::{AtomicBool, AtomicU32, UnsafeCell};
+
+/// One cell of a ring: storage for one item, empty or full as the ring's
+/// indices say. Public so that callers can provide the buffer of a
+/// [`BufferRing`].
+pub struct Slot<T> {
+    value: UnsafeCell<MaybeUninit<T>>,
+}
+
+impl<T> Slot<T> {
+    /// An empty slot.
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        Self {
+            value: UnsafeCell::new(MaybeUninit::uninit()),
+        }
+    }
+
+    /// An empty slot.
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        Self {
+            value: UnsafeCell::new(MaybeUninit::uninit()),
+        }
+    }
+}
+
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The indices both sides share. `head` counts pushes and `tail` counts pops,
+/// both wrapping at 2^32; `head - tail` items are inside.
+struct Indices {
+    head: CachePadded<AtomicU32>,
+    tail: CachePadded<AtomicU32>,
+    split: AtomicBool,
+}
+
+impl Indices {
+    #[cfg(not(loom))]
+    const fn new() -> Self {
+        Self {
+            head: CachePadded::new(AtomicU32::new(0)),
+            tail: CachePadded::new(AtomicU32::new(0)),
+            split: AtomicBool::new(false),
+        }
+    }
+
+    #[cfg(loom)]
+    fn new() -> Self {
+        Self {
+            head: CachePadded::new(AtomicU32::new(0)),
+            tail: CachePadded::new(AtomicU32::new(0)),
+            split: AtomicBool::new(false),
+        }
+    }
+
+    /// The one split of a ring: both halves, or `None` if split before.
+    fn split<'r, T>(&'r self, slots: &'r [Slot<T>]) -> Option<(Producer<'r, T>, Consumer<'r, T>)> {
+        if self.split.swap(true, Acquire) {
+            return None;
+        }
+        let head = self.head.load(Relaxed);
+        let tail = self.tail.load(Relaxed);
+        let mask = slots.len() as u32 - 1;
+        Some((
+            Producer {
+                indices: self,
+                slots,
+                mask,
+                head,
+                cached_tail: tail,
+                _not_sync: PhantomData,
+            },
+            Consumer {
+                indices: self,
+                slots,
+                mask,
+                tail,
+                cached_head: head,
+                _not_sync: PhantomData,
+            },
+        ))
+    }
+
+    /// Drops the items still inside; called by the owner, when no half can
+    /// be alive any more (they borrow it).
+    fn drop_items<T>(&mut self, slots: &[Slot<T>]) {
+        if !core::mem::needs_drop::<T>() {
+            return;
+        }
+        let head = self.head.load(Acquire);
+        let mut tail = self.tail.load(Acquire);
+        let mask = slots.len() as u32 - 1;
+        while tail != head {
+            if let Some(slot) = slots.get((tail & mask) as usize) {
+                // SAFETY: positions tail..head hold initialised items that no
+                // half can reach any more (both borrowed the owner, which is
+                // being dropped); each is dropped exactly once here.
+                slot.value.with_mut(|p| unsafe { (*p).assume_init_drop() });
+            }
+            tail = tail.wrapping_add(1);
+        }
+    }
+}
+
+/// A ring whose capacity `N` (a power of two) is a const generic; `Ring::new`
+/// is `const`, so a ring can be a `static`.
+pub struct Ring<T, const N: usize> {
+    indices: Indices,
+    slots: [Slot<T>; N],
+}
+
+// SAFETY: the ring hands out at most one Producer and one Consumer (the split
+// flag), which move items of type T between threads; T: Send suffices.
+unsafe impl<T: Send, const N: usize> Sync for Ring<T, N> {}
+// SAFETY: owning the ring owns its items; moving it moves T values.
+unsafe impl<T: Send, const N: usize> Send for Ring<T, N> {}
+
+impl<T, const N: usize> Ring<T, N> {
+    const CAPACITY_OK: () = assert!(
+        N.is_power_of_two() && N <= 1 << 31,
+        "ring capacity must be a power of two up to 2^31"
+    );
+
+    /// An empty ring.
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        let () = Self::CAPACITY_OK;
+        Self {
+            indices: Indices::new(),
+            slots: [const { Slot::new() }; N],
+        }
+    }
+
+    /// An empty ring.
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        let () = Self::CAPACITY_OK;
+        Self {
+            indices: Indices::new(),
+            slots: core::array::from_fn(|_| Slot::new()),
+        }
+    }
+
+    /// The producer and consumer halves; `None` after the first call, so a
+    /// `static` ring can be split safely from anywhere.
+    pub fn split(&self) -> Option<(Producer<'_, T>, Consumer<'_, T>)> {
+        self.indices.split(&self.slots)
+    }
+
+    /// Items the ring holds at most.
+    pub const fn capacity(&self) -> usize {
+        N
+    }
+}
+
+impl<T, const N: usize> Default for Ring<T, N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T, const N: usize> Drop for Ring<T, N> {
+    fn drop(&mut self) {
+        self.indices.drop_items(&self.slots);
+    }
+}
+
+/// A ring over a caller-provided buffer of [`Slot`]s, for capacities chosen
+/// at run time.
+pub struct BufferRing<'b, T> {
+    indices: Indices,
+    slots: &'b [Slot<T>],
+}
+
+// SAFETY: as for Ring: one Producer and one Consumer move T values across threads.
+unsafe impl<T: Send> Sync for BufferRing<'_, T> {}
+// SAFETY: as for Ring.
+unsafe impl<T: Send> Send for BufferRing<'_, T> {}
+
+/// A buffer length that is not a power of two between 1 and 2^31.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct BadCapacity;
+
+impl<'b, T> BufferRing<'b, T> {
+    /// A ring over `slots`, whose length must be a power of two up to 2^31.
+    /// Holding `&mut` guarantees no other ring uses the buffer.
+    pub fn new(slots: &'b mut [Slot<T>]) -> Result<Self, BadCapacity> {
+        if !slots.len().is_power_of_two() || slots.len() > 1 << 31 {
+            return Err(BadCapacity);
+        }
+        Ok(Self {
+            indices: Indices::new(),
+            slots,
+        })
+    }
+
+    /// The producer and consumer halves; `None` after the first call.
+    pub fn split(&self) -> Option<(Producer<'_, T>, Consumer<'_, T>)> {
+        self.indices.split(self.slots)
+    }
+
+    /// Items the ring holds at most.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+impl<T> Drop for BufferRing<'_, T> {
+    fn drop(&mut self) {
+        self.indices.drop_items(self.slots);
+    }
+}
+
+/// The writing half of a ring. Not `Clone`; `Send` when `T` is.
+pub struct Producer<'r, T> {
+    indices: &'r Indices,
+    slots: &'r [Slot<T>],
+    mask: u32,
+    /// Our own index: only this half writes it.
+    head: u32,
+    /// The consumer's index as last seen; reloaded when the ring looks full.
+    cached_tail: u32,
+    _not_sync: PhantomData<core::cell::Cell<()>>,
+}
+
+// SAFETY: the Producer is the only writer of `head` and of the free slots; it
+// may run on any one thread at a time, moving T values to the consumer.
+unsafe impl<T: Send> Send for Producer<'_, T> {}
+
+impl<T> Producer<'_, T> {
+    /// Free slots, reloading the consumer's index if the cached one shows
+    /// fewer than `want`.
+    #[inline]
+    fn free(&mut self, want: u32) -> u32 {
+        let cap = self.mask + 1;
+        let mut free = cap - self.head.wrapping_sub(self.cached_tail);
+        if free < want {
+            self.cached_tail = self.indices.tail.load(Acquire);
+            free = cap - self.head.wrapping_sub(self.cached_tail);
+        }
+        free
+    }
+
+    /// Writes `value` into the slot at our head (which must be free).
+    #[inline]
+    fn write(&mut self, value: T) {
+        if let Some(slot) = self.slots.get((self.head & self.mask) as usize) {
+            // SAFETY: the slot at `head` is free (checked against the
+            // consumer's tail, which it publishes with Release after reading
+            // the slot), and only this producer writes free slots.
+            slot.value.with_mut(|p| unsafe { (*p).write(value) });
+        }
+        self.head = self.head.wrapping_add(1);
+    }
+
+    /// Appends `value`, or gives it back if the ring is full.
+    #[inline]
+    pub fn push(&mut self, value: T) -> Result<(), T> {
+        if self.free(1) == 0 {
+            return Err(value);
+        }
+        self.write(value);
+        self.indices.head.store(self.head, Release);
+        Ok(())
+    }
+
+    /// Appends items from `items` while there is room, publishing them with a
+    /// single store; returns how many were taken. Items the ring had no room
+    /// for stay in the iterator (pass `&mut iter` to keep them). If the
+    /// iterator panics, the items written so far are published by the next
+    /// push: none is lost or read twice.
+    pub fn push_from<I: Iterator<Item = T>>(&mut self, items: I) -> usize {
+        let mut items = items;
+        let want = items.size_hint().0.max(1).min(u32::MAX as usize) as u32;
+        let free = self.free(want);
+        let start = self.head;
+        let mut pushed = 0;
+        while pushed < free {
+            let Some(value) = items.next() else { break };
+            self.write(value);
+            pushed += 1;
+        }
+        if self.head != start {
+            self.indices.head.store(self.head, Release);
+        }
+        pushed as usize
+    }
+
+    /// Appends copies of `items` while there is room (one store); returns how
+    /// many were taken.
+    pub fn push_slice(&mut self, items: &[T]) -> usize
+    where
+        T: Copy,
+    {
+        self.push_from(items.iter().copied())
+    }
+
+    /// Free slots now (a lower bound: the consumer may free more).
+    pub fn free_len(&mut self) -> usize {
+        self.free(self.mask + 1) as usize
+    }
+
+    /// Items the ring holds at most.
+    pub fn capacity(&self) -> usize {
+        self.mask as usize + 1
+    }
+}
+
+/// The reading half of a ring. Not `Clone`; `Send` when `T` is.
+pub struct Consumer<'r, T> {
+    indices: &'r Indices,
+    slots: &'r [Slot<T>],
+    mask: u32,
+    /// Our own index: only this half writes it.
+    tail: u32,
+    /// The producer's index as last seen; reloaded when the ring looks empty.
+    cached_head: u32,
+    _not_sync: PhantomData<core::cell::Cell<()>>,
+}
+
+// SAFETY: the Consumer is the only reader of full slots and the only writer of
+// `tail`; it may run on any one thread at a time, receiving T values.
+unsafe impl<T: Send> Send for Consumer<'_, T> {}
+
+/// Publishes the consumer's tail when dropped, so items already moved out are
+/// never read again, even if the caller's closure unwinds mid-batch.
+struct TailGuard<'c, 'r, T>(&'c mut Consumer<'r, T>);
+
+impl<T> Drop for TailGuard<'_, '_, T> {
+    fn drop(&mut self) {
+        self.0.indices.tail.store(self.0.tail, Release);
+    }
+}
+
+impl<T> Consumer<'_, T> {
+    /// Items ready to read, reloading the producer's index if the cached one
+    /// shows fewer than `want`.
+    #[inline]
+    fn ready(&mut self, want: u32) -> u32 {
+        let mut ready = self.cached_head.wrapping_sub(self.tail);
+        if ready < want {
+            self.cached_head = self.indices.head.load(Acquire);
+            ready = self.cached_head.wrapping_sub(self.tail);
+        }
+        ready
+    }
+
+    /// Moves the item at our tail (which must be full) out of its slot.
+    #[inline]
+    fn read(&mut self) -> Option<T> {
+        let slot = self.slots.get((self.tail & self.mask) as usize)?;
+        // SAFETY: the slot at `tail` is full: the producer wrote it before
+        // publishing a head past it (Release, paired with our Acquire load),
+        // and only this consumer reads full slots; the tail moves past it
+        // right after, so it is read once.
+        let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
+        self.tail = self.tail.wrapping_add(1);
+        Some(value)
+    }
+
+    /// Takes the oldest item, if any.
+    #[inline]
+    pub fn pop(&mut self) -> Option<T> {
+        if self.ready(1) == 0 {
+            return None;
+        }
+        let value = self.read();
+        self.indices.tail.store(self.tail, Release);
+        value
+    }
+
+    /// Takes up to `max` items, oldest first, handing each to `f`, and frees
+    /// their slots with a single store; returns how many were taken.
+    pub fn pop_batch<F: FnMut(T)>(&mut self, max: usize, mut f: F) -> usize {
+        let want = max.min(u32::MAX as usize) as u32;
+        let n = self.ready(want).min(want);
+        if n == 0 {
+            return 0;
+        }
+        let guard = TailGuard(self);
+        for _ in 0..n {
+            match guard.0.read() {
+                Some(value) => f(value),
+                None => break,
+            }
+        }
+        drop(guard);
+        n as usize
+    }
+
+    /// Copies up to `out.len()` items into `out` (one store); returns how many.
+    pub fn pop_slice(&mut self, out: &mut [T]) -> usize
+    where
+        T: Copy,
+    {
+        let mut dst = out.iter_mut();
+        self.pop_batch(dst.len(), |v| {
+            if let Some(d) = dst.next() {
+                *d = v;
+            }
+        })
+    }
+
+    /// Items ready now (a lower bound: the producer may add more).
+    pub fn len(&mut self) -> usize {
+        self.ready(self.mask + 1) as usize
+    }
+
+    /// No item is ready now.
+    pub fn is_empty(&mut self) -> bool {
+        self.ready(1) == 0
+    }
+
+    /// Items the ring holds at most.
+    pub fn capacity(&self) -> usize {
+        self.mask as usize + 1
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::vec::Vec;
+
+    #[test]
+    fn push_pop_in_order_and_full() {
+        let ring: Ring<u32, 4> = Ring::new();
+        let (mut tx, mut rx) = ring.split().unwrap();
+        assert!(ring.split().is_none());
+        for i in 0..4 {
+            tx.push(i).unwrap();
+        }
+        assert_eq!(tx.push(9), Err(9));
+        assert_eq!(rx.len(), 4);
+        for i in 0..4 {
+            assert_eq!(rx.pop(), Some(i));
+        }
+        assert_eq!(rx.pop(), None);
+    }
+
+    #[test]
+    fn batches_wrap_around() {
+        let mut buf: Vec<Slot<u64>> = (0..8).map(|_| Slot::new()).collect();
+        let ring = BufferRing::new(&mut buf).unwrap();
+        let (mut tx, mut rx) = ring.split().unwrap();
+        let mut next = 0u64;
+        let mut expect = 0u64;
+        for round in 0..100 {
+            let mut it = (next..next + 5 + round % 7).peekable();
+            let pushed = tx.push_from(&mut it);
+            next += pushed as u64;
+            let mut out = [0u64; 3];
+            let n = rx.pop_slice(&mut out);
+            for v in &out[..n] {
+                assert_eq!(*v, expect);
+                expect += 1;
+            }
+        }
+        rx.pop_batch(usize::MAX, |v| {
+            assert_eq!(v, expect);
+            expect += 1;
+        });
+        assert_eq!(expect, next);
+    }
+
+    #[test]
+    fn bad_buffer_lengths_are_refused() {
+        let mut buf: Vec<Slot<u8>> = (0..6).map(|_| Slot::new()).collect();
+        assert!(BufferRing::new(&mut buf).is_err());
+        let mut empty: Vec<Slot<u8>> = Vec::new();
+        assert!(BufferRing::new(&mut empty).is_err());
+    }
+
+    struct Counted<'a>(&'a AtomicUsize);
+    impl Drop for Counted<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    #[test]
+    fn items_left_inside_are_dropped_once() {
+        let drops = AtomicUsize::new(0);
+        {
+            let ring: Ring<Counted<'_>, 8> = Ring::new();
+            let (mut tx, mut rx) = ring.split().unwrap();
+            for _ in 0..5 {
+                assert!(tx.push(Counted(&drops)).is_ok());
+            }
+            drop(rx.pop());
+            assert_eq!(drops.load(Relaxed), 1);
+        }
+        assert_eq!(drops.load(Relaxed), 5);
+    }
+
+    #[test]
+    fn a_panicking_batch_callback_never_reads_an_item_twice() {
+        let drops = AtomicUsize::new(0);
+        let ring: Ring<Counted<'_>, 8> = Ring::new();
+        let (mut tx, mut rx) = ring.split().unwrap();
+        for _ in 0..4 {
+            assert!(tx.push(Counted(&drops)).is_ok());
+        }
+        let mut seen = 0;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rx.pop_batch(4, |c| {
+                seen += 1;
+                drop(c);
+                if seen == 2 {
+                    panic!("callback failure");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        assert_eq!(drops.load(Relaxed), 2);
+        assert_eq!(rx.len(), 2);
+        drop((tx, rx));
+        drop(ring);
+        assert_eq!(drops.load(Relaxed), 4);
+    }
+
+    #[test]
+    fn threads_move_every_item_once_in_order() {
+        let ring: Ring<u64, 64> = Ring::new();
+        let (mut tx, mut rx) = ring.split().unwrap();
+        let n = if cfg!(miri) { 2_000 } else { 200_000 };
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let mut i = 0u64;
+                while i < n {
+                    if i % 3 == 0 {
+                        i += tx.push_from(i..(i + 7).min(n)) as u64;
+                    } else if tx.push(i).is_ok() {
+                        i += 1;
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+            let mut expect = 0u64;
+            while expect < n {
+                let got = rx.pop_batch(5, |v| {
+                    assert_eq!(v, expect);
+                    expect += 1;
+                });
+                if got == 0 {
+                    std::thread::yield_now();
+                }
+            }
+        });
+    }
+}
