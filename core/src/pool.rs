@@ -9,7 +9,6 @@
 //! ABA: releasers only push, and the acquirer takes the whole stack with one
 //! swap, so no thread ever pops a node another thread may pop as well.
 
-use core::cell::UnsafeCell as DataCell;
 use core::marker::PhantomData;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
@@ -146,7 +145,7 @@ impl<'p> View<'p> {
 pub struct EventPool<const N: usize, const SLOT: usize> {
     shared: Shared,
     meta: [SlotMeta; N],
-    data: DataCell<[[u8; SLOT]; N]>,
+    data: core::cell::UnsafeCell<[[u8; SLOT]; N]>,
 }
 
 // SAFETY: slot bytes are only written through the unique SlotMut of a slot
@@ -167,7 +166,7 @@ impl<const N: usize, const SLOT: usize> EventPool<N, SLOT> {
         Self {
             shared: Shared::new(),
             meta: [const { SlotMeta::new() }; N],
-            data: DataCell::new([[0; SLOT]; N]),
+            data: core::cell::UnsafeCell::new([[0; SLOT]; N]),
         }
     }
 
@@ -178,7 +177,7 @@ impl<const N: usize, const SLOT: usize> EventPool<N, SLOT> {
         Self {
             shared: Shared::new(),
             meta: core::array::from_fn(|_| SlotMeta::new()),
-            data: DataCell::new([[0; SLOT]; N]),
+            data: core::cell::UnsafeCell::new([[0; SLOT]; N]),
         }
     }
 
@@ -441,14 +440,20 @@ impl Drop for EventRef<'_> {
         let Some(meta) = self.view.meta.get(self.index as usize) else {
             return;
         };
-        if meta.refs.load(Relaxed) >= STICKY {
-            return;
+        match meta.refs.load(Acquire) {
+            // The only handle: nobody else can clone or drop concurrently,
+            // and the Acquire load orders every earlier handle's reads
+            // before the reuse; no read-modify-write needed.
+            1 => {}
+            n if n >= STICKY => return,
+            _ => {
+                if meta.refs.fetch_sub(1, Release) != 1 {
+                    return;
+                }
+                // Every other handle's reads happen before the slot is reused.
+                fence(Acquire);
+            }
         }
-        if meta.refs.fetch_sub(1, Release) != 1 {
-            return;
-        }
-        // Every other handle's reads happen before the slot is reused.
-        fence(Acquire);
         self.view.release(self.index);
     }
 }

@@ -90,6 +90,7 @@ impl Indices {
                 head,
                 cached_tail: tail,
                 _not_sync: PhantomData,
+                _line: CachePadded::new(()),
             },
             Consumer {
                 indices: self,
@@ -98,6 +99,7 @@ impl Indices {
                 tail,
                 cached_head: head,
                 _not_sync: PhantomData,
+                _line: CachePadded::new(()),
             },
         ))
     }
@@ -243,6 +245,9 @@ pub struct Producer<'r, T> {
     /// The consumer's index as last seen; reloaded when the ring looks full.
     cached_tail: u32,
     _not_sync: PhantomData<core::cell::Cell<()>>,
+    /// Aligns the half to a cache line, so the two halves never share one
+    /// even when they are stored side by side.
+    _line: CachePadded<()>,
 }
 
 // SAFETY: the Producer is the only writer of `head` and of the free slots; it
@@ -338,6 +343,8 @@ pub struct Consumer<'r, T> {
     /// The producer's index as last seen; reloaded when the ring looks empty.
     cached_head: u32,
     _not_sync: PhantomData<core::cell::Cell<()>>,
+    /// Aligns the half to a cache line (see [`Producer`]).
+    _line: CachePadded<()>,
 }
 
 // SAFETY: the Consumer is the only reader of full slots and the only writer of
@@ -537,7 +544,6 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(drops.load(Relaxed), 2);
         assert_eq!(rx.len(), 2);
-        drop((tx, rx));
         drop(ring);
         assert_eq!(drops.load(Relaxed), 4);
     }

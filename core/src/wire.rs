@@ -103,11 +103,21 @@ impl Reason {
 
     /// The reason with wire code `code`.
     pub const fn from_u8(code: u8) -> Option<Reason> {
-        if (code as usize) < Self::ALL.len() {
-            Some(Self::ALL[code as usize])
-        } else {
-            None
-        }
+        Some(match code {
+            0 => Reason::None,
+            1 => Reason::BadMagic,
+            2 => Reason::BadLength,
+            3 => Reason::BadCrc,
+            4 => Reason::BadVersion,
+            5 => Reason::BadPriority,
+            6 => Reason::BadFlags,
+            7 => Reason::BadTopic,
+            8 => Reason::DedupFull,
+            9 => Reason::Overloaded,
+            10 => Reason::ShuttingDown,
+            11 => Reason::StorageFailed,
+            _ => return None,
+        })
     }
 
     /// The wire code.
@@ -873,7 +883,7 @@ pub enum Decoded<'a> {
 enum State {
     Detect,
     Open(Dialect),
-    Closed,
+    Closed(Dialect),
 }
 
 /// Why a [`StreamDecoder`] could not be built.
@@ -911,8 +921,8 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
     /// The dialect, once the first four bytes have arrived.
     pub fn dialect(&self) -> Option<Dialect> {
         match self.state {
-            State::Open(d) => Some(d),
-            State::Detect | State::Closed => None,
+            State::Open(d) | State::Closed(d) => Some(d),
+            State::Detect => None,
         }
     }
 
@@ -923,7 +933,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
 
     /// A FATAL or a legacy close was returned; no more input is taken.
     pub fn is_closed(&self) -> bool {
-        self.state == State::Closed
+        matches!(self.state, State::Closed(_))
     }
 
     /// Bytes of an unfinished frame currently held.
@@ -1000,7 +1010,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
     }
 
     fn close(&mut self, dialect: Dialect, reason: Reason) -> Decoded<'static> {
-        self.state = State::Closed;
+        self.state = State::Closed(dialect);
         self.held = 0;
         match dialect {
             Dialect::V1 => Decoded::Fatal(reason),
@@ -1059,6 +1069,7 @@ fn classify<'a>(dialect: Dialect, limits: &Limits, frame: &'a [u8]) -> Decoded<'
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
 

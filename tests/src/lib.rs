@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod decode;
+
 /// Path of a vector file under `tests/vectors/`.
 pub fn vector_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -22,7 +24,7 @@ pub fn vector_lines(name: &str) -> Vec<String> {
 
 /// Decodes lower- or upper-case hex.
 pub fn unhex(s: &str) -> Vec<u8> {
-    assert!(s.len() % 2 == 0, "odd hex length");
+    assert!(s.len().is_multiple_of(2), "odd hex length");
     (0..s.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))

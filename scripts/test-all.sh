@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole test suite of EventStreamCore, as CI runs it. Installs what it
+# needs (idempotently), then runs every step and prints how long each took.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TERM_COLOR=never
+export PROPTEST_CASES="${PROPTEST_CASES:-256}"
+suite_start=$(date +%s)
+declare -a summary=()
+
+step() {
+    local name="$1"
+    shift
+    echo
+    echo "==> $name"
+    local t0
+    t0=$(date +%s)
+    "$@"
+    local dt=$(($(date +%s) - t0))
+    summary+=("$(printf '%5ss  %s' "$dt" "$name")")
+    echo "<== $name: ${dt}s"
+}
+
+install_toolchains() {
+    rustup component add rustfmt clippy
+    rustup target add thumbv7em-none-eabihf
+    rustup toolchain install nightly --profile minimal --component miri,rust-src
+    cargo +nightly miri setup
+}
+
+no_std_builds() {
+    cargo build -p eventstream-core --release --target thumbv7em-none-eabihf
+    cargo build -p eventstream-core --release --target thumbv7em-none-eabihf --features defmt
+}
+
+loom_models() {
+    RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \
+        cargo test -p eventstream-core --test loom --release --target-dir target/loom
+}
+
+miri_core() {
+    # Every unsafe block of the core lives in ring, pool and crc32c; their
+    # tests (threads included) run under miri's UB and data-race checks.
+    MIRIFLAGS="-Zmiri-strict-provenance" cargo +nightly miri test -p eventstream-core --lib
+}
+
+step "install toolchains, targets and components" install_toolchains
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy --workspace --all-targets -D warnings" cargo clippy --workspace --all-targets -- -D warnings
+step "cargo clippy core (thumbv7em, defmt) -D warnings" cargo clippy -p eventstream-core --target thumbv7em-none-eabihf --features defmt -- -D warnings
+step "cargo test --workspace" cargo test --workspace
+step "no_std build for thumbv7em-none-eabihf (with and without defmt)" no_std_builds
+step "loom models of ring and pool" loom_models
+step "miri on the core's unsafe code" miri_core
+
+echo
+echo "==> step times"
+printf '%s\n' "${summary[@]}"
+echo "total: $(($(date +%s) - suite_start))s"
