@@ -17,6 +17,7 @@
 extern crate std;
 
 pub mod crc32c;
+pub mod dedup;
 pub mod event;
 pub mod pool;
 pub mod ring;

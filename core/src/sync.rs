@@ -37,3 +37,12 @@ impl<T> UnsafeCell<T> {
         f(self.0.get())
     }
 }
+
+/// Tells the scheduler (or loom's model) that this thread waits for another.
+#[inline(always)]
+pub(crate) fn spin_wait() {
+    #[cfg(loom)]
+    loom::hint::spin_loop();
+    #[cfg(not(loom))]
+    core::hint::spin_loop();
+}

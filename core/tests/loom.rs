@@ -147,3 +147,58 @@ fn pool_concurrent_releasers_lose_no_slot() {
         assert_eq!(idx, [0, 1, 2], "every slot comes back exactly once");
     });
 }
+
+use eventstream_core::dedup::{DedupConfig, DedupTable, FullPolicy, Insert, Lookup};
+
+const LOOM_DEDUP: DedupConfig = DedupConfig {
+    window_ms: 100,
+    when_full: FullPolicy::Reject,
+};
+
+#[test]
+fn dedup_twin_inserts_let_exactly_one_win() {
+    loom::model(|| {
+        let table: &'static DedupTable<4> = leak(DedupTable::new(LOOM_DEDUP));
+        let d = table.table();
+        // An expired entry gives the twins two different free slots to claim.
+        assert_eq!(d.insert(1, 0), Insert::Inserted);
+        let t = thread::spawn(move || d.insert(42, 200));
+        let mine = d.insert(42, 200);
+        let theirs = t.join().unwrap();
+        let wins = [mine, theirs].iter().filter(|r| **r == Insert::Inserted).count();
+        assert_eq!(wins, 1, "{mine:?} {theirs:?}");
+        assert_eq!(d.lookup(42, 200), Lookup::Present(None));
+    });
+}
+
+#[test]
+fn dedup_insert_lookup_and_sweep_at_once() {
+    // Three threads over a whole-table sweep: bound preemptions to 2 so the
+    // model stays within CI's time.
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(2);
+    model.check(|| {
+        let table: &'static DedupTable<4> = leak(DedupTable::new(LOOM_DEDUP));
+        let d = table.table();
+        assert_eq!(d.insert(7, 0), Insert::Inserted);
+        assert!(d.set_offset(7, 70));
+        // The sweeper frees id 7 (expired at 150) while an inserter adds 9
+        // and a reader looks at both.
+        let sweeper = thread::spawn(move || d.sweep(150));
+        let reader = thread::spawn(move || {
+            let seven = d.lookup(7, 50);
+            let nine = d.lookup(9, 150);
+            (seven, nine)
+        });
+        assert_eq!(d.insert(9, 150), Insert::Inserted);
+        assert!(d.set_offset(9, 90));
+        let freed = sweeper.join().unwrap();
+        let (seven, nine) = reader.join().unwrap();
+        assert_eq!(freed, 1);
+        // A reader sees either nothing or the whole truth, never a torn slot.
+        assert!(matches!(seven, Lookup::Absent | Lookup::Present(Some(70))), "{seven:?}");
+        assert!(matches!(nine, Lookup::Absent | Lookup::Present(None) | Lookup::Present(Some(90))), "{nine:?}");
+        assert_eq!(d.lookup(9, 150), Lookup::Present(Some(90)));
+        assert_eq!(d.lookup(7, 150), Lookup::Absent);
+    });
+}
