@@ -155,7 +155,9 @@ impl Snapshot {
     }
     /// Present (live or stored) and not expired.
     fn holds(&self, id: u64, now: u32, window: u32) -> bool {
-        matches!(self.kind(), LIVE | STORED) && self.id == id && now.wrapping_sub(self.stamp) < window
+        matches!(self.kind(), LIVE | STORED)
+            && self.id == id
+            && now.wrapping_sub(self.stamp) < window
     }
     fn offset(&self) -> Option<u64> {
         (self.kind() == STORED).then_some(self.off)
@@ -449,7 +451,11 @@ impl<'t> DedupRef<'t> {
             };
             // 2. Claim it, write the id, publish PENDING with a ticket.
             let claimed = next_version(seen, CLAIMED);
-            if slot.state.compare_exchange(seen, claimed, SeqCst, Relaxed).is_err() {
+            if slot
+                .state
+                .compare_exchange(seen, claimed, SeqCst, Relaxed)
+                .is_err()
+            {
                 continue 'retry;
             }
             fence(Release);
@@ -515,7 +521,11 @@ impl<'t> DedupRef<'t> {
             // Own the slot while writing the words, so no reuse of it can
             // interleave with them.
             let writing = with_kind(state, OFFSETTING);
-            if slot.state.compare_exchange(state, writing, SeqCst, Relaxed).is_err() {
+            if slot
+                .state
+                .compare_exchange(state, writing, SeqCst, Relaxed)
+                .is_err()
+            {
                 continue;
             }
             fence(Release);

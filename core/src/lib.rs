@@ -19,8 +19,11 @@ extern crate std;
 pub mod crc32c;
 pub mod dedup;
 pub mod event;
+pub mod metrics;
 pub mod pool;
+pub mod record;
 pub mod ring;
+pub mod route;
 mod sync;
 pub mod wire;
 

@@ -165,7 +165,10 @@ fn dedup_twin_inserts_let_exactly_one_win() {
         let t = thread::spawn(move || d.insert(42, 200));
         let mine = d.insert(42, 200);
         let theirs = t.join().unwrap();
-        let wins = [mine, theirs].iter().filter(|r| **r == Insert::Inserted).count();
+        let wins = [mine, theirs]
+            .iter()
+            .filter(|r| **r == Insert::Inserted)
+            .count();
         assert_eq!(wins, 1, "{mine:?} {theirs:?}");
         assert_eq!(d.lookup(42, 200), Lookup::Present(None));
     });
@@ -196,8 +199,17 @@ fn dedup_insert_lookup_and_sweep_at_once() {
         let (seven, nine) = reader.join().unwrap();
         assert_eq!(freed, 1);
         // A reader sees either nothing or the whole truth, never a torn slot.
-        assert!(matches!(seven, Lookup::Absent | Lookup::Present(Some(70))), "{seven:?}");
-        assert!(matches!(nine, Lookup::Absent | Lookup::Present(None) | Lookup::Present(Some(90))), "{nine:?}");
+        assert!(
+            matches!(seven, Lookup::Absent | Lookup::Present(Some(70))),
+            "{seven:?}"
+        );
+        assert!(
+            matches!(
+                nine,
+                Lookup::Absent | Lookup::Present(None) | Lookup::Present(Some(90))
+            ),
+            "{nine:?}"
+        );
         assert_eq!(d.lookup(9, 150), Lookup::Present(Some(90)));
         assert_eq!(d.lookup(7, 150), Lookup::Absent);
     });

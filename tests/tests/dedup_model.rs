@@ -35,7 +35,10 @@ const WINDOW: u64 = 1000;
 type Model = HashMap<u64, (u64, Option<u64>)>;
 
 fn live(model: &Model, id: u64, now: u64) -> Option<Option<u64>> {
-    model.get(&id).filter(|(at, _)| now - at < WINDOW).map(|(_, off)| *off)
+    model
+        .get(&id)
+        .filter(|(at, _)| now - at < WINDOW)
+        .map(|(_, off)| *off)
 }
 
 proptest! {

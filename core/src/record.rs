@@ -1,0 +1,273 @@
+//! Storage log records and segment headers (PROTOCOL.md section 6): building
+//! a record in a caller's buffer and checking one read back.
+//!
+//! Costs: no allocation; building copies each frame once into the buffer and
+//! computes one CRC-32C over the record at the end.
+
+use crate::crc32c;
+use crate::event::Class;
+use crate::wire::{self, Frame, FLAG_LEGACY, LEGACY_ID_BASE};
+
+/// Bytes of a segment file's header.
+pub const SEGMENT_HEADER_LEN: usize = 16;
+/// A segment file's header: `ESCLOG\0\0`, version 1, reserved 0.
+pub const SEGMENT_HEADER: [u8; SEGMENT_HEADER_LEN] = *b"ESCLOG\0\0\x01\0\0\0\0\0\0\0";
+/// Bytes of a record before its frames.
+pub const RECORD_HEADER_LEN: usize = 28;
+/// Smallest valid `len` field (header after the len field, no frames).
+pub const MIN_RECORD_LEN: u32 = 24;
+
+/// `kind` byte of a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u8)]
+pub enum RecordKind {
+    /// One event.
+    Single = 0,
+    /// The events of one (topic, partition) batch window.
+    Batch = 1,
+}
+
+/// Why a record could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum BuildError {
+    /// The buffer has no room for the frame.
+    BufferFull,
+    /// A record holds at most 65535 frames.
+    TooManyFrames,
+    /// `finish` on a record without frames.
+    Empty,
+}
+
+/// Builds one record in a caller's buffer.
+pub struct RecordBuilder<'b> {
+    buf: &'b mut [u8],
+    used: usize,
+    count: u16,
+}
+
+impl<'b> RecordBuilder<'b> {
+    /// Starts a record; the buffer must hold at least the 28-byte header.
+    pub fn new(
+        buf: &'b mut [u8],
+        kind: RecordKind,
+        class: Class,
+        recv_ns: u64,
+    ) -> Result<Self, BuildError> {
+        let head = buf
+            .get_mut(..RECORD_HEADER_LEN)
+            .ok_or(BuildError::BufferFull)?;
+        head.fill(0);
+        head[16..24].copy_from_slice(&recv_ns.to_le_bytes());
+        head[24] = kind as u8;
+        head[25] = class.code();
+        Ok(Self {
+            buf,
+            used: RECORD_HEADER_LEN,
+            count: 0,
+        })
+    }
+
+    /// Appends one v1 frame, verbatim.
+    pub fn push(&mut self, frame: &[u8]) -> Result<(), BuildError> {
+        if self.count == u16::MAX {
+            return Err(BuildError::TooManyFrames);
+        }
+        let end = self.used + frame.len();
+        let dst = self
+            .buf
+            .get_mut(self.used..end)
+            .ok_or(BuildError::BufferFull)?;
+        dst.copy_from_slice(frame);
+        self.used = end;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Frames so far.
+    pub fn count(&self) -> u16 {
+        self.count
+    }
+
+    /// Bytes so far, header included.
+    pub fn len(&self) -> usize {
+        self.used
+    }
+
+    /// No frame yet.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes left for frames.
+    pub fn room(&self) -> usize {
+        self.buf.len() - self.used
+    }
+
+    /// Completes the record for log offset `offset`: gives each legacy frame
+    /// its id (`2^63 + its offset`, re-sealing it), fills in len, count,
+    /// offset and crc, and returns the record's bytes.
+    pub fn finish(self, offset: u64) -> Result<&'b [u8], BuildError> {
+        if self.count == 0 {
+            return Err(BuildError::Empty);
+        }
+        let Self { buf, used, count } = self;
+        let record = &mut buf[..used];
+        let mut at = RECORD_HEADER_LEN;
+        let mut event_offset = offset;
+        while at < used {
+            let len = wire::declared_length(&record[at..]).unwrap_or(0) as usize;
+            if len < wire::OVERHEAD || at + len > used {
+                break;
+            }
+            let frame = &mut record[at..at + len];
+            if frame[10] & FLAG_LEGACY != 0 {
+                wire::patch_event_id(frame, LEGACY_ID_BASE.wrapping_add(event_offset));
+            }
+            at += len;
+            event_offset = event_offset.wrapping_add(1);
+        }
+        record[0..4].copy_from_slice(&((used - 4) as u32).to_le_bytes());
+        record[8..16].copy_from_slice(&offset.to_le_bytes());
+        record[26..28].copy_from_slice(&count.to_le_bytes());
+        let crc = crc32c::checksum(&record[8..]);
+        record[4..8].copy_from_slice(&crc.to_le_bytes());
+        Ok(record)
+    }
+}
+
+/// Why bytes at a position are not a valid record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum RecordError {
+    /// Fewer than 4 + len bytes remain (a torn tail, or a corrupt len).
+    Truncated,
+    /// `len` below 24.
+    BadLen,
+    /// CRC mismatch.
+    BadCrc,
+    /// Unknown kind or class byte.
+    BadKind,
+    /// count is 0, or the frames do not exactly fill the record.
+    BadFrames,
+}
+
+/// A record that passed every check of PROTOCOL.md section 6 except the
+/// offset continuity, which depends on its position in the log.
+#[derive(Clone, Copy, Debug)]
+pub struct Record<'a> {
+    bytes: &'a [u8],
+    kind: RecordKind,
+    class: Class,
+}
+
+impl<'a> Record<'a> {
+    /// Checks the record at the start of `bytes`.
+    pub fn parse(bytes: &'a [u8]) -> Result<Record<'a>, RecordError> {
+        let head = bytes.get(..4).ok_or(RecordError::Truncated)?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        if len < MIN_RECORD_LEN {
+            return Err(RecordError::BadLen);
+        }
+        let total = 4usize
+            .checked_add(len as usize)
+            .ok_or(RecordError::Truncated)?;
+        let record = bytes.get(..total).ok_or(RecordError::Truncated)?;
+        let crc = u32::from_le_bytes([record[4], record[5], record[6], record[7]]);
+        if crc32c::checksum(&record[8..]) != crc {
+            return Err(RecordError::BadCrc);
+        }
+        let kind = match record[24] {
+            0 => RecordKind::Single,
+            1 => RecordKind::Batch,
+            _ => return Err(RecordError::BadKind),
+        };
+        let class = Class::from_u8(record[25]).ok_or(RecordError::BadKind)?;
+        let count = u16::from_le_bytes([record[26], record[27]]);
+        if count == 0 {
+            return Err(RecordError::BadFrames);
+        }
+        let mut at = RECORD_HEADER_LEN;
+        for _ in 0..count {
+            let len = wire::declared_length(&record[at..]).ok_or(RecordError::BadFrames)? as usize;
+            let frame = record
+                .get(at..at.saturating_add(len))
+                .ok_or(RecordError::BadFrames)?;
+            wire::parse_stored(frame).ok_or(RecordError::BadFrames)?;
+            at += len;
+        }
+        if at != total {
+            return Err(RecordError::BadFrames);
+        }
+        Ok(Record {
+            bytes: record,
+            kind,
+            class,
+        })
+    }
+
+    /// The whole record, len field included.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+    /// Bytes the record takes in the file.
+    pub fn size(&self) -> usize {
+        self.bytes.len()
+    }
+    /// Offset of its first event.
+    pub fn offset(&self) -> u64 {
+        u64::from_le_bytes(self.bytes[8..16].try_into().unwrap_or([0; 8]))
+    }
+    /// Server wall clock at ingest (of the first event for a batch), unix ns.
+    pub fn recv_ns(&self) -> u64 {
+        u64::from_le_bytes(self.bytes[16..24].try_into().unwrap_or([0; 8]))
+    }
+    /// Single or batch.
+    pub fn kind(&self) -> RecordKind {
+        self.kind
+    }
+    /// Where routing sent its events.
+    pub fn class(&self) -> Class {
+        self.class
+    }
+    /// Number of frames.
+    pub fn count(&self) -> u16 {
+        u16::from_le_bytes([self.bytes[26], self.bytes[27]])
+    }
+    /// Offset the record after it starts at.
+    pub fn next_offset(&self) -> u64 {
+        self.offset().wrapping_add(self.count() as u64)
+    }
+    /// Its frames in order, each with its event offset.
+    pub fn frames(&self) -> impl Iterator<Item = (u64, Frame<'a>)> + 'a {
+        let bytes = self.bytes;
+        let first = self.offset();
+        let mut at = RECORD_HEADER_LEN;
+        let mut i = 0u64;
+        core::iter::from_fn(move || {
+            let len = wire::declared_length(bytes.get(at..)?)? as usize;
+            let frame = wire::parse_stored(bytes.get(at..at + len)?)?;
+            at += len;
+            i += 1;
+            Some((first.wrapping_add(i - 1), frame))
+        })
+    }
+}
+
+/// The file name of the segment whose first event has offset `base`:
+/// 20 digits, `.log`.
+pub fn segment_name(base: u64) -> heapless::String<24> {
+    let mut digits = [b'0'; 20];
+    let mut v = base;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    let mut s = heapless::String::new();
+    for d in digits {
+        let _ = s.push(d as char);
+    }
+    let _ = s.push_str(".log");
+    s
+}
