@@ -1,0 +1,468 @@
+//! Batch windows: events of one (topic, partition) gathered until the window
+//! holds `max_events` or is `max_age_ns` old, then handed to an
+//! [`Aggregate`] in arrival order.
+//!
+//! Costs: no allocation; one linear scan of the open windows per event
+//! (their number is small and fixed). Events wait in a shared arena, so the
+//! memory held is bounded by the arena, not windows x max_events. When the
+//! arena or the window table is full the oldest window is flushed early:
+//! batching can never starve ingest of pool slots.
+
+/// What a batched item must tell about itself.
+pub trait BatchItem {
+    /// The topic bytes of the event.
+    fn topic(&self) -> &[u8];
+    /// The partition of the event.
+    fn partition(&self) -> u32;
+}
+
+/// Receives each closed window.
+pub trait Aggregate<T> {
+    /// Called once per closed window; items not taken are dropped after.
+    fn aggregate(&mut self, window: Closed<'_, T>);
+}
+
+/// Why a window closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum CloseReason {
+    /// It reached `max_events`.
+    Full,
+    /// It reached `max_age_ns`.
+    Aged,
+    /// Room was needed (window table or arena full, or the caller asked).
+    Pressure,
+    /// Everything was flushed (shutdown).
+    Drain,
+}
+
+/// Bookkeeping of one window. Public so callers can provide the buffer of a
+/// [`BatchWindows`] view.
+#[derive(Clone, Copy, Debug)]
+pub struct WindowMeta {
+    open: bool,
+    head: u32,
+    tail: u32,
+    len: u32,
+    opened_ns: u64,
+}
+
+impl WindowMeta {
+    /// A closed window.
+    pub const fn new() -> Self {
+        Self {
+            open: false,
+            head: NIL,
+            tail: NIL,
+            len: 0,
+            opened_ns: 0,
+        }
+    }
+}
+
+impl Default for WindowMeta {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const NIL: u32 = u32::MAX;
+
+/// One arena cell: an item and the link to the next of its window (or of
+/// the free list). Public so callers can provide the arena buffer.
+pub struct Entry<T> {
+    item: Option<T>,
+    next: u32,
+}
+
+impl<T> Entry<T> {
+    /// An empty cell.
+    pub const fn new() -> Self {
+        Self { item: None, next: NIL }
+    }
+}
+
+impl<T> Default for Entry<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A closed window: its items in arrival order.
+pub struct Closed<'a, T> {
+    /// Why it closed.
+    pub reason: CloseReason,
+    /// Monotonic time its first event arrived.
+    pub opened_ns: u64,
+    len: u32,
+    head: u32,
+    arena: &'a mut [Entry<T>],
+}
+
+impl<T> Closed<'_, T> {
+    /// Events in the window.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// The window is empty (never, for windows handed to an aggregate).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first (oldest) item.
+    pub fn first(&self) -> Option<&T> {
+        self.arena.get(self.head as usize)?.item.as_ref()
+    }
+
+    /// Takes the items out, oldest first.
+    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        let mut at = self.head;
+        let arena = &mut *self.arena;
+        core::iter::from_fn(move || {
+            let e = arena.get_mut(at as usize)?;
+            at = e.next;
+            e.item.take()
+        })
+    }
+}
+
+/// Limits of a set of windows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct BatchConfig {
+    /// Close a window at this many events (1..=65535; default 64).
+    pub max_events: u32,
+    /// Close a window this long after its first event (default 100 ms).
+    pub max_age_ns: u64,
+}
+
+impl BatchConfig {
+    /// 64 events or 100 ms.
+    pub const DEFAULT: BatchConfig = BatchConfig {
+        max_events: 64,
+        max_age_ns: 100_000_000,
+    };
+}
+
+/// Open windows over caller-provided buffers: `meta.len()` windows sharing
+/// an arena of `arena.len()` events.
+pub struct BatchWindows<'b, T> {
+    meta: &'b mut [WindowMeta],
+    arena: &'b mut [Entry<T>],
+    free: u32,
+    held: u32,
+    config: BatchConfig,
+}
+
+/// Buffers that cannot hold windows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct BadBuffers;
+
+impl<'b, T: BatchItem> BatchWindows<'b, T> {
+    /// Windows over `meta` and `arena` (both non-empty, arena below 2^32 - 1
+    /// cells); every window starts closed.
+    pub fn new(meta: &'b mut [WindowMeta], arena: &'b mut [Entry<T>], config: BatchConfig) -> Result<Self, BadBuffers> {
+        if meta.is_empty() || arena.is_empty() || arena.len() >= NIL as usize || config.max_events == 0 {
+            return Err(BadBuffers);
+        }
+        meta.iter_mut().for_each(|m| *m = WindowMeta::new());
+        let n = arena.len();
+        for (i, e) in arena.iter_mut().enumerate() {
+            e.item = None;
+            e.next = if i + 1 < n { (i + 1) as u32 } else { NIL };
+        }
+        Ok(Self {
+            meta,
+            arena,
+            free: 0,
+            held: 0,
+            config: BatchConfig {
+                max_events: config.max_events.min(u16::MAX as u32),
+                ..config
+            },
+        })
+    }
+
+    /// Events waiting in open windows.
+    pub fn held(&self) -> usize {
+        self.held as usize
+    }
+
+    /// Windows open now.
+    pub fn open_windows(&self) -> usize {
+        self.meta.iter().filter(|m| m.open).count()
+    }
+
+    /// When the oldest open window must close (monotonic ns), if any.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.meta
+            .iter()
+            .filter(|m| m.open)
+            .map(|m| m.opened_ns.saturating_add(self.config.max_age_ns))
+            .min()
+    }
+
+    fn same_key(&self, m: &WindowMeta, item: &T) -> bool {
+        match self.arena.get(m.head as usize).and_then(|e| e.item.as_ref()) {
+            Some(first) => first.partition() == item.partition() && first.topic() == item.topic(),
+            None => false,
+        }
+    }
+
+    /// Adds `item` at time `now_ns`, closing windows into `agg` as needed.
+    pub fn push(&mut self, item: T, now_ns: u64, agg: &mut impl Aggregate<T>) {
+        let found = (0..self.meta.len()).find(|&i| self.meta.get(i).is_some_and(|m| m.open && self.same_key(m, &item)));
+        let w = match found {
+            Some(w) => w,
+            None => {
+                let slot = match self.meta.iter().position(|m| !m.open) {
+                    Some(i) => i,
+                    None => {
+                        let oldest = self.oldest().unwrap_or(0);
+                        self.close(oldest, CloseReason::Pressure, agg);
+                        oldest
+                    }
+                };
+                if let Some(m) = self.meta.get_mut(slot) {
+                    *m = WindowMeta {
+                        open: true,
+                        opened_ns: now_ns,
+                        ..WindowMeta::new()
+                    };
+                }
+                slot
+            }
+        };
+        if self.free == NIL {
+            // The arena is full: close the oldest other window (or this one).
+            let victim = self.oldest_except(w).unwrap_or(w);
+            self.close(victim, CloseReason::Pressure, agg);
+            if victim == w {
+                if let Some(m) = self.meta.get_mut(w) {
+                    *m = WindowMeta {
+                        open: true,
+                        opened_ns: now_ns,
+                        ..WindowMeta::new()
+                    };
+                }
+            }
+        }
+        let cell = self.free;
+        let Some(e) = self.arena.get_mut(cell as usize) else {
+            return;
+        };
+        self.free = e.next;
+        e.item = Some(item);
+        e.next = NIL;
+        self.held += 1;
+        let Some(m) = self.meta.get_mut(w) else { return };
+        if m.tail == NIL {
+            m.head = cell;
+        } else if let Some(t) = self.arena.get_mut(m.tail as usize) {
+            t.next = cell;
+        }
+        m.tail = cell;
+        m.len += 1;
+        if m.len >= self.config.max_events {
+            self.close(w, CloseReason::Full, agg);
+        }
+    }
+
+    /// Closes every window at least `max_age_ns` old; returns how many.
+    pub fn poll(&mut self, now_ns: u64, agg: &mut impl Aggregate<T>) -> usize {
+        let mut closed = 0;
+        for w in 0..self.meta.len() {
+            let due = self
+                .meta
+                .get(w)
+                .is_some_and(|m| m.open && now_ns.saturating_sub(m.opened_ns) >= self.config.max_age_ns);
+            if due {
+                self.close(w, CloseReason::Aged, agg);
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Closes the oldest open window (to free pool slots); false if none.
+    pub fn flush_oldest(&mut self, agg: &mut impl Aggregate<T>) -> bool {
+        match self.oldest() {
+            Some(w) => {
+                self.close(w, CloseReason::Pressure, agg);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every open window, oldest first.
+    pub fn flush_all(&mut self, agg: &mut impl Aggregate<T>) {
+        while let Some(w) = self.oldest() {
+            self.close(w, CloseReason::Drain, agg);
+        }
+    }
+
+    fn oldest(&self) -> Option<usize> {
+        self.oldest_except(usize::MAX)
+    }
+
+    fn oldest_except(&self, skip: usize) -> Option<usize> {
+        self.meta
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| m.open && *i != skip)
+            .min_by_key(|(_, m)| m.opened_ns)
+            .map(|(i, _)| i)
+    }
+
+    fn close(&mut self, w: usize, reason: CloseReason, agg: &mut impl Aggregate<T>) {
+        let Some(m) = self.meta.get_mut(w) else { return };
+        if !m.open {
+            return;
+        }
+        let meta = *m;
+        *m = WindowMeta::new();
+        if meta.len > 0 {
+            agg.aggregate(Closed {
+                reason,
+                opened_ns: meta.opened_ns,
+                len: meta.len,
+                head: meta.head,
+                arena: self.arena,
+            });
+        }
+        // Return the cells (and drop items the aggregate left) to the free list.
+        let mut at = meta.head;
+        while let Some(e) = self.arena.get_mut(at as usize) {
+            let next = e.next;
+            e.item = None;
+            e.next = self.free;
+            self.free = at;
+            at = next;
+            self.held -= 1;
+        }
+    }
+}
+
+/// Windows whose buffers are part of the value: `W` windows, an arena of `E`
+/// events. `new` is `const`, so they can be a `static` (firmware).
+pub struct StaticBatchWindows<T, const W: usize, const E: usize> {
+    meta: [WindowMeta; W],
+    arena: [Entry<T>; E],
+}
+
+impl<T: BatchItem, const W: usize, const E: usize> StaticBatchWindows<T, W, E> {
+    /// Closed windows, empty arena.
+    pub const fn new() -> Self {
+        Self {
+            meta: [WindowMeta::new(); W],
+            arena: [const { Entry::new() }; E],
+        }
+    }
+
+    /// The windows, running with `config`; `None` if `W` or `E` is zero.
+    pub fn windows(&mut self, config: BatchConfig) -> Option<BatchWindows<'_, T>> {
+        BatchWindows::new(&mut self.meta, &mut self.arena, config).ok()
+    }
+}
+
+impl<T: BatchItem, const W: usize, const E: usize> Default for StaticBatchWindows<T, W, E> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    #[derive(Debug, PartialEq)]
+    struct Ev {
+        topic: &'static [u8],
+        partition: u32,
+        n: u32,
+    }
+
+    impl BatchItem for Ev {
+        fn topic(&self) -> &[u8] {
+            self.topic
+        }
+        fn partition(&self) -> u32 {
+            self.partition
+        }
+    }
+
+    #[derive(Default)]
+    struct Collect(Vec<(CloseReason, Vec<u32>)>);
+
+    impl Aggregate<Ev> for Collect {
+        fn aggregate(&mut self, mut w: Closed<'_, Ev>) {
+            let items = w.drain().map(|e| e.n).collect();
+            self.0.push((w.reason, items));
+        }
+    }
+
+    fn ev(topic: &'static [u8], partition: u32, n: u32) -> Ev {
+        Ev { topic, partition, n }
+    }
+
+    const CFG: BatchConfig = BatchConfig {
+        max_events: 3,
+        max_age_ns: 100,
+    };
+
+    #[test]
+    fn windows_close_on_count_age_and_key() {
+        let mut s: StaticBatchWindows<Ev, 2, 8> = StaticBatchWindows::new();
+        let mut w = s.windows(CFG).unwrap();
+        let mut agg = Collect::default();
+        w.push(ev(b"a", 0, 1), 0, &mut agg);
+        w.push(ev(b"a", 1, 2), 1, &mut agg);
+        w.push(ev(b"a", 0, 3), 2, &mut agg);
+        w.push(ev(b"a", 0, 4), 3, &mut agg);
+        assert_eq!(agg.0, [(CloseReason::Full, vec![1, 3, 4])]);
+        assert_eq!(w.held(), 1);
+        assert_eq!(w.next_deadline(), Some(101));
+        assert_eq!(w.poll(100, &mut agg), 0);
+        assert_eq!(w.poll(101, &mut agg), 1);
+        assert_eq!(agg.0[1], (CloseReason::Aged, vec![2]));
+        assert_eq!(w.held(), 0);
+    }
+
+    #[test]
+    fn a_third_key_flushes_the_oldest_window() {
+        let mut s: StaticBatchWindows<Ev, 2, 8> = StaticBatchWindows::new();
+        let mut w = s.windows(CFG).unwrap();
+        let mut agg = Collect::default();
+        w.push(ev(b"a", 0, 1), 0, &mut agg);
+        w.push(ev(b"b", 0, 2), 1, &mut agg);
+        w.push(ev(b"c", 0, 3), 2, &mut agg);
+        assert_eq!(agg.0, [(CloseReason::Pressure, vec![1])]);
+        w.flush_all(&mut agg);
+        assert_eq!(agg.0[1..], [(CloseReason::Drain, vec![2]), (CloseReason::Drain, vec![3])]);
+    }
+
+    #[test]
+    fn a_full_arena_flushes_early_and_never_loses_an_event() {
+        let mut s: StaticBatchWindows<Ev, 4, 4> = StaticBatchWindows::new();
+        let mut w = s.windows(BatchConfig {
+            max_events: 100,
+            max_age_ns: 1000,
+        })
+        .unwrap();
+        let mut agg = Collect::default();
+        for n in 0..50 {
+            let topic: &'static [u8] = [b"x".as_slice(), b"y", b"z"][n as usize % 3];
+            w.push(ev(topic, 0, n), n as u64, &mut agg);
+            assert!(w.held() <= 4);
+        }
+        w.flush_all(&mut agg);
+        let mut all: Vec<u32> = agg.0.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..50).collect::<Vec<_>>());
+    }
+}
