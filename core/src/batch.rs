@@ -14,6 +14,10 @@ pub trait BatchItem {
     fn topic(&self) -> &[u8];
     /// The partition of the event.
     fn partition(&self) -> u32;
+    /// The event's frame, for the processor's hook (none by default).
+    fn frame(&self) -> Option<crate::wire::Frame<'_>> {
+        None
+    }
 }
 
 /// Receives each closed window.
@@ -78,7 +82,10 @@ pub struct Entry<T> {
 impl<T> Entry<T> {
     /// An empty cell.
     pub const fn new() -> Self {
-        Self { item: None, next: NIL }
+        Self {
+            item: None,
+            next: NIL,
+        }
     }
 }
 
@@ -163,8 +170,16 @@ pub struct BadBuffers;
 impl<'b, T: BatchItem> BatchWindows<'b, T> {
     /// Windows over `meta` and `arena` (both non-empty, arena below 2^32 - 1
     /// cells); every window starts closed.
-    pub fn new(meta: &'b mut [WindowMeta], arena: &'b mut [Entry<T>], config: BatchConfig) -> Result<Self, BadBuffers> {
-        if meta.is_empty() || arena.is_empty() || arena.len() >= NIL as usize || config.max_events == 0 {
+    pub fn new(
+        meta: &'b mut [WindowMeta],
+        arena: &'b mut [Entry<T>],
+        config: BatchConfig,
+    ) -> Result<Self, BadBuffers> {
+        if meta.is_empty()
+            || arena.is_empty()
+            || arena.len() >= NIL as usize
+            || config.max_events == 0
+        {
             return Err(BadBuffers);
         }
         meta.iter_mut().for_each(|m| *m = WindowMeta::new());
@@ -205,7 +220,11 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
     }
 
     fn same_key(&self, m: &WindowMeta, item: &T) -> bool {
-        match self.arena.get(m.head as usize).and_then(|e| e.item.as_ref()) {
+        match self
+            .arena
+            .get(m.head as usize)
+            .and_then(|e| e.item.as_ref())
+        {
             Some(first) => first.partition() == item.partition() && first.topic() == item.topic(),
             None => false,
         }
@@ -213,7 +232,11 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
 
     /// Adds `item` at time `now_ns`, closing windows into `agg` as needed.
     pub fn push(&mut self, item: T, now_ns: u64, agg: &mut impl Aggregate<T>) {
-        let found = (0..self.meta.len()).find(|&i| self.meta.get(i).is_some_and(|m| m.open && self.same_key(m, &item)));
+        let found = (0..self.meta.len()).find(|&i| {
+            self.meta
+                .get(i)
+                .is_some_and(|m| m.open && self.same_key(m, &item))
+        });
         let w = match found {
             Some(w) => w,
             None => {
@@ -257,7 +280,9 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
         e.item = Some(item);
         e.next = NIL;
         self.held += 1;
-        let Some(m) = self.meta.get_mut(w) else { return };
+        let Some(m) = self.meta.get_mut(w) else {
+            return;
+        };
         if m.tail == NIL {
             m.head = cell;
         } else if let Some(t) = self.arena.get_mut(m.tail as usize) {
@@ -270,20 +295,28 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
         }
     }
 
-    /// Closes every window at least `max_age_ns` old; returns how many.
-    pub fn poll(&mut self, now_ns: u64, agg: &mut impl Aggregate<T>) -> usize {
-        let mut closed = 0;
-        for w in 0..self.meta.len() {
-            let due = self
-                .meta
-                .get(w)
-                .is_some_and(|m| m.open && now_ns.saturating_sub(m.opened_ns) >= self.config.max_age_ns);
-            if due {
+    /// Closes the oldest window that is at least `max_age_ns` old, if any
+    /// (one per call, so the caller can make room for its events first).
+    pub fn poll(&mut self, now_ns: u64, agg: &mut impl Aggregate<T>) -> bool {
+        let due = self
+            .meta
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.open && now_ns.saturating_sub(m.opened_ns) >= self.config.max_age_ns)
+            .min_by_key(|(_, m)| m.opened_ns)
+            .map(|(i, _)| i);
+        match due {
+            Some(w) => {
                 self.close(w, CloseReason::Aged, agg);
-                closed += 1;
+                true
             }
+            None => false,
         }
-        closed
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> BatchConfig {
+        self.config
     }
 
     /// Closes the oldest open window (to free pool slots); false if none.
@@ -318,7 +351,9 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
     }
 
     fn close(&mut self, w: usize, reason: CloseReason, agg: &mut impl Aggregate<T>) {
-        let Some(m) = self.meta.get_mut(w) else { return };
+        let Some(m) = self.meta.get_mut(w) else {
+            return;
+        };
         if !m.open {
             return;
         }
@@ -407,7 +442,11 @@ mod tests {
     }
 
     fn ev(topic: &'static [u8], partition: u32, n: u32) -> Ev {
-        Ev { topic, partition, n }
+        Ev {
+            topic,
+            partition,
+            n,
+        }
     }
 
     const CFG: BatchConfig = BatchConfig {
@@ -427,8 +466,9 @@ mod tests {
         assert_eq!(agg.0, [(CloseReason::Full, vec![1, 3, 4])]);
         assert_eq!(w.held(), 1);
         assert_eq!(w.next_deadline(), Some(101));
-        assert_eq!(w.poll(100, &mut agg), 0);
-        assert_eq!(w.poll(101, &mut agg), 1);
+        assert!(!w.poll(100, &mut agg));
+        assert!(w.poll(101, &mut agg));
+        assert!(!w.poll(101, &mut agg));
         assert_eq!(agg.0[1], (CloseReason::Aged, vec![2]));
         assert_eq!(w.held(), 0);
     }
@@ -443,17 +483,21 @@ mod tests {
         w.push(ev(b"c", 0, 3), 2, &mut agg);
         assert_eq!(agg.0, [(CloseReason::Pressure, vec![1])]);
         w.flush_all(&mut agg);
-        assert_eq!(agg.0[1..], [(CloseReason::Drain, vec![2]), (CloseReason::Drain, vec![3])]);
+        assert_eq!(
+            agg.0[1..],
+            [(CloseReason::Drain, vec![2]), (CloseReason::Drain, vec![3])]
+        );
     }
 
     #[test]
     fn a_full_arena_flushes_early_and_never_loses_an_event() {
         let mut s: StaticBatchWindows<Ev, 4, 4> = StaticBatchWindows::new();
-        let mut w = s.windows(BatchConfig {
-            max_events: 100,
-            max_age_ns: 1000,
-        })
-        .unwrap();
+        let mut w = s
+            .windows(BatchConfig {
+                max_events: 100,
+                max_age_ns: 1000,
+            })
+            .unwrap();
         let mut agg = Collect::default();
         for n in 0..50 {
             let topic: &'static [u8] = [b"x".as_slice(), b"y", b"z"][n as usize % 3];

@@ -85,6 +85,14 @@ impl<'b> RecordBuilder<'b> {
         Ok(())
     }
 
+    /// Sets `recv_ns` (of the first event, for a batch whose first event is
+    /// known only once it is pushed).
+    pub fn set_recv_ns(&mut self, recv_ns: u64) {
+        if let Some(f) = self.buf.get_mut(16..24) {
+            f.copy_from_slice(&recv_ns.to_le_bytes());
+        }
+    }
+
     /// Frames so far.
     pub fn count(&self) -> u16 {
         self.count

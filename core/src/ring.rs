@@ -387,6 +387,23 @@ impl<T> Consumer<'_, T> {
         Some(value)
     }
 
+    /// The `n`-th oldest item (0 is the next `pop`), without taking it.
+    #[inline]
+    pub fn peek(&mut self, n: usize) -> Option<&T> {
+        let n = u32::try_from(n).ok()?;
+        if self.ready(n.checked_add(1)?) <= n {
+            return None;
+        }
+        let slot = self
+            .slots
+            .get((self.tail.wrapping_add(n) & self.mask) as usize)?;
+        // SAFETY: positions tail..head are full (published by the producer
+        // with Release, seen through our Acquire load in `ready`); only this
+        // consumer reads or moves them, and the borrow of `self` keeps it
+        // from popping while the reference lives.
+        Some(slot.value.with(|p| unsafe { (*p).assume_init_ref() }))
+    }
+
     /// Takes the oldest item, if any.
     #[inline]
     pub fn pop(&mut self) -> Option<T> {
@@ -462,6 +479,9 @@ mod tests {
         }
         assert_eq!(tx.push(9), Err(9));
         assert_eq!(rx.len(), 4);
+        assert_eq!(rx.peek(0), Some(&0));
+        assert_eq!(rx.peek(3), Some(&3));
+        assert_eq!(rx.peek(4), None);
         for i in 0..4 {
             assert_eq!(rx.pop(), Some(i));
         }

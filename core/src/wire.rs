@@ -495,6 +495,26 @@ pub fn parse_stored(bytes: &[u8]) -> Option<Frame<'_>> {
     })
 }
 
+/// A view of a frame that was validated before (at ingest) and kept
+/// unchanged since, e.g. in a pool slot: checks only the layout (length
+/// fields, priority, topic length), not the CRC or the topic's UTF-8.
+pub fn trusted_frame(bytes: &[u8]) -> Option<Frame<'_>> {
+    let len = bytes.len();
+    let topic_len = byte(bytes, field::TOPIC_LEN);
+    if len < OVERHEAD
+        || le_u32(bytes, field::LENGTH) as usize != len
+        || OVERHEAD as u64 + topic_len as u64 + le_u32(bytes, field::PAYLOAD_LEN) as u64
+            != len as u64
+    {
+        return None;
+    }
+    Some(Frame {
+        bytes,
+        priority: Priority::from_u8(byte(bytes, field::PRIORITY))?,
+        topic_len,
+    })
+}
+
 /// The total length a frame starting with `head` declares, if `head` holds at
 /// least its first 8 bytes (for skipping over frames without validating).
 pub fn declared_length(head: &[u8]) -> Option<u32> {

@@ -1,0 +1,811 @@
+//! Every stage of the engine wired on one thread: decode and route into the
+//! class rings, run the three processors into the storage rings, build log
+//! records and acks. [`Pipeline::poll`] runs each stage once; the firmware
+//! runs it in its main loop, and the host runs the same stages on threads.
+//!
+//! Costs: no allocation; one copy of each frame into a pool slot, one into
+//! the record buffer. Full rings or an empty pool push back: `feed` returns
+//! before the bytes it cannot place, and they are fed again later.
+
+use crate::batch::{Aggregate, BatchItem, BatchWindows, Closed};
+use crate::dedup::{DedupRef, Lookup};
+use crate::event::Class;
+use crate::metrics::{Counter, LocalMetrics, Registry};
+use crate::pool::{Acquirer, EventRef, SlotMut};
+use crate::process::{
+    BatchProcessor, EventHook, Outcome, RealtimeProcessor, TransactionalProcessor,
+};
+use crate::record::{RecordBuilder, RecordKind, RECORD_HEADER_LEN};
+use crate::ring::{Consumer, Producer};
+use crate::route::TopicTable;
+use crate::wire::{self, Ack, Decoded, Frame, Limits, Reason, StreamDecoder};
+
+/// Monotonic and wall time, provided by the embedder.
+pub trait Clock {
+    /// Monotonic nanoseconds (dedup windows, batch ages, latencies).
+    fn monotonic_ns(&self) -> u64;
+    /// Wall-clock unix nanoseconds (`recv_ns` of records).
+    fn wall_ns(&self) -> u64;
+}
+
+/// The log could not take a record (disk full, I/O error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct StorageFailed;
+
+/// Where stored records and acks go, provided by the embedder.
+pub trait Sink {
+    /// The log offset the next appended event gets.
+    fn next_offset(&self) -> u64;
+    /// Appends one finished record holding `events` events; on success the
+    /// next offset advances by `events`.
+    fn append(&mut self, record: &[u8], events: u16) -> Result<(), StorageFailed>;
+    /// Delivers an ack to connection `conn`.
+    fn ack(&mut self, conn: u32, ack: Ack);
+}
+
+/// Routing of events to classes (a [`TopicTable`] of any capacity).
+pub trait Router {
+    /// The class of an event of `topic` sent at `priority`.
+    fn route(&self, topic: &[u8], priority: crate::Priority) -> Class;
+}
+
+impl<const N: usize> Router for TopicTable<N> {
+    fn route(&self, topic: &[u8], priority: crate::Priority) -> Class {
+        TopicTable::route(self, topic, priority)
+    }
+}
+
+/// One accepted event on its way: its v1 frame in a pool slot (legacy events
+/// already converted), and where its ack goes.
+pub struct Event<'p> {
+    data: EventRef<'p>,
+    /// Connection the event came from.
+    pub conn: u32,
+    /// The class routing chose.
+    pub class: Class,
+    /// Wall clock at ingest, unix ns.
+    pub recv_wall_ns: u64,
+    /// Monotonic clock at ingest, ns.
+    pub recv_mono_ns: u64,
+}
+
+impl<'p> Event<'p> {
+    /// An event whose frame bytes are in `data`.
+    pub fn new(
+        data: EventRef<'p>,
+        conn: u32,
+        class: Class,
+        recv_wall_ns: u64,
+        recv_mono_ns: u64,
+    ) -> Self {
+        Self {
+            data,
+            conn,
+            class,
+            recv_wall_ns,
+            recv_mono_ns,
+        }
+    }
+
+    /// The stored frame's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.data.bytes()
+    }
+
+    /// The frame (validated at ingest).
+    pub fn frame(&self) -> Option<Frame<'_>> {
+        wire::trusted_frame(self.data.bytes())
+    }
+
+    fn event_id(&self) -> u64 {
+        self.frame().map_or(0, |f| f.event_id())
+    }
+
+    fn wants_ack(&self) -> bool {
+        self.frame().is_some_and(|f| f.ack_requested())
+    }
+}
+
+impl BatchItem for Event<'_> {
+    fn topic(&self) -> &[u8] {
+        self.frame().map_or(&[], |f| f.topic_bytes())
+    }
+    fn partition(&self) -> u32 {
+        self.frame().map_or(0, |f| f.partition())
+    }
+    fn frame(&self) -> Option<Frame<'_>> {
+        Event::frame(self)
+    }
+}
+
+/// What the processors hand to storage.
+pub enum Work<'p> {
+    /// Write this event as a single record.
+    Store(Event<'p>),
+    /// The next `count` `Store` items of this ring form one batch record.
+    Batch {
+        /// Events in the batch.
+        count: u16,
+    },
+    /// A duplicate: answer DUPLICATE once the original is stored.
+    Duplicate {
+        /// Connection to answer.
+        conn: u32,
+        /// The event's id.
+        event_id: u64,
+        /// The ACK flag.
+        ack: bool,
+        /// Its class.
+        class: Class,
+        /// The original's offset, if already known.
+        offset: Option<u64>,
+    },
+    /// Not stored: answer REJECTED.
+    Reject {
+        /// Connection to answer.
+        conn: u32,
+        /// The event's id.
+        event_id: u64,
+        /// The ACK flag.
+        ack: bool,
+        /// Why.
+        reason: Reason,
+    },
+}
+
+/// What to do when a ring or the pool is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum WhenFull {
+    /// Stop reading (the default): the producer is pushed back.
+    Backpressure,
+    /// Answer valid frames REJECTED OVERLOADED.
+    Reject,
+}
+
+/// A ring's two halves.
+pub type RingPair<'r, T> = (Producer<'r, T>, Consumer<'r, T>);
+
+/// Everything a pipeline is built from.
+pub struct Parts<'a, 'r, 'p, R, C, S, H> {
+    /// Frame limits.
+    pub limits: Limits,
+    /// Topic-priority routing.
+    pub router: &'a R,
+    /// The pool's acquirer.
+    pub acquirer: Acquirer<'p>,
+    /// Ingest -> processor rings, by class.
+    pub class_rings: [RingPair<'r, Event<'p>>; 3],
+    /// Processor -> storage rings, by class.
+    pub storage_rings: [RingPair<'r, Work<'p>>; 3],
+    /// The dedup table.
+    pub dedup: DedupRef<'a>,
+    /// The batch windows.
+    pub windows: BatchWindows<'a, Event<'p>>,
+    /// Buffer for one record: 28 + max_events * max_frame bytes at least.
+    pub record_buf: &'a mut [u8],
+    /// Shared metrics totals.
+    pub registry: &'a Registry,
+    /// Time.
+    pub clock: C,
+    /// Log and acks.
+    pub sink: S,
+    /// Business logic hook.
+    pub hook: H,
+    /// Full rings or pool: push back or reject.
+    pub when_full: WhenFull,
+}
+
+/// Why a pipeline could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum PartsError {
+    /// The record buffer cannot hold a full batch of maximal frames.
+    RecordBufferTooSmall,
+    /// The batch storage ring cannot hold two closing windows.
+    BatchRingTooSmall,
+}
+
+/// Result of [`Pipeline::feed`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Fed {
+    /// Bytes taken; feed the rest again later.
+    pub consumed: usize,
+    /// Stopped because the pool or a ring is full.
+    pub blocked: bool,
+    /// The connection must be closed (FATAL sent, or a legacy close).
+    pub close: bool,
+}
+
+/// The whole engine on one thread.
+pub struct Pipeline<'a, 'r, 'p, R, C, S, H> {
+    limits: Limits,
+    router: &'a R,
+    acquirer: Acquirer<'p>,
+    spare: Option<SlotMut<'p>>,
+    class_rings: [RingPair<'r, Event<'p>>; 3],
+    storage_rings: [RingPair<'r, Work<'p>>; 3],
+    dedup: DedupRef<'a>,
+    realtime: RealtimeProcessor<'a>,
+    transactional: TransactionalProcessor<'a>,
+    batch: BatchProcessor<'a, Event<'p>>,
+    record_buf: &'a mut [u8],
+    registry: &'a Registry,
+    metrics: LocalMetrics,
+    clock: C,
+    sink: S,
+    hook: H,
+    when_full: WhenFull,
+    shutting_down: bool,
+    /// Duplicates whose original is not stored yet.
+    deferred: heapless::Deque<Work<'p>, 64>,
+}
+
+/// Items a processor step takes from its ring before storage runs.
+const STEP: usize = 64;
+
+impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p, R, C, S, H> {
+    /// Wires the parts together.
+    pub fn new(parts: Parts<'a, 'r, 'p, R, C, S, H>) -> Result<Self, PartsError> {
+        let max_events = parts.windows.config().max_events as usize;
+        let max_record = RECORD_HEADER_LEN + max_events * parts.limits.max_frame() as usize;
+        if parts.record_buf.len() < max_record {
+            return Err(PartsError::RecordBufferTooSmall);
+        }
+        if parts.storage_rings[2].0.capacity() < 2 * (max_events + 1) {
+            return Err(PartsError::BatchRingTooSmall);
+        }
+        Ok(Self {
+            limits: parts.limits,
+            router: parts.router,
+            acquirer: parts.acquirer,
+            spare: None,
+            class_rings: parts.class_rings,
+            storage_rings: parts.storage_rings,
+            dedup: parts.dedup,
+            realtime: RealtimeProcessor::new(parts.dedup),
+            transactional: TransactionalProcessor::new(parts.dedup),
+            batch: BatchProcessor::new(parts.windows),
+            record_buf: parts.record_buf,
+            registry: parts.registry,
+            metrics: LocalMetrics::new(),
+            clock: parts.clock,
+            sink: parts.sink,
+            hook: parts.hook,
+            when_full: parts.when_full,
+            shutting_down: false,
+            deferred: heapless::Deque::new(),
+        })
+    }
+
+    /// The frame limits connections are decoded with.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The sink (to inspect what was stored and acked).
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
+    /// The sink, mutably (to repair storage, say).
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    /// The clock, mutably (tests move a fake clock).
+    pub fn clock_mut(&mut self) -> &mut C {
+        &mut self.clock
+    }
+
+    /// From now on valid frames are answered REJECTED SHUTTING_DOWN.
+    pub fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+    }
+
+    /// A pool slot and room in every class ring for one more event.
+    fn room(&mut self) -> bool {
+        if self.spare.is_none() {
+            self.spare = self.acquirer.acquire();
+        }
+        self.spare.is_some() && self.class_rings.iter_mut().all(|(tx, _)| tx.free_len() > 0)
+    }
+
+    /// Makes room by running the later stages, and, if the pool is what is
+    /// short, by closing the oldest batch window early.
+    fn make_room(&mut self) -> bool {
+        for _ in 0..4 {
+            if self.room() {
+                return true;
+            }
+            if !self.poll() && self.spare.is_none() {
+                self.flush_oldest_window();
+            }
+        }
+        self.room()
+    }
+
+    /// Decodes `input` of connection `conn` (whose decoder is `dec`) and
+    /// moves every complete frame into the pipeline.
+    pub fn feed<B: AsRef<[u8]> + AsMut<[u8]>>(
+        &mut self,
+        conn: u32,
+        dec: &mut StreamDecoder<B>,
+        input: &[u8],
+    ) -> Fed {
+        let mut pos = 0;
+        let mut fed = Fed {
+            consumed: 0,
+            blocked: false,
+            close: dec.is_closed(),
+        };
+        while pos < input.len() && !dec.is_closed() {
+            let room = self.make_room();
+            if !room && self.when_full == WhenFull::Backpressure {
+                fed.blocked = true;
+                break;
+            }
+            let (used, item) = dec.next(input.get(pos..).unwrap_or(&[]));
+            pos += used;
+            match item {
+                Some(d) => self.ingest(conn, d, room),
+                None => break,
+            }
+        }
+        fed.consumed = pos;
+        fed.close = dec.is_closed();
+        self.metrics.add(Counter::BytesReceived, pos as u64);
+        fed
+    }
+
+    fn ingest(&mut self, conn: u32, item: Decoded<'_>, room: bool) {
+        match item {
+            Decoded::Frame(f) => {
+                let class = self.router.route(f.topic_bytes(), f.priority());
+                self.accept(
+                    conn,
+                    class,
+                    f.bytes(),
+                    f.event_id(),
+                    f.ack_requested(),
+                    room,
+                );
+            }
+            Decoded::Legacy(ev) => {
+                let class = self.router.route(ev.topic(), ev.priority());
+                let wall = self.clock.wall_ns();
+                if !room || self.shutting_down {
+                    let reason = if self.shutting_down {
+                        Reason::ShuttingDown
+                    } else {
+                        Reason::Overloaded
+                    };
+                    self.metrics.add(Counter::Rejected(reason), 1);
+                    return;
+                }
+                let Some(mut slot) = self.spare.take() else {
+                    return;
+                };
+                let len = ev.encode_v1(0, wall, slot.buffer_mut()).unwrap_or(0);
+                self.push_event(conn, class, slot.share(len), wall);
+            }
+            Decoded::Rejected {
+                reason,
+                event_id,
+                ack,
+            } => {
+                self.metrics.add(Counter::Rejected(reason), 1);
+                if ack {
+                    self.sink.ack(conn, Ack::rejected(event_id, reason));
+                }
+            }
+            Decoded::Fatal(reason) => {
+                self.metrics.add(Counter::Rejected(reason), 1);
+                // The acks of every earlier frame first, then FATAL.
+                self.drain();
+                self.sink.ack(conn, Ack::fatal(reason));
+            }
+            Decoded::LegacySkipped(rule) => {
+                self.metrics.add(Counter::Rejected(rule.reason()), 1);
+                self.metrics.add(Counter::LegacySkipped, 1);
+            }
+            Decoded::KeepAlive => self.metrics.add(Counter::KeepAlives, 1),
+            Decoded::Close => {}
+        }
+    }
+
+    fn accept(
+        &mut self,
+        conn: u32,
+        class: Class,
+        frame: &[u8],
+        event_id: u64,
+        ack: bool,
+        room: bool,
+    ) {
+        let refuse = if self.shutting_down {
+            Some(Reason::ShuttingDown)
+        } else if !room {
+            Some(Reason::Overloaded)
+        } else {
+            None
+        };
+        if let Some(reason) = refuse {
+            self.metrics.add(Counter::Rejected(reason), 1);
+            if ack {
+                self.sink.ack(conn, Ack::rejected(event_id, reason));
+            }
+            return;
+        }
+        let Some(mut slot) = self.spare.take() else {
+            return;
+        };
+        let buf = slot.buffer_mut();
+        let Some(dst) = buf.get_mut(..frame.len()) else {
+            return;
+        };
+        dst.copy_from_slice(frame);
+        let wall = self.clock.wall_ns();
+        self.push_event(conn, class, slot.share(frame.len()), wall);
+    }
+
+    fn push_event(&mut self, conn: u32, class: Class, data: EventRef<'p>, wall: u64) {
+        let ev = Event::new(data, conn, class, wall, self.clock.monotonic_ns());
+        self.metrics.add(Counter::Received(class), 1);
+        if let Some((tx, _)) = self.class_rings.get_mut(class.index()) {
+            // Room was checked before decoding.
+            let _ = tx.push(ev);
+        }
+    }
+
+    /// Runs the processors and storage once, closes an aged batch window,
+    /// and flushes metrics when due. Returns whether anything moved.
+    pub fn poll(&mut self) -> bool {
+        let mut moved = self.process_realtime();
+        moved |= self.process_transactional();
+        moved |= self.process_batch();
+        moved |= self.close_aged_window();
+        moved |= self.store();
+        let now = self.clock.monotonic_ns();
+        if moved {
+            self.metrics.maybe_flush(self.registry, now);
+        } else {
+            self.metrics.flush(self.registry, now);
+        }
+        moved
+    }
+
+    /// Runs every stage until nothing moves and every batch window is
+    /// closed and stored: after it, every accepted event is answered.
+    pub fn drain(&mut self) {
+        loop {
+            while self.poll() {}
+            if self.batch.windows().held() == 0 && self.deferred.is_empty() {
+                break;
+            }
+            if !self.flush_oldest_window() && !self.store() {
+                break;
+            }
+        }
+        self.metrics.flush(self.registry, self.clock.monotonic_ns());
+    }
+
+    fn process_realtime(&mut self) -> bool {
+        let now_ms = self.clock.monotonic_ns() / 1_000_000;
+        let mut moved = false;
+        for _ in 0..STEP {
+            let [(_, rx), _, _] = &mut self.class_rings;
+            let [(out, _), _, _] = &mut self.storage_rings;
+            if out.free_len() == 0 {
+                break;
+            }
+            let Some(ev) = rx.pop() else { break };
+            moved = true;
+            let outcome = match ev.frame() {
+                Some(f) => self.realtime.handle(&f, now_ms, &mut self.hook),
+                None => Outcome::Rejected(Reason::BadLength),
+            };
+            let _ = out.push(work_for(ev, outcome));
+        }
+        moved
+    }
+
+    fn process_transactional(&mut self) -> bool {
+        let now_ms = self.clock.monotonic_ns() / 1_000_000;
+        let mut moved = false;
+        for _ in 0..STEP {
+            let [_, (_, rx), _] = &mut self.class_rings;
+            let [_, (out, _), _] = &mut self.storage_rings;
+            if out.free_len() == 0 {
+                break;
+            }
+            let Some(ev) = rx.pop() else { break };
+            moved = true;
+            let outcome = match ev.frame() {
+                Some(f) => self.transactional.handle(&f, now_ms, &mut self.hook),
+                None => Outcome::Rejected(Reason::BadLength),
+            };
+            let _ = out.push(work_for(ev, outcome));
+        }
+        moved
+    }
+
+    fn batch_room(&mut self) -> bool {
+        let need = 2 * (self.batch.windows().config().max_events as usize + 1);
+        self.storage_rings[2].0.free_len() >= need
+    }
+
+    fn process_batch(&mut self) -> bool {
+        let now = self.clock.monotonic_ns();
+        let mut moved = false;
+        for _ in 0..STEP {
+            if !self.batch_room() {
+                break;
+            }
+            let [_, _, (_, rx)] = &mut self.class_rings;
+            let Some(ev) = rx.pop() else { break };
+            moved = true;
+            let [_, _, (out, _)] = &mut self.storage_rings;
+            self.batch
+                .handle(ev, now, &mut self.hook, &mut ToStorage { out });
+        }
+        moved
+    }
+
+    fn close_aged_window(&mut self) -> bool {
+        if !self.batch_room() {
+            return false;
+        }
+        let now = self.clock.monotonic_ns();
+        let [_, _, (out, _)] = &mut self.storage_rings;
+        self.batch.windows().poll(now, &mut ToStorage { out })
+    }
+
+    fn flush_oldest_window(&mut self) -> bool {
+        if !self.batch_room() {
+            self.store();
+            if !self.batch_room() {
+                return false;
+            }
+        }
+        let [_, _, (out, _)] = &mut self.storage_rings;
+        self.batch.windows().flush_oldest(&mut ToStorage { out })
+    }
+
+    /// The storage stage: records to the sink, acks for every outcome.
+    fn store(&mut self) -> bool {
+        let mut moved = self.retry_deferred();
+        for class in Class::ALL {
+            for _ in 0..STEP {
+                if self.deferred.is_full() || !self.store_one(class) {
+                    break;
+                }
+                moved = true;
+            }
+        }
+        moved
+    }
+
+    /// Handles the next item of one storage ring; false if it is empty.
+    fn store_one(&mut self, class: Class) -> bool {
+        let Some((_, rx)) = self.storage_rings.get_mut(class.index()) else {
+            return false;
+        };
+        let (kind, count) = match rx.peek(0) {
+            None => return false,
+            Some(Work::Store(_)) => (RecordKind::Single, 1u16),
+            Some(Work::Batch { count }) => (RecordKind::Batch, *count),
+            Some(Work::Duplicate { .. } | Work::Reject { .. }) => {
+                if let Some(work) = rx.pop() {
+                    self.answer_work(work);
+                }
+                return true;
+            }
+        };
+        // Build the record from the events where they lie (peeked, not
+        // popped), so their slots stay alive until they are answered.
+        let skip = usize::from(kind == RecordKind::Batch);
+        let offset = self.sink.next_offset();
+        let mut recv_ns = 0;
+        let mut built = 0u16;
+        let record = match RecordBuilder::new(self.record_buf, kind, class, 0) {
+            Ok(mut rec) => {
+                for i in 0..count as usize {
+                    if let Some(Work::Store(ev)) = rx.peek(skip + i) {
+                        if built == 0 {
+                            recv_ns = ev.recv_wall_ns;
+                        }
+                        if rec.push(ev.bytes()).is_ok() {
+                            built += 1;
+                        }
+                    }
+                }
+                rec.set_recv_ns(recv_ns);
+                rec.finish(offset).ok()
+            }
+            Err(_) => None,
+        };
+        let result = match record {
+            Some(bytes) if built == count => self.sink.append(bytes, count),
+            _ => Err(StorageFailed),
+        };
+        if skip == 1 {
+            let _ = rx.pop();
+            self.metrics
+                .add(Counter::Batches, u64::from(result.is_ok()));
+        }
+        let now = self.clock.monotonic_ns();
+        for i in 0..count as u64 {
+            let Some((_, rx)) = self.storage_rings.get_mut(class.index()) else {
+                break;
+            };
+            let Some(Work::Store(ev)) = rx.pop() else {
+                continue;
+            };
+            self.answer_stored(&ev, offset + i, result, now);
+        }
+        true
+    }
+
+    fn answer_stored(
+        &mut self,
+        ev: &Event<'p>,
+        offset: u64,
+        result: Result<(), StorageFailed>,
+        now: u64,
+    ) {
+        let Some(f) = ev.frame() else { return };
+        let deduped = ev.class == Class::Transactional && !f.is_legacy();
+        self.metrics
+            .latency(ev.class, now.saturating_sub(ev.recv_mono_ns));
+        match result {
+            Ok(()) => {
+                self.metrics.add(Counter::Stored(ev.class), 1);
+                self.metrics
+                    .add(Counter::BytesStored, f.bytes().len() as u64);
+                if deduped {
+                    self.dedup.set_offset(f.event_id(), offset);
+                }
+                if f.ack_requested() {
+                    self.sink.ack(ev.conn, Ack::stored(f.event_id(), offset));
+                }
+            }
+            Err(StorageFailed) => {
+                self.metrics
+                    .add(Counter::Rejected(Reason::StorageFailed), 1);
+                if deduped {
+                    self.dedup.remove(f.event_id());
+                }
+                if f.ack_requested() {
+                    self.sink
+                        .ack(ev.conn, Ack::rejected(f.event_id(), Reason::StorageFailed));
+                }
+            }
+        }
+    }
+
+    fn answer_work(&mut self, work: Work<'p>) {
+        match work {
+            Work::Duplicate {
+                conn,
+                event_id,
+                ack,
+                class,
+                offset,
+            } => self.answer_duplicate(conn, event_id, ack, class, offset),
+            Work::Reject {
+                conn,
+                event_id,
+                ack,
+                reason,
+            } => {
+                self.metrics.add(Counter::Rejected(reason), 1);
+                self.metrics.event();
+                if ack {
+                    self.sink.ack(conn, Ack::rejected(event_id, reason));
+                }
+            }
+            Work::Store(_) | Work::Batch { .. } => {}
+        }
+    }
+
+    fn answer_duplicate(
+        &mut self,
+        conn: u32,
+        event_id: u64,
+        ack: bool,
+        class: Class,
+        offset: Option<u64>,
+    ) {
+        let now_ms = self.clock.monotonic_ns() / 1_000_000;
+        let offset = match offset {
+            Some(o) => Some(o),
+            None => match self.dedup.lookup(event_id, now_ms) {
+                Lookup::Present(Some(o)) => Some(o),
+                Lookup::Present(None) => {
+                    let _ = self.deferred.push_back(Work::Duplicate {
+                        conn,
+                        event_id,
+                        ack,
+                        class,
+                        offset: None,
+                    });
+                    return;
+                }
+                // The original's write failed (its id was removed): it is
+                // not in the log, so a retry is safe.
+                Lookup::Absent => None,
+            },
+        };
+        self.metrics.event();
+        match offset {
+            Some(o) => {
+                self.metrics.add(Counter::Duplicate(class), 1);
+                if ack {
+                    self.sink.ack(conn, Ack::duplicate(event_id, o));
+                }
+            }
+            None => {
+                self.metrics
+                    .add(Counter::Rejected(Reason::StorageFailed), 1);
+                if ack {
+                    self.sink
+                        .ack(conn, Ack::rejected(event_id, Reason::StorageFailed));
+                }
+            }
+        }
+    }
+
+    /// Answers the deferred duplicates whose original is now stored.
+    fn retry_deferred(&mut self) -> bool {
+        let mut moved = false;
+        for _ in 0..self.deferred.len() {
+            let Some(work) = self.deferred.pop_front() else {
+                break;
+            };
+            let before = self.deferred.len();
+            self.answer_work(work);
+            moved |= self.deferred.len() == before;
+        }
+        moved
+    }
+}
+
+/// The batch processor's aggregate: a marker, then the window's events, into
+/// the batch storage ring (room for two windows is checked before each push).
+struct ToStorage<'c, 'r, 'p> {
+    out: &'c mut Producer<'r, Work<'p>>,
+}
+
+impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {
+    fn aggregate(&mut self, mut window: Closed<'_, Event<'p>>) {
+        let count = window.len().min(u16::MAX as usize) as u16;
+        let _ = self.out.push(Work::Batch { count });
+        for ev in window.drain() {
+            let _ = self.out.push(Work::Store(ev));
+        }
+    }
+}
+
+fn work_for(ev: Event<'_>, outcome: Outcome) -> Work<'_> {
+    let event_id = ev.event_id();
+    let ack = ev.wants_ack();
+    match outcome {
+        Outcome::Store | Outcome::Buffered => Work::Store(ev),
+        Outcome::Duplicate(offset) => Work::Duplicate {
+            conn: ev.conn,
+            event_id,
+            ack,
+            class: ev.class,
+            offset,
+        },
+        Outcome::Rejected(reason) => Work::Reject {
+            conn: ev.conn,
+            event_id,
+            ack,
+            reason,
+        },
+    }
+}

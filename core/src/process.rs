@@ -1,0 +1,119 @@
+//! The three processors as single-threaded state machines: each takes an
+//! event and says what happens to it. No threads, no allocation; the dedup
+//! table is the only shared state they touch.
+
+use crate::batch::{Aggregate, BatchItem, BatchWindows};
+use crate::dedup::{DedupRef, Insert, Lookup};
+use crate::event::Class;
+use crate::wire::{Frame, Reason};
+
+/// What a processor decided for one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Outcome {
+    /// Write it to the log.
+    Store,
+    /// Already stored (or on its way): answer DUPLICATE with the original's
+    /// offset once known.
+    Duplicate(Option<u64>),
+    /// Do not store; answer REJECTED with this reason.
+    Rejected(Reason),
+    /// Held in a batch window; its record comes when the window closes.
+    Buffered,
+}
+
+/// Where a user plugs business logic per class: called with every event a
+/// processor accepts for storage, before it is stored. The default does
+/// nothing.
+pub trait EventHook {
+    /// An event of `class` is about to be stored.
+    fn on_event(&mut self, class: Class, frame: &Frame<'_>) {
+        let _ = (class, frame);
+    }
+}
+
+/// The hook that does nothing.
+impl EventHook for () {}
+
+/// Realtime: low latency; drops an id already in the dedup table (`check`),
+/// without inserting.
+pub struct RealtimeProcessor<'t> {
+    dedup: DedupRef<'t>,
+}
+
+impl<'t> RealtimeProcessor<'t> {
+    /// A processor checking `dedup`.
+    pub fn new(dedup: DedupRef<'t>) -> Self {
+        Self { dedup }
+    }
+
+    /// Decides for one event at monotonic time `now_ms`.
+    pub fn handle(&mut self, frame: &Frame<'_>, now_ms: u64, hook: &mut impl EventHook) -> Outcome {
+        if !frame.is_legacy() {
+            if let Lookup::Present(offset) = self.dedup.lookup(frame.event_id(), now_ms) {
+                return Outcome::Duplicate(offset);
+            }
+        }
+        hook.on_event(Class::Realtime, frame);
+        Outcome::Store
+    }
+}
+
+/// Transactional: exactly once inside the dedup window (`insert`).
+pub struct TransactionalProcessor<'t> {
+    dedup: DedupRef<'t>,
+}
+
+impl<'t> TransactionalProcessor<'t> {
+    /// A processor inserting into `dedup`.
+    pub fn new(dedup: DedupRef<'t>) -> Self {
+        Self { dedup }
+    }
+
+    /// Decides for one event at monotonic time `now_ms`. Legacy events are
+    /// never deduplicated.
+    pub fn handle(&mut self, frame: &Frame<'_>, now_ms: u64, hook: &mut impl EventHook) -> Outcome {
+        if !frame.is_legacy() {
+            match self.dedup.insert(frame.event_id(), now_ms) {
+                Insert::Inserted => {}
+                Insert::Duplicate(offset) => return Outcome::Duplicate(offset),
+                Insert::Full => return Outcome::Rejected(Reason::DedupFull),
+            }
+        }
+        hook.on_event(Class::Transactional, frame);
+        Outcome::Store
+    }
+}
+
+/// Batch: no dedup; events wait in per-(topic, partition) windows.
+pub struct BatchProcessor<'b, T> {
+    windows: BatchWindows<'b, T>,
+}
+
+impl<'b, T: BatchItem> BatchProcessor<'b, T> {
+    /// A processor over `windows`.
+    pub fn new(windows: BatchWindows<'b, T>) -> Self {
+        Self { windows }
+    }
+
+    /// Puts `item` in its window at monotonic `now_ns`; closed windows go
+    /// to `agg`.
+    pub fn handle(
+        &mut self,
+        item: T,
+        now_ns: u64,
+        hook: &mut impl EventHook,
+        agg: &mut impl Aggregate<T>,
+    ) -> Outcome {
+        if let Some(frame) = item.frame() {
+            hook.on_event(Class::Batch, &frame);
+        }
+        self.windows.push(item, now_ns, agg);
+        Outcome::Buffered
+    }
+
+    /// The windows (age flushes, pressure flushes, draining).
+    pub fn windows(&mut self) -> &mut BatchWindows<'b, T> {
+        &mut self.windows
+    }
+}
