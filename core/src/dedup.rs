@@ -6,32 +6,44 @@
 //! the id's home slot, claims one with a CAS (retrying until it either
 //! inserts or finds the id: it never gives up), and scans them once more.
 //!
-//! Slot-state protocol: the `state` word holds a kind and a version. A writer
-//! claims a slot (CAS to `CLAIMED`, new version), writes the id words, then
-//! publishes `PENDING`; readers take a snapshot only if the state word is the
-//! same before and after reading the data words (a seqlock), so a
-//! half-written id is never trusted. Two inserters of one id that claim
-//! different slots settle it with tickets from a shared counter: after
-//! publishing, each scans again and withdraws if it sees the id live, or
-//! pending with a lower ticket. Exactly one wins; the others report
-//! `Duplicate`. The only wait is on a slot between its claim and its
-//! `PENDING` store (a few plain stores, never a wait on another slot).
+//! Slot-state protocol: each slot has a state word (kind, a 13-bit tag of
+//! the id's hash, a version) in a dense array, so scans skip other ids
+//! without touching their data. A writer claims a slot (CAS to `CLAIMED`,
+//! new version), writes the id words, then publishes `PENDING`; readers
+//! trust the data words only if the state word is the same before and after
+//! reading them (a seqlock), so a half-written id is never used.
+//!
+//! Twins: two inserters of one id may claim different slots. After
+//! publishing `PENDING` (sequentially consistent), each scans again; one of
+//! any two always sees the other. An inserter withdraws if it sees the id
+//! live, or pending closer to the home slot; it waits for a pending twin
+//! farther away to settle (waits only ever point away from home, so they
+//! cannot form a cycle). Exactly one wins; the others report `Duplicate`.
+//!
+//! Tombstones: the sweeper turns a freed slot back into `EMPTY` when the
+//! slot after it is empty (the end of every chain through it), re-checking
+//! after the change; an inserter that finds an `EMPTY` slot between the home
+//! and its own slot withdraws and retries, so a live id never has an empty
+//! slot in front of it for longer than that retry.
 
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 use crate::sync::{fence, spin_wait, AtomicU32};
 
 /// Slots an insert or lookup examines from an id's home slot.
-pub const NEIGHBOURHOOD: usize = 32;
+pub const NEIGHBOURHOOD: usize = 64;
 
+// State word: kind (3 bits) | tag (13 bits) | version (16 bits).
 const KIND_BITS: u32 = 3;
 const KIND_MASK: u32 = (1 << KIND_BITS) - 1;
+const TAG_SHIFT: u32 = KIND_BITS;
+const TAG_MASK: u32 = 0x1FFF;
+const VERSION_SHIFT: u32 = 16;
 /// Never used: ends every scan (no id lies past it).
 const EMPTY: u32 = 0;
 /// Claimed by an inserter that is writing the id.
 const CLAIMED: u32 = 1;
-/// Id written, the inserter is checking for a concurrent twin; the offset
-/// words hold its ticket.
+/// Id written, the inserter is checking for a concurrent twin.
 const PENDING: u32 = 2;
 /// Id present, original not stored yet.
 const LIVE: u32 = 3;
@@ -46,19 +58,48 @@ const fn kind(state: u32) -> u32 {
     state & KIND_MASK
 }
 
+const fn tag_of(state: u32) -> u32 {
+    (state >> TAG_SHIFT) & TAG_MASK
+}
+
 const fn with_kind(state: u32, k: u32) -> u32 {
     (state & !KIND_MASK) | k
 }
 
-/// A new version of the slot, for a claim.
-const fn next_version(state: u32, k: u32) -> u32 {
-    (state & !KIND_MASK).wrapping_add(1 << KIND_BITS) | k
+/// A new version of the slot, claimed for an id with tag `tag`.
+const fn claim_word(state: u32, tag: u32) -> u32 {
+    let version = (state >> VERSION_SHIFT).wrapping_add(1) << VERSION_SHIFT;
+    version | (tag & TAG_MASK) << TAG_SHIFT | CLAIMED
 }
 
-/// One slot of a dedup table. Public so callers can provide the buffer of a
-/// [`BufferDedupTable`].
+/// The state word of one slot: kind, a 13-bit tag of the id's hash (so
+/// scans skip other ids without touching their data) and a version.
+/// Public so callers can provide the buffers of a [`BufferDedupTable`].
+pub struct DedupState(AtomicU32);
+
+impl DedupState {
+    /// An empty slot's state.
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        Self(AtomicU32::new(EMPTY))
+    }
+
+    /// An empty slot's state.
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        Self(AtomicU32::new(EMPTY))
+    }
+}
+
+impl Default for DedupState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The data of one slot: id, insertion time, offset. Public so callers can
+/// provide the buffers of a [`BufferDedupTable`].
 pub struct DedupSlot {
-    state: AtomicU32,
     id_lo: AtomicU32,
     id_hi: AtomicU32,
     /// Insertion time, milliseconds (wrapping).
@@ -68,11 +109,10 @@ pub struct DedupSlot {
 }
 
 impl DedupSlot {
-    /// An empty slot.
+    /// An empty slot's data.
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         Self {
-            state: AtomicU32::new(EMPTY),
             id_lo: AtomicU32::new(0),
             id_hi: AtomicU32::new(0),
             stamp: AtomicU32::new(0),
@@ -81,56 +121,15 @@ impl DedupSlot {
         }
     }
 
-    /// An empty slot.
+    /// An empty slot's data.
     #[cfg(loom)]
     pub fn new() -> Self {
         Self {
-            state: AtomicU32::new(EMPTY),
             id_lo: AtomicU32::new(0),
             id_hi: AtomicU32::new(0),
             stamp: AtomicU32::new(0),
             off_lo: AtomicU32::new(0),
             off_hi: AtomicU32::new(0),
-        }
-    }
-
-    /// A consistent copy of the slot, or `None` while it is being claimed
-    /// (the caller waits and retries) or changed under us.
-    #[inline]
-    fn snapshot(&self) -> Option<Snapshot> {
-        let s1 = self.state.load(Acquire);
-        if kind(s1) == CLAIMED || kind(s1) == OFFSETTING {
-            return None;
-        }
-        if kind(s1) == EMPTY || kind(s1) == FREE {
-            return Some(Snapshot {
-                state: s1,
-                id: 0,
-                stamp: 0,
-                off: 0,
-            });
-        }
-        let id = self.id_lo.load(Relaxed) as u64 | (self.id_hi.load(Relaxed) as u64) << 32;
-        let stamp = self.stamp.load(Relaxed);
-        let off = self.off_lo.load(Relaxed) as u64 | (self.off_hi.load(Relaxed) as u64) << 32;
-        fence(Acquire);
-        let s2 = self.state.load(Relaxed);
-        (s1 == s2).then_some(Snapshot {
-            state: s1,
-            id,
-            stamp,
-            off,
-        })
-    }
-
-    /// Waits out a claim in progress and returns the snapshot.
-    #[inline]
-    fn settled(&self) -> Snapshot {
-        loop {
-            if let Some(s) = self.snapshot() {
-                return s;
-            }
-            spin_wait();
         }
     }
 }
@@ -155,9 +154,7 @@ impl Snapshot {
     }
     /// Present (live or stored) and not expired.
     fn holds(&self, id: u64, now: u32, window: u32) -> bool {
-        matches!(self.kind(), LIVE | STORED)
-            && self.id == id
-            && now.wrapping_sub(self.stamp) < window
+        matches!(self.kind(), LIVE | STORED) && self.id == id && now.wrapping_sub(self.stamp) < window
     }
     fn offset(&self) -> Option<u64> {
         (self.kind() == STORED).then_some(self.off)
@@ -222,7 +219,6 @@ impl DedupConfig {
 
 /// Counters shared by every user of one table.
 struct Header {
-    tickets: AtomicU32,
     evictions: AtomicU32,
     /// Age in ms of the youngest entry evicted since the last reset;
     /// `u32::MAX` when none.
@@ -233,7 +229,6 @@ impl Header {
     #[cfg(not(loom))]
     const fn new() -> Self {
         Self {
-            tickets: AtomicU32::new(0),
             evictions: AtomicU32::new(0),
             evicted_age: AtomicU32::new(u32::MAX),
         }
@@ -242,7 +237,6 @@ impl Header {
     #[cfg(loom)]
     fn new() -> Self {
         Self {
-            tickets: AtomicU32::new(0),
             evictions: AtomicU32::new(0),
             evicted_age: AtomicU32::new(u32::MAX),
         }
@@ -253,6 +247,7 @@ impl Header {
 /// `const`, so a table can be a `static`. All operations are on [`DedupRef`].
 pub struct DedupTable<const N: usize> {
     header: Header,
+    states: [DedupState; N],
     slots: [DedupSlot; N],
     config: DedupConfig,
 }
@@ -269,6 +264,7 @@ impl<const N: usize> DedupTable<N> {
         let () = Self::CAPACITY_OK;
         Self {
             header: Header::new(),
+            states: [const { DedupState::new() }; N],
             slots: [const { DedupSlot::new() }; N],
             config,
         }
@@ -280,6 +276,7 @@ impl<const N: usize> DedupTable<N> {
         let () = Self::CAPACITY_OK;
         Self {
             header: Header::new(),
+            states: core::array::from_fn(|_| DedupState::new()),
             slots: core::array::from_fn(|_| DedupSlot::new()),
             config,
         }
@@ -289,35 +286,38 @@ impl<const N: usize> DedupTable<N> {
     pub fn table(&self) -> DedupRef<'_> {
         DedupRef {
             header: &self.header,
+            states: &self.states,
             slots: &self.slots,
             config: self.config,
         }
     }
 }
 
-/// A table over a caller-provided buffer of slots (length a power of two).
+/// A table over caller-provided buffers of states and slots (equal lengths,
+/// a power of two).
 pub struct BufferDedupTable<'b> {
     header: Header,
+    states: &'b [DedupState],
     slots: &'b [DedupSlot],
     config: DedupConfig,
 }
 
-/// A slot buffer whose length is not a power of two between 1 and 2^31.
+/// Buffers whose lengths differ or are not a power of two up to 2^31.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct BadCapacity;
 
 impl<'b> BufferDedupTable<'b> {
-    /// An empty table over `slots`; every slot is reset.
-    pub fn new(slots: &'b mut [DedupSlot], config: DedupConfig) -> Result<Self, BadCapacity> {
-        if !slots.len().is_power_of_two() || slots.len() > 1 << 31 {
+    /// An empty table over `states` and `slots`; every slot is reset.
+    pub fn new(states: &'b mut [DedupState], slots: &'b mut [DedupSlot], config: DedupConfig) -> Result<Self, BadCapacity> {
+        if states.len() != slots.len() || !slots.len().is_power_of_two() || slots.len() > 1 << 31 {
             return Err(BadCapacity);
         }
-        for s in slots.iter_mut() {
-            *s = DedupSlot::new();
-        }
+        states.iter_mut().for_each(|s| *s = DedupState::new());
+        slots.iter_mut().for_each(|s| *s = DedupSlot::new());
         Ok(Self {
             header: Header::new(),
+            states,
             slots,
             config,
         })
@@ -327,6 +327,7 @@ impl<'b> BufferDedupTable<'b> {
     pub fn table(&self) -> DedupRef<'_> {
         DedupRef {
             header: &self.header,
+            states: self.states,
             slots: self.slots,
             config: self.config,
         }
@@ -338,6 +339,7 @@ impl<'b> BufferDedupTable<'b> {
 #[derive(Clone, Copy)]
 pub struct DedupRef<'t> {
     header: &'t Header,
+    states: &'t [DedupState],
     slots: &'t [DedupSlot],
     config: DedupConfig,
 }
@@ -351,9 +353,30 @@ fn mix(id: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// `a` was issued before `b` (tickets wrap at 2^32).
-fn ticket_before(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
+/// Where an id's scans start and the tag that filters them.
+#[derive(Clone, Copy)]
+struct Probe {
+    home: usize,
+    tag: u32,
+    len: usize,
+    mask: usize,
+}
+
+impl Probe {
+    #[inline]
+    fn at(&self, i: usize) -> usize {
+        (self.home + i) & self.mask
+    }
+}
+
+/// Outcome of an insert's second scan.
+enum Validation {
+    /// No twin: the id is ours.
+    Won,
+    /// The id is present (or being inserted closer to home).
+    Twin(Option<u64>),
+    /// An empty slot in front of ours: withdraw and try again.
+    Hole,
 }
 
 impl<'t> DedupRef<'t> {
@@ -367,16 +390,78 @@ impl<'t> DedupRef<'t> {
         self.config.window()
     }
 
-    /// Slot indices of the neighbourhood of `id`, home first.
     #[inline]
-    fn probe(&self, id: u64) -> impl Iterator<Item = (usize, &'t DedupSlot)> + 't {
-        let mask = self.slots.len() - 1;
-        let home = mix(id) as usize & mask;
-        let slots = self.slots;
-        (0..NEIGHBOURHOOD.min(slots.len())).filter_map(move |i| {
-            let at = (home + i) & mask;
-            slots.get(at).map(|s| (at, s))
+    fn probe(&self, id: u64) -> Probe {
+        let h = mix(id);
+        let mask = self.slots.len().wrapping_sub(1);
+        Probe {
+            home: h as usize & mask,
+            tag: (h >> 48) as u32 & TAG_MASK,
+            len: NEIGHBOURHOOD.min(self.slots.len()),
+            mask,
+        }
+    }
+
+    #[inline]
+    fn state(&self, at: usize) -> Option<&'t AtomicU32> {
+        self.states.get(at).map(|s| &s.0)
+    }
+
+    /// A consistent copy of slot `at` whose state was `s1` (loaded with
+    /// Acquire), or `None` if it changed meanwhile.
+    #[inline]
+    fn read(&self, at: usize, s1: u32) -> Option<Snapshot> {
+        let d = self.slots.get(at)?;
+        let id = d.id_lo.load(Relaxed) as u64 | (d.id_hi.load(Relaxed) as u64) << 32;
+        let stamp = d.stamp.load(Relaxed);
+        let off = d.off_lo.load(Relaxed) as u64 | (d.off_hi.load(Relaxed) as u64) << 32;
+        fence(Acquire);
+        let s2 = self.state(at)?.load(Relaxed);
+        (s1 == s2).then_some(Snapshot {
+            state: s1,
+            id,
+            stamp,
+            off,
         })
+    }
+
+    /// The snapshot of slot `at` whose state `s` was just loaded (Acquire):
+    /// read directly when it is stable, else settled.
+    #[inline]
+    fn snapshot(&self, at: usize, s: u32) -> Snapshot {
+        match kind(s) {
+            CLAIMED | OFFSETTING => self.settled(at),
+            _ => match self.read(at, s) {
+                Some(snap) => snap,
+                None => self.settled(at),
+            },
+        }
+    }
+
+    /// The settled snapshot of slot `at`: waits out a claim or offset write
+    /// in progress (a few stores), retries torn reads.
+    #[inline]
+    fn settled(&self, at: usize) -> Snapshot {
+        loop {
+            let s = self.state(at).map_or(EMPTY, |a| a.load(Acquire));
+            match kind(s) {
+                CLAIMED | OFFSETTING => {}
+                EMPTY | FREE => {
+                    return Snapshot {
+                        state: s,
+                        id: 0,
+                        stamp: 0,
+                        off: 0,
+                    }
+                }
+                _ => {
+                    if let Some(snap) = self.read(at, s) {
+                        return snap;
+                    }
+                }
+            }
+            spin_wait();
+        }
     }
 
     /// Is `id` present inside the window at `now_ms`? Never writes.
@@ -384,12 +469,21 @@ impl<'t> DedupRef<'t> {
     pub fn lookup(&self, id: u64, now_ms: u64) -> Lookup {
         let now = now_ms as u32;
         let window = self.config.window();
-        for (_, slot) in self.probe(id) {
-            let s = slot.settled();
-            match s.kind() {
+        let p = self.probe(id);
+        for i in 0..p.len {
+            let at = p.at(i);
+            let s = self.state(at).map_or(EMPTY, |a| a.load(Acquire));
+            match kind(s) {
                 EMPTY => break,
-                PENDING if s.id == id => return Lookup::Present(None),
-                _ if s.holds(id, now, window) => return Lookup::Present(s.offset()),
+                FREE => continue,
+                _ if tag_of(s) != p.tag => continue,
+                _ => {}
+            }
+            let snap = self.snapshot(at, s);
+            match snap.kind() {
+                EMPTY => break,
+                PENDING if snap.id == id => return Lookup::Present(None),
+                _ if snap.holds(id, now, window) => return Lookup::Present(snap.offset()),
                 _ => {}
             }
         }
@@ -405,103 +499,173 @@ impl<'t> DedupRef<'t> {
     pub fn insert(&self, id: u64, now_ms: u64) -> Insert {
         let now = now_ms as u32;
         let window = self.config.window();
+        let p = self.probe(id);
         'retry: loop {
             // 1. Is the id here already? Where could it go?
             let mut target: Option<(usize, u32)> = None;
-            let mut oldest: Option<(usize, u32, u32)> = None;
-            for (at, slot) in self.probe(id) {
-                let s = slot.settled();
-                match s.kind() {
+            for i in 0..p.len {
+                let at = p.at(i);
+                let s = self.state(at).map_or(EMPTY, |a| a.load(Acquire));
+                match kind(s) {
                     EMPTY => {
-                        target.get_or_insert((at, s.state));
+                        target.get_or_insert((at, s));
                         break;
                     }
                     FREE => {
-                        target.get_or_insert((at, s.state));
+                        target.get_or_insert((at, s));
+                        continue;
                     }
-                    PENDING if s.id == id => return Insert::Duplicate(None),
-                    PENDING => {}
-                    _ if s.holds(id, now, window) => return Insert::Duplicate(s.offset()),
-                    _ => {
-                        let age = now.wrapping_sub(s.stamp);
-                        if age >= window && s.id == id {
-                            // Reuse the id's own expired slot, so that an id
-                            // never has two copies for set_offset and remove
-                            // to confuse.
-                            target = Some((at, s.state));
-                        } else if age >= window {
-                            target.get_or_insert((at, s.state));
-                        } else if oldest.is_none_or(|(_, _, a)| age > a) {
-                            oldest = Some((at, s.state, age));
+                    _ if tag_of(s) != p.tag => continue,
+                    _ => {}
+                }
+                let snap = self.snapshot(at, s);
+                match snap.kind() {
+                    EMPTY | FREE => {
+                        target.get_or_insert((at, snap.state));
+                    }
+                    PENDING if snap.id == id => return Insert::Duplicate(None),
+                    LIVE | STORED if snap.id == id => {
+                        if snap.holds(id, now, window) {
+                            return Insert::Duplicate(snap.offset());
                         }
-                    }
-                }
-            }
-            let (at, seen) = match (target, oldest, self.config.when_full) {
-                (Some(t), _, _) => t,
-                (None, Some((at, state, age)), FullPolicy::Evict) => {
-                    self.header.evictions.fetch_add(1, Relaxed);
-                    self.header.evicted_age.fetch_min(age, Relaxed);
-                    (at, state)
-                }
-                _ => return Insert::Full,
-            };
-            let Some(slot) = self.slots.get(at) else {
-                return Insert::Full;
-            };
-            // 2. Claim it, write the id, publish PENDING with a ticket.
-            let claimed = next_version(seen, CLAIMED);
-            if slot
-                .state
-                .compare_exchange(seen, claimed, SeqCst, Relaxed)
-                .is_err()
-            {
-                continue 'retry;
-            }
-            fence(Release);
-            let ticket = self.header.tickets.fetch_add(1, SeqCst);
-            slot.id_lo.store(id as u32, Relaxed);
-            slot.id_hi.store((id >> 32) as u32, Relaxed);
-            slot.stamp.store(now, Relaxed);
-            slot.off_lo.store(ticket, Relaxed);
-            slot.off_hi.store(0, Relaxed);
-            slot.state.store(with_kind(claimed, PENDING), SeqCst);
-            // 3. Did a twin get in first?
-            let mut lost = None;
-            for (other_at, other) in self.probe(id) {
-                if other_at == at {
-                    continue;
-                }
-                let s = other.settled();
-                match s.kind() {
-                    EMPTY => break,
-                    PENDING if s.id == id && ticket_before(s.off as u32, ticket) => {
-                        lost = Some(None);
-                        break;
-                    }
-                    _ if s.holds(id, now, window) => {
-                        lost = Some(s.offset());
-                        break;
+                        // Reuse the id's own expired slot, so that an id
+                        // never has two copies for set_offset and remove to
+                        // confuse.
+                        target = Some((at, snap.state));
                     }
                     _ => {}
                 }
             }
-            if let Some(offset) = lost {
-                slot.state.store(with_kind(claimed, FREE), SeqCst);
-                return Insert::Duplicate(offset);
+            let (at, seen) = match target {
+                Some(t) => t,
+                None => match self.expired_or_oldest(&p, now, window) {
+                    Some(t) => t,
+                    None => return Insert::Full,
+                },
+            };
+            let (Some(state), Some(slot)) = (self.state(at), self.slots.get(at)) else {
+                return Insert::Full;
+            };
+            // 2. Claim it, write the id, publish PENDING.
+            let claimed = claim_word(seen, p.tag);
+            if state.compare_exchange(seen, claimed, SeqCst, Relaxed).is_err() {
+                continue 'retry;
             }
-            slot.state.store(with_kind(claimed, LIVE), SeqCst);
-            return Insert::Inserted;
+            fence(Release);
+            slot.id_lo.store(id as u32, Relaxed);
+            slot.id_hi.store((id >> 32) as u32, Relaxed);
+            slot.stamp.store(now, Relaxed);
+            slot.off_lo.store(0, Relaxed);
+            slot.off_hi.store(0, Relaxed);
+            state.store(with_kind(claimed, PENDING), SeqCst);
+            // 3. Scan again: a twin, or a hole in front of us?
+            match self.validate(&p, at, id, now, window) {
+                Validation::Won => {
+                    state.store(with_kind(claimed, LIVE), Release);
+                    return Insert::Inserted;
+                }
+                Validation::Twin(offset) => {
+                    state.store(with_kind(claimed, FREE), SeqCst);
+                    return Insert::Duplicate(offset);
+                }
+                Validation::Hole => {
+                    state.store(with_kind(claimed, FREE), SeqCst);
+                    continue 'retry;
+                }
+            }
+        }
+    }
+
+    /// The second scan of an insert whose id is PENDING at slot `mine`.
+    fn validate(&self, p: &Probe, mine: usize, id: u64, now: u32, window: u32) -> Validation {
+        let mut before_mine = true;
+        for i in 0..p.len {
+            let at = p.at(i);
+            if at == mine {
+                before_mine = false;
+                continue;
+            }
+            let s = self.state(at).map_or(EMPTY, |a| a.load(SeqCst));
+            match kind(s) {
+                // The sweeper reclaimed a slot in front of us: a lookup
+                // would stop there. Move.
+                EMPTY if before_mine => return Validation::Hole,
+                EMPTY => break,
+                FREE => continue,
+                _ if tag_of(s) != p.tag => continue,
+                _ => {}
+            }
+            loop {
+                let snap = self.settled(at);
+                match snap.kind() {
+                    EMPTY if before_mine => return Validation::Hole,
+                    EMPTY => return Validation::Won,
+                    PENDING if snap.id == id => {
+                        if before_mine {
+                            // A twin closer to home: it wins (or a live copy
+                            // it finds does).
+                            return Validation::Twin(None);
+                        }
+                        // A twin farther away: it will see us and withdraw,
+                        // or win first. Wait for it to settle.
+                        spin_wait();
+                        continue;
+                    }
+                    _ if snap.holds(id, now, window) => return Validation::Twin(snap.offset()),
+                    _ => break,
+                }
+            }
+        }
+        Validation::Won
+    }
+
+    /// With no free slot near the home: an expired entry, else (evict
+    /// policy) the oldest entry, else `None`.
+    fn expired_or_oldest(&self, p: &Probe, now: u32, window: u32) -> Option<(usize, u32)> {
+        let mut oldest: Option<(usize, u32, u32)> = None;
+        for i in 0..p.len {
+            let at = p.at(i);
+            let snap = self.settled(at);
+            match snap.kind() {
+                EMPTY | FREE => return Some((at, snap.state)),
+                LIVE | STORED => {
+                    let age = now.wrapping_sub(snap.stamp);
+                    if age >= window {
+                        return Some((at, snap.state));
+                    }
+                    if oldest.is_none_or(|(_, _, a)| age > a) {
+                        oldest = Some((at, snap.state, age));
+                    }
+                }
+                _ => {}
+            }
+        }
+        match (oldest, self.config.when_full) {
+            (Some((at, state, age)), FullPolicy::Evict) => {
+                self.header.evictions.fetch_add(1, Relaxed);
+                self.header.evicted_age.fetch_min(age, Relaxed);
+                Some((at, state))
+            }
+            _ => None,
         }
     }
 
     /// Finds the present slot of `id` (live or stored, expired or not).
-    fn find(&self, id: u64) -> Option<(&'t DedupSlot, u32)> {
-        for (_, slot) in self.probe(id) {
-            let s = slot.settled();
-            match s.kind() {
+    fn find(&self, id: u64) -> Option<(usize, u32)> {
+        let p = self.probe(id);
+        for i in 0..p.len {
+            let at = p.at(i);
+            let s = self.state(at).map_or(EMPTY, |a| a.load(Acquire));
+            match kind(s) {
                 EMPTY => return None,
-                LIVE | STORED if s.id == id => return Some((slot, s.state)),
+                FREE => continue,
+                _ if tag_of(s) != p.tag => continue,
+                _ => {}
+            }
+            let snap = self.settled(at);
+            match snap.kind() {
+                EMPTY => return None,
+                LIVE | STORED if snap.id == id => return Some((at, snap.state)),
                 _ => {}
             }
         }
@@ -512,18 +676,19 @@ impl<'t> DedupRef<'t> {
     /// can report it. Returns false if the id is not in the table.
     pub fn set_offset(&self, id: u64, offset: u64) -> bool {
         loop {
-            let Some((slot, state)) = self.find(id) else {
+            let Some((at, seen)) = self.find(id) else {
                 return false;
             };
-            if kind(state) == STORED {
+            if kind(seen) == STORED {
                 return true;
             }
+            let (Some(state), Some(slot)) = (self.state(at), self.slots.get(at)) else {
+                return false;
+            };
             // Own the slot while writing the words, so no reuse of it can
             // interleave with them.
-            let writing = with_kind(state, OFFSETTING);
-            if slot
-                .state
-                .compare_exchange(state, writing, SeqCst, Relaxed)
+            if state
+                .compare_exchange(seen, with_kind(seen, OFFSETTING), SeqCst, Relaxed)
                 .is_err()
             {
                 continue;
@@ -532,7 +697,7 @@ impl<'t> DedupRef<'t> {
             slot.off_lo.store(offset as u32, Relaxed);
             slot.off_hi.store((offset >> 32) as u32, Relaxed);
             // Release: a reader that sees STORED sees the offset words.
-            slot.state.store(with_kind(state, STORED), SeqCst);
+            state.store(with_kind(seen, STORED), SeqCst);
             return true;
         }
     }
@@ -541,46 +706,73 @@ impl<'t> DedupRef<'t> {
     /// is accepted). Returns false if it was not there.
     pub fn remove(&self, id: u64) -> bool {
         loop {
-            let Some((slot, state)) = self.find(id) else {
+            let Some((at, seen)) = self.find(id) else {
                 return false;
             };
-            if slot
-                .state
-                .compare_exchange(state, with_kind(state, FREE), SeqCst, Relaxed)
-                .is_ok()
-            {
+            let Some(state) = self.state(at) else { return false };
+            if state.compare_exchange(seen, with_kind(seen, FREE), SeqCst, Relaxed).is_ok() {
                 return true;
             }
         }
     }
 
-    /// Frees every entry older than the window at `now_ms`; returns how many.
-    /// Run it more often than every 2^31 ms (24 days): stamps wrap.
+    /// Frees every entry older than the window at `now_ms` and turns freed
+    /// slots at the end of a chain back into empty ones (so scans stay
+    /// short); returns how many entries it freed. Walks the table once,
+    /// backwards. Run it more often than every 2^31 ms (24 days): stamps wrap.
     pub fn sweep(&self, now_ms: u64) -> usize {
         let now = now_ms as u32;
         let window = self.config.window();
+        let n = self.states.len();
         let mut freed = 0;
-        for slot in self.slots {
-            let Some(s) = slot.snapshot() else { continue };
-            if matches!(s.kind(), LIVE | STORED)
-                && now.wrapping_sub(s.stamp) >= window
-                && slot
-                    .state
-                    .compare_exchange(s.state, with_kind(s.state, FREE), SeqCst, Relaxed)
-                    .is_ok()
-            {
+        for at in (0..n).rev() {
+            let Some(state) = self.state(at) else { break };
+            let mut s = state.load(Acquire);
+            if matches!(kind(s), LIVE | STORED) {
+                let Some(snap) = self.read(at, s) else { continue };
+                if now.wrapping_sub(snap.stamp) < window {
+                    continue;
+                }
+                if state.compare_exchange(s, with_kind(s, FREE), SeqCst, Relaxed).is_err() {
+                    continue;
+                }
                 freed += 1;
+                s = with_kind(s, FREE);
+            }
+            if kind(s) == FREE {
+                self.reclaim(at, s);
             }
         }
         freed
     }
 
+    /// Turns the freed slot `at` (state `s`) back into an empty one if the
+    /// slot after it is empty; undoes it if that slot got claimed meanwhile.
+    fn reclaim(&self, at: usize, s: u32) {
+        let next = (at + 1) & self.slots.len().wrapping_sub(1);
+        let (Some(state), Some(after)) = (self.state(at), self.state(next)) else {
+            return;
+        };
+        if next == at || kind(after.load(SeqCst)) != EMPTY {
+            return;
+        }
+        let empty = with_kind(s, EMPTY);
+        if state.compare_exchange(s, empty, SeqCst, Relaxed).is_err() {
+            return;
+        }
+        if kind(after.load(SeqCst)) != EMPTY {
+            // An inserter claimed the next slot after passing this one:
+            // put the tombstone back (it withdraws and retries anyway).
+            let _ = state.compare_exchange(empty, with_kind(s, FREE), SeqCst, Relaxed);
+        }
+    }
+
     /// Entries present (live or stored), expired ones included until swept.
     /// Walks the whole table.
     pub fn occupied(&self) -> usize {
-        self.slots
+        self.states
             .iter()
-            .filter(|s| matches!(kind(s.state.load(Relaxed)), LIVE | STORED))
+            .filter(|s| matches!(kind(s.0.load(Relaxed)), LIVE | STORED))
             .count()
     }
 
@@ -680,13 +872,15 @@ mod tests {
 
     #[test]
     fn buffer_table_works_like_the_static_one() {
+        let mut states: std::vec::Vec<DedupState> = (0..8).map(|_| DedupState::new()).collect();
         let mut slots: std::vec::Vec<DedupSlot> = (0..8).map(|_| DedupSlot::new()).collect();
-        let t = BufferDedupTable::new(&mut slots, CFG).unwrap();
+        let t = BufferDedupTable::new(&mut states, &mut slots, CFG).unwrap();
         let d = t.table();
         assert_eq!(d.insert(u64::MAX, 0), Insert::Inserted);
         assert!(d.contains(u64::MAX, 1));
+        let mut bad_states: std::vec::Vec<DedupState> = (0..6).map(|_| DedupState::new()).collect();
         let mut bad: std::vec::Vec<DedupSlot> = (0..6).map(|_| DedupSlot::new()).collect();
-        assert!(BufferDedupTable::new(&mut bad, CFG).is_err());
+        assert!(BufferDedupTable::new(&mut bad_states, &mut bad, CFG).is_err());
     }
 
     #[test]
