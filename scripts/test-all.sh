@@ -51,7 +51,7 @@ step "cargo clippy --workspace --all-targets -D warnings" cargo clippy --workspa
 step "cargo clippy core (thumbv7em, defmt) -D warnings" cargo clippy -p eventstream-core --target thumbv7em-none-eabihf --features defmt -- -D warnings
 step "cargo test --workspace" cargo test --workspace
 step "no_std build for thumbv7em-none-eabihf (with and without defmt)" no_std_builds
-step "loom models of ring and pool" loom_models
+step "loom models of ring, pool and dedup" loom_models
 step "miri on the core's unsafe code" miri_core
 
 echo

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use eventstream_benches::{print_ratios, record, SplitMix};
-use eventstream_core::dedup::{BufferDedupTable, DedupConfig, DedupRef, DedupSlot, DedupState, FullPolicy, Insert};
+use eventstream_core::dedup::{
+    BufferDedupTable, DedupConfig, DedupRef, DedupSlot, DedupState, FullPolicy, Insert,
+};
 
 /// New ids inserted per measured iteration (then removed, untimed).
 const BATCH: usize = 4096;
@@ -153,7 +155,8 @@ fn bench_size(c: &mut Criterion, capacity: usize, label: &str, fresh_table_per_i
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        let table = BufferDedupTable::new(&mut s.states, &mut s.slots, CFG).unwrap();
+                        let table =
+                            BufferDedupTable::new(&mut s.states, &mut s.slots, CFG).unwrap();
                         let d = table.table();
                         fill(d, &s.resident);
                         let fresh: Vec<u64> = fresh_ids.by_ref().take(BATCH).collect();
@@ -204,7 +207,9 @@ fn bench_size(c: &mut Criterion, capacity: usize, label: &str, fresh_table_per_i
             &format!("dedup insert, {label}, half full, {threads} thread(s)"),
             BATCH as u64,
             &format!("{label}: insert, {threads} thread(s), DedupTable"),
-            &[&format!("{label}: insert, {threads} thread(s), Mutex<HashSet>")],
+            &[&format!(
+                "{label}: insert, {threads} thread(s), Mutex<HashSet>"
+            )],
         );
     }
     print_ratios(

@@ -48,7 +48,13 @@ fn bench(c: &mut Criterion) {
     });
     g.throughput(Throughput::Elements(3));
     g.bench_function("p50+p99+p99.9: ours", |b| {
-        b.iter(|| black_box((ours.quantile(0.5), ours.quantile(0.99), ours.quantile(0.999))))
+        b.iter(|| {
+            black_box((
+                ours.quantile(0.5),
+                ours.quantile(0.99),
+                ours.quantile(0.999),
+            ))
+        })
     });
     g.bench_function("p50+p99+p99.9: hdrhistogram", |b| {
         b.iter(|| {

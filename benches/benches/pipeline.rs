@@ -13,7 +13,9 @@ use eventstream_benches::{print_ratios, record};
 use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, WindowMeta};
 use eventstream_core::dedup::{BufferDedupTable, DedupConfig, DedupSlot, DedupState, FullPolicy};
 use eventstream_core::metrics::Registry;
-use eventstream_core::pipeline::{Clock, Event, Parts, Pipeline, Sink, StorageFailed, WhenFull, Work};
+use eventstream_core::pipeline::{
+    Clock, Event, Parts, Pipeline, Sink, StorageFailed, WhenFull, Work,
+};
 use eventstream_core::pool::{BufferPool, SlotMeta};
 use eventstream_core::ring::Ring;
 use eventstream_core::route::TopicTable;
@@ -113,8 +115,16 @@ fn bench(c: &mut Criterion) {
         limits: Limits::DEFAULT,
         router: &topics,
         acquirer: pool.acquirer().unwrap(),
-        class_rings: [r0.split().unwrap(), r1.split().unwrap(), r2.split().unwrap()],
-        storage_rings: [s0.split().unwrap(), s1.split().unwrap(), s2.split().unwrap()],
+        class_rings: [
+            r0.split().unwrap(),
+            r1.split().unwrap(),
+            r2.split().unwrap(),
+        ],
+        storage_rings: [
+            s0.split().unwrap(),
+            s1.split().unwrap(),
+            s2.split().unwrap(),
+        ],
         dedup: dedup.table(),
         windows,
         record_buf: &mut record_buf,

@@ -2,6 +2,11 @@
 //! and in batches, through our ring, rtrb and crossbeam's ArrayQueue, all with
 //! capacity 1024, producer and consumer on separate threads.
 //! (ArrayQueue has no batch API: its batch rows move items one at a time.)
+//! After criterion's runs, the three also take turns for 21 rounds of
+//! 100,000 items each (rows marked `[turns]`), each round on freshly
+//! allocated buffers at shifted addresses: single-item cross-thread figures
+//! on this machine swing by several times with memory placement alone, so
+//! the medians over rounds and placements are the comparison.
 //!
 //! Run: `cargo bench -p eventstream-benches --bench ring`
 
@@ -12,11 +17,13 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
 use eventstream_benches::{print_ratios, record};
 use eventstream_core::pool::{Acquirer, EventPool, EventRef};
-use eventstream_core::ring::{Consumer, Producer, Ring};
+use eventstream_core::ring::{BufferRing, Consumer, Producer, Ring, Slot};
 
 const CAP: usize = 1024;
 const ITEMS: u64 = 100_000;
 const BATCH: usize = 64;
+/// Rounds of the taking-turns comparison after the criterion runs.
+const ROUNDS: usize = 21;
 
 /// The sending half of a queue under test.
 trait Tx<T>: Send {
@@ -220,7 +227,8 @@ fn bench_case<T: Send, P: Tx<T>, C: Rx<T>, M: FnMut() -> Option<T> + Send>(
 }
 
 fn bench(c: &mut Criterion) {
-    let ours: Ring<u64, CAP> = Ring::new();
+    // On the heap like the peers' buffers, away from this thread's stack.
+    let ours: Box<Ring<u64, CAP>> = Box::new(Ring::new());
     let (mut otx, mut orx) = ours.split().unwrap();
     let (mut rtx, mut rrx) = rtrb::RingBuffer::<u64>::new(CAP);
     let aq = ArrayQueue::<u64>::new(CAP);
@@ -239,9 +247,28 @@ fn bench(c: &mut Criterion) {
         bench_case(c, &n_ours, &mut otx, &mut orx, batch, &mut counter());
         bench_case(c, &n_rtrb, &mut rtx, &mut rrx, batch, &mut counter());
         bench_case(c, &n_aq, &mut Aq(&aq), &mut Aq(&aq), batch, &mut counter());
+        // The same three, taking turns, each round on fresh buffers at
+        // shifted heap addresses: single-item cross-thread figures on this
+        // machine swing by several times with placement alone (cache-line
+        // and 4 KiB aliasing between the threads' accesses), so the
+        // comparison is the median over rounds and placements.
+        for round in 0..ROUNDS {
+            let _shift = vec![0u8; 64 + (round * 4160) % 65_536];
+            let mut slots: Vec<Slot<u64>> = (0..CAP).map(|_| Slot::new()).collect();
+            let ring = Box::new(BufferRing::new(&mut slots).unwrap());
+            let (mut tx, mut rx) = ring.split().unwrap();
+            let e = transfer(&mut tx, &mut rx, ITEMS, batch, &mut counter());
+            record(&format!("{n_ours} [turns]"), 1, e);
+            let (mut tx, mut rx) = rtrb::RingBuffer::<u64>::new(CAP);
+            let e = transfer(&mut tx, &mut rx, ITEMS, batch, &mut counter());
+            record(&format!("{n_rtrb} [turns]"), 1, e);
+            let q = ArrayQueue::<u64>::new(CAP);
+            let e = transfer(&mut Aq(&q), &mut Aq(&q), ITEMS, batch, &mut counter());
+            record(&format!("{n_aq} [turns]"), 1, e);
+        }
     }
 
-    let hours: Ring<EventRef<'static>, CAP> = Ring::new();
+    let hours: Box<Ring<EventRef<'static>, CAP>> = Box::new(Ring::new());
     let (mut htx, mut hrx) = hours.split().unwrap();
     let (mut hrtx, mut hrrx) = rtrb::RingBuffer::<EventRef<'static>>::new(CAP);
     let haq = ArrayQueue::<EventRef<'static>>::new(CAP);
@@ -277,20 +304,53 @@ fn bench(c: &mut Criterion) {
             batch,
             &mut handle_maker(&mut acq_aq),
         );
+        for round in 0..ROUNDS {
+            let _shift = vec![0u8; 64 + (round * 4160) % 65_536];
+            let mut slots: Vec<Slot<EventRef<'static>>> = (0..CAP).map(|_| Slot::new()).collect();
+            let ring = Box::new(BufferRing::new(&mut slots).unwrap());
+            let (mut tx, mut rx) = ring.split().unwrap();
+            let e = transfer(
+                &mut tx,
+                &mut rx,
+                ITEMS,
+                batch,
+                &mut handle_maker(&mut acq_ours),
+            );
+            record(&format!("{n_ours} [turns]"), 1, e);
+            let (mut tx, mut rx) = rtrb::RingBuffer::<EventRef<'static>>::new(CAP);
+            let e = transfer(
+                &mut tx,
+                &mut rx,
+                ITEMS,
+                batch,
+                &mut handle_maker(&mut acq_rtrb),
+            );
+            record(&format!("{n_rtrb} [turns]"), 1, e);
+            let q = ArrayQueue::<EventRef<'static>>::new(CAP);
+            let e = transfer(
+                &mut Aq(&q),
+                &mut Aq(&q),
+                ITEMS,
+                batch,
+                &mut handle_maker(&mut acq_aq),
+            );
+            record(&format!("{n_aq} [turns]"), 1, e);
+        }
     }
 
     for item in ["u64", "pool handle"] {
         for kind in ["single", "batch"] {
-            let ours = format!("{item} {kind}: ours");
-            print_ratios(
-                &format!("SPSC {item}, {kind}"),
-                ITEMS,
-                &ours,
-                &[
-                    &format!("{item} {kind}: rtrb"),
-                    &format!("{item} {kind}: crossbeam ArrayQueue"),
-                ],
-            );
+            for suffix in ["", " [turns]"] {
+                print_ratios(
+                    &format!("SPSC {item}, {kind}{suffix}"),
+                    ITEMS,
+                    &format!("{item} {kind}: ours{suffix}"),
+                    &[
+                        &format!("{item} {kind}: rtrb{suffix}"),
+                        &format!("{item} {kind}: crossbeam ArrayQueue{suffix}"),
+                    ],
+                );
+            }
         }
     }
 }

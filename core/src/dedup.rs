@@ -154,7 +154,9 @@ impl Snapshot {
     }
     /// Present (live or stored) and not expired.
     fn holds(&self, id: u64, now: u32, window: u32) -> bool {
-        matches!(self.kind(), LIVE | STORED) && self.id == id && now.wrapping_sub(self.stamp) < window
+        matches!(self.kind(), LIVE | STORED)
+            && self.id == id
+            && now.wrapping_sub(self.stamp) < window
     }
     fn offset(&self) -> Option<u64> {
         (self.kind() == STORED).then_some(self.off)
@@ -309,7 +311,11 @@ pub struct BadCapacity;
 
 impl<'b> BufferDedupTable<'b> {
     /// An empty table over `states` and `slots`; every slot is reset.
-    pub fn new(states: &'b mut [DedupState], slots: &'b mut [DedupSlot], config: DedupConfig) -> Result<Self, BadCapacity> {
+    pub fn new(
+        states: &'b mut [DedupState],
+        slots: &'b mut [DedupSlot],
+        config: DedupConfig,
+    ) -> Result<Self, BadCapacity> {
         if states.len() != slots.len() || !slots.len().is_power_of_two() || slots.len() > 1 << 31 {
             return Err(BadCapacity);
         }
@@ -548,7 +554,10 @@ impl<'t> DedupRef<'t> {
             };
             // 2. Claim it, write the id, publish PENDING.
             let claimed = claim_word(seen, p.tag);
-            if state.compare_exchange(seen, claimed, SeqCst, Relaxed).is_err() {
+            if state
+                .compare_exchange(seen, claimed, SeqCst, Relaxed)
+                .is_err()
+            {
                 continue 'retry;
             }
             fence(Release);
@@ -709,8 +718,13 @@ impl<'t> DedupRef<'t> {
             let Some((at, seen)) = self.find(id) else {
                 return false;
             };
-            let Some(state) = self.state(at) else { return false };
-            if state.compare_exchange(seen, with_kind(seen, FREE), SeqCst, Relaxed).is_ok() {
+            let Some(state) = self.state(at) else {
+                return false;
+            };
+            if state
+                .compare_exchange(seen, with_kind(seen, FREE), SeqCst, Relaxed)
+                .is_ok()
+            {
                 return true;
             }
         }
@@ -729,11 +743,16 @@ impl<'t> DedupRef<'t> {
             let Some(state) = self.state(at) else { break };
             let mut s = state.load(Acquire);
             if matches!(kind(s), LIVE | STORED) {
-                let Some(snap) = self.read(at, s) else { continue };
+                let Some(snap) = self.read(at, s) else {
+                    continue;
+                };
                 if now.wrapping_sub(snap.stamp) < window {
                     continue;
                 }
-                if state.compare_exchange(s, with_kind(s, FREE), SeqCst, Relaxed).is_err() {
+                if state
+                    .compare_exchange(s, with_kind(s, FREE), SeqCst, Relaxed)
+                    .is_err()
+                {
                     continue;
                 }
                 freed += 1;

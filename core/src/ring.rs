@@ -271,12 +271,13 @@ impl<T> Producer<'_, T> {
     /// Writes `value` into the slot at our head (which must be free).
     #[inline]
     fn write(&mut self, value: T) {
-        if let Some(slot) = self.slots.get((self.head & self.mask) as usize) {
-            // SAFETY: the slot at `head` is free (checked against the
-            // consumer's tail, which it publishes with Release after reading
-            // the slot), and only this producer writes free slots.
-            slot.value.with_mut(|p| unsafe { (*p).write(value) });
-        }
+        // SAFETY: `mask` is `slots.len() - 1` with a power-of-two length, so
+        // the index is in bounds.
+        let slot = unsafe { self.slots.get_unchecked((self.head & self.mask) as usize) };
+        // SAFETY: the slot at `head` is free (checked against the consumer's
+        // tail, which it publishes with Release after reading the slot), and
+        // only this producer writes free slots.
+        slot.value.with_mut(|p| unsafe { (*p).write(value) });
         self.head = self.head.wrapping_add(1);
     }
 
@@ -298,7 +299,14 @@ impl<T> Producer<'_, T> {
     /// push: none is lost or read twice.
     pub fn push_from<I: Iterator<Item = T>>(&mut self, items: I) -> usize {
         let mut items = items;
-        let want = items.size_hint().0.max(1).min(u32::MAX as usize) as u32;
+        // Refresh the consumer's index unless the cached one already shows
+        // room for everything the iterator may yield.
+        let (low, high) = items.size_hint();
+        let want = high
+            .unwrap_or(usize::MAX)
+            .max(low)
+            .max(1)
+            .min(self.capacity()) as u32;
         let free = self.free(want);
         let start = self.head;
         let mut pushed = 0;
@@ -376,15 +384,17 @@ impl<T> Consumer<'_, T> {
 
     /// Moves the item at our tail (which must be full) out of its slot.
     #[inline]
-    fn read(&mut self) -> Option<T> {
-        let slot = self.slots.get((self.tail & self.mask) as usize)?;
+    fn read(&mut self) -> T {
+        // SAFETY: `mask` is `slots.len() - 1` with a power-of-two length, so
+        // the index is in bounds.
+        let slot = unsafe { self.slots.get_unchecked((self.tail & self.mask) as usize) };
         // SAFETY: the slot at `tail` is full: the producer wrote it before
         // publishing a head past it (Release, paired with our Acquire load),
         // and only this consumer reads full slots; the tail moves past it
         // right after, so it is read once.
         let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
         self.tail = self.tail.wrapping_add(1);
-        Some(value)
+        value
     }
 
     /// The `n`-th oldest item (0 is the next `pop`), without taking it.
@@ -412,7 +422,7 @@ impl<T> Consumer<'_, T> {
         }
         let value = self.read();
         self.indices.tail.store(self.tail, Release);
-        value
+        Some(value)
     }
 
     /// Takes up to `max` items, oldest first, handing each to `f`, and frees
@@ -425,10 +435,7 @@ impl<T> Consumer<'_, T> {
         }
         let guard = TailGuard(self);
         for _ in 0..n {
-            match guard.0.read() {
-                Some(value) => f(value),
-                None => break,
-            }
+            f(guard.0.read());
         }
         drop(guard);
         n as usize
