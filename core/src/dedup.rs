@@ -13,9 +13,10 @@
 //! trust the data words only if the state word is the same before and after
 //! reading them (a seqlock), so a half-written id is never used.
 //!
-//! Twins: two inserters of one id may claim different slots. After
-//! publishing `PENDING` (sequentially consistent), each scans again; one of
-//! any two always sees the other. An inserter withdraws if it sees the id
+//! Twins: two inserters of one id may claim different slots. Each claim is
+//! a sequentially consistent CAS and each inserter scans again after its
+//! claim, so one of any two always sees the other's claim (and waits the few
+//! stores until its id is published). An inserter withdraws if it sees the id
 //! live, or pending closer to the home slot; it waits for a pending twin
 //! farther away to settle (waits only ever point away from home, so they
 //! cannot form a cycle). Exactly one wins; the others report `Duplicate`.
@@ -560,13 +561,18 @@ impl<'t> DedupRef<'t> {
             {
                 continue 'retry;
             }
-            fence(Release);
+            // The claim is what makes us visible to a twin's second scan and
+            // to the sweeper; the SeqCst fence orders it before our own second
+            // scan (Dekker: of two claimants, one always sees the other). The
+            // id follows with plain stores, published by a Release store; a
+            // twin that meets our CLAIMED slot waits for those few stores, and
+            // we never wait before publishing, so no two inserters wait on
+            // each other here.
+            fence(SeqCst);
             slot.id_lo.store(id as u32, Relaxed);
             slot.id_hi.store((id >> 32) as u32, Relaxed);
             slot.stamp.store(now, Relaxed);
-            slot.off_lo.store(0, Relaxed);
-            slot.off_hi.store(0, Relaxed);
-            state.store(with_kind(claimed, PENDING), SeqCst);
+            state.store(with_kind(claimed, PENDING), Release);
             // 3. Scan again: a twin, or a hole in front of us?
             match self.validate(&p, at, id, now, window) {
                 Validation::Won => {
@@ -574,11 +580,11 @@ impl<'t> DedupRef<'t> {
                     return Insert::Inserted;
                 }
                 Validation::Twin(offset) => {
-                    state.store(with_kind(claimed, FREE), SeqCst);
+                    state.store(with_kind(claimed, FREE), Release);
                     return Insert::Duplicate(offset);
                 }
                 Validation::Hole => {
-                    state.store(with_kind(claimed, FREE), SeqCst);
+                    state.store(with_kind(claimed, FREE), Release);
                     continue 'retry;
                 }
             }
@@ -706,7 +712,7 @@ impl<'t> DedupRef<'t> {
             slot.off_lo.store(offset as u32, Relaxed);
             slot.off_hi.store((offset >> 32) as u32, Relaxed);
             // Release: a reader that sees STORED sees the offset words.
-            state.store(with_kind(seen, STORED), SeqCst);
+            state.store(with_kind(seen, STORED), Release);
             return true;
         }
     }
@@ -779,6 +785,8 @@ impl<'t> DedupRef<'t> {
         if state.compare_exchange(s, empty, SeqCst, Relaxed).is_err() {
             return;
         }
+        // Dekker with an inserter claiming the next slot (see `insert`).
+        fence(SeqCst);
         if kind(after.load(SeqCst)) != EMPTY {
             // An inserter claimed the next slot after passing this one:
             // put the tombstone back (it withdraws and retries anyway).

@@ -348,10 +348,9 @@ pub struct SlotMut<'p> {
 impl<'p> SlotMut<'p> {
     /// The slot's bytes.
     pub fn buffer_mut(&mut self) -> &mut [u8] {
-        // SAFETY: this SlotMut is the only handle to the slot (acquire hands a
-        // slot out once; it returns to the pool only when this handle or its
-        // last EventRef drops), so no other reference to these bytes exists;
-        // the range lies inside the pool's data region.
+        // SAFETY: this SlotMut is the slot's only handle (it returns to the
+        // pool only when this or its last EventRef drops), so nothing else
+        // refers to these bytes; the range lies inside the data region.
         unsafe {
             core::slice::from_raw_parts_mut(self.view.slot_ptr(self.index), self.view.slot_size)
         }

@@ -388,10 +388,9 @@ impl<T> Consumer<'_, T> {
         // SAFETY: `mask` is `slots.len() - 1` with a power-of-two length, so
         // the index is in bounds.
         let slot = unsafe { self.slots.get_unchecked((self.tail & self.mask) as usize) };
-        // SAFETY: the slot at `tail` is full: the producer wrote it before
-        // publishing a head past it (Release, paired with our Acquire load),
-        // and only this consumer reads full slots; the tail moves past it
-        // right after, so it is read once.
+        // SAFETY: the slot at `tail` is full (written before the producer's
+        // Release of a head past it, seen by our Acquire); only this consumer
+        // reads full slots, and the tail moves past it, so it is read once.
         let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
         self.tail = self.tail.wrapping_add(1);
         value
@@ -407,10 +406,9 @@ impl<T> Consumer<'_, T> {
         let slot = self
             .slots
             .get((self.tail.wrapping_add(n) & self.mask) as usize)?;
-        // SAFETY: positions tail..head are full (published by the producer
-        // with Release, seen through our Acquire load in `ready`); only this
-        // consumer reads or moves them, and the borrow of `self` keeps it
-        // from popping while the reference lives.
+        // SAFETY: tail..head are full (producer's Release, our Acquire in
+        // `ready`); only this consumer moves them, and the borrow of `self`
+        // keeps it from popping while the reference lives.
         Some(slot.value.with(|p| unsafe { (*p).assume_init_ref() }))
     }
 

@@ -214,3 +214,36 @@ fn dedup_insert_lookup_and_sweep_at_once() {
         assert_eq!(d.lookup(7, 150), Lookup::Absent);
     });
 }
+
+#[test]
+fn dedup_twins_in_different_slots_let_exactly_one_win() {
+    // Three residents and one empty slot in a 4-slot table; a remover frees
+    // a resident while both twins scan, so one twin may pick the empty slot
+    // and the other the freed one, earlier in the probe order. Every
+    // resident and a few ids are tried, so some combination puts the freed
+    // slot in front of the empty one.
+    for resident in 1..=3u64 {
+        for id in 42..46u64 {
+            let mut model = loom::model::Builder::new();
+            model.preemption_bound = Some(2);
+            model.check(move || {
+                let table: &'static DedupTable<4> = leak(DedupTable::new(LOOM_DEDUP));
+                let d = table.table();
+                for r in 1..=3 {
+                    assert_eq!(d.insert(r, 0), Insert::Inserted);
+                }
+                let remover = thread::spawn(move || d.remove(resident));
+                let twin = thread::spawn(move || d.insert(id, 50));
+                let mine = d.insert(id, 50);
+                let theirs = twin.join().unwrap();
+                assert!(remover.join().unwrap());
+                let wins = [mine, theirs]
+                    .iter()
+                    .filter(|r| **r == Insert::Inserted)
+                    .count();
+                assert_eq!(wins, 1, "{mine:?} {theirs:?}");
+                assert_eq!(d.lookup(id, 50), Lookup::Present(None));
+            });
+        }
+    }
+}
