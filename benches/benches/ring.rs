@@ -256,11 +256,13 @@ fn bench(c: &mut Criterion) {
             let _shift = vec![0u8; 64 + (round * 4160) % 65_536];
             let mut slots: Vec<Slot<u64>> = (0..CAP).map(|_| Slot::new()).collect();
             let ring = Box::new(BufferRing::new(&mut slots).unwrap());
-            let (mut tx, mut rx) = ring.split().unwrap();
-            let e = transfer(&mut tx, &mut rx, ITEMS, batch, &mut counter());
+            let (tx, rx) = ring.split().unwrap();
+            let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
+            let e = transfer(&mut *tx, &mut *rx, ITEMS, batch, &mut counter());
             record(&format!("{n_ours} [turns]"), 1, e);
-            let (mut tx, mut rx) = rtrb::RingBuffer::<u64>::new(CAP);
-            let e = transfer(&mut tx, &mut rx, ITEMS, batch, &mut counter());
+            let (tx, rx) = rtrb::RingBuffer::<u64>::new(CAP);
+            let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
+            let e = transfer(&mut *tx, &mut *rx, ITEMS, batch, &mut counter());
             record(&format!("{n_rtrb} [turns]"), 1, e);
             let q = ArrayQueue::<u64>::new(CAP);
             let e = transfer(&mut Aq(&q), &mut Aq(&q), ITEMS, batch, &mut counter());

@@ -307,15 +307,32 @@ impl<T> Producer<'_, T> {
             .max(low)
             .max(1)
             .min(self.capacity()) as u32;
-        let free = self.free(want);
-        let start = self.head;
-        let mut pushed = 0;
-        while pushed < free {
-            let Some(value) = items.next() else { break };
-            self.write(value);
-            pushed += 1;
+        let free = self.free(want) as usize;
+        // The free slots as at most two contiguous runs: from our head to the
+        // end of the buffer, then from its start.
+        let at = (self.head & self.mask) as usize;
+        let first = free.min(self.slots.len() - at);
+        let runs = [
+            self.slots.get(at..at + first).unwrap_or(&[]),
+            self.slots.get(..free - first).unwrap_or(&[]),
+        ];
+        let mut pushed = 0u32;
+        'fill: for run in runs {
+            for slot in run {
+                let Some(value) = items.next() else {
+                    break 'fill;
+                };
+                // SAFETY: the slot is free (inside the `free` slots past our
+                // head, checked against the consumer's published tail), and
+                // only this producer writes free slots.
+                slot.value.with_mut(|p| unsafe { (*p).write(value) });
+                pushed += 1;
+                // Count each item as written at once, so a panicking
+                // iterator never leaves a written slot unaccounted.
+                self.head = self.head.wrapping_add(1);
+            }
         }
-        if self.head != start {
+        if pushed > 0 {
             self.indices.head.store(self.head, Release);
         }
         pushed as usize
@@ -431,9 +448,23 @@ impl<T> Consumer<'_, T> {
         if n == 0 {
             return 0;
         }
+        let at = (self.tail & self.mask) as usize;
+        let first = (n as usize).min(self.slots.len() - at);
+        let runs = [
+            self.slots.get(at..at + first).unwrap_or(&[]),
+            self.slots.get(..n as usize - first).unwrap_or(&[]),
+        ];
         let guard = TailGuard(self);
-        for _ in 0..n {
-            f(guard.0.read());
+        for run in runs {
+            for slot in run {
+                // SAFETY: the slot is full (one of the `n` ready ones: written
+                // before the producer's Release of a head past it, seen by our
+                // Acquire); the tail moves past it before anything else can
+                // read it, so it is read once.
+                let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
+                guard.0.tail = guard.0.tail.wrapping_add(1);
+                f(value);
+            }
         }
         drop(guard);
         n as usize
