@@ -8,15 +8,25 @@
 //! arena or the window table is full the oldest window is flushed early:
 //! batching can never starve ingest of pool slots.
 
+use crate::event::Class;
+use crate::record::{BuildError, RecordBuilder, RecordKind, RECORD_HEADER_LEN};
+use crate::wire::Limits;
+
 /// What a batched item must tell about itself.
 pub trait BatchItem {
     /// The topic bytes of the event.
     fn topic(&self) -> &[u8];
     /// The partition of the event.
     fn partition(&self) -> u32;
-    /// The event's frame, for the processor's hook (none by default).
+    /// The event's frame, for the processor's hook and the batch record
+    /// (none by default).
     fn frame(&self) -> Option<crate::wire::Frame<'_>> {
         None
+    }
+    /// Server wall clock at ingest, unix ns (the batch record's `recv_ns`
+    /// is its first event's); 0 by default.
+    fn recv_ns(&self) -> u64 {
+        0
     }
 }
 
@@ -24,6 +34,56 @@ pub trait BatchItem {
 pub trait Aggregate<T> {
     /// Called once per closed window; items not taken are dropped after.
     fn aggregate(&mut self, window: Closed<'_, T>);
+}
+
+/// The default aggregate: builds the batch record of PROTOCOL.md section 6
+/// (kind batch, class batch, the window's frames in arrival order, `recv_ns`
+/// of the first event) in a caller's buffer, and hands it to `emit`, which
+/// gives it its log offset with [`RecordBuilder::finish`] and stores it. A
+/// window whose frames do not fit the buffer is split over several records,
+/// never cut short.
+pub struct RecordAggregate<'b, F> {
+    buf: &'b mut [u8],
+    emit: F,
+}
+
+impl<'b, F: FnMut(RecordBuilder<'_>)> RecordAggregate<'b, F> {
+    /// Records are built in `buf`, which must hold at least the header and
+    /// one frame of `limits.max_frame()` bytes (a window's frames, for one
+    /// record per window).
+    pub fn new(buf: &'b mut [u8], limits: &Limits, emit: F) -> Result<Self, BuildError> {
+        if buf.len() < RECORD_HEADER_LEN + limits.max_frame() as usize {
+            return Err(BuildError::BufferFull);
+        }
+        Ok(Self { buf, emit })
+    }
+}
+
+impl<T: BatchItem, F: FnMut(RecordBuilder<'_>)> Aggregate<T> for RecordAggregate<'_, F> {
+    fn aggregate(&mut self, window: Closed<'_, T>) {
+        let mut frames = window
+            .iter()
+            .filter_map(|item| Some((item.frame()?, item.recv_ns())))
+            .peekable();
+        while let Some((_, recv_ns)) = frames.peek().copied() {
+            let Ok(mut record) =
+                RecordBuilder::new(self.buf, RecordKind::Batch, Class::Batch, recv_ns)
+            else {
+                return;
+            };
+            while let Some((frame, _)) = frames.peek() {
+                if record.push(frame.bytes()).is_err() {
+                    break;
+                }
+                frames.next();
+            }
+            if record.is_empty() {
+                // Only a frame above max_frame, which the decoder never lets in.
+                return;
+            }
+            (self.emit)(record);
+        }
+    }
 }
 
 /// Why a window closed.
@@ -120,6 +180,17 @@ impl<T> Closed<'_, T> {
     /// The first (oldest) item.
     pub fn first(&self) -> Option<&T> {
         self.arena.get(self.head as usize)?.item.as_ref()
+    }
+
+    /// The items, oldest first, left in place.
+    pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
+        let mut at = self.head;
+        let arena = &*self.arena;
+        core::iter::from_fn(move || {
+            let e = arena.get(at as usize)?;
+            at = e.next;
+            e.item.as_ref()
+        })
     }
 
     /// Takes the items out, oldest first.

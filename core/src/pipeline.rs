@@ -117,6 +117,9 @@ impl BatchItem for Event<'_> {
     fn frame(&self) -> Option<Frame<'_>> {
         Event::frame(self)
     }
+    fn recv_ns(&self) -> u64 {
+        self.recv_wall_ns
+    }
 }
 
 /// What the processors hand to storage.
@@ -160,7 +163,9 @@ pub enum Work<'p> {
 pub enum WhenFull {
     /// Stop reading (the default): the producer is pushed back.
     Backpressure,
-    /// Answer valid frames REJECTED OVERLOADED.
+    /// Answer valid frames REJECTED OVERLOADED when the pool or their
+    /// class ring is full at that moment, without running the later stages
+    /// to make room (the caller's `poll` does that).
     Reject,
 }
 
@@ -342,7 +347,12 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
             close: dec.is_closed(),
         };
         while pos < input.len() && !dec.is_closed() {
-            let room = self.make_room();
+            let room = match self.when_full {
+                WhenFull::Backpressure => self.make_room(),
+                // Reject does not wait for the later stages: what does not
+                // fit now is answered OVERLOADED.
+                WhenFull::Reject => self.room(),
+            };
             if !room && self.when_full == WhenFull::Backpressure {
                 fed.blocked = true;
                 break;

@@ -2,7 +2,8 @@
 //! duplicates inside and outside the window (fake clock), every rejection
 //! reason the engine itself decides, legacy frames and a final FATAL, fed at
 //! odd split points; the exact outcome of every event is checked, and every
-//! STORED offset is checked against the records in the sink.
+//! STORED offset is checked against the records in the sink. With the
+//! reject-when-full policy, what does not fit is answered OVERLOADED.
 
 use std::collections::HashMap;
 
@@ -508,4 +509,76 @@ fn every_event_gets_its_exact_outcome_for_every_split() {
         // section 3); each event's own outcome may not vary.
         check(&run(chunks));
     }
+}
+
+#[test]
+fn reject_when_full_answers_overloaded_and_stores_what_fit() {
+    let pool: Box<EventPool<64, 512>> = Box::new(EventPool::new());
+    let class_rings: [Ring<Event<'_>, 16>; 3] = [Ring::new(), Ring::new(), Ring::new()];
+    let storage_rings: [Ring<Work<'_>, 256>; 3] = [Ring::new(), Ring::new(), Ring::new()];
+    let dedup: Box<DedupTable<32>> = Box::new(DedupTable::new(DedupConfig::DEFAULT));
+    let mut meta = [WindowMeta::new(); 4];
+    let mut arena: Vec<Entry<Event<'_>>> = (0..32).map(|_| Entry::new()).collect();
+    let windows = BatchWindows::new(&mut meta, &mut arena, BatchConfig::DEFAULT).unwrap();
+    let mut record_buf = vec![0u8; 28 + 64 * 512];
+    let registry = Registry::new();
+    let topics: TopicTable<4> = TopicTable::new();
+    let [r0, r1, r2] = &class_rings;
+    let [s0, s1, s2] = &storage_rings;
+    let mut p = Pipeline::new(Parts {
+        limits: Limits::DEFAULT,
+        router: &topics,
+        acquirer: pool.acquirer().unwrap(),
+        class_rings: [
+            r0.split().unwrap(),
+            r1.split().unwrap(),
+            r2.split().unwrap(),
+        ],
+        storage_rings: [
+            s0.split().unwrap(),
+            s1.split().unwrap(),
+            s2.split().unwrap(),
+        ],
+        dedup: dedup.table(),
+        windows,
+        record_buf: &mut record_buf,
+        registry: &registry,
+        clock: FakeClock { mono_ns: 1 },
+        sink: VecSink::default(),
+        hook: (),
+        when_full: WhenFull::Reject,
+    })
+    .unwrap();
+    // 40 realtime frames in one read: the realtime ring holds 16.
+    let bytes: Vec<u8> = (1..=40)
+        .flat_map(|id| frame(id, Priority::Critical, true, "alerts"))
+        .collect();
+    let mut dec = StreamDecoder::new([0u8; 512], Limits::DEFAULT).unwrap();
+    let fed = p.feed(1, &mut dec, &bytes);
+    assert_eq!(fed.consumed, bytes.len());
+    assert!(!fed.blocked);
+    p.drain();
+    let acks = &p.sink().acks;
+    assert_eq!(acks.len(), 40);
+    for (_, ack) in acks {
+        if ack.event_id <= 16 {
+            assert_eq!(ack.status, Status::Stored, "{ack:?}");
+        } else {
+            assert_eq!(
+                (ack.status, ack.reason),
+                (Status::Rejected, Reason::Overloaded),
+                "{ack:?}"
+            );
+        }
+    }
+    assert_eq!(
+        registry
+            .snapshot()
+            .get(Counter::Rejected(Reason::Overloaded)),
+        24
+    );
+    assert_eq!(
+        registry.snapshot().get(Counter::Stored(Class::Realtime)),
+        16
+    );
 }

@@ -113,3 +113,84 @@ fn records_parse_and_rebuild_as_the_vectors_say() {
     }
     assert!(seen >= 5);
 }
+
+/// An event of a batch window for the default aggregate: its frame bytes
+/// and receive time.
+struct Held {
+    frame: Vec<u8>,
+    recv_ns: u64,
+}
+
+impl eventstream_core::batch::BatchItem for Held {
+    fn topic(&self) -> &[u8] {
+        eventstream_core::wire::parse_stored(&self.frame).map_or(&[], |f| f.topic_bytes())
+    }
+    fn partition(&self) -> u32 {
+        eventstream_core::wire::parse_stored(&self.frame).map_or(0, |f| f.partition())
+    }
+    fn frame(&self) -> Option<eventstream_core::wire::Frame<'_>> {
+        eventstream_core::wire::parse_stored(&self.frame)
+    }
+    fn recv_ns(&self) -> u64 {
+        self.recv_ns
+    }
+}
+
+#[test]
+fn the_default_aggregate_builds_the_vectors_batch_records() {
+    use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, RecordAggregate, WindowMeta};
+    use eventstream_core::wire::Limits;
+    let mut seen = 0;
+    for line in vector_lines("log_records.jsonl") {
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["type"] != "record" || v["fields"]["kind"] != 1 || v["fields"]["class"] != 2 {
+            continue;
+        }
+        seen += 1;
+        let name = v["name"].as_str().unwrap();
+        let bytes = unhex(v["hex"].as_str().unwrap());
+        let rec = Record::parse(&bytes).unwrap();
+        // Feed the record's events through a window, as ingest stores them
+        // (legacy ids not assigned yet), and close it by count.
+        let mut meta = [WindowMeta::new(); 2];
+        let mut arena: Vec<Entry<Held>> = (0..8).map(|_| Entry::new()).collect();
+        let count = rec.count() as u32;
+        let mut windows = BatchWindows::new(
+            &mut meta,
+            &mut arena,
+            BatchConfig {
+                max_events: count,
+                max_age_ns: u64::MAX,
+            },
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 28 + 8 * 512];
+        let mut built = Vec::new();
+        let mut agg = RecordAggregate::new(&mut buf, &Limits::DEFAULT, |b: RecordBuilder<'_>| {
+            built.push(b.finish(rec.offset()).unwrap().to_vec());
+        })
+        .unwrap();
+        for (i, (_, frame)) in rec.frames().enumerate() {
+            let mut raw = frame.bytes().to_vec();
+            if frame.is_legacy() {
+                eventstream_core::wire::patch_event_id(&mut raw, 0);
+            }
+            let recv_ns = if i == 0 {
+                rec.recv_ns()
+            } else {
+                rec.recv_ns() + 7
+            };
+            windows.push(
+                Held {
+                    frame: raw,
+                    recv_ns,
+                },
+                i as u64,
+                &mut agg,
+            );
+        }
+        drop(agg);
+        assert_eq!(built, [bytes.clone()], "{name}");
+    }
+    assert!(seen >= 2);
+}
