@@ -189,7 +189,6 @@ fn the_default_aggregate_builds_the_vectors_batch_records() {
                 &mut agg,
             );
         }
-        let _ = &mut agg;
         assert_eq!(built, std::slice::from_ref(&bytes), "{name}");
     }
     assert!(seen >= 2);
