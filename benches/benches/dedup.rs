@@ -1,6 +1,7 @@
 //! Dedup table, random ids, tables half full: inserts of new ids and lookups
 //! (half present, half absent), on 65,536 and 4,194,304 slots; 1 and 2
-//! threads inserting at once. Peer: `Mutex<HashSet<u64>>` on the same ids.
+//! threads inserting at once, and the single-inserter mode (`Inserter`).
+//! Peer: `Mutex<HashSet<u64>>` on the same ids.
 //! Targets: insert >= 20 M/s and lookup >= 50 M/s on the 65,536-slot table.
 //!
 //! Run: `cargo bench -p eventstream-benches --bench dedup`
@@ -201,7 +202,60 @@ fn bench_size(c: &mut Criterion, capacity: usize, label: &str, fresh_table_per_i
             })
         });
     }
+    // The single-inserter mode (one inserting thread, as in the server).
+    let name = format!("{label}: insert, 1 thread, DedupTable single inserter");
+    if fresh_table_per_iteration {
+        g.bench_function(&name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let table = BufferDedupTable::new(&mut s.states, &mut s.slots, CFG).unwrap();
+                    let d = table.table();
+                    fill(d, &s.resident);
+                    let mut ins = d.inserter().unwrap();
+                    let fresh: Vec<u64> = fresh_ids.by_ref().take(BATCH).collect();
+                    let t = Instant::now();
+                    for id in &fresh {
+                        black_box(ins.insert(*id, 0));
+                    }
+                    total += t.elapsed();
+                }
+                record(&name, iters, total);
+                total
+            })
+        });
+    } else {
+        let table = BufferDedupTable::new(&mut s.states, &mut s.slots, CFG).unwrap();
+        let d = table.table();
+        fill(d, &s.resident);
+        let mut ins = d.inserter().unwrap();
+        g.bench_function(&name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let fresh: Vec<u64> = fresh_ids.by_ref().take(BATCH).collect();
+                    let t = Instant::now();
+                    for id in &fresh {
+                        black_box(ins.insert(*id, 0));
+                    }
+                    total += t.elapsed();
+                    for id in &fresh {
+                        d.remove(*id);
+                    }
+                    ins.sweep(0);
+                }
+                record(&name, iters, total);
+                total
+            })
+        });
+    }
     g.finish();
+    print_ratios(
+        &format!("dedup insert, {label}, half full, single inserter"),
+        BATCH as u64,
+        &format!("{label}: insert, 1 thread, DedupTable single inserter"),
+        &[&format!("{label}: insert, 1 thread(s), Mutex<HashSet>")],
+    );
     for threads in [1, 2] {
         print_ratios(
             &format!("dedup insert, {label}, half full, {threads} thread(s)"),

@@ -184,7 +184,8 @@ pub struct Parts<'a, 'r, 'p, R, C, S, H> {
     pub class_rings: [RingPair<'r, Event<'p>>; 3],
     /// Processor -> storage rings, by class.
     pub storage_rings: [RingPair<'r, Work<'p>>; 3],
-    /// The dedup table.
+    /// The dedup table; the pipeline takes its single inserter (for the
+    /// transactional processor), so no other thread may insert into it.
     pub dedup: DedupRef<'a>,
     /// The batch windows.
     pub windows: BatchWindows<'a, Event<'p>>,
@@ -210,6 +211,8 @@ pub enum PartsError {
     RecordBufferTooSmall,
     /// The batch storage ring cannot hold two closing windows.
     BatchRingTooSmall,
+    /// The dedup table's single inserter was taken already.
+    InserterTaken,
 }
 
 /// Result of [`Pipeline::feed`].
@@ -271,7 +274,9 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
             storage_rings: parts.storage_rings,
             dedup: parts.dedup,
             realtime: RealtimeProcessor::new(parts.dedup),
-            transactional: TransactionalProcessor::new(parts.dedup),
+            transactional: TransactionalProcessor::new(
+                parts.dedup.inserter().ok_or(PartsError::InserterTaken)?,
+            ),
             batch: BatchProcessor::new(parts.windows),
             record_buf: parts.record_buf,
             registry: parts.registry,

@@ -3,7 +3,7 @@
 //! table is the only shared state they touch.
 
 use crate::batch::{Aggregate, BatchItem, BatchWindows};
-use crate::dedup::{DedupRef, Insert, Lookup};
+use crate::dedup::{DedupRef, Insert, Inserter, Lookup};
 use crate::event::Class;
 use crate::wire::{Frame, Reason};
 
@@ -59,15 +59,22 @@ impl<'t> RealtimeProcessor<'t> {
     }
 }
 
-/// Transactional: exactly once inside the dedup window (`insert`).
+/// Transactional: exactly once inside the dedup window (`insert`). It is
+/// the table's single inserter.
 pub struct TransactionalProcessor<'t> {
-    dedup: DedupRef<'t>,
+    dedup: Inserter<'t>,
 }
 
 impl<'t> TransactionalProcessor<'t> {
-    /// A processor inserting into `dedup`.
-    pub fn new(dedup: DedupRef<'t>) -> Self {
+    /// A processor inserting through the table's single inserter.
+    pub fn new(dedup: Inserter<'t>) -> Self {
         Self { dedup }
+    }
+
+    /// Frees expired ids and reclaims their slots (only the inserter may
+    /// reclaim); returns how many it freed.
+    pub fn sweep(&mut self, now_ms: u64) -> usize {
+        self.dedup.sweep(now_ms)
     }
 
     /// Decides for one event at monotonic time `now_ms`. Legacy events are

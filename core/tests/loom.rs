@@ -247,3 +247,35 @@ fn dedup_twins_in_different_slots_let_exactly_one_win() {
         }
     }
 }
+
+#[test]
+fn dedup_single_inserter_with_reader_remover_and_sweeper() {
+    // The inserter reuses an expired slot with plain stores while a reader
+    // looks, the storage side sets an offset and a sweeper frees: a reader
+    // sees nothing or the whole truth, and set_offset never lands on the
+    // reused slot.
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(2);
+    model.check(|| {
+        let table: &'static DedupTable<4> = leak(DedupTable::new(LOOM_DEDUP));
+        let d = table.table();
+        assert_eq!(d.insert(7, 0), Insert::Inserted);
+        let mut ins = d.inserter().unwrap();
+        let reader = thread::spawn(move || (d.lookup(7, 150), d.lookup(9, 150)));
+        let storage = thread::spawn(move || {
+            d.set_offset(7, 70);
+            d.sweep(150)
+        });
+        assert_eq!(ins.insert(9, 150), Insert::Inserted);
+        let (seven, nine) = reader.join().unwrap();
+        storage.join().unwrap();
+        // 7 expired at 100: it is absent at 150 whatever happened to its slot.
+        assert_eq!(seven, Lookup::Absent);
+        assert!(
+            matches!(nine, Lookup::Absent | Lookup::Present(None)),
+            "{nine:?}"
+        );
+        assert_eq!(d.lookup(9, 150), Lookup::Present(None));
+        assert_eq!(ins.insert(9, 150), Insert::Duplicate(None));
+    });
+}

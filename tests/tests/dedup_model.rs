@@ -45,12 +45,14 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn dedup_table_behaves_like_a_hashmap(ops in prop::collection::vec(op(), 1..300)) {
+    fn dedup_table_behaves_like_a_hashmap(ops in prop::collection::vec(op(), 1..300), single in any::<bool>()) {
         let table: Box<DedupTable<1024>> = Box::new(DedupTable::new(DedupConfig {
             window_ms: WINDOW as u32,
             when_full: FullPolicy::Reject,
         }));
         let d = table.table();
+        // Both insert paths: any-thread `insert`, or the single inserter.
+        let mut inserter = if single { d.inserter() } else { None };
         let mut model = Model::new();
         let mut now = 0u64;
         for op in ops {
@@ -63,7 +65,11 @@ proptest! {
                             Insert::Inserted
                         }
                     };
-                    prop_assert_eq!(d.insert(id, now), want, "insert {} at {}", id, now);
+                    let got = match inserter.as_mut() {
+                        Some(ins) => ins.insert(id, now),
+                        None => d.insert(id, now),
+                    };
+                    prop_assert_eq!(got, want, "insert {} at {}", id, now);
                 }
                 Op::Lookup(id) => {
                     let want = live(&model, id, now).map_or(Lookup::Absent, Lookup::Present);
@@ -91,12 +97,18 @@ proptest! {
                     // How many slots it frees depends on which expired
                     // slots inserts reused; after it, only live ids remain.
                     model.retain(|_, (at, _)| now - *at < WINDOW);
-                    let _ = d.sweep(now);
+                    match inserter.as_mut() {
+                        Some(ins) => ins.sweep(now),
+                        None => d.sweep(now),
+                    };
                     prop_assert_eq!(d.occupied(), model.len(), "occupied after sweep at {}", now);
                 }
             }
         }
-        let _ = d.sweep(now);
+        match inserter.as_mut() {
+            Some(ins) => ins.sweep(now),
+            None => d.sweep(now),
+        };
         prop_assert_eq!(d.occupied(), model.values().filter(|(at, _)| now - at < WINDOW).count());
     }
 }
