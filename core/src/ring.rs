@@ -457,10 +457,8 @@ impl<T> Consumer<'_, T> {
         let guard = TailGuard(self);
         for run in runs {
             for slot in run {
-                // SAFETY: the slot is full (one of the `n` ready ones: written
-                // before the producer's Release of a head past it, seen by our
-                // Acquire); the tail moves past it before anything else can
-                // read it, so it is read once.
+                // SAFETY: one of the `n` ready slots, full (producer's Release,
+                // our Acquire); the tail moves past it at once: read once.
                 let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
                 guard.0.tail = guard.0.tail.wrapping_add(1);
                 f(value);
