@@ -478,8 +478,8 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
     /// Runs the processors and storage once, closes an aged batch window,
     /// and flushes metrics when due. Returns whether anything moved.
     pub fn poll(&mut self) -> bool {
-        let mut moved = self.process_realtime();
-        moved |= self.process_transactional();
+        let mut moved = self.process_singles(Class::Realtime);
+        moved |= self.process_singles(Class::Transactional);
         moved |= self.process_batch();
         moved |= self.close_aged_window();
         moved |= self.store();
@@ -507,40 +507,35 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
         self.metrics.flush(self.registry, self.clock.monotonic_ns());
     }
 
-    fn process_realtime(&mut self) -> bool {
+    /// One step of the realtime or the transactional processor: events from
+    /// its class ring, outcomes to its storage ring.
+    fn process_singles(&mut self, class: Class) -> bool {
         let now_ms = self.clock.monotonic_ns() / 1_000_000;
+        let Self {
+            class_rings,
+            storage_rings,
+            realtime,
+            transactional,
+            hook,
+            ..
+        } = self;
+        let (Some((_, rx)), Some((out, _))) = (
+            class_rings.get_mut(class.index()),
+            storage_rings.get_mut(class.index()),
+        ) else {
+            return false;
+        };
         let mut moved = false;
         for _ in 0..STEP {
-            let [(_, rx), _, _] = &mut self.class_rings;
-            let [(out, _), _, _] = &mut self.storage_rings;
             if out.free_len() == 0 {
                 break;
             }
             let Some(ev) = rx.pop() else { break };
             moved = true;
-            let outcome = match ev.frame() {
-                Some(f) => self.realtime.handle(&f, now_ms, &mut self.hook),
-                None => Outcome::Rejected(Reason::BadLength),
-            };
-            let _ = out.push(work_for(ev, outcome));
-        }
-        moved
-    }
-
-    fn process_transactional(&mut self) -> bool {
-        let now_ms = self.clock.monotonic_ns() / 1_000_000;
-        let mut moved = false;
-        for _ in 0..STEP {
-            let [_, (_, rx), _] = &mut self.class_rings;
-            let [_, (out, _), _] = &mut self.storage_rings;
-            if out.free_len() == 0 {
-                break;
-            }
-            let Some(ev) = rx.pop() else { break };
-            moved = true;
-            let outcome = match ev.frame() {
-                Some(f) => self.transactional.handle(&f, now_ms, &mut self.hook),
-                None => Outcome::Rejected(Reason::BadLength),
+            let outcome = match (ev.frame(), class) {
+                (Some(f), Class::Realtime) => realtime.handle(&f, now_ms, hook),
+                (Some(f), _) => transactional.handle(&f, now_ms, hook),
+                (None, _) => Outcome::Rejected(Reason::BadLength),
             };
             let _ = out.push(work_for(ev, outcome));
         }
