@@ -28,12 +28,12 @@ pub fn checksum_portable(bytes: &[u8]) -> u32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::{__cpuid, _mm_crc32_u64, _mm_crc32_u8};
-    use core::sync::atomic::{AtomicU8, Ordering::Relaxed};
+    use core::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
-    const UNKNOWN: u8 = 0;
-    const ABSENT: u8 = 1;
-    const PRESENT: u8 = 2;
-    static SSE42: AtomicU8 = AtomicU8::new(UNKNOWN);
+    const UNKNOWN: u32 = 0;
+    const ABSENT: u32 = 1;
+    const PRESENT: u32 = 2;
+    static SSE42: AtomicU32 = AtomicU32::new(UNKNOWN);
 
     /// The CPU has the SSE4.2 `crc32` instruction.
     #[inline]
