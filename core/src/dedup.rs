@@ -135,6 +135,25 @@ impl DedupSlot {
     }
 }
 
+impl DedupSlot {
+    /// Writes the id and its stamp (the claimant owns the slot).
+    #[inline]
+    fn write_id(&self, id: u64, now: u32) {
+        self.id_lo.store(id as u32, Relaxed);
+        self.id_hi.store((id >> 32) as u32, Relaxed);
+        self.stamp.store(now, Relaxed);
+    }
+}
+
+/// The slot an insert will claim: where, its state word as seen, and the
+/// slot itself.
+struct Target<'t> {
+    at: usize,
+    seen: u32,
+    state: &'t AtomicU32,
+    slot: &'t DedupSlot,
+}
+
 impl Default for DedupSlot {
     fn default() -> Self {
         Self::new()
@@ -507,8 +526,8 @@ impl<'t> DedupRef<'t> {
     }
 
     /// The first scan of an insert: the answer if the id is present, else
-    /// the slot to claim (and its state as seen), or `Full`.
-    fn prescan(&self, p: &Probe, id: u64, now: u32, window: u32) -> Result<(usize, u32), Insert> {
+    /// the slot to claim, or `Full`.
+    fn prescan(&self, p: &Probe, id: u64, now: u32, window: u32) -> Result<Target<'t>, Insert> {
         let mut target: Option<(usize, u32)> = None;
         for i in 0..p.len {
             let at = p.at(i);
@@ -542,9 +561,18 @@ impl<'t> DedupRef<'t> {
                 _ => {}
             }
         }
-        match target {
-            Some(t) => Ok(t),
-            None => self.expired_or_oldest(p, now, window).ok_or(Insert::Full),
+        let (at, seen) = match target {
+            Some(t) => t,
+            None => self.expired_or_oldest(p, now, window).ok_or(Insert::Full)?,
+        };
+        match (self.state(at), self.slots.get(at)) {
+            (Some(state), Some(slot)) => Ok(Target {
+                at,
+                seen,
+                state,
+                slot,
+            }),
+            _ => Err(Insert::Full),
         }
     }
 
@@ -560,12 +588,14 @@ impl<'t> DedupRef<'t> {
         let p = self.probe(id);
         'retry: loop {
             // 1. Is the id here already? Where could it go?
-            let (at, seen) = match self.prescan(&p, id, now, window) {
+            let Target {
+                at,
+                seen,
+                state,
+                slot,
+            } = match self.prescan(&p, id, now, window) {
                 Ok(t) => t,
                 Err(answer) => return answer,
-            };
-            let (Some(state), Some(slot)) = (self.state(at), self.slots.get(at)) else {
-                return Insert::Full;
             };
             // 2. Claim it, write the id, publish PENDING.
             let claimed = claim_word(seen, p.tag);
@@ -583,9 +613,7 @@ impl<'t> DedupRef<'t> {
             // we never wait before publishing, so no two inserters wait on
             // each other here.
             fence(SeqCst);
-            slot.id_lo.store(id as u32, Relaxed);
-            slot.id_hi.store((id >> 32) as u32, Relaxed);
-            slot.stamp.store(now, Relaxed);
+            slot.write_id(id, now);
             state.store(with_kind(claimed, PENDING), Release);
             // 3. Scan again: a twin, or a hole in front of us?
             match self.validate(&p, at, id, now, window) {
@@ -904,20 +932,17 @@ impl<'t> Inserter<'t> {
         let now = now_ms as u32;
         let window = t.config.window();
         let p = t.probe(id);
-        let (at, seen) = match t.prescan(&p, id, now, window) {
+        let Target {
+            seen, state, slot, ..
+        } = match t.prescan(&p, id, now, window) {
             Ok(target) => target,
             Err(answer) => return answer,
-        };
-        let (Some(state), Some(slot)) = (t.state(at), t.slots.get(at)) else {
-            return Insert::Full;
         };
         let claimed = claim_word(seen, p.tag);
         // Seqlock write: readers that see any new word see CLAIMED first.
         state.store(claimed, Relaxed);
         fence(Release);
-        slot.id_lo.store(id as u32, Relaxed);
-        slot.id_hi.store((id >> 32) as u32, Relaxed);
-        slot.stamp.store(now, Relaxed);
+        slot.write_id(id, now);
         state.store(with_kind(claimed, LIVE), Release);
         Insert::Inserted
     }

@@ -95,6 +95,50 @@ fn legacy(priority: u8, topic: &str, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Builds pipeline `$p` in the caller's scope: a 64-slot pool, class rings
+/// of 16, storage rings of 256, a 32-slot dedup table with `$dedup`, four
+/// batch windows over 32 events, metrics into `$registry`, a fake clock at
+/// `$mono_ns` and a `VecSink`.
+macro_rules! pipeline {
+    ($p:ident, $registry:ident, $dedup:expr, $mono_ns:expr, $when_full:expr) => {
+        let pool: Box<EventPool<64, 512>> = Box::new(EventPool::new());
+        let class_rings: [Ring<Event<'_>, 16>; 3] = [Ring::new(), Ring::new(), Ring::new()];
+        let storage_rings: [Ring<Work<'_>, 256>; 3] = [Ring::new(), Ring::new(), Ring::new()];
+        let dedup: Box<DedupTable<32>> = Box::new(DedupTable::new($dedup));
+        let mut meta = [WindowMeta::new(); 4];
+        let mut arena: Vec<Entry<Event<'_>>> = (0..32).map(|_| Entry::new()).collect();
+        let windows = BatchWindows::new(&mut meta, &mut arena, BatchConfig::DEFAULT).unwrap();
+        let mut record_buf = vec![0u8; 28 + 64 * 512];
+        let topics: TopicTable<4> = TopicTable::new();
+        let [r0, r1, r2] = &class_rings;
+        let [s0, s1, s2] = &storage_rings;
+        let mut $p = Pipeline::new(Parts {
+            limits: Limits::DEFAULT,
+            router: &topics,
+            acquirer: pool.acquirer().unwrap(),
+            class_rings: [
+                r0.split().unwrap(),
+                r1.split().unwrap(),
+                r2.split().unwrap(),
+            ],
+            storage_rings: [
+                s0.split().unwrap(),
+                s1.split().unwrap(),
+                s2.split().unwrap(),
+            ],
+            dedup: dedup.table(),
+            windows,
+            record_buf: &mut record_buf,
+            registry: &$registry,
+            clock: FakeClock { mono_ns: $mono_ns },
+            sink: VecSink::default(),
+            hook: (),
+            when_full: $when_full,
+        })
+        .unwrap();
+    };
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Expect {
     Stored,
@@ -298,47 +342,17 @@ struct Run {
 }
 
 fn run(chunks: &[usize]) -> Run {
-    let pool: Box<EventPool<64, 512>> = Box::new(EventPool::new());
-    let class_rings: [Ring<Event<'_>, 16>; 3] = [Ring::new(), Ring::new(), Ring::new()];
-    let storage_rings: [Ring<Work<'_>, 256>; 3] = [Ring::new(), Ring::new(), Ring::new()];
-    let dedup: Box<DedupTable<32>> = Box::new(DedupTable::new(DedupConfig {
-        window_ms: WINDOW_MS,
-        when_full: FullPolicy::Reject,
-    }));
-    let mut meta = [WindowMeta::new(); 4];
-    let mut arena: Vec<Entry<Event<'_>>> = (0..32).map(|_| Entry::new()).collect();
-    let windows = BatchWindows::new(&mut meta, &mut arena, BatchConfig::DEFAULT).unwrap();
-    let mut record_buf = vec![0u8; 28 + 64 * 512];
     let registry = Registry::new();
-    let topics: TopicTable<4> = TopicTable::new();
-    let [r0, r1, r2] = &class_rings;
-    let [s0, s1, s2] = &storage_rings;
-    let mut p = Pipeline::new(Parts {
-        limits: Limits::DEFAULT,
-        router: &topics,
-        acquirer: pool.acquirer().unwrap(),
-        class_rings: [
-            r0.split().unwrap(),
-            r1.split().unwrap(),
-            r2.split().unwrap(),
-        ],
-        storage_rings: [
-            s0.split().unwrap(),
-            s1.split().unwrap(),
-            s2.split().unwrap(),
-        ],
-        dedup: dedup.table(),
-        windows,
-        record_buf: &mut record_buf,
-        registry: &registry,
-        clock: FakeClock {
-            mono_ns: 1_000_000_000,
+    pipeline!(
+        p,
+        registry,
+        DedupConfig {
+            window_ms: WINDOW_MS,
+            when_full: FullPolicy::Reject,
         },
-        sink: VecSink::default(),
-        hook: (),
-        when_full: WhenFull::Backpressure,
-    })
-    .unwrap();
+        1_000_000_000,
+        WhenFull::Backpressure
+    );
 
     // A legacy connection: stored with LEGACY ids, skips counted, no acks.
     let mut ldec = StreamDecoder::new([0u8; 512], Limits::DEFAULT).unwrap();
@@ -513,42 +527,8 @@ fn every_event_gets_its_exact_outcome_for_every_split() {
 
 #[test]
 fn reject_when_full_answers_overloaded_and_stores_what_fit() {
-    let pool: Box<EventPool<64, 512>> = Box::new(EventPool::new());
-    let class_rings: [Ring<Event<'_>, 16>; 3] = [Ring::new(), Ring::new(), Ring::new()];
-    let storage_rings: [Ring<Work<'_>, 256>; 3] = [Ring::new(), Ring::new(), Ring::new()];
-    let dedup: Box<DedupTable<32>> = Box::new(DedupTable::new(DedupConfig::DEFAULT));
-    let mut meta = [WindowMeta::new(); 4];
-    let mut arena: Vec<Entry<Event<'_>>> = (0..32).map(|_| Entry::new()).collect();
-    let windows = BatchWindows::new(&mut meta, &mut arena, BatchConfig::DEFAULT).unwrap();
-    let mut record_buf = vec![0u8; 28 + 64 * 512];
     let registry = Registry::new();
-    let topics: TopicTable<4> = TopicTable::new();
-    let [r0, r1, r2] = &class_rings;
-    let [s0, s1, s2] = &storage_rings;
-    let mut p = Pipeline::new(Parts {
-        limits: Limits::DEFAULT,
-        router: &topics,
-        acquirer: pool.acquirer().unwrap(),
-        class_rings: [
-            r0.split().unwrap(),
-            r1.split().unwrap(),
-            r2.split().unwrap(),
-        ],
-        storage_rings: [
-            s0.split().unwrap(),
-            s1.split().unwrap(),
-            s2.split().unwrap(),
-        ],
-        dedup: dedup.table(),
-        windows,
-        record_buf: &mut record_buf,
-        registry: &registry,
-        clock: FakeClock { mono_ns: 1 },
-        sink: VecSink::default(),
-        hook: (),
-        when_full: WhenFull::Reject,
-    })
-    .unwrap();
+    pipeline!(p, registry, DedupConfig::DEFAULT, 1, WhenFull::Reject);
     // 40 realtime frames in one read: the realtime ring holds 16.
     let bytes: Vec<u8> = (1..=40)
         .flat_map(|id| frame(id, Priority::Critical, true, "alerts"))
