@@ -310,6 +310,15 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
         &mut self.clock
     }
 
+    /// Frees the dedup entries older than the window and reclaims their
+    /// slots; returns how many it freed. It walks the whole table, so call
+    /// it from the embedder's housekeeping (every few minutes), not per
+    /// event.
+    pub fn sweep_dedup(&mut self) -> usize {
+        let now_ms = self.clock.monotonic_ns() / 1_000_000;
+        self.transactional.sweep(now_ms)
+    }
+
     /// From now on valid frames are answered REJECTED SHUTTING_DOWN.
     pub fn begin_shutdown(&mut self) {
         self.shutting_down = true;

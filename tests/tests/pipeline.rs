@@ -399,6 +399,11 @@ fn run(chunks: &[usize]) -> Run {
         while p.poll() {}
         p.clock_mut().mono_ns += phase.advance_ms_after * 1_000_000;
         while p.poll() {}
+        if phase.advance_ms_after > WINDOW_MS as u64 {
+            // Every transactional id of phase A expired: the housekeeping
+            // sweep frees them all (3, 4, 16 and 100..=128).
+            assert_eq!(p.sweep_dedup(), 3 + 29);
+        }
     }
     assert!(dec.is_closed());
 
