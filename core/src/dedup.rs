@@ -874,17 +874,6 @@ impl<'t> DedupRef<'t> {
         let youngest = self.header.evicted_age.swap(u32::MAX, Relaxed);
         youngest.min(self.config.window())
     }
-
-    /// Puts `id` back as stored at `offset` with time `stamp_ms`, when the
-    /// table is rebuilt from the log at start-up. Same as insert, then
-    /// set_offset; returns the insert result.
-    pub fn restore(&self, id: u64, offset: u64, stamp_ms: u64) -> Insert {
-        let r = self.insert(id, stamp_ms);
-        if r == Insert::Inserted {
-            self.set_offset(id, offset);
-        }
-        r
-    }
 }
 
 impl<'t> DedupRef<'t> {

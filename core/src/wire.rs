@@ -1153,6 +1153,26 @@ mod tests {
     }
 
     #[test]
+    fn patched_templates_stay_valid() {
+        let mut buf = [0u8; 128];
+        let n = frame(&mut buf, 1, Priority::Medium);
+        patch_frame(&mut buf[..n], 0xDEAD_BEEF, 12345);
+        let f = Frame::parse(&buf[..n], &Limits::DEFAULT).unwrap();
+        assert_eq!((f.event_id(), f.timestamp_ns()), (0xDEAD_BEEF, 12345));
+        patch_event_id(&mut buf[..n], 7);
+        assert_eq!(
+            Frame::parse(&buf[..n], &Limits::DEFAULT)
+                .unwrap()
+                .event_id(),
+            7
+        );
+        // Too short to be a frame: left alone.
+        let mut tiny = [1u8; 10];
+        patch_frame(&mut tiny, 5, 5);
+        assert_eq!(tiny, [1u8; 10]);
+    }
+
+    #[test]
     fn limits_are_checked() {
         assert_eq!(Limits::new(40, 64), Err(LimitsError::MaxFrame));
         assert_eq!(Limits::new(65_537, 64), Err(LimitsError::MaxFrame));
