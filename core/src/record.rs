@@ -279,3 +279,116 @@ pub fn segment_name(base: u64) -> heapless::String<24> {
     let _ = s.push_str(".log");
     s
 }
+
+/// What start-up does with the newest segment (PROTOCOL.md section 6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Recovery {
+    /// Every record is valid: append after them.
+    Clean {
+        /// Offset of the next event.
+        next_offset: u64,
+    },
+    /// Shorter than its header: rewrite it as an empty segment.
+    RewriteEmpty {
+        /// Offset of the next event (the segment's base).
+        next_offset: u64,
+    },
+    /// A header that is not `ESCLOG` version 1: refuse to start (with
+    /// `--repair`, rewrite it as an empty segment).
+    BadHeader,
+    /// A torn tail (nothing valid after the first bad position): truncate.
+    Truncate {
+        /// New length of the file.
+        to: usize,
+        /// Offset of the next event.
+        next_offset: u64,
+    },
+    /// A bad record with valid records after it: refuse to start (with
+    /// `--repair`, truncate at `bad_at` and log what is dropped).
+    Refuse {
+        /// Position of the first bad record.
+        bad_at: usize,
+        /// Position of the first valid record after it.
+        valid_at: usize,
+        /// Offset of the next event after a repair.
+        next_offset: u64,
+        /// Bytes a repair drops.
+        dropped_bytes: usize,
+        /// First and last event offsets a repair drops.
+        dropped_offsets: (u64, u64),
+    },
+}
+
+/// A valid record at the start of `bytes` whose offset satisfies `wanted`;
+/// cheap fields are checked before the CRC, so scanning garbage byte by
+/// byte stays linear in practice.
+fn record_at(bytes: &[u8], wanted: impl Fn(u64) -> bool) -> Option<Record<'_>> {
+    let head = bytes.get(..RECORD_HEADER_LEN + 4)?;
+    let offset = u64::from_le_bytes(head[8..16].try_into().ok()?);
+    if !wanted(offset)
+        || head[24] > 1
+        || head[25] > 2
+        || head[26..28] == [0, 0]
+        || head[28..32] != wire::MAGIC
+    {
+        return None;
+    }
+    Record::parse(bytes).ok()
+}
+
+/// Recovery of the newest segment whose first event has offset `base`:
+/// valid records from the start; at the first invalid position, a search of
+/// every later byte position for a valid record with an offset at or past
+/// the expected next one.
+pub fn recover(segment: &[u8], base: u64) -> Recovery {
+    if segment.len() < SEGMENT_HEADER_LEN {
+        return Recovery::RewriteEmpty { next_offset: base };
+    }
+    if segment.get(..SEGMENT_HEADER_LEN) != Some(&SEGMENT_HEADER[..]) {
+        return Recovery::BadHeader;
+    }
+    let mut pos = SEGMENT_HEADER_LEN;
+    let mut next = base;
+    while let Some(rec) = segment
+        .get(pos..)
+        .and_then(|rest| record_at(rest, |off| off == next))
+    {
+        pos += rec.size();
+        next = rec.next_offset();
+    }
+    if pos == segment.len() {
+        return Recovery::Clean { next_offset: next };
+    }
+    let mut found: Option<(usize, u64)> = None;
+    let mut q = pos;
+    while q < segment.len() {
+        match segment
+            .get(q..)
+            .and_then(|rest| record_at(rest, |off| off >= next))
+        {
+            Some(rec) => {
+                let end = rec.next_offset();
+                found = Some(match found {
+                    Some((first, last)) => (first, last.max(end)),
+                    None => (q, end),
+                });
+                q += 1;
+            }
+            None => q += 1,
+        }
+    }
+    match found {
+        None => Recovery::Truncate {
+            to: pos,
+            next_offset: next,
+        },
+        Some((valid_at, end)) => Recovery::Refuse {
+            bad_at: pos,
+            valid_at,
+            next_offset: next,
+            dropped_bytes: segment.len() - pos,
+            dropped_offsets: (next, end.saturating_sub(1)),
+        },
+    }
+}

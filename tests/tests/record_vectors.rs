@@ -193,3 +193,83 @@ fn the_default_aggregate_builds_the_vectors_batch_records() {
     }
     assert!(seen >= 2);
 }
+
+#[test]
+fn recovery_does_what_every_vector_says() {
+    use eventstream_core::record::{recover, Recovery};
+    let mut seen = 0;
+    for line in vector_lines("log_records.jsonl") {
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["type"] != "recovery" {
+            continue;
+        }
+        seen += 1;
+        let name = v["name"].as_str().unwrap();
+        let base: u64 = v["segment_name"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches(".log")
+            .parse()
+            .unwrap();
+        let seg = unhex(v["segment_hex"].as_str().unwrap());
+        let e = &v["expect"];
+        let got = recover(&seg, base);
+        let want = match e["action"].as_str().unwrap() {
+            "none" => Recovery::Clean {
+                next_offset: u64_of(&e["next_offset"]),
+            },
+            "rewrite_empty" => Recovery::RewriteEmpty {
+                next_offset: u64_of(&e["next_offset"]),
+            },
+            "truncate" => Recovery::Truncate {
+                to: u64_of(&e["truncate_to"]) as usize,
+                next_offset: u64_of(&e["next_offset"]),
+            },
+            "refuse" => {
+                let r = &e["repair"];
+                assert_eq!(r["action"], "truncate", "{name}");
+                assert_eq!(r["truncate_to"], e["bad_record_at"], "{name}");
+                let (a, b) = r["dropped_offsets"]
+                    .as_str()
+                    .unwrap()
+                    .split_once("..")
+                    .unwrap();
+                Recovery::Refuse {
+                    bad_at: u64_of(&e["bad_record_at"]) as usize,
+                    valid_at: u64_of(&e["valid_record_at"]) as usize,
+                    next_offset: u64_of(&r["next_offset"]),
+                    dropped_bytes: u64_of(&r["dropped_bytes"]) as usize,
+                    dropped_offsets: (a.parse().unwrap(), b.parse().unwrap()),
+                }
+            }
+            other => panic!("{name}: unknown action {other}"),
+        };
+        assert_eq!(got, want, "{name}");
+    }
+    assert_eq!(seen, 16);
+    // A full-length header that is not ours is refused, not rewritten.
+    assert_eq!(recover(&[0xAB; 40], 0), Recovery::BadHeader);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, failure_persistence: None, ..Default::default() })]
+
+    /// Any bytes after a header: recovery never panics, and what it keeps
+    /// is a prefix that recovers clean.
+    #[test]
+    fn recovery_of_arbitrary_tails_keeps_a_clean_prefix(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+        use eventstream_core::record::{recover, Recovery};
+        let v: Value = serde_json::from_str(&vector_lines("log_records.jsonl")[2]).unwrap();
+        let mut seg = SEGMENT_HEADER.to_vec();
+        seg.extend_from_slice(&unhex(v["hex"].as_str().unwrap()));
+        seg.extend_from_slice(&tail);
+        let keep = match recover(&seg, 0) {
+            Recovery::Clean { .. } => seg.len(),
+            Recovery::Truncate { to, .. } => to,
+            Recovery::Refuse { bad_at, .. } => bad_at,
+            other => panic!("{other:?}"),
+        };
+        let clean = matches!(recover(&seg[..keep], 0), Recovery::Clean { .. });
+        proptest::prop_assert!(clean);
+    }
+}
