@@ -48,15 +48,21 @@ fn fill(d: DedupRef<'_>, ids: &[u64]) {
     }
 }
 
+/// Times `op` on every id, on this thread.
+fn time_each<R>(ids: &[u64], mut op: impl FnMut(u64) -> R) -> Duration {
+    let t = Instant::now();
+    for id in ids {
+        black_box(op(*id));
+    }
+    t.elapsed()
+}
+
 /// Times inserting `fresh`, on this thread or split over `threads` new ones.
 fn timed_inserts(d: DedupRef<'_>, fresh: &[u64], threads: usize) -> Duration {
-    let t = Instant::now();
     if threads == 1 {
-        for id in fresh {
-            black_box(d.insert(*id, 0));
-        }
-        return t.elapsed();
+        return time_each(fresh, |id| d.insert(id, 0));
     }
+    let t = Instant::now();
     std::thread::scope(|s| {
         for part in fresh.chunks(fresh.len().div_ceil(threads)) {
             s.spawn(move || {
@@ -214,11 +220,7 @@ fn bench_size(c: &mut Criterion, capacity: usize, label: &str, fresh_table_per_i
                     fill(d, &s.resident);
                     let mut ins = d.inserter().unwrap();
                     let fresh: Vec<u64> = fresh_ids.by_ref().take(BATCH).collect();
-                    let t = Instant::now();
-                    for id in &fresh {
-                        black_box(ins.insert(*id, 0));
-                    }
-                    total += t.elapsed();
+                    total += time_each(&fresh, |id| ins.insert(id, 0));
                 }
                 record(&name, iters, total);
                 total
@@ -234,11 +236,7 @@ fn bench_size(c: &mut Criterion, capacity: usize, label: &str, fresh_table_per_i
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let fresh: Vec<u64> = fresh_ids.by_ref().take(BATCH).collect();
-                    let t = Instant::now();
-                    for id in &fresh {
-                        black_box(ins.insert(*id, 0));
-                    }
-                    total += t.elapsed();
+                    total += time_each(&fresh, |id| ins.insert(id, 0));
                     for id in &fresh {
                         d.remove(*id);
                     }

@@ -97,14 +97,6 @@ impl<'p> Event<'p> {
     pub fn frame(&self) -> Option<Frame<'_>> {
         wire::trusted_frame(self.data.bytes())
     }
-
-    fn event_id(&self) -> u64 {
-        self.frame().map_or(0, |f| f.event_id())
-    }
-
-    fn wants_ack(&self) -> bool {
-        self.frame().is_some_and(|f| f.ack_requested())
-    }
 }
 
 impl BatchItem for Event<'_> {
@@ -329,7 +321,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
         if self.spare.is_none() {
             self.spare = self.acquirer.acquire();
         }
-        self.spare.is_some() && self.class_rings.iter_mut().all(|(tx, _)| tx.free_len() > 0)
+        self.spare.is_some() && self.class_rings.iter_mut().all(|(tx, _)| tx.has_room(1))
     }
 
     /// Makes room by running the later stages, and, if the pool is what is
@@ -536,7 +528,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
         };
         let mut moved = false;
         for _ in 0..STEP {
-            if out.free_len() == 0 {
+            if !out.has_room(1) {
                 break;
             }
             let Some(ev) = rx.pop() else { break };
@@ -553,7 +545,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
 
     fn batch_room(&mut self) -> bool {
         let need = 2 * (self.batch.windows().config().max_events as usize + 1);
-        self.storage_rings[2].0.free_len() >= need
+        self.storage_rings[2].0.has_room(need)
     }
 
     fn process_batch(&mut self) -> bool {
@@ -809,10 +801,15 @@ impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {
 }
 
 fn work_for(ev: Event<'_>, outcome: Outcome) -> Work<'_> {
-    let event_id = ev.event_id();
-    let ack = ev.wants_ack();
+    // A stored event keeps its frame; the others need only its id and ACK
+    // flag, read once.
+    let (event_id, ack) = match outcome {
+        Outcome::Store | Outcome::Buffered => return Work::Store(ev),
+        _ => ev
+            .frame()
+            .map_or((0, false), |f| (f.event_id(), f.ack_requested())),
+    };
     match outcome {
-        Outcome::Store | Outcome::Buffered => Work::Store(ev),
         Outcome::Duplicate(offset) => Work::Duplicate {
             conn: ev.conn,
             event_id,
@@ -826,5 +823,6 @@ fn work_for(ev: Event<'_>, outcome: Outcome) -> Work<'_> {
             ack,
             reason,
         },
+        Outcome::Store | Outcome::Buffered => Work::Store(ev),
     }
 }
