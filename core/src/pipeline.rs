@@ -538,7 +538,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
                 (Some(f), _) => transactional.handle(&f, now_ms, hook),
                 (None, _) => Outcome::Rejected(Reason::BadLength),
             };
-            let _ = out.push(work_for(ev, outcome));
+            let _ = out.push(Work::for_outcome(ev, outcome));
         }
         moved
     }
@@ -800,29 +800,32 @@ impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {
     }
 }
 
-fn work_for(ev: Event<'_>, outcome: Outcome) -> Work<'_> {
-    // A stored event keeps its frame; the others need only its id and ACK
-    // flag, read once.
-    let (event_id, ack) = match outcome {
-        Outcome::Store | Outcome::Buffered => return Work::Store(ev),
-        _ => ev
-            .frame()
-            .map_or((0, false), |f| (f.event_id(), f.ack_requested())),
-    };
-    match outcome {
-        Outcome::Duplicate(offset) => Work::Duplicate {
-            conn: ev.conn,
-            event_id,
-            ack,
-            class: ev.class,
-            offset,
-        },
-        Outcome::Rejected(reason) => Work::Reject {
-            conn: ev.conn,
-            event_id,
-            ack,
-            reason,
-        },
-        Outcome::Store | Outcome::Buffered => Work::Store(ev),
+impl<'p> Work<'p> {
+    /// What storage gets for `ev` once its processor decided `outcome`.
+    pub fn for_outcome(ev: Event<'p>, outcome: Outcome) -> Work<'p> {
+        // A stored event keeps its frame; the others need only its id and
+        // ACK flag, read once.
+        let (event_id, ack) = match outcome {
+            Outcome::Store | Outcome::Buffered => return Work::Store(ev),
+            _ => ev
+                .frame()
+                .map_or((0, false), |f| (f.event_id(), f.ack_requested())),
+        };
+        match outcome {
+            Outcome::Duplicate(offset) => Work::Duplicate {
+                conn: ev.conn,
+                event_id,
+                ack,
+                class: ev.class,
+                offset,
+            },
+            Outcome::Rejected(reason) => Work::Reject {
+                conn: ev.conn,
+                event_id,
+                ack,
+                reason,
+            },
+            Outcome::Store | Outcome::Buffered => Work::Store(ev),
+        }
     }
 }

@@ -1,0 +1,354 @@
+//! The command line (clap) and the checked server configuration it yields.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use eventstream_core::route::parse_topic_line;
+use eventstream_core::Priority;
+
+/// EventStreamCore: event ingest and processing engine.
+#[derive(Parser, Debug)]
+#[command(name = "eventstream", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Serve(Box<ServeArgs>),
+    /// Read a data directory's log.
+    Inspect(InspectArgs),
+}
+
+/// When the log is fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Never (the page cache and the OS decide).
+    Never,
+    /// Every this many milliseconds while there are unsynced writes.
+    Interval(u64),
+    /// Group commit: STORED acks wait for an fsync covering their record.
+    Always,
+}
+
+/// Dedup policy when the table is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DedupFull {
+    /// Replace the oldest entry met (the effective window shrinks).
+    Evict,
+    /// Answer REJECTED DEDUP_FULL.
+    Reject,
+}
+
+/// What ingest does when a ring or the pool is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WhenFullArg {
+    /// Stop reading the affected sockets until room returns.
+    Backpressure,
+    /// Answer REJECTED OVERLOADED.
+    Reject,
+}
+
+/// `eventstream serve` flags.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to accept producers on.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    pub listen: SocketAddr,
+    /// Data directory (created if missing).
+    #[arg(long, default_value = "./data")]
+    pub data: PathBuf,
+    /// Address of the Prometheus /metrics endpoint.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics: SocketAddr,
+    /// never | interval:<ms> | always.
+    #[arg(long, default_value = "interval:1000", value_parser = parse_fsync)]
+    pub fsync: FsyncPolicy,
+    /// Roll to a new segment past this size (e.g. 128MiB).
+    #[arg(long, default_value = "128MiB", value_parser = parse_size)]
+    pub segment_bytes: u64,
+    /// Delete the oldest segments while the log is bigger than this.
+    #[arg(long, value_parser = parse_size)]
+    pub retention_bytes: Option<u64>,
+    /// Delete segments whose last write is older than this (e.g. 7d).
+    #[arg(long, value_parser = parse_duration)]
+    pub retention_age: Option<Duration>,
+    /// Repair a corrupt newest segment at start-up instead of refusing.
+    #[arg(long)]
+    pub repair: bool,
+    /// Largest accepted frame in bytes (40..=65536).
+    #[arg(long, default_value_t = 512)]
+    pub max_frame: u32,
+    /// Longest accepted topic in bytes (1..=255).
+    #[arg(long, default_value_t = 64)]
+    pub max_topic: u8,
+    /// Event pool slots.
+    #[arg(long, default_value_t = 65536)]
+    pub pool_events: u32,
+    /// Dedup window (e.g. 1h).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub dedup_window: Duration,
+    /// Dedup table capacity in ids (rounded up to a power of two).
+    #[arg(long, default_value_t = 2_097_152)]
+    pub dedup_capacity: u32,
+    /// Policy when the dedup table is full.
+    #[arg(long, value_enum, default_value = "evict")]
+    pub dedup_full: DedupFull,
+    /// How often expired dedup ids are swept.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub dedup_sweep: Duration,
+    /// Slots per ring (rounded up to a power of two).
+    #[arg(long, default_value_t = 16384)]
+    pub ring_capacity: u32,
+    /// Events per batch window before it closes (1..=65535).
+    #[arg(long, default_value_t = 64)]
+    pub batch_max_events: u32,
+    /// Age at which a batch window closes.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub batch_max_age: Duration,
+    /// Raise a topic's priority: TOPIC=PRIORITY (repeatable).
+    #[arg(long = "topic-priority", value_name = "T=P")]
+    pub topic_priority: Vec<String>,
+    /// A file of `topic:PRIORITY` lines (the original's topics.conf).
+    #[arg(long)]
+    pub topics_file: Option<PathBuf>,
+    /// Connections beyond this are closed at accept.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: u32,
+    /// Close a connection whose frame stays half-received this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub frame_timeout: Duration,
+    /// Per-connection ack buffer: bounds in-flight acked events plus unsent acks.
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    pub ack_buffer: u64,
+    /// When a ring or the pool is full.
+    #[arg(long, value_enum, default_value = "backpressure")]
+    pub when_full: WhenFullArg,
+    /// Pin each engine thread to a CPU.
+    #[arg(long)]
+    pub pin: bool,
+}
+
+/// `eventstream inspect` flags.
+#[derive(Args, Debug, Clone)]
+pub struct InspectArgs {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Check every record's crc and offset continuity.
+    #[arg(long)]
+    pub verify: bool,
+    /// One JSON object per event per line.
+    #[arg(long)]
+    pub json: bool,
+    /// First event offset to print.
+    #[arg(long)]
+    pub from: Option<u64>,
+    /// Events to print at most.
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
+
+/// Parses `never`, `always` or `interval:<ms>`.
+pub fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
+    match s {
+        "never" => Ok(FsyncPolicy::Never),
+        "always" => Ok(FsyncPolicy::Always),
+        _ => {
+            let ms = s
+                .strip_prefix("interval:")
+                .ok_or_else(|| format!("expected never, always or interval:<ms>, got {s:?}"))?;
+            let ms: u64 = ms
+                .parse()
+                .map_err(|_| format!("bad interval {ms:?}: expected milliseconds"))?;
+            if ms == 0 {
+                return Err("the fsync interval must be at least 1 ms".into());
+            }
+            Ok(FsyncPolicy::Interval(ms))
+        }
+    }
+}
+
+/// Parses a byte size: a number with an optional unit (B, KiB, MiB, GiB,
+/// KB, MB, GB, K, M, G).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: expected e.g. 65536, 64KiB, 128MiB"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => return Err(format!("bad size unit {u:?} in {s:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Parses a duration: a number with a unit (ms, s, m, h, d).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: expected e.g. 100ms, 30s, 10m, 1h, 7d"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        _ => {
+            return Err(format!(
+                "bad duration {s:?}: the unit must be ms, s, m, h or d"
+            ))
+        }
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("duration {s:?} is too large"))
+}
+
+/// The topic table's capacity.
+pub const MAX_TOPICS: usize = 1024;
+
+/// Checked server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The flags.
+    pub args: ServeArgs,
+    /// Topic priority floors from the flags and the topics file.
+    pub topics: Vec<(String, Priority)>,
+    /// Ring slots (a power of two).
+    pub ring_capacity: usize,
+    /// Dedup slots (a power of two).
+    pub dedup_capacity: usize,
+    /// Acks one connection may have in flight or unsent.
+    pub ack_credit: u32,
+}
+
+impl ServerConfig {
+    /// Checks the flags and reads the topics file.
+    pub fn from_args(args: ServeArgs) -> Result<Self, String> {
+        if !(40..=65536).contains(&args.max_frame) {
+            return Err(format!(
+                "--max-frame {} is outside 40..=65536",
+                args.max_frame
+            ));
+        }
+        if args.max_topic == 0 {
+            return Err("--max-topic must be at least 1".into());
+        }
+        if !(1..=65535).contains(&args.batch_max_events) {
+            return Err("--batch-max-events must be in 1..=65535".into());
+        }
+        if args.pool_events < 64 {
+            return Err("--pool-events must be at least 64".into());
+        }
+        if args.ring_capacity < 256 || args.ring_capacity > 1 << 24 {
+            return Err("--ring-capacity must be in 256..=16777216".into());
+        }
+        if args.dedup_capacity < 64 || args.dedup_capacity > 1 << 30 {
+            return Err("--dedup-capacity must be in 64..=1073741824".into());
+        }
+        let window_ms = args.dedup_window.as_millis();
+        if window_ms == 0 || window_ms > i32::MAX as u128 {
+            return Err("--dedup-window must be between 1ms and 24d".into());
+        }
+        if args.segment_bytes < 4096 {
+            return Err("--segment-bytes must be at least 4KiB".into());
+        }
+        if args.max_connections == 0 || args.max_connections > 1 << 20 {
+            return Err("--max-connections must be in 1..=1048576".into());
+        }
+        if args.batch_max_age.is_zero() {
+            return Err("--batch-max-age must be positive".into());
+        }
+        let ack_credit = args.ack_buffer / eventstream_core::wire::ACK_LEN as u64;
+        if ack_credit < 1 {
+            return Err("--ack-buffer must hold at least one 24-byte ack".into());
+        }
+        let ring_capacity = (args.ring_capacity as usize).next_power_of_two();
+        if (ring_capacity as u64) < 2 * (u64::from(args.batch_max_events) + 1) {
+            return Err("--ring-capacity must hold two full batch windows".into());
+        }
+        let mut topics = Vec::new();
+        for flag in &args.topic_priority {
+            match parse_topic_line(flag) {
+                Some(Ok((t, p))) => topics.push((t.to_string(), p)),
+                _ => {
+                    return Err(format!(
+                        "bad --topic-priority {flag:?}: expected TOPIC=PRIORITY"
+                    ))
+                }
+            }
+        }
+        if let Some(path) = &args.topics_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read topics file {}: {e}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                match parse_topic_line(line) {
+                    None => {}
+                    Some(Ok((t, p))) => topics.push((t.to_string(), p)),
+                    Some(Err(l)) => {
+                        return Err(format!(
+                            "{}:{}: bad line {l:?}: expected topic:PRIORITY",
+                            path.display(),
+                            n + 1
+                        ))
+                    }
+                }
+            }
+        }
+        if topics.len() > MAX_TOPICS {
+            return Err(format!("at most {MAX_TOPICS} topic priorities"));
+        }
+        if let Some((t, _)) = topics
+            .iter()
+            .find(|(t, _)| t.is_empty() || t.len() > usize::from(args.max_topic))
+        {
+            return Err(format!("topic {t:?} is longer than --max-topic"));
+        }
+        Ok(Self {
+            dedup_capacity: (args.dedup_capacity as usize).next_power_of_two(),
+            ack_credit: ack_credit.min(u64::from(u32::MAX)) as u32,
+            ring_capacity,
+            topics,
+            args,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_durations_and_fsync_parse() {
+        assert_eq!(parse_size("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("").is_err());
+        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_duration("10").is_err());
+        assert_eq!(parse_fsync("always"), Ok(FsyncPolicy::Always));
+        assert_eq!(parse_fsync("interval:5"), Ok(FsyncPolicy::Interval(5)));
+        assert!(parse_fsync("interval:0").is_err());
+        assert!(parse_fsync("sometimes").is_err());
+    }
+}

@@ -1,0 +1,843 @@
+//! The ingest thread: one epoll loop (edge-triggered, non-blocking sockets)
+//! that accepts producers, reads large chunks, decodes many frames per read,
+//! copies each valid frame once into a pool slot, routes it into a class
+//! ring, and writes the acks that come back from storage.
+//!
+//! Costs per event: no allocation, no lock, no syscall (one `read` serves
+//! every frame in its chunk, one `write` every ack queued for a connection).
+//! Allocation happens per connection (decoder stash, ack buffer).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventstream_core::metrics::{Counter, LocalMetrics};
+use eventstream_core::pipeline::Event;
+use eventstream_core::pool::{Acquirer, SlotMut};
+use eventstream_core::ring::{Consumer, Producer};
+use eventstream_core::route::TopicTable;
+use eventstream_core::wire::{Ack, Decoded, Limits, Reason, StreamDecoder, ACK_LEN};
+use eventstream_core::Class;
+
+use crate::config::MAX_TOPICS;
+use crate::shared::{Shared, DRAIN, RUN, STOP};
+use crate::sys::{monotonic_ns, syscall, wall_ns};
+
+/// Bytes read per `read` call.
+const READ_CHUNK: usize = 64 * 1024;
+/// Low bits of a connection id: its slot; high bits: the slot's generation.
+const SLOT_BITS: u32 = 20;
+const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
+const TOKEN_LISTENER: u64 = u64::MAX;
+const TOKEN_WAKER: u64 = u64::MAX - 1;
+/// Longest a graceful shutdown waits for acks to reach slow clients.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
+
+/// One producer connection.
+struct Conn {
+    fd: OwnedFd,
+    id: u32,
+    dec: StreamDecoder<Box<[u8]>>,
+    /// Encoded acks not yet written; `out_pos` bytes of it are written.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Acked events in the pipeline.
+    inflight: u32,
+    /// Input read but not yet decoded (the rings or pool were full).
+    stash: Vec<u8>,
+    stash_pos: usize,
+    readable: bool,
+    writable: bool,
+    eof: bool,
+    /// FATAL to send once every earlier acked event is answered.
+    fatal: Option<Ack>,
+    /// Close once the acks are written.
+    closing: bool,
+    /// In the ready list.
+    queued: bool,
+    /// Monotonic ns since a frame has been half-received.
+    mid_since: Option<u64>,
+}
+
+impl Conn {
+    fn unsent_acks(&self) -> u32 {
+        ((self.out.len() - self.out_pos) / ACK_LEN) as u32
+    }
+
+    fn push_ack(&mut self, ack: &Ack) {
+        self.out.extend_from_slice(&ack.encode());
+    }
+}
+
+/// What stopped a connection's decoding.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// All input taken.
+    Done,
+    /// No pool slot or ring room.
+    Room,
+    /// Its ack credit is used up.
+    Credit,
+    /// The decoder closed the connection (FATAL or legacy close).
+    Closed,
+}
+
+/// Everything ingest needs, built by the server.
+pub struct IngestParts {
+    /// The producer listener (non-blocking).
+    pub listener: TcpListener,
+    /// The pool's acquirer.
+    pub acquirer: Acquirer<'static>,
+    /// Rings to the processors, by class.
+    pub class_tx: [Producer<'static, Event<'static>>; 3],
+    /// Acks from storage.
+    pub ack_rx: Consumer<'static, (u32, Ack)>,
+    /// Topic floors.
+    pub router: &'static TopicTable<MAX_TOPICS>,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Acks one connection may have in flight or unsent.
+    pub ack_credit: u32,
+    /// Connection limit.
+    pub max_connections: u32,
+    /// Half-received frame limit.
+    pub frame_timeout: Duration,
+    /// Reject with OVERLOADED instead of backpressure.
+    pub reject_when_full: bool,
+    /// Shared state.
+    pub shared: Arc<Shared>,
+}
+
+/// The ingest loop's state.
+pub struct Ingest {
+    p: IngestParts,
+    listener: Option<TcpListener>,
+    epfd: OwnedFd,
+    spare_fd: Option<File>,
+    conns: Vec<Option<Conn>>,
+    gens: Vec<u32>,
+    free_slots: Vec<u32>,
+    ready: VecDeque<u32>,
+    waiting_room: Vec<u32>,
+    dirty: Vec<u32>,
+    spare: Option<SlotMut<'static>>,
+    read_buf: Box<[u8]>,
+    metrics: LocalMetrics,
+    accepted: u64,
+    pushed: [bool; 3],
+    mid_frames: usize,
+    next_timeout_scan: u64,
+    shutting_down: bool,
+    shutdown_deadline: Option<u64>,
+}
+
+fn epoll_add(epfd: RawFd, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    syscall!(epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev))?;
+    Ok(())
+}
+
+impl Ingest {
+    /// Sets up epoll over the listener and the waker.
+    pub fn new(p: IngestParts) -> io::Result<Self> {
+        let epfd = syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?;
+        // SAFETY: epoll_create1 returned a fresh descriptor we now own.
+        let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
+        epoll_add(
+            epfd.as_raw_fd(),
+            p.listener.as_raw_fd(),
+            TOKEN_LISTENER,
+            libc::EPOLLIN as u32,
+        )?;
+        epoll_add(
+            epfd.as_raw_fd(),
+            p.shared.ingest.raw_fd(),
+            TOKEN_WAKER,
+            libc::EPOLLIN as u32,
+        )?;
+        let listener = p.listener.try_clone()?;
+        Ok(Self {
+            listener: Some(listener),
+            epfd,
+            spare_fd: File::open("/dev/null").ok(),
+            conns: Vec::new(),
+            gens: Vec::new(),
+            free_slots: Vec::new(),
+            ready: VecDeque::new(),
+            waiting_room: Vec::new(),
+            dirty: Vec::new(),
+            spare: None,
+            read_buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
+            metrics: LocalMetrics::new(),
+            accepted: 0,
+            pushed: [false; 3],
+            mid_frames: 0,
+            next_timeout_scan: 0,
+            shutting_down: false,
+            shutdown_deadline: None,
+            p,
+        })
+    }
+
+    /// Runs until a graceful shutdown completes.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events: Vec<libc::epoll_event> =
+            vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+        loop {
+            let now = monotonic_ns();
+            self.deliver_acks();
+            self.resume_waiting();
+            self.serve_ready(now);
+            self.flush_dirty();
+            self.publish(now);
+            if self.shutdown_step(now) {
+                return Ok(());
+            }
+            let busy = !self.ready.is_empty();
+            let timeout = if busy { 0 } else { self.park_timeout(now) };
+            if !busy {
+                let want_room = !self.waiting_room.is_empty();
+                self.p.shared.ingest.prepare_park(want_room);
+                if self.has_work() {
+                    self.p.shared.ingest.unpark();
+                    continue;
+                }
+            }
+            let n = match syscall!(epoll_wait(
+                self.epfd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                timeout
+            )) {
+                Ok(n) => n as usize,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(e),
+            };
+            if !busy {
+                self.p.shared.ingest.unpark();
+            }
+            for ev in events.iter().take(n) {
+                let token = ev.u64;
+                let flags = ev.events;
+                match token {
+                    TOKEN_LISTENER => self.accept_all(),
+                    TOKEN_WAKER => {}
+                    _ => self.on_socket_event(token as u32, flags),
+                }
+            }
+        }
+    }
+
+    fn has_work(&mut self) -> bool {
+        if !self.p.ack_rx.is_empty() || self.p.shared.shutdown_requested.load(Ordering::Acquire) {
+            return true;
+        }
+        !self.waiting_room.is_empty() && self.room()
+    }
+
+    fn park_timeout(&self, now: u64) -> i32 {
+        let mut ms: i64 = -1;
+        if self.mid_frames > 0 {
+            ms = (self.next_timeout_scan.saturating_sub(now) / 1_000_000) as i64 + 1;
+        }
+        if let Some(deadline) = self.shutdown_deadline {
+            let left = (deadline.saturating_sub(now) / 1_000_000) as i64 + 1;
+            ms = if ms < 0 {
+                left.min(100)
+            } else {
+                ms.min(left).min(100)
+            };
+        }
+        ms.min(i32::MAX as i64) as i32
+    }
+
+    fn publish(&mut self, now: u64) {
+        self.p
+            .shared
+            .accepted
+            .store(self.accepted, Ordering::Release);
+        for (c, pushed) in self.pushed.iter_mut().enumerate() {
+            if std::mem::take(pushed) {
+                match c {
+                    0 => self.p.shared.realtime.wake(),
+                    1 => self.p.shared.transactional.wake(),
+                    _ => self.p.shared.batch.wake(),
+                }
+            }
+        }
+        if self.ready.is_empty() {
+            self.metrics.flush(&self.p.shared.registry, now);
+        } else {
+            self.metrics.maybe_flush(&self.p.shared.registry, now);
+        }
+        if self.mid_frames > 0 && now >= self.next_timeout_scan {
+            self.scan_frame_timeouts(now);
+        }
+    }
+
+    /// A pool slot and room in every class ring for one more event.
+    fn room(&mut self) -> bool {
+        if self.spare.is_none() {
+            self.spare = self.p.acquirer.acquire();
+            if self.spare.is_none() {
+                if !self.p.shared.pool_starved.swap(true, Ordering::Relaxed) {
+                    self.p.shared.batch.wake();
+                }
+                return false;
+            }
+            self.p.shared.pool_starved.store(false, Ordering::Relaxed);
+        }
+        self.p.class_tx.iter_mut().all(|tx| tx.has_room(1))
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            let fd = syscall!(accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC
+            ));
+            let fd = match fd {
+                Ok(fd) => fd,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    // Out of descriptors: free the spare, accept the
+                    // connection and close it at once, so epoll does not
+                    // report the same pending connection forever.
+                    self.spare_fd = None;
+                    if let Ok(fd) = syscall!(accept(
+                        listener.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut()
+                    )) {
+                        // SAFETY: accept returned a fresh descriptor we own.
+                        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+                    }
+                    self.spare_fd = File::open("/dev/null").ok();
+                    self.p
+                        .shared
+                        .connections_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    eprintln!("eventstream: out of file descriptors; connection refused");
+                    continue;
+                }
+                Err(e) => {
+                    eprintln!("eventstream: accept failed: {e}");
+                    return;
+                }
+            };
+            // SAFETY: accept4 returned a fresh descriptor we now own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let open = self.conns.len() - self.free_slots.len();
+            if open >= self.p.max_connections as usize {
+                self.p
+                    .shared
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if let Err(e) = self.register(fd) {
+                eprintln!("eventstream: cannot register a connection: {e}");
+            }
+        }
+    }
+
+    fn register(&mut self, fd: OwnedFd) -> io::Result<()> {
+        let one: libc::c_int = 1;
+        syscall!(setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t
+        ))?;
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None => {
+                self.conns.push(None);
+                self.gens.push(0);
+                (self.conns.len() - 1) as u32
+            }
+        };
+        let gen = self.gens[slot as usize];
+        let id = (gen << SLOT_BITS) | slot;
+        let stash = vec![0u8; self.p.limits.max_frame() as usize].into_boxed_slice();
+        let dec = StreamDecoder::new(stash, self.p.limits)
+            .map_err(|_| io::Error::other("decoder stash too small"))?;
+        epoll_add(
+            self.epfd.as_raw_fd(),
+            fd.as_raw_fd(),
+            u64::from(id),
+            (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+        )?;
+        self.conns[slot as usize] = Some(Conn {
+            fd,
+            id,
+            dec,
+            out: Vec::with_capacity((self.p.ack_credit as usize + 1) * ACK_LEN),
+            out_pos: 0,
+            inflight: 0,
+            stash: Vec::new(),
+            stash_pos: 0,
+            readable: false,
+            writable: true,
+            eof: false,
+            fatal: None,
+            closing: false,
+            queued: false,
+            mid_since: None,
+        });
+        self.p.shared.connections.fetch_add(1, Ordering::Relaxed);
+        self.p
+            .shared
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn conn_mut(&mut self, id: u32) -> Option<&mut Conn> {
+        self.conns
+            .get_mut((id & SLOT_MASK) as usize)?
+            .as_mut()
+            .filter(|c| c.id == id)
+    }
+
+    fn on_socket_event(&mut self, id: u32, flags: u32) {
+        let Some(c) = self.conn_mut(id) else { return };
+        if flags & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
+        {
+            c.readable = true;
+        }
+        if flags & libc::EPOLLOUT as u32 != 0 {
+            c.writable = true;
+        }
+        let flush = c.out_pos < c.out.len();
+        let queue = c.readable && !c.queued;
+        if queue {
+            c.queued = true;
+        }
+        if flush {
+            self.dirty.push(id);
+        }
+        if queue {
+            self.ready.push_back(id);
+        }
+    }
+
+    /// Moves acks from storage into their connections' buffers.
+    fn deliver_acks(&mut self) {
+        let mut got = 0usize;
+        while let Some((id, ack)) = self.p.ack_rx.pop() {
+            got += 1;
+            let Some(c) = self.conn_mut(id) else { continue };
+            c.inflight = c.inflight.saturating_sub(1);
+            c.push_ack(&ack);
+            self.dirty.push(id);
+        }
+        if got > 0 {
+            self.p.shared.set_depth(6, 0);
+        }
+    }
+
+    /// Writes every connection's queued acks (one write each).
+    fn flush_dirty(&mut self) {
+        while let Some(id) = self.dirty.pop() {
+            let Some(c) = self.conn_mut(id) else { continue };
+            if c.fatal.is_some() && c.inflight == 0 {
+                if let Some(f) = c.fatal.take() {
+                    c.push_ack(&f);
+                    c.closing = true;
+                }
+            }
+            let mut close = false;
+            while c.writable && c.out_pos < c.out.len() {
+                let rest = &c.out[c.out_pos..];
+                match syscall!(send(
+                    c.fd.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL
+                )) {
+                    Ok(n) => c.out_pos += n as usize,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        close = true;
+                        break;
+                    }
+                }
+            }
+            if c.out_pos == c.out.len() {
+                c.out.clear();
+                c.out_pos = 0;
+            }
+            let idle = c.inflight == 0 && c.out.is_empty();
+            if close || (idle && (c.closing || c.eof)) {
+                self.close(id);
+                continue;
+            }
+            // Credit came back: read again.
+            if c.readable && !c.queued && !c.closing && c.fatal.is_none() {
+                c.queued = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn close(&mut self, id: u32) {
+        let slot = (id & SLOT_MASK) as usize;
+        if let Some(c) = self.conns.get_mut(slot).and_then(Option::take) {
+            if c.mid_since.is_some() {
+                self.mid_frames = self.mid_frames.saturating_sub(1);
+            }
+            drop(c);
+            self.gens[slot] = (self.gens[slot] + 1) & (u32::MAX >> SLOT_BITS);
+            self.free_slots.push(slot as u32);
+            self.p.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn resume_waiting(&mut self) {
+        if self.waiting_room.is_empty() || !self.room() {
+            return;
+        }
+        for id in std::mem::take(&mut self.waiting_room) {
+            if let Some(c) = self.conn_mut(id) {
+                if !c.queued {
+                    c.queued = true;
+                    self.ready.push_back(id);
+                }
+            }
+        }
+    }
+
+    /// Gives each ready connection one read (round robin).
+    fn serve_ready(&mut self, now: u64) {
+        let wall = wall_ns();
+        for _ in 0..self.ready.len() {
+            let Some(id) = self.ready.pop_front() else {
+                break;
+            };
+            let requeue = self.serve(id, now, wall);
+            if let Some(c) = self.conn_mut(id) {
+                c.queued = requeue;
+                if requeue {
+                    self.ready.push_back(id);
+                }
+            }
+        }
+    }
+
+    /// Reads and decodes for one connection; true if it should stay ready.
+    fn serve(&mut self, id: u32, now: u64, wall: u64) -> bool {
+        let slot = (id & SLOT_MASK) as usize;
+        let Some(mut c) = self.conns.get_mut(slot).and_then(Option::take) else {
+            return false;
+        };
+        let keep = self.serve_conn(&mut c, now, wall);
+        let was_mid = c.mid_since.is_some();
+        let mid = c.dec.is_mid_frame();
+        match (was_mid, mid) {
+            (false, true) => {
+                c.mid_since = Some(now);
+                if self.mid_frames == 0 {
+                    self.next_timeout_scan = now + self.p.frame_timeout.as_nanos() as u64;
+                }
+                self.mid_frames += 1;
+            }
+            (true, false) => {
+                c.mid_since = None;
+                self.mid_frames -= 1;
+            }
+            _ => {}
+        }
+        let closed = c.dec.is_closed();
+        let dirty = c.out_pos < c.out.len() || c.fatal.is_some() || c.eof;
+        self.conns[slot] = Some(c);
+        if dirty {
+            self.dirty.push(id);
+        }
+        if closed {
+            if self.conn_mut(id).is_some_and(|c| c.fatal.is_none()) {
+                // Legacy close: no acks exist in this dialect.
+                self.close(id);
+            }
+            return false;
+        }
+        keep
+    }
+
+    fn serve_conn(&mut self, c: &mut Conn, now: u64, wall: u64) -> bool {
+        if c.closing || c.fatal.is_some() || c.dec.is_closed() {
+            return false;
+        }
+        // Input held back by a full ring or pool goes first.
+        if c.stash_pos < c.stash.len() {
+            let stash = std::mem::take(&mut c.stash);
+            let (used, stop) = self.decode(c, &stash[c.stash_pos..], now, wall);
+            c.stash = stash;
+            c.stash_pos += used;
+            if c.stash_pos == c.stash.len() {
+                c.stash.clear();
+                c.stash_pos = 0;
+            }
+            match stop {
+                Stop::Done => {}
+                Stop::Room => {
+                    self.waiting_room.push(c.id);
+                    return false;
+                }
+                Stop::Credit | Stop::Closed => return false,
+            }
+        }
+        if !c.readable || c.eof {
+            return false;
+        }
+        let n = match syscall!(read(
+            c.fd.as_raw_fd(),
+            self.read_buf.as_mut_ptr().cast(),
+            self.read_buf.len()
+        )) {
+            Ok(0) => {
+                c.eof = true;
+                c.readable = false;
+                return false;
+            }
+            Ok(n) => n as usize,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                c.readable = false;
+                return false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
+            Err(_) => {
+                c.eof = true;
+                c.readable = false;
+                c.closing = true;
+                return false;
+            }
+        };
+        // A short read emptied the socket; with edge triggering the next
+        // arrival raises a new event.
+        if n < self.read_buf.len() {
+            c.readable = false;
+        }
+        let buf = std::mem::take(&mut self.read_buf);
+        let (used, stop) = self.decode(c, &buf[..n], now, wall);
+        if used < n {
+            c.stash.extend_from_slice(&buf[used..n]);
+        }
+        self.read_buf = buf;
+        match stop {
+            Stop::Done => c.readable,
+            Stop::Room => {
+                self.waiting_room.push(c.id);
+                false
+            }
+            Stop::Credit | Stop::Closed => false,
+        }
+    }
+
+    /// Decodes `input` for `c`; returns the bytes taken and why it stopped.
+    fn decode(&mut self, c: &mut Conn, input: &[u8], now: u64, wall: u64) -> (usize, Stop) {
+        let mut pos = 0;
+        let credit = self.p.ack_credit;
+        let id = c.id;
+        let mut stop = Stop::Done;
+        while pos < input.len() {
+            if c.dec.is_closed() {
+                pos = input.len();
+                stop = Stop::Closed;
+                break;
+            }
+            if c.inflight + c.unsent_acks() + 1 > credit {
+                stop = Stop::Credit;
+                break;
+            }
+            let room = self.shutting_down || self.room();
+            if !room && !self.p.reject_when_full {
+                stop = Stop::Room;
+                break;
+            }
+            let Conn {
+                dec,
+                out,
+                inflight,
+                fatal,
+                ..
+            } = c;
+            let (used, item) = dec.next(&input[pos..]);
+            pos += used;
+            let Some(item) = item else { break };
+            match item {
+                Decoded::Frame(f) => {
+                    let ack = f.ack_requested();
+                    let refuse = if self.shutting_down {
+                        Some(Reason::ShuttingDown)
+                    } else if !room {
+                        Some(Reason::Overloaded)
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = refuse {
+                        self.metrics.add(Counter::Rejected(reason), 1);
+                        if ack {
+                            out.extend_from_slice(&Ack::rejected(f.event_id(), reason).encode());
+                        }
+                        continue;
+                    }
+                    let class = self.p.router.route(f.topic_bytes(), f.priority());
+                    let Some(mut slot) = self.spare.take() else {
+                        continue;
+                    };
+                    let bytes = f.bytes();
+                    let Some(dst) = slot.buffer_mut().get_mut(..bytes.len()) else {
+                        continue;
+                    };
+                    dst.copy_from_slice(bytes);
+                    let ev = Event::new(slot.share(bytes.len()), id, class, wall, now);
+                    self.push(class, ev);
+                    if ack {
+                        *inflight += 1;
+                    }
+                }
+                Decoded::Legacy(ev) => {
+                    if !room || self.shutting_down {
+                        let reason = if self.shutting_down {
+                            Reason::ShuttingDown
+                        } else {
+                            Reason::Overloaded
+                        };
+                        self.metrics.add(Counter::Rejected(reason), 1);
+                        continue;
+                    }
+                    let class = self.p.router.route(ev.topic(), ev.priority());
+                    let Some(mut slot) = self.spare.take() else {
+                        continue;
+                    };
+                    let Ok(len) = ev.encode_v1(0, wall, slot.buffer_mut()) else {
+                        continue;
+                    };
+                    let ev = Event::new(slot.share(len), id, class, wall, now);
+                    self.push(class, ev);
+                }
+                Decoded::Rejected {
+                    reason,
+                    event_id,
+                    ack,
+                } => {
+                    self.metrics.add(Counter::Rejected(reason), 1);
+                    if ack {
+                        out.extend_from_slice(&Ack::rejected(event_id, reason).encode());
+                    }
+                }
+                Decoded::Fatal(reason) => {
+                    // The acks of every earlier frame first, then FATAL,
+                    // then close (flush_dirty sends it once none is left).
+                    self.metrics.add(Counter::Rejected(reason), 1);
+                    *fatal = Some(Ack::fatal(reason));
+                    pos = input.len();
+                    stop = Stop::Closed;
+                    break;
+                }
+                Decoded::LegacySkipped(rule) => {
+                    self.metrics.add(Counter::Rejected(rule.reason()), 1);
+                    self.metrics.add(Counter::LegacySkipped, 1);
+                }
+                Decoded::KeepAlive => self.metrics.add(Counter::KeepAlives, 1),
+                Decoded::Close => {
+                    pos = input.len();
+                    stop = Stop::Closed;
+                    break;
+                }
+            }
+        }
+        self.metrics.add(Counter::BytesReceived, pos as u64);
+        (pos, stop)
+    }
+
+    fn push(&mut self, class: Class, ev: Event<'static>) {
+        self.metrics.add(Counter::Received(class), 1);
+        self.metrics.event();
+        if let Some(tx) = self.p.class_tx.get_mut(class.index()) {
+            // Room was checked before decoding.
+            if tx.push(ev).is_ok() {
+                self.accepted += 1;
+                self.pushed[class.index()] = true;
+            }
+        }
+    }
+
+    /// Closes connections whose frame stayed half-received too long.
+    fn scan_frame_timeouts(&mut self, now: u64) {
+        let limit = self.p.frame_timeout.as_nanos() as u64;
+        let mut next = u64::MAX;
+        let mut expired = Vec::new();
+        for c in self.conns.iter().flatten() {
+            if let Some(since) = c.mid_since {
+                if now.saturating_sub(since) >= limit {
+                    expired.push(c.id);
+                } else {
+                    next = next.min(since + limit);
+                }
+            }
+        }
+        for id in expired {
+            eprintln!("eventstream: connection closed: frame half-received past --frame-timeout");
+            self.p.shared.frame_timeouts.fetch_add(1, Ordering::Relaxed);
+            self.close(id);
+        }
+        self.next_timeout_scan = if next == u64::MAX { now + limit } else { next };
+    }
+
+    /// Runs the graceful shutdown; true when ingest may exit.
+    fn shutdown_step(&mut self, now: u64) -> bool {
+        let shared = self.p.shared.clone();
+        if !self.shutting_down {
+            if !shared.shutdown_requested.load(Ordering::Acquire) {
+                return false;
+            }
+            // Stop accepting; frames from now on are answered SHUTTING_DOWN.
+            self.shutting_down = true;
+            self.listener = None;
+            self.shutdown_deadline = Some(now + SHUTDOWN_GRACE.as_nanos() as u64);
+            if shared.phase() == RUN {
+                shared.set_phase(DRAIN);
+            }
+            // Input waiting for room is answered now.
+            let waiting = std::mem::take(&mut self.waiting_room);
+            for id in waiting {
+                if let Some(c) = self.conn_mut(id) {
+                    if !c.queued {
+                        c.queued = true;
+                        self.ready.push_back(id);
+                    }
+                }
+            }
+        }
+        let past_deadline = self.shutdown_deadline.is_some_and(|d| now >= d);
+        if shared.phase() == DRAIN {
+            let answered = shared.finished.load(Ordering::Acquire) >= self.accepted;
+            if answered || past_deadline {
+                shared.set_phase(STOP);
+            }
+        }
+        if shared.phase() == STOP && shared.storage_done.load(Ordering::Acquire) {
+            self.deliver_acks();
+            let pending = self.conns.iter().flatten().any(|c| c.out_pos < c.out.len());
+            if !pending || past_deadline {
+                return true;
+            }
+        }
+        past_deadline
+    }
+}

@@ -1,0 +1,14 @@
+//! EventStreamCore's Linux server: the engine core run on threads joined by
+//! its SPSC rings, an epoll ingest loop, the segmented storage log, the
+//! Prometheus endpoint, and the log inspector.
+
+pub mod config;
+pub mod ingest;
+pub mod inspect;
+pub mod processors;
+pub mod report;
+pub mod server;
+pub mod shared;
+pub mod storage;
+pub mod sys;
+pub mod writer;

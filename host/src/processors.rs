@@ -1,0 +1,171 @@
+//! The processor threads: realtime, transactional and batch, each the
+//! core's state machine between its class ring and its storage ring.
+//!
+//! Costs per event: no allocation, no lock, no syscall; one fence and one
+//! load per batch of items to wake the next thread if it sleeps.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventstream_core::batch::{Aggregate, BatchWindows, Closed};
+use eventstream_core::pipeline::{Event, Work};
+use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
+use eventstream_core::ring::{Consumer, Producer};
+use eventstream_core::wire::Reason;
+use eventstream_core::Class;
+
+use crate::shared::{Shared, DRAIN, STOP};
+use crate::sys::{monotonic_ns, Backoff, Parker};
+
+/// Items a processor moves per step.
+const STEP: usize = 256;
+
+/// A single-event processor: realtime or transactional.
+pub enum Singles {
+    /// Realtime (`check`).
+    Realtime(RealtimeProcessor<'static>),
+    /// Transactional (`insert`), with its sweep period.
+    Transactional(TransactionalProcessor<'static>, Duration),
+}
+
+/// Runs a realtime or transactional processor until shutdown.
+pub fn run_singles(
+    mut proc: Singles,
+    mut rx: Consumer<'static, Event<'static>>,
+    mut tx: Producer<'static, Work<'static>>,
+    shared: Arc<Shared>,
+) {
+    let (class, me): (Class, &Parker) = match proc {
+        Singles::Realtime(_) => (Class::Realtime, &shared.realtime),
+        Singles::Transactional(..) => (Class::Transactional, &shared.transactional),
+    };
+    let mut next_sweep = match &proc {
+        Singles::Transactional(_, every) => monotonic_ns() + every.as_nanos() as u64,
+        Singles::Realtime(_) => u64::MAX,
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        let now = monotonic_ns();
+        let now_ms = now / 1_000_000;
+        let room = tx.free_len().min(STEP);
+        let mut moved = 0;
+        for _ in 0..room {
+            let Some(ev) = rx.pop() else { break };
+            let outcome = match (ev.frame(), &mut proc) {
+                (Some(f), Singles::Realtime(p)) => p.handle(&f, now_ms, &mut ()),
+                (Some(f), Singles::Transactional(p, _)) => p.handle(&f, now_ms, &mut ()),
+                (None, _) => eventstream_core::process::Outcome::Rejected(Reason::BadLength),
+            };
+            let _ = tx.push(Work::for_outcome(ev, outcome));
+            moved += 1;
+        }
+        if now >= next_sweep {
+            if let Singles::Transactional(p, every) = &mut proc {
+                let freed = p.sweep(now_ms);
+                if freed > 0 {
+                    eprintln!("eventstream: dedup sweep freed {freed} expired ids");
+                }
+                next_sweep = now + every.as_nanos() as u64;
+            }
+        }
+        if moved > 0 {
+            shared.set_depth(class.index(), rx.len());
+            shared.storage.wake();
+            shared.ingest.wake_for_room();
+            backoff.reset();
+            continue;
+        }
+        if shared.phase() == STOP && rx.is_empty() {
+            return;
+        }
+        if backoff.idle() {
+            shared.set_depth(class.index(), rx.len());
+            let timeout = (next_sweep != u64::MAX)
+                .then(|| Duration::from_nanos(next_sweep.saturating_sub(monotonic_ns())));
+            me.park(timeout, || {
+                (!rx.is_empty() && tx.has_room(1)) || shared.phase() == STOP
+            });
+            backoff.reset();
+        }
+    }
+}
+
+/// The batch aggregate: a marker, then the window's events, into the batch
+/// storage ring (room for two windows is checked before each push).
+struct ToStorage<'c> {
+    out: &'c mut Producer<'static, Work<'static>>,
+}
+
+impl Aggregate<Event<'static>> for ToStorage<'_> {
+    fn aggregate(&mut self, mut window: Closed<'_, Event<'static>>) {
+        let count = window.len().min(u16::MAX as usize) as u16;
+        let _ = self.out.push(Work::Batch { count });
+        for ev in window.drain() {
+            let _ = self.out.push(Work::Store(ev));
+        }
+    }
+}
+
+/// Runs the batch processor until shutdown: windows close on count, on age,
+/// early when ingest is short of pool slots, and all at once on shutdown.
+pub fn run_batch(
+    windows: BatchWindows<'static, Event<'static>>,
+    mut rx: Consumer<'static, Event<'static>>,
+    mut tx: Producer<'static, Work<'static>>,
+    shared: Arc<Shared>,
+) {
+    let mut proc = BatchProcessor::new(windows);
+    let need = 2 * (proc.windows().config().max_events as usize + 1);
+    let mut backoff = Backoff::new();
+    loop {
+        let now = monotonic_ns();
+        let mut moved = false;
+        for _ in 0..STEP {
+            if !tx.has_room(need) {
+                break;
+            }
+            let Some(ev) = rx.pop() else { break };
+            proc.handle(ev, now, &mut (), &mut ToStorage { out: &mut tx });
+            moved = true;
+        }
+        if tx.has_room(need) {
+            moved |= proc.windows().poll(now, &mut ToStorage { out: &mut tx });
+        }
+        let draining = shared.phase() >= DRAIN;
+        let starved = shared.pool_starved.load(Ordering::Relaxed);
+        if (draining || starved) && proc.windows().held() > 0 && tx.has_room(need) {
+            moved |= proc.windows().flush_oldest(&mut ToStorage { out: &mut tx });
+        }
+        if moved {
+            shared.set_depth(2, rx.len());
+            shared.storage.wake();
+            shared.ingest.wake_for_room();
+            backoff.reset();
+            continue;
+        }
+        if shared.phase() == STOP && rx.is_empty() && proc.windows().held() == 0 {
+            return;
+        }
+        if backoff.idle() {
+            shared.set_depth(2, rx.len());
+            let timeout = proc
+                .windows()
+                .next_deadline()
+                .map(|d| Duration::from_nanos(d.saturating_sub(monotonic_ns())));
+            let held = proc.windows().held();
+            me_park(&shared, timeout, || {
+                (!rx.is_empty() && tx.has_room(need))
+                    || shared.phase() == STOP
+                    || (held > 0
+                        && tx.has_room(need)
+                        && (shared.phase() >= DRAIN || shared.pool_starved.load(Ordering::Relaxed)))
+            });
+            backoff.reset();
+        }
+    }
+}
+
+fn me_park(shared: &Shared, timeout: Option<Duration>, has_work: impl FnOnce() -> bool) {
+    shared.batch.park(timeout, has_work);
+}

@@ -1,0 +1,357 @@
+//! `eventstream serve`: builds the engine from the flags (every buffer is
+//! allocated here, once), recovers the log, rebuilds the dedup table and
+//! runs the threads of DESIGN.md until a graceful shutdown.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, WindowMeta};
+use eventstream_core::dedup::{BufferDedupTable, DedupConfig, DedupSlot, DedupState, FullPolicy};
+use eventstream_core::pipeline::{Event, Work};
+use eventstream_core::pool::{BufferPool, SlotMeta};
+use eventstream_core::ring::{BufferRing, Consumer, Producer, Slot};
+use eventstream_core::route::TopicTable;
+use eventstream_core::wire::{Ack, Limits};
+
+use crate::config::{DedupFull, ServerConfig, WhenFullArg, MAX_TOPICS};
+use crate::ingest::{Ingest, IngestParts};
+use crate::processors::{run_batch, run_singles, Singles};
+use crate::shared::Shared;
+use crate::storage::{Log, LogOptions};
+use crate::sys::{
+    ignore_signal, monotonic_ns, online_cpus, pin_to_cpu, raise_nofile_limit, set_nonblocking,
+    wall_ns,
+};
+use crate::writer::{run_sync, Storage, StorageParts};
+
+/// Batch windows open at once.
+const BATCH_WINDOWS: usize = 1024;
+
+fn leak<T>(v: T) -> &'static mut T {
+    Box::leak(Box::new(v))
+}
+
+fn leak_slice<T>(n: usize, f: impl Fn() -> T) -> &'static mut [T] {
+    Box::leak((0..n).map(|_| f()).collect::<Vec<T>>().into_boxed_slice())
+}
+
+fn ring<T: Send>(capacity: usize) -> Result<(Producer<'static, T>, Consumer<'static, T>), String> {
+    let slots = leak_slice(capacity, Slot::new);
+    let ring = leak(BufferRing::new(slots).map_err(|_| "ring capacity must be a power of two")?);
+    ring.split().ok_or_else(|| "ring split twice".to_string())
+}
+
+/// A running server.
+pub struct Running {
+    /// The bound producer address.
+    pub listen: SocketAddr,
+    /// The bound metrics address.
+    pub metrics: SocketAddr,
+    shared: Arc<Shared>,
+    threads: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+}
+
+impl Running {
+    /// Starts a graceful shutdown (what SIGINT and SIGTERM do).
+    pub fn shutdown(&self) {
+        self.shared.request_shutdown();
+    }
+
+    /// The shared state (metrics, gauges).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Waits for every thread; the first error, if any.
+    pub fn wait(self) -> Result<(), String> {
+        let mut result = Ok(());
+        for (name, t) in self.threads {
+            let r = t
+                .join()
+                .map_err(|_| format!("the {name} thread panicked"))
+                .and_then(|r| r);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
+/// Builds and starts the server; errors are one line for the operator.
+pub fn start(cfg: ServerConfig) -> Result<Running, String> {
+    let args = &cfg.args;
+    ignore_signal(libc::SIGPIPE).map_err(|e| format!("cannot ignore SIGPIPE: {e}"))?;
+    ignore_signal(libc::SIGXFSZ).map_err(|e| format!("cannot ignore SIGXFSZ: {e}"))?;
+    if let Err(e) = raise_nofile_limit() {
+        eprintln!("eventstream: warning: cannot raise the open-file limit: {e}");
+    }
+    let limits = Limits::new(args.max_frame, args.max_topic)
+        .map_err(|e| format!("bad frame limits: {e:?}"))?;
+    let (log, opened) = Log::open(
+        &args.data,
+        LogOptions {
+            segment_bytes: args.segment_bytes,
+            retention_bytes: args.retention_bytes,
+            retention_age: args.retention_age,
+            repair: args.repair,
+        },
+    )?;
+    for note in &opened.notes {
+        eprintln!("eventstream: recovery: {note}");
+    }
+    let listener = TcpListener::bind(args.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let metrics_listener = TcpListener::bind(args.metrics)
+        .map_err(|e| format!("cannot serve metrics on {}: {e}", args.metrics))?;
+    set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&metrics_listener))
+        .map_err(|e| format!("cannot serve metrics: {e}"))?;
+    let listen = listener.local_addr().map_err(|e| e.to_string())?;
+    let metrics = metrics_listener.local_addr().map_err(|e| e.to_string())?;
+
+    // Every buffer of the engine, once.
+    let window_ms = args.dedup_window.as_millis() as u32;
+    let shared = Arc::new(
+        Shared::new(u64::from(args.pool_events), window_ms).map_err(|e| format!("eventfd: {e}"))?,
+    );
+    let pool_meta = leak_slice(args.pool_events as usize, SlotMeta::new);
+    let pool_data = leak_slice(args.pool_events as usize * args.max_frame as usize, || 0u8);
+    let pool = leak(
+        BufferPool::new(pool_meta, pool_data, args.max_frame as usize)
+            .map_err(|e| format!("pool: {e:?}"))?,
+    );
+    let acquirer = pool.acquirer().ok_or("pool acquirer taken")?;
+    let dedup_states = leak_slice(cfg.dedup_capacity, DedupState::new);
+    let dedup_slots = leak_slice(cfg.dedup_capacity, DedupSlot::new);
+    let table = leak(
+        BufferDedupTable::new(
+            dedup_states,
+            dedup_slots,
+            DedupConfig {
+                window_ms,
+                when_full: match args.dedup_full {
+                    DedupFull::Evict => FullPolicy::Evict,
+                    DedupFull::Reject => FullPolicy::Reject,
+                },
+            },
+        )
+        .map_err(|_| "dedup capacity must be a power of two")?,
+    );
+    let dedup = table.table();
+    let mut inserter = dedup.inserter().ok_or("dedup inserter taken")?;
+    let rebuilt = log
+        .rebuild_dedup(
+            &mut inserter,
+            args.dedup_window,
+            wall_ns(),
+            monotonic_ns() / 1_000_000,
+        )
+        .map_err(|e| format!("cannot rebuild the dedup table from the log: {e}"))?;
+    if rebuilt > 0 {
+        eprintln!("eventstream: dedup table rebuilt with {rebuilt} transactional ids from the log");
+    }
+    let mut topics: TopicTable<MAX_TOPICS> = TopicTable::new();
+    for (t, p) in &cfg.topics {
+        topics
+            .set(t.as_bytes(), *p)
+            .map_err(|e| format!("topic {t:?}: {e:?}"))?;
+    }
+    let router: &'static TopicTable<MAX_TOPICS> = leak(topics);
+    let arena = (args.pool_events as usize / 2).max(args.batch_max_events as usize);
+    let windows = BatchWindows::new(
+        leak_slice(BATCH_WINDOWS, WindowMeta::new),
+        leak_slice(arena, Entry::new),
+        BatchConfig {
+            max_events: args.batch_max_events,
+            max_age_ns: args.batch_max_age.as_nanos() as u64,
+        },
+    )
+    .map_err(|_| "batch windows: bad buffers")?;
+
+    let rc = cfg.ring_capacity;
+    let (rt_tx, rt_rx) = ring::<Event<'static>>(rc)?;
+    let (tx_tx, tx_rx) = ring::<Event<'static>>(rc)?;
+    let (b_tx, b_rx) = ring::<Event<'static>>(rc)?;
+    let (srt_tx, srt_rx) = ring::<Work<'static>>(rc)?;
+    let (stx_tx, stx_rx) = ring::<Work<'static>>(rc)?;
+    let (sb_tx, sb_rx) = ring::<Work<'static>>(rc)?;
+    let ack_capacity = (4 * rc).max(65536).next_power_of_two();
+    let (ack_tx, ack_rx) = ring::<(u32, Ack)>(ack_capacity)?;
+
+    let ingest = Ingest::new(IngestParts {
+        listener,
+        acquirer,
+        class_tx: [rt_tx, tx_tx, b_tx],
+        ack_rx,
+        router,
+        limits,
+        ack_credit: cfg.ack_credit,
+        max_connections: args.max_connections,
+        frame_timeout: args.frame_timeout,
+        reject_when_full: args.when_full == WhenFullArg::Reject,
+        shared: shared.clone(),
+    })
+    .map_err(|e| format!("epoll: {e}"))?;
+    let active = log.shared_active();
+    let storage = Storage::new(StorageParts {
+        log,
+        rx: [srt_rx, stx_rx, sb_rx],
+        acks: ack_tx,
+        dedup,
+        fsync: args.fsync,
+        max_frame: args.max_frame,
+        batch_max_events: args.batch_max_events,
+        shared: shared.clone(),
+    });
+
+    let pin = args.pin;
+    let cpus = online_cpus();
+    let mut threads = Vec::new();
+    let mut spawn = |name: &'static str,
+                     index: usize,
+                     f: Box<dyn FnOnce() -> Result<(), String> + Send>|
+     -> Result<(), String> {
+        let handle = std::thread::Builder::new()
+            .name(format!("es-{name}"))
+            .spawn(move || {
+                if pin {
+                    if let Err(e) = pin_to_cpu(index % cpus) {
+                        eprintln!("eventstream: warning: cannot pin {name}: {e}");
+                    }
+                }
+                f()
+            })
+            .map_err(|e| format!("cannot start the {name} thread: {e}"))?;
+        threads.push((name, handle));
+        Ok(())
+    };
+    let sweep = args.dedup_sweep;
+    let s = shared.clone();
+    spawn(
+        "realtime",
+        1,
+        Box::new(move || {
+            run_singles(
+                Singles::Realtime(eventstream_core::process::RealtimeProcessor::new(dedup)),
+                rt_rx,
+                srt_tx,
+                s,
+            );
+            Ok(())
+        }),
+    )?;
+    let s = shared.clone();
+    spawn(
+        "transactional",
+        1,
+        Box::new(move || {
+            run_singles(
+                Singles::Transactional(
+                    eventstream_core::process::TransactionalProcessor::new(inserter),
+                    sweep,
+                ),
+                tx_rx,
+                stx_tx,
+                s,
+            );
+            Ok(())
+        }),
+    )?;
+    let s = shared.clone();
+    spawn(
+        "batch",
+        1,
+        Box::new(move || {
+            run_batch(windows, b_rx, sb_tx, s);
+            Ok(())
+        }),
+    )?;
+    spawn("storage", 1, Box::new(move || storage.run()))?;
+    let s = shared.clone();
+    let policy = args.fsync;
+    spawn(
+        "sync",
+        0,
+        Box::new(move || {
+            run_sync(policy, active, s);
+            Ok(())
+        }),
+    )?;
+    let s = shared.clone();
+    spawn(
+        "housekeeping",
+        0,
+        Box::new(move || {
+            crate::report::run_housekeeping(metrics_listener, dedup, s);
+            Ok(())
+        }),
+    )?;
+    spawn(
+        "ingest",
+        0,
+        Box::new(move || ingest.run().map_err(|e| format!("ingest failed: {e}"))),
+    )?;
+    // Ingest finishes last in the shutdown; wait for it first so the other
+    // threads' results follow.
+    threads.rotate_right(1);
+    Ok(Running {
+        listen,
+        metrics,
+        shared,
+        threads,
+    })
+}
+
+/// The write end of the eventfd the signal handler notifies.
+static SIGNAL_TARGET: AtomicI32 = AtomicI32::new(-1);
+static SIGNAL_SHARED: std::sync::OnceLock<Arc<Shared>> = std::sync::OnceLock::new();
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    // Only async-signal-safe work: an atomic store and a write(2).
+    if let Some(shared) = SIGNAL_SHARED.get() {
+        shared.shutdown_requested.store(true, Ordering::Release);
+    }
+    let fd = SIGNAL_TARGET.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; fd is the server's eventfd,
+        // alive for the process's life; the buffer is 8 valid bytes.
+        unsafe {
+            libc::write(fd, (&one as *const u64).cast(), 8);
+        }
+    }
+}
+
+/// Routes SIGINT and SIGTERM to `running`'s graceful shutdown.
+pub fn install_signal_handlers(running: &Running) -> Result<(), String> {
+    let _ = SIGNAL_SHARED.set(running.shared.clone());
+    SIGNAL_TARGET.store(running.shared.ingest.raw_fd(), Ordering::Relaxed);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: sigaction is plain data; all-zero is a valid start, and
+        // the handler only does async-signal-safe work.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_signal as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        crate::sys::syscall!(sigaction(sig, &sa, std::ptr::null_mut()))
+            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `eventstream serve`: runs until SIGINT/SIGTERM.
+pub fn serve(cfg: ServerConfig) -> Result<(), String> {
+    let running = start(cfg)?;
+    install_signal_handlers(&running)?;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening on {}", running.listen);
+    let _ = writeln!(out, "metrics on {}", running.metrics);
+    let _ = out.flush();
+    drop(out);
+    running.wait()
+}

@@ -1,0 +1,174 @@
+//! State every engine thread shares: the shutdown phase, the wake-up spots,
+//! the metrics registry and the gauges the threads publish.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use eventstream_core::metrics::{Histogram, Registry};
+
+use crate::sys::{IngestWaker, Parker};
+
+/// Serving.
+pub const RUN: u32 = 0;
+/// A graceful shutdown began: no accepts, new frames are answered
+/// SHUTTING_DOWN, batch windows flush.
+pub const DRAIN: u32 = 1;
+/// Everything accepted is answered: threads finish and exit.
+pub const STOP: u32 = 2;
+
+/// Input ring depths, for the gauges.
+pub const RING_NAMES: [&str; 7] = [
+    "realtime",
+    "transactional",
+    "batch",
+    "storage_realtime",
+    "storage_transactional",
+    "storage_batch",
+    "acks",
+];
+
+/// Shared by all threads of one server.
+pub struct Shared {
+    /// RUN, DRAIN or STOP.
+    pub phase: AtomicU32,
+    /// A shutdown was asked for (signal or API).
+    pub shutdown_requested: AtomicBool,
+    /// Events ingest moved into the class rings.
+    pub accepted: AtomicU64,
+    /// Events storage answered (stored, duplicate, rejected).
+    pub finished: AtomicU64,
+    /// Storage wrote its last record and released its last ack.
+    pub storage_done: AtomicBool,
+    /// Ingest is short of pool slots: batch windows should flush early.
+    pub pool_starved: AtomicBool,
+    /// Ingest's wake-up (eventfd).
+    pub ingest: IngestWaker,
+    /// The realtime processor's parking spot.
+    pub realtime: Parker,
+    /// The transactional processor's parking spot.
+    pub transactional: Parker,
+    /// The batch processor's parking spot.
+    pub batch: Parker,
+    /// The storage thread's parking spot.
+    pub storage: Parker,
+    /// The sync thread's parking spot.
+    pub sync: Parker,
+    /// The sync thread sleeps until the next write (storage wakes it).
+    pub sync_idle: AtomicBool,
+    /// Log bytes written since start.
+    pub written: AtomicU64,
+    /// Log bytes covered by a finished fsync.
+    pub synced: AtomicU64,
+    /// Counters and latency histograms.
+    pub registry: Registry,
+    /// Open producer connections.
+    pub connections: AtomicU64,
+    /// Connections accepted since start.
+    pub connections_total: AtomicU64,
+    /// Connections refused at accept (limit or no descriptors).
+    pub connections_refused: AtomicU64,
+    /// Connections closed for a half-received frame past --frame-timeout.
+    pub frame_timeouts: AtomicU64,
+    /// Ring depths, as last seen by each consumer.
+    pub ring_depth: [AtomicU64; 7],
+    /// fsyncs done.
+    pub fsyncs: AtomicU64,
+    /// fsync latency, ns.
+    pub fsync_latency: Mutex<Histogram>,
+    /// Next log offset.
+    pub next_offset: AtomicU64,
+    /// Bytes in all segments.
+    pub log_bytes: AtomicU64,
+    /// Storage is in its failed state (retrying once a second).
+    pub storage_failed: AtomicBool,
+    /// Storage write failures since start.
+    pub storage_failures: AtomicU64,
+    /// Dedup entries (as of the last housekeeping pass).
+    pub dedup_entries: AtomicU64,
+    /// Effective dedup window, ms.
+    pub dedup_effective_ms: AtomicU32,
+    /// Pool slots.
+    pub pool_slots: u64,
+}
+
+impl Shared {
+    /// Fresh state for a pool of `pool_slots`.
+    pub fn new(pool_slots: u64, window_ms: u32) -> std::io::Result<Self> {
+        Ok(Self {
+            phase: AtomicU32::new(RUN),
+            shutdown_requested: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            storage_done: AtomicBool::new(false),
+            pool_starved: AtomicBool::new(false),
+            ingest: IngestWaker::new()?,
+            realtime: Parker::new(),
+            transactional: Parker::new(),
+            batch: Parker::new(),
+            storage: Parker::new(),
+            sync: Parker::new(),
+            sync_idle: AtomicBool::new(false),
+            written: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            registry: Registry::new(),
+            connections: AtomicU64::new(0),
+            connections_total: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            frame_timeouts: AtomicU64::new(0),
+            ring_depth: Default::default(),
+            fsyncs: AtomicU64::new(0),
+            fsync_latency: Mutex::new(Histogram::new()),
+            next_offset: AtomicU64::new(0),
+            log_bytes: AtomicU64::new(0),
+            storage_failed: AtomicBool::new(false),
+            storage_failures: AtomicU64::new(0),
+            dedup_entries: AtomicU64::new(0),
+            dedup_effective_ms: AtomicU32::new(window_ms),
+            pool_slots,
+        })
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> u32 {
+        self.phase.load(Ordering::Acquire)
+    }
+
+    /// Sets the phase and wakes every thread so each sees it.
+    pub fn set_phase(&self, phase: u32) {
+        self.phase.store(phase, Ordering::Release);
+        self.wake_all();
+    }
+
+    /// Wakes every thread.
+    pub fn wake_all(&self) {
+        self.realtime.wake();
+        self.transactional.wake();
+        self.batch.wake();
+        self.storage.wake();
+        self.sync.wake();
+        self.ingest.wake_always();
+    }
+
+    /// Asks for a graceful shutdown (what SIGINT and SIGTERM do).
+    pub fn request_shutdown(&self) {
+        self.shutdown_requested.store(true, Ordering::Release);
+        self.ingest.wake_always();
+    }
+
+    /// Publishes a ring's depth.
+    pub fn set_depth(&self, ring: usize, depth: usize) {
+        if let Some(g) = self.ring_depth.get(ring) {
+            g.store(depth as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Pool slots not held by an event in flight (events accepted and not
+    /// yet answered hold one slot each).
+    pub fn pool_free(&self) -> u64 {
+        let inflight = self
+            .accepted
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.finished.load(Ordering::Relaxed));
+        self.pool_slots.saturating_sub(inflight)
+    }
+}

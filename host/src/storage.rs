@@ -1,0 +1,449 @@
+//! The segmented log of PROTOCOL.md section 6 on disk: the locked data
+//! directory, start-up recovery of the newest segment, appends (one `pwrite`
+//! for many records, cut back on failure so nothing half-written stays),
+//! segment roll, retention, and the dedup rebuild.
+//!
+//! Costs: the append path makes one syscall per buffer of records and
+//! allocates nothing; opening, rolling and retention allocate and fsync.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use eventstream_core::dedup::Inserter;
+use eventstream_core::record::{
+    recover, segment_name, Record, RecordKind, Recovery, SEGMENT_HEADER, SEGMENT_HEADER_LEN,
+};
+use eventstream_core::Class;
+
+use crate::sys::syscall;
+
+/// One segment file.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    /// Offset of its first event.
+    pub base: u64,
+    /// Its path.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Lists the segments of `dir`, oldest first.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<Segment>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(".log") else {
+            continue;
+        };
+        if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(base) = stem.parse::<u64>() else {
+            continue;
+        };
+        out.push(Segment {
+            base,
+            path: entry.path(),
+            size: entry.metadata()?.len(),
+        });
+    }
+    out.sort_by_key(|s| s.base);
+    Ok(out)
+}
+
+/// The open log: the active segment and what came before it.
+pub struct Log {
+    dir: PathBuf,
+    dir_file: File,
+    _lock: File,
+    segments: Vec<Segment>,
+    active: Arc<File>,
+    /// Shared with the sync thread, which fsyncs whatever file is here.
+    shared_active: Arc<Mutex<Arc<File>>>,
+    active_len: u64,
+    next_offset: u64,
+    segment_bytes: u64,
+    retention_bytes: Option<u64>,
+    retention_age: Option<Duration>,
+}
+
+/// What start-up found and did.
+#[derive(Debug, Default)]
+pub struct Opened {
+    /// Lines for the operator (truncations, repairs).
+    pub notes: Vec<String>,
+}
+
+/// Settings of [`Log::open`].
+pub struct LogOptions {
+    /// Roll past this size.
+    pub segment_bytes: u64,
+    /// Keep at most this many bytes of segments.
+    pub retention_bytes: Option<u64>,
+    /// Delete segments last written longer ago than this.
+    pub retention_age: Option<Duration>,
+    /// Repair a corrupt newest segment instead of refusing to start.
+    pub repair: bool,
+}
+
+fn sync_dir(dir: &File) -> io::Result<()> {
+    dir.sync_all()
+}
+
+fn create_segment(dir: &Path, dir_file: &File, base: u64) -> io::Result<(File, PathBuf)> {
+    let path = dir.join(segment_name(base).as_str());
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    file.write_all_at(&SEGMENT_HEADER, 0)?;
+    file.sync_all()?;
+    sync_dir(dir_file)?;
+    Ok((file, path))
+}
+
+impl Log {
+    /// Creates (if missing), locks and recovers the data directory.
+    pub fn open(dir: &Path, opts: LogOptions) -> Result<(Log, Opened), String> {
+        fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| format!("cannot write data dir {}: {e}", dir.display()))?;
+        if let Err(e) = syscall!(flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)) {
+            return Err(if e.kind() == io::ErrorKind::WouldBlock {
+                format!(
+                    "data dir {} is locked by another running server",
+                    dir.display()
+                )
+            } else {
+                format!("cannot lock data dir {}: {e}", dir.display())
+            });
+        }
+        let dir_file =
+            File::open(dir).map_err(|e| format!("cannot open data dir {}: {e}", dir.display()))?;
+        let mut segments =
+            list_segments(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let mut opened = Opened::default();
+        let (active, active_len, next_offset) = match segments.last_mut() {
+            None => {
+                let (file, path) = create_segment(dir, &dir_file, 0)
+                    .map_err(|e| format!("cannot create the first segment: {e}"))?;
+                segments.push(Segment {
+                    base: 0,
+                    path,
+                    size: SEGMENT_HEADER_LEN as u64,
+                });
+                (file, SEGMENT_HEADER_LEN as u64, 0)
+            }
+            Some(seg) => recover_segment(seg, opts.repair, &mut opened)?,
+        };
+        let active = Arc::new(active);
+        let log = Log {
+            dir: dir.to_path_buf(),
+            dir_file,
+            _lock: lock,
+            shared_active: Arc::new(Mutex::new(active.clone())),
+            active,
+            segments,
+            active_len,
+            next_offset,
+            segment_bytes: opts.segment_bytes,
+            retention_bytes: opts.retention_bytes,
+            retention_age: opts.retention_age,
+        };
+        Ok((log, opened))
+    }
+
+    /// Offset of the next event.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// The handle the sync thread fsyncs.
+    pub fn shared_active(&self) -> Arc<Mutex<Arc<File>>> {
+        self.shared_active.clone()
+    }
+
+    /// The active segment.
+    pub fn active(&self) -> &File {
+        &self.active
+    }
+
+    /// Total bytes in all segments.
+    pub fn total_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.size).sum()
+    }
+
+    /// Segments, oldest first.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// Whether `extra` more bytes would take the active segment past its
+    /// size limit (a segment always takes at least one buffer).
+    pub fn needs_roll(&self, extra: usize) -> bool {
+        self.active_len > SEGMENT_HEADER_LEN as u64
+            && self.active_len + extra as u64 > self.segment_bytes
+    }
+
+    /// Appends `buf` (whole records holding `events` events) with one
+    /// positional write; on failure the file is cut back to its previous
+    /// length, so no partial record stays.
+    pub fn append(&mut self, buf: &[u8], events: u64) -> io::Result<()> {
+        if let Err(e) = self.active.write_all_at(buf, self.active_len) {
+            // Best effort: if the cut fails too, start-up recovery finds
+            // the torn tail.
+            if let Err(t) = self.active.set_len(self.active_len) {
+                eprintln!("eventstream: cannot cut back a failed write: {t}");
+            }
+            return Err(e);
+        }
+        self.active_len += buf.len() as u64;
+        if let Some(seg) = self.segments.last_mut() {
+            seg.size = self.active_len;
+        }
+        self.next_offset += events;
+        Ok(())
+    }
+
+    /// Fsyncs the active segment, opens a new one at the next offset (the
+    /// directory is fsynced), and applies retention.
+    pub fn roll(&mut self, sync_old: bool) -> io::Result<()> {
+        if sync_old {
+            self.active.sync_data()?;
+        }
+        let (file, path) = create_segment(&self.dir, &self.dir_file, self.next_offset)?;
+        self.segments.push(Segment {
+            base: self.next_offset,
+            path,
+            size: SEGMENT_HEADER_LEN as u64,
+        });
+        self.active = Arc::new(file);
+        self.active_len = SEGMENT_HEADER_LEN as u64;
+        if let Ok(mut slot) = self.shared_active.lock() {
+            *slot = self.active.clone();
+        }
+        self.apply_retention();
+        Ok(())
+    }
+
+    /// Deletes the oldest closed segments while the log is over
+    /// `--retention-bytes` or they are older than `--retention-age`; the
+    /// directory is fsynced after a delete. Returns how many went.
+    pub fn apply_retention(&mut self) -> usize {
+        let mut deleted = 0;
+        while self.segments.len() > 1 {
+            let oldest = &self.segments[0];
+            let over_bytes = self
+                .retention_bytes
+                .is_some_and(|max| self.total_bytes() > max);
+            let too_old = self.retention_age.is_some_and(|age| {
+                fs::metadata(&oldest.path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                    .is_some_and(|d| d > age)
+            });
+            if !over_bytes && !too_old {
+                break;
+            }
+            if let Err(e) = fs::remove_file(&oldest.path) {
+                eprintln!(
+                    "eventstream: retention cannot delete {}: {e}",
+                    oldest.path.display()
+                );
+                break;
+            }
+            eprintln!(
+                "eventstream: retention deleted {} ({} bytes)",
+                oldest.path.display(),
+                oldest.size
+            );
+            self.segments.remove(0);
+            deleted += 1;
+        }
+        if deleted > 0 {
+            if let Err(e) = sync_dir(&self.dir_file) {
+                eprintln!("eventstream: cannot fsync the data dir: {e}");
+            }
+        }
+        deleted
+    }
+
+    /// Puts the transactional ids stored inside the window back into the
+    /// dedup table, stamped with their age, with their offsets. Returns how
+    /// many.
+    pub fn rebuild_dedup(
+        &self,
+        inserter: &mut Inserter<'_>,
+        window: Duration,
+        wall_now_ns: u64,
+        mono_now_ms: u64,
+    ) -> io::Result<usize> {
+        let window_ns = window.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let since = wall_now_ns.saturating_sub(window_ns);
+        let cutoff = SystemTime::now()
+            .checked_sub(window)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut n = 0;
+        let table = inserter.table();
+        for (i, seg) in self.segments.iter().enumerate() {
+            // A closed segment last written before the window holds nothing
+            // inside it.
+            let newest = i + 1 == self.segments.len();
+            if !newest {
+                let modified = fs::metadata(&seg.path)?.modified()?;
+                if modified < cutoff {
+                    continue;
+                }
+            }
+            let bytes = fs::read(&seg.path)?;
+            let mut pos = SEGMENT_HEADER_LEN;
+            while let Some(rest) = bytes.get(pos..) {
+                let Ok(rec) = Record::parse(rest) else { break };
+                pos += rec.size();
+                if rec.kind() != RecordKind::Single
+                    || rec.class() != Class::Transactional
+                    || rec.recv_ns() < since
+                {
+                    continue;
+                }
+                for (offset, frame) in rec.frames() {
+                    if frame.is_legacy() {
+                        continue;
+                    }
+                    let age_ms = wall_now_ns.saturating_sub(rec.recv_ns()) / 1_000_000;
+                    let _ = inserter.insert(frame.event_id(), mono_now_ms.saturating_sub(age_ms));
+                    table.set_offset(frame.event_id(), offset);
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Recovers the newest segment per PROTOCOL.md section 6; returns the file
+/// opened for appends, its length and the next offset.
+fn recover_segment(
+    seg: &mut Segment,
+    repair: bool,
+    opened: &mut Opened,
+) -> Result<(File, u64, u64), String> {
+    let name = seg.path.display().to_string();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg.path)
+        .map_err(|e| format!("cannot open {name}: {e}"))?;
+    let bytes = fs::read(&seg.path).map_err(|e| format!("cannot read {name}: {e}"))?;
+    let rewrite_empty = |file: &File| -> Result<(), String> {
+        file.set_len(0)
+            .and_then(|()| file.write_all_at(&SEGMENT_HEADER, 0))
+            .and_then(|()| file.sync_all())
+            .map_err(|e| format!("cannot rewrite {name}: {e}"))
+    };
+    let truncate = |file: &File, to: usize| -> Result<(), String> {
+        file.set_len(to as u64)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| format!("cannot truncate {name}: {e}"))
+    };
+    let (len, next) = match recover(&bytes, seg.base) {
+        Recovery::Clean { next_offset } => (bytes.len(), next_offset),
+        Recovery::RewriteEmpty { next_offset } => {
+            rewrite_empty(&file)?;
+            opened.notes.push(format!(
+                "{name}: shorter than its header ({} bytes); rewritten as an empty segment",
+                bytes.len()
+            ));
+            (SEGMENT_HEADER_LEN, next_offset)
+        }
+        Recovery::BadHeader => {
+            if !repair {
+                return Err(format!(
+                    "{name}: bad segment header; start with --repair to rewrite it as an empty segment"
+                ));
+            }
+            rewrite_empty(&file)?;
+            opened.notes.push(format!(
+                "{name}: bad header; --repair rewrote it as an empty segment, dropping {} bytes",
+                bytes.len()
+            ));
+            (SEGMENT_HEADER_LEN, seg.base)
+        }
+        Recovery::Truncate { to, next_offset } => {
+            truncate(&file, to)?;
+            opened.notes.push(format!(
+                "{name}: torn tail of {} bytes at position {to} truncated; next offset {next_offset}",
+                bytes.len() - to
+            ));
+            (to, next_offset)
+        }
+        Recovery::Refuse {
+            bad_at,
+            valid_at,
+            next_offset,
+            dropped_bytes,
+            dropped_offsets,
+        } => {
+            if !repair {
+                return Err(format!(
+                    "{name}: bad record at position {bad_at} followed by a valid record at {valid_at}; refusing to start (--repair truncates at {bad_at})"
+                ));
+            }
+            truncate(&file, bad_at)?;
+            opened.notes.push(format!(
+                "{name}: --repair truncated at position {bad_at}: dropped {dropped_bytes} bytes, offsets {}..{}; next offset {next_offset}",
+                dropped_offsets.0, dropped_offsets.1
+            ));
+            (bad_at, next_offset)
+        }
+    };
+    seg.size = len as u64;
+    Ok((file, len as u64, next))
+}
+
+/// Reads every record of one segment; stops at the first invalid position
+/// and returns it with the reason.
+pub fn read_records(
+    bytes: &[u8],
+    base: u64,
+    mut each: impl FnMut(&Record<'_>),
+) -> Result<u64, (usize, String)> {
+    if bytes.get(..SEGMENT_HEADER_LEN) != Some(&SEGMENT_HEADER[..]) {
+        return Err((0, "bad segment header".into()));
+    }
+    let mut pos = SEGMENT_HEADER_LEN;
+    let mut next = base;
+    while pos < bytes.len() {
+        let rec = match Record::parse(&bytes[pos..]) {
+            Ok(r) => r,
+            Err(e) => return Err((pos, format!("invalid record: {e:?}"))),
+        };
+        if rec.offset() != next {
+            return Err((
+                pos,
+                format!("record offset {} where {next} was expected", rec.offset()),
+            ));
+        }
+        each(&rec);
+        next = rec.next_offset();
+        pos += rec.size();
+    }
+    Ok(next)
+}

@@ -1,0 +1,347 @@
+//! The OS glue: every libc call goes through [`syscall!`], which turns a
+//! `-1` return into `io::Error::last_os_error()`, so no call site can ignore
+//! an error. Also the clocks, the futex park/wake pair and the eventfd.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::time::Duration;
+
+/// Calls a libc function; a return of -1 becomes the OS error.
+macro_rules! syscall {
+    ($fn: ident ( $($arg: expr),* $(,)* ) ) => {{
+        // SAFETY: the arguments are valid for this libc function (checked at
+        // each call site); the result is checked for -1.
+        #[allow(unused_unsafe)]
+        let res = unsafe { libc::$fn($($arg, )*) };
+        if res == -1 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+pub(crate) use syscall;
+
+/// Offset added to CLOCK_MONOTONIC so the engine's monotonic clock is never
+/// smaller than any dedup window (ids are stamped in the past at rebuild).
+const MONO_EPOCH_NS: u64 = 1 << 50;
+
+/// Monotonic nanoseconds (CLOCK_MONOTONIC plus a fixed offset).
+pub fn monotonic_ns() -> u64 {
+    clock(libc::CLOCK_MONOTONIC) + MONO_EPOCH_NS
+}
+
+/// Wall-clock unix nanoseconds.
+pub fn wall_ns() -> u64 {
+    clock(libc::CLOCK_REALTIME)
+}
+
+fn clock(id: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // clock_gettime cannot fail for these clocks with a valid pointer.
+    let _ = syscall!(clock_gettime(id, &mut ts));
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// The engine's clock for the core traits.
+#[derive(Clone, Copy, Default)]
+pub struct SysClock;
+
+impl eventstream_core::pipeline::Clock for SysClock {
+    fn monotonic_ns(&self) -> u64 {
+        monotonic_ns()
+    }
+    fn wall_ns(&self) -> u64 {
+        wall_ns()
+    }
+}
+
+/// Sets O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    let flags = syscall!(fcntl(fd, libc::F_GETFL))?;
+    syscall!(fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+    Ok(())
+}
+
+/// Raises the open-file soft limit to the hard limit; returns the new soft
+/// limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        syscall!(setrlimit(libc::RLIMIT_NOFILE, &lim))?;
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes inside `set` for cpu < CPU_SETSIZE, which the
+    // caller's modulo by the online CPU count guarantees.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    syscall!(sched_setaffinity(
+        0,
+        std::mem::size_of::<libc::cpu_set_t>(),
+        &set
+    ))?;
+    Ok(())
+}
+
+/// Number of online CPUs.
+pub fn online_cpus() -> usize {
+    syscall!(sysconf(libc::_SC_NPROCESSORS_ONLN)).map_or(1, |n| n.max(1) as usize)
+}
+
+/// Ignores a signal (SIGPIPE: writes get EPIPE instead; SIGXFSZ: writes past
+/// RLIMIT_FSIZE get EFBIG instead of killing the process).
+pub fn ignore_signal(sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: SIG_IGN is a valid disposition for these signals.
+    let prev = unsafe { libc::signal(sig, libc::SIG_IGN) };
+    if prev == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A non-blocking eventfd: a counter one thread adds to and another waits on
+/// in epoll.
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    /// A new eventfd.
+    pub fn new() -> io::Result<Self> {
+        let fd = syscall!(eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))?;
+        // SAFETY: eventfd returned a fresh descriptor that nothing else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Adds one (wakes a waiter). EAGAIN means the counter is already
+    /// non-zero, which wakes it just as well.
+    pub fn notify(&self) {
+        let one: u64 = 1;
+        let r = syscall!(write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8));
+        if let Err(e) = r {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                eprintln!("eventstream: eventfd write failed: {e}");
+            }
+        }
+    }
+
+    /// Resets the counter.
+    pub fn drain(&self) {
+        let mut v: u64 = 0;
+        // EAGAIN (already zero) is the expected outcome when nothing was
+        // notified.
+        let _ = syscall!(read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8));
+    }
+
+    /// The descriptor (for epoll).
+    pub fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// A thread's parking spot: the thread sleeps on a futex when it has no
+/// work, and whoever gives it work wakes it.
+///
+/// The wake-up protocol (Dekker's handshake): the parking thread stores
+/// PARKED, issues a SeqCst fence, then checks its inputs once more before it
+/// sleeps; a producer publishes its item (a Release store in the ring),
+/// issues a SeqCst fence, then loads the state. One of the two always sees
+/// the other's store, so an item is never left behind a sleeping consumer.
+/// A producer pays one fence and one load per wake-up call, and a syscall
+/// only when the consumer really sleeps.
+pub struct Parker {
+    state: AtomicU32,
+}
+
+const AWAKE: u32 = 0;
+const PARKED: u32 = 1;
+
+impl Parker {
+    /// An awake parker.
+    pub const fn new() -> Self {
+        Self {
+            state: AtomicU32::new(AWAKE),
+        }
+    }
+
+    /// Sleeps until woken or `timeout` passes, unless `has_work` (checked
+    /// after announcing the park) says there is something to do.
+    pub fn park(&self, timeout: Option<Duration>, has_work: impl FnOnce() -> bool) {
+        self.state.store(PARKED, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if has_work() {
+            self.state.store(AWAKE, Ordering::Relaxed);
+            return;
+        }
+        let ts = timeout.map(|d| libc::timespec {
+            tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        });
+        let ts_ptr = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: the futex word is a live AtomicU32; FUTEX_WAIT only reads
+        // it and sleeps while it equals PARKED. EINTR, EAGAIN (already
+        // woken) and ETIMEDOUT all mean "look again", so the result is not
+        // an error for us.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.state.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                PARKED,
+                ts_ptr,
+            );
+        }
+        self.state.store(AWAKE, Ordering::Relaxed);
+    }
+
+    /// Wakes the thread if it is parked (call after publishing work).
+    pub fn wake(&self) {
+        fence(Ordering::SeqCst);
+        if self.state.load(Ordering::Relaxed) == PARKED
+            && self.state.swap(AWAKE, Ordering::Relaxed) == PARKED
+        {
+            // SAFETY: FUTEX_WAKE on a live AtomicU32; it cannot fault and
+            // its count is only informative.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.state.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1,
+                );
+            }
+        }
+    }
+}
+
+impl Default for Parker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Ingest's parking spot: it sleeps in `epoll_wait` with an eventfd
+/// registered, so a wake is an eventfd write. It parks for acks always, and
+/// also for room when a connection waits for pool or ring space; storage
+/// wakes it for acks, processors and storage for freed room.
+pub struct IngestWaker {
+    state: AtomicU32,
+    fd: EventFd,
+}
+
+/// Ingest sleeps, and wants acks.
+const WANT_ACKS: u32 = 1;
+/// Ingest sleeps, and wants acks or room.
+const WANT_ROOM: u32 = 2;
+
+impl IngestWaker {
+    /// An awake waker with its eventfd.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            state: AtomicU32::new(AWAKE),
+            fd: EventFd::new()?,
+        })
+    }
+
+    /// The eventfd to register in epoll.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.raw()
+    }
+
+    /// Announces that ingest is about to sleep; then it must check its
+    /// inputs once more (the ack ring, and room if `want_room`).
+    pub fn prepare_park(&self, want_room: bool) {
+        let s = if want_room { WANT_ROOM } else { WANT_ACKS };
+        self.state.store(s, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Ingest is awake again; clears the eventfd.
+    pub fn unpark(&self) {
+        self.state.store(AWAKE, Ordering::Relaxed);
+        self.fd.drain();
+    }
+
+    /// Acks were pushed: wake ingest if it sleeps.
+    pub fn wake_for_acks(&self) {
+        fence(Ordering::SeqCst);
+        if self.state.load(Ordering::Relaxed) != AWAKE
+            && self.state.swap(AWAKE, Ordering::Relaxed) != AWAKE
+        {
+            self.fd.notify();
+        }
+    }
+
+    /// Room was freed in a ring or the pool: wake ingest if it sleeps
+    /// waiting for room.
+    pub fn wake_for_room(&self) {
+        fence(Ordering::SeqCst);
+        if self.state.load(Ordering::Relaxed) == WANT_ROOM
+            && self.state.swap(AWAKE, Ordering::Relaxed) != AWAKE
+        {
+            self.fd.notify();
+        }
+    }
+
+    /// Wakes ingest whatever it waits for (signals, shutdown).
+    pub fn wake_always(&self) {
+        self.state.store(AWAKE, Ordering::Relaxed);
+        self.fd.notify();
+    }
+}
+
+/// Spin, then yield, then park: the idle strategy of every engine thread.
+pub struct Backoff {
+    step: u32,
+}
+
+const SPINS: u32 = 64;
+const YIELDS: u32 = 8;
+
+impl Backoff {
+    /// Fresh (work was just found).
+    pub const fn new() -> Self {
+        Self { step: 0 }
+    }
+
+    /// Work was found: start over.
+    pub fn reset(&mut self) {
+        self.step = 0;
+    }
+
+    /// No work: spins or yields and returns false, or returns true when it
+    /// is time to park.
+    pub fn idle(&mut self) -> bool {
+        if self.step < SPINS {
+            std::hint::spin_loop();
+        } else if self.step < SPINS + YIELDS {
+            std::thread::yield_now();
+        } else {
+            return true;
+        }
+        self.step += 1;
+        false
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
