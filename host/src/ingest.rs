@@ -37,6 +37,8 @@ const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_WAKER: u64 = u64::MAX - 1;
 /// Longest a graceful shutdown waits for acks to reach slow clients.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
+/// How long accepting pauses when no descriptor is left at all.
+const ACCEPT_PAUSE_NS: u64 = 100_000_000;
 
 /// One producer connection.
 struct Conn {
@@ -134,6 +136,7 @@ pub struct Ingest {
     next_timeout_scan: u64,
     shutting_down: bool,
     shutdown_deadline: Option<u64>,
+    accept_paused_until: Option<u64>,
 }
 
 fn epoll_add(epfd: RawFd, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
@@ -180,6 +183,7 @@ impl Ingest {
             next_timeout_scan: 0,
             shutting_down: false,
             shutdown_deadline: None,
+            accept_paused_until: None,
             p,
         })
     }
@@ -190,6 +194,7 @@ impl Ingest {
             vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
         loop {
             let now = monotonic_ns();
+            self.resume_accepting(now);
             self.deliver_acks();
             self.resume_waiting();
             self.serve_ready(now);
@@ -244,6 +249,10 @@ impl Ingest {
         let mut ms: i64 = -1;
         if self.mid_frames > 0 {
             ms = (self.next_timeout_scan.saturating_sub(now) / 1_000_000) as i64 + 1;
+        }
+        if let Some(until) = self.accept_paused_until {
+            let left = (until.saturating_sub(now) / 1_000_000) as i64 + 1;
+            ms = if ms < 0 { left } else { ms.min(left) };
         }
         if let Some(deadline) = self.shutdown_deadline {
             let left = (deadline.saturating_sub(now) / 1_000_000) as i64 + 1;
@@ -314,16 +323,26 @@ impl Ingest {
                     // Out of descriptors: free the spare, accept the
                     // connection and close it at once, so epoll does not
                     // report the same pending connection forever.
-                    self.spare_fd = None;
-                    if let Ok(fd) = syscall!(accept(
+                    // (accept4 reports EMFILE even with nothing pending.)
+                    if self.spare_fd.take().is_none() {
+                        // No spare either: stop watching the listener for a
+                        // while instead of spinning on it.
+                        self.pause_accepting();
+                        return;
+                    }
+                    let pending = syscall!(accept(
                         listener.as_raw_fd(),
                         std::ptr::null_mut(),
                         std::ptr::null_mut()
-                    )) {
+                    ));
+                    if let Ok(fd) = pending {
                         // SAFETY: accept returned a fresh descriptor we own.
                         drop(unsafe { OwnedFd::from_raw_fd(fd) });
                     }
                     self.spare_fd = File::open("/dev/null").ok();
+                    if pending.is_err() {
+                        return;
+                    }
                     self.p
                         .shared
                         .connections_refused
@@ -348,6 +367,50 @@ impl Ingest {
             }
             if let Err(e) = self.register(fd) {
                 eprintln!("eventstream: cannot register a connection: {e}");
+            }
+        }
+    }
+
+    /// Takes the listener out of epoll for [`ACCEPT_PAUSE_NS`].
+    fn pause_accepting(&mut self) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        if let Some(l) = &self.listener {
+            let mut ev = libc::epoll_event { events: 0, u64: 0 };
+            if let Err(e) = syscall!(epoll_ctl(
+                self.epfd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                l.as_raw_fd(),
+                &mut ev
+            )) {
+                eprintln!("eventstream: cannot pause accepting: {e}");
+                return;
+            }
+        }
+        eprintln!("eventstream: out of file descriptors; accepting paused");
+        self.accept_paused_until = Some(monotonic_ns() + ACCEPT_PAUSE_NS);
+    }
+
+    fn resume_accepting(&mut self, now: u64) {
+        let Some(until) = self.accept_paused_until else {
+            return;
+        };
+        if now < until {
+            return;
+        }
+        self.accept_paused_until = None;
+        if self.spare_fd.is_none() {
+            self.spare_fd = File::open("/dev/null").ok();
+        }
+        if let Some(l) = &self.listener {
+            if let Err(e) = epoll_add(
+                self.epfd.as_raw_fd(),
+                l.as_raw_fd(),
+                TOKEN_LISTENER,
+                libc::EPOLLIN as u32,
+            ) {
+                eprintln!("eventstream: cannot resume accepting: {e}");
             }
         }
     }
@@ -486,8 +549,9 @@ impl Ingest {
                 self.close(id);
                 continue;
             }
-            // Credit came back: read again.
-            if c.readable && !c.queued && !c.closing && c.fatal.is_none() {
+            // Credit came back: decode what is held, read again.
+            let input = c.readable || c.stash_pos < c.stash.len();
+            if input && !c.queued && !c.closing && c.fatal.is_none() {
                 c.queued = true;
                 self.ready.push_back(id);
             }

@@ -121,7 +121,10 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         Shared::new(u64::from(args.pool_events), window_ms).map_err(|e| format!("eventfd: {e}"))?,
     );
     let pool_meta = leak_slice(args.pool_events as usize, SlotMeta::new);
-    let pool_data = leak_slice(args.pool_events as usize * args.max_frame as usize, || 0u8);
+    // Zeroed by the allocator (pages are mapped lazily), not byte by byte.
+    let pool_data: &'static mut [u8] = Box::leak(
+        vec![0u8; args.pool_events as usize * args.max_frame as usize].into_boxed_slice(),
+    );
     let pool = leak(
         BufferPool::new(pool_meta, pool_data, args.max_frame as usize)
             .map_err(|e| format!("pool: {e:?}"))?,
