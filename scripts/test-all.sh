@@ -22,6 +22,18 @@ step() {
     echo "<== $name: ${dt}s"
 }
 
+apt_install() {
+    # Debian packages the tests run for real (idempotent: only what is missing).
+    local missing=()
+    command -v promtool >/dev/null || missing+=(prometheus)
+    if ((${#missing[@]})); then
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    fi
+}
+
 install_toolchains() {
     rustup component add rustfmt clippy
     rustup target add thumbv7em-none-eabihf
@@ -45,6 +57,7 @@ miri_core() {
     MIRIFLAGS="-Zmiri-strict-provenance" cargo +nightly miri test -p eventstream-core --lib
 }
 
+step "install Debian packages (prometheus for promtool)" apt_install
 step "install toolchains, targets and components" install_toolchains
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -D warnings" cargo clippy --workspace --all-targets -- -D warnings

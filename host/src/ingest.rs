@@ -37,6 +37,8 @@ const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_WAKER: u64 = u64::MAX - 1;
 /// Longest a graceful shutdown waits for acks to reach slow clients.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
+/// How long a shutdown keeps reading input that was already sent.
+const DRAIN_READ_NS: u64 = 500_000_000;
 /// How long accepting pauses when no descriptor is left at all.
 const ACCEPT_PAUSE_NS: u64 = 100_000_000;
 
@@ -890,8 +892,15 @@ impl Ingest {
         }
         let past_deadline = self.shutdown_deadline.is_some_and(|d| now >= d);
         if shared.phase() == DRAIN {
+            // Input already waiting in the sockets is read and answered
+            // SHUTTING_DOWN (for up to DRAIN_READ), so producers learn
+            // which frames were not stored.
+            let begun = self
+                .shutdown_deadline
+                .map_or(now, |d| d - SHUTDOWN_GRACE.as_nanos() as u64);
+            let read_out = self.ready.is_empty() || now >= begun + DRAIN_READ_NS;
             let answered = shared.finished.load(Ordering::Acquire) >= self.accepted;
-            if answered || past_deadline {
+            if (answered && read_out && now > begun) || past_deadline {
                 shared.set_phase(STOP);
             }
         }

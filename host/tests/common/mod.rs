@@ -65,14 +65,21 @@ pub struct Failed {
 
 fn command(data: &Path, stderr: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
+    // Small defaults keep many test servers cheap; a test's own flags win.
+    let mut defaults = Vec::new();
+    for (flag, value) in [("--pool-events", "8192"), ("--dedup-capacity", "65536")] {
+        if !args.contains(&flag) {
+            defaults.extend([flag, value]);
+        }
+    }
     cmd.arg("serve")
+        .args(defaults)
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--metrics")
         .arg("127.0.0.1:0")
         .arg("--data")
         .arg(data)
-        .args(["--pool-events", "8192", "--dedup-capacity", "65536"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -106,8 +113,11 @@ impl Server {
         hook: impl FnOnce(&mut Command),
     ) -> Result<Server, Failed> {
         static N: AtomicU32 = AtomicU32::new(0);
-        let stderr =
-            data.with_file_name(format!("serve-{}.err", N.fetch_add(1, Ordering::Relaxed)));
+        let stderr = std::env::temp_dir().join(format!(
+            "es-serve-{}-{}.err",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let mut cmd = command(data, &stderr, args);
         hook(&mut cmd);
         let mut child = cmd.spawn().expect("spawn eventstream serve");
@@ -126,9 +136,11 @@ impl Server {
                 }
                 _ => {
                     let status = child.wait().unwrap();
+                    let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+                    let _ = std::fs::remove_file(&stderr);
                     return Err(Failed {
                         status,
-                        stderr: std::fs::read_to_string(&stderr).unwrap_or_default(),
+                        stderr: text,
                     });
                 }
             }
@@ -198,6 +210,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr);
     }
 }
 

@@ -1,0 +1,414 @@
+//! The storage side of `eventstream serve`: the data dir lock, CLI errors,
+//! write failures, restarts, recovery, group commit, roll and retention,
+//! the full policies, and graceful shutdown.
+
+mod common;
+
+use std::collections::HashSet;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use eventstream_core::wire::{Reason, Status};
+use eventstream_core::Priority;
+
+fn segments(data: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn tx(id: u64) -> Vec<u8> {
+    frame(id, Priority::Medium, "orders/eu", &[9u8; 200], true)
+}
+
+/// Sends one event at a time and returns its ack (each is its own record).
+fn store_one(c: &mut Client, id: u64) -> u64 {
+    c.send(&tx(id));
+    let a = c.acks(1)[0];
+    assert_eq!(a.status, Status::Stored, "{a:?}");
+    a.offset
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = TempDir::new("lock");
+    let _first = Server::start(&dir.data(), &[]);
+    let err = Server::try_start(&dir.data(), &[]).err().expect("refused");
+    assert!(!err.status.success());
+    assert!(
+        err.stderr.contains("locked by another running server"),
+        "{}",
+        err.stderr
+    );
+    assert_eq!(
+        err.stderr.lines().count(),
+        1,
+        "one clear line: {}",
+        err.stderr
+    );
+}
+
+#[test]
+fn bad_flags_and_unusable_data_dirs_give_one_line_and_a_non_zero_exit() {
+    let dir = TempDir::new("flags");
+    for args in [
+        vec!["serve", "--fsync", "sometimes"],
+        vec!["serve", "--segment-bytes", "12XB"],
+        vec!["serve", "--max-frame", "20"],
+        vec!["serve", "--listen", "not-an-address"],
+    ] {
+        let out = std::process::Command::new(BIN)
+            .args(&args)
+            .arg("--data")
+            .arg(dir.data())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.trim().is_empty(), "{args:?}");
+    }
+    // A data dir under a regular file cannot be created.
+    let file = dir.path().join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let err = Server::try_start(&file.join("data"), &[])
+        .err()
+        .expect("refused");
+    assert!(!err.status.success());
+    assert!(
+        err.stderr.contains("cannot create data dir"),
+        "{}",
+        err.stderr
+    );
+    assert_eq!(err.stderr.lines().count(), 1, "{}", err.stderr);
+}
+
+#[test]
+fn a_failed_write_answers_storage_failed_and_the_server_recovers() {
+    let dir = TempDir::new("fsize");
+    // Files may not grow past 64 KiB: writes past it fail with EFBIG.
+    let server = Server::start_with(&dir.data(), &["--fsync", "never"], |cmd| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe; it runs in the child
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 64 * 1024,
+                    rlim_max: libc::RLIM_INFINITY,
+                };
+                libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
+                Ok(())
+            });
+        }
+    });
+    let mut c = server.connect();
+    let mut failed = Vec::new();
+    let mut stored = 0;
+    let mut id = 1;
+    while failed.is_empty() {
+        assert!(id < 2000, "no write ever failed");
+        c.send(&tx(id));
+        let a = c.acks(1)[0];
+        match (a.status, a.reason) {
+            (Status::Stored, _) => stored += 1,
+            (Status::Rejected, Reason::StorageFailed) => failed.push(id),
+            other => panic!("unexpected {other:?}"),
+        }
+        id += 1;
+    }
+    assert!(stored > 100);
+    assert_eq!(server.metric("eventstream_storage_failed"), 1.0);
+    // Lift the limit: within about a second the log takes writes again.
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit on our own child.
+    let rc = unsafe { libc::prlimit(server.pid(), libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0);
+    std::thread::sleep(Duration::from_millis(1200));
+    // The failed id was not kept for dedup: its retry is stored.
+    let mut recovered = false;
+    for _ in 0..50 {
+        c.send(&tx(failed[0]));
+        let a = c.acks(1)[0];
+        if a.status == Status::Stored {
+            recovered = true;
+            break;
+        }
+        assert_eq!(a.reason, Reason::StorageFailed);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(recovered, "the server never recovered");
+    assert!(server.stderr().contains("storage recovered"));
+    store_one(&mut c, 5000);
+    // Nothing half-written: every record checks, offsets are dense.
+    let (ok, _, err) = inspect(&dir.data(), &["--verify"]);
+    assert!(ok, "{err}");
+    let events = inspect_events(&dir.data());
+    assert_eq!(events.len(), stored + 2);
+}
+
+#[test]
+fn restart_after_sigterm_exits_zero_and_offsets_continue() {
+    let dir = TempDir::new("restart");
+    let server = Server::start(&dir.data(), &[]);
+    let mut c = server.connect();
+    let mut bytes = Vec::new();
+    for id in 0..50 {
+        bytes.extend(frame(id, Priority::ALL[(id % 5) as usize], "t", b"p", true));
+    }
+    c.send(&bytes);
+    assert_stored(&c.acks(50));
+    let (status, took) = server.terminate();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let server = Server::start(&dir.data(), &[]);
+    let mut c = server.connect();
+    assert_eq!(store_one(&mut c, 100), 50);
+}
+
+#[test]
+fn a_torn_tail_is_truncated_and_the_server_starts() {
+    let dir = TempDir::new("torn");
+    let server = Server::start(&dir.data(), &[]);
+    let mut c = server.connect();
+    for id in 0..10 {
+        store_one(&mut c, id);
+    }
+    let _ = server.terminate();
+    let seg = segments(&dir.data()).pop().unwrap();
+    let good = std::fs::metadata(&seg).unwrap().len();
+    let bytes = std::fs::read(&seg).unwrap();
+    // Half of a copy of the last record, as a crash mid-write leaves it.
+    let tail = bytes[bytes.len() - 150..bytes.len() - 40].to_vec();
+    OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .unwrap()
+        .write_all(&tail)
+        .unwrap();
+    let server = Server::start(&dir.data(), &[]);
+    assert!(server.stderr().contains("torn tail"), "{}", server.stderr());
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), good);
+    let mut c = server.connect();
+    assert_eq!(store_one(&mut c, 100), 10);
+}
+
+#[test]
+fn corruption_mid_segment_refuses_to_start_without_repair() {
+    let dir = TempDir::new("corrupt");
+    let server = Server::start(&dir.data(), &[]);
+    let mut c = server.connect();
+    for id in 0..10 {
+        store_one(&mut c, id);
+    }
+    let _ = server.terminate();
+    let seg = segments(&dir.data()).pop().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let record = (bytes.len() - 16) / 10;
+    let bad_at = 16 + 2 * record;
+    bytes[bad_at + 100] ^= 0x55;
+    std::fs::write(&seg, &bytes).unwrap();
+    let err = Server::try_start(&dir.data(), &[]).err().expect("refused");
+    assert!(!err.status.success());
+    assert!(
+        err.stderr
+            .contains(&format!("bad record at position {bad_at}")),
+        "{}",
+        err.stderr
+    );
+    let (ok, _, verr) = inspect(&dir.data(), &["--verify"]);
+    assert!(!ok);
+    assert!(verr.contains(&format!("position {bad_at}")), "{verr}");
+    let server = Server::start(&dir.data(), &["--repair"]);
+    assert!(server.stderr().contains("dropped"), "{}", server.stderr());
+    let mut c = server.connect();
+    assert_eq!(store_one(&mut c, 100), 2);
+}
+
+#[test]
+fn fsync_always_acks_after_a_group_commit() {
+    let dir = TempDir::new("always");
+    let server = Server::start(&dir.data(), &["--fsync", "always"]);
+    let mut c = server.connect();
+    let mut bytes = Vec::new();
+    for id in 0..2000 {
+        bytes.extend(frame(
+            id,
+            Priority::ALL[(id % 5) as usize],
+            "t",
+            &[1; 100],
+            true,
+        ));
+    }
+    c.send(&bytes);
+    assert_stored(&c.acks(2000));
+    let fsyncs = server.metric("eventstream_fsync_total");
+    assert!(fsyncs >= 1.0);
+    assert!(fsyncs < 2000.0, "one fsync per event: no group commit");
+    eprintln!("2000 events, {fsyncs} fsyncs");
+}
+
+#[test]
+fn segments_roll_and_retention_deletes_the_oldest() {
+    let dir = TempDir::new("roll");
+    let server = Server::start(
+        &dir.data(),
+        &["--segment-bytes", "16KiB", "--retention-bytes", "64KiB"],
+    );
+    let mut c = server.connect();
+    for round in 0..20u64 {
+        let mut bytes = Vec::new();
+        for i in 0..50 {
+            bytes.extend(tx(round * 100 + i));
+        }
+        c.send(&bytes);
+        assert_stored(&c.acks(50));
+    }
+    let segs = segments(&dir.data());
+    assert!(segs.len() >= 3, "{segs:?}");
+    let first = segs[0].file_name().unwrap().to_str().unwrap().to_string();
+    assert_ne!(first, "00000000000000000000.log", "the oldest was deleted");
+    let total: u64 = segs
+        .iter()
+        .map(|s| std::fs::metadata(s).unwrap().len())
+        .sum();
+    assert!(total <= 64 * 1024 + 1024 * 1024, "{total}");
+    let (ok, _, err) = inspect(&dir.data(), &["--verify"]);
+    assert!(ok, "{err}");
+    assert!(server.stderr().contains("retention deleted"));
+}
+
+#[test]
+fn a_full_dedup_table_with_reject_answers_dedup_full() {
+    let dir = TempDir::new("dedupfull");
+    let server = Server::start(
+        &dir.data(),
+        &["--dedup-capacity", "64", "--dedup-full", "reject"],
+    );
+    let mut c = server.connect();
+    let mut bytes = Vec::new();
+    for id in 0..200 {
+        bytes.extend(tx(id));
+    }
+    c.send(&bytes);
+    let acks = c.acks(200);
+    let full = acks
+        .iter()
+        .filter(|a| a.status == Status::Rejected && a.reason == Reason::DedupFull)
+        .count();
+    let stored = acks.iter().filter(|a| a.status == Status::Stored).count();
+    assert_eq!(full + stored, 200);
+    assert!(full > 0 && stored >= 64, "full {full} stored {stored}");
+    assert_eq!(
+        server.metric("eventstream_rejected_total{reason=\"dedup_full\"}"),
+        full as f64
+    );
+}
+
+#[test]
+fn reject_when_full_answers_overloaded_instead_of_pushing_back() {
+    let dir = TempDir::new("overload");
+    let server = Server::start(
+        &dir.data(),
+        &[
+            "--when-full",
+            "reject",
+            "--pool-events",
+            "64",
+            "--ring-capacity",
+            "256",
+        ],
+    );
+    let mut c = server.connect();
+    let mut bytes = Vec::new();
+    for id in 0..2000 {
+        bytes.extend(frame(id, Priority::High, "alerts", &[3; 300], true));
+    }
+    c.send(&bytes);
+    let acks = c.acks(2000);
+    let over = acks
+        .iter()
+        .filter(|a| a.status == Status::Rejected && a.reason == Reason::Overloaded)
+        .count();
+    let stored: HashSet<u64> = acks
+        .iter()
+        .filter(|a| a.status == Status::Stored)
+        .map(|a| a.event_id)
+        .collect();
+    assert_eq!(over + stored.len(), 2000);
+    assert!(over > 0, "nothing was overloaded");
+    let logged: HashSet<u64> = wait_for_events(&dir.data(), stored.len())
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(logged, stored);
+}
+
+#[test]
+fn graceful_shutdown_answers_late_frames_shutting_down_and_stores_the_rest() {
+    let dir = TempDir::new("drain");
+    let server = Server::start(&dir.data(), &[]);
+    let c = server.connect();
+    let mut w = c.stream.try_clone().unwrap();
+    let pump = std::thread::spawn(move || {
+        let mut id = 0u64;
+        loop {
+            let mut bytes = Vec::new();
+            for _ in 0..50 {
+                bytes.extend(frame(
+                    id,
+                    Priority::ALL[(id % 5) as usize],
+                    "t",
+                    &[1; 64],
+                    true,
+                ));
+                id += 1;
+            }
+            if w.write_all(&bytes).is_err() || id > 5_000_000 {
+                return id;
+            }
+        }
+    });
+    let mut c = c;
+    let early = c.acks(2000);
+    assert_stored(&early);
+    // SAFETY: kill on our own child.
+    unsafe { libc::kill(server.pid(), libc::SIGTERM) };
+    let late = c.acks_until_close();
+    let _ = pump.join();
+    let all: Vec<_> = early.iter().chain(late.iter()).collect();
+    let stored: HashSet<u64> = all
+        .iter()
+        .filter(|a| a.status == Status::Stored)
+        .map(|a| a.event_id)
+        .collect();
+    let refused: Vec<_> = all
+        .iter()
+        .filter(|a| a.status == Status::Rejected)
+        .collect();
+    assert!(
+        !refused.is_empty(),
+        "no frame was read after the shutdown began"
+    );
+    assert!(refused.iter().all(|a| a.reason == Reason::ShuttingDown));
+    let mut server = server;
+    let status = wait_timeout(&mut server.child, Duration::from_secs(5)).expect("exit within 5 s");
+    assert!(status.success());
+    let logged: HashSet<u64> = inspect_events(&dir.data())
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(
+        logged, stored,
+        "every STORED ack is in the log, nothing else"
+    );
+}
