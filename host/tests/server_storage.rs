@@ -412,3 +412,46 @@ fn graceful_shutdown_answers_late_frames_shutting_down_and_stores_the_rest() {
         "every STORED ack is in the log, nothing else"
     );
 }
+
+#[test]
+fn a_full_pool_pushes_back_and_loses_nothing() {
+    let dir = TempDir::new("backpressure");
+    let server = Server::start(
+        &dir.data(),
+        &["--pool-events", "64", "--ring-capacity", "256", "--pin"],
+    );
+    let mut c = server.connect();
+    let mut bytes = Vec::new();
+    for id in 0..5000 {
+        bytes.extend(frame(id, Priority::ALL[(id % 5) as usize], "t", &[7; 300], true));
+    }
+    let mut w = c.stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&bytes).unwrap());
+    let acks = c.acks(5000);
+    writer.join().unwrap();
+    assert_stored(&acks);
+    assert_eq!(inspect_events(&dir.data()).len(), 5000);
+    assert_eq!(server.metric("eventstream_rejected_total{reason=\"overloaded\"}"), 0.0);
+}
+
+#[test]
+fn inspect_pages_with_from_and_limit_and_summarises() {
+    let dir = TempDir::new("pages");
+    let server = Server::start(&dir.data(), &[]);
+    let mut c = server.connect();
+    for id in 0..10 {
+        store_one(&mut c, id);
+    }
+    let (ok, out, _) = inspect(&dir.data(), &["--json", "--from", "5", "--limit", "3"]);
+    assert!(ok);
+    let offsets: Vec<u64> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [5, 6, 7]);
+    let (ok, out, _) = inspect(&dir.data(), &[]);
+    assert!(ok);
+    assert!(out.contains("events:    10"), "{out}");
+    assert!(out.contains("transactional  10"), "{out}");
+    assert!(out.contains("offsets:   0..9"), "{out}");
+}
