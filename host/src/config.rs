@@ -22,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
+    /// Generate load against a server.
+    Load(Box<crate::load::LoadArgs>),
     /// Read a data directory's log.
     Inspect(InspectArgs),
 }

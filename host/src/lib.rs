@@ -5,6 +5,7 @@
 pub mod config;
 pub mod ingest;
 pub mod inspect;
+pub mod load;
 pub mod processors;
 pub mod report;
 pub mod server;

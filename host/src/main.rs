@@ -9,6 +9,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => {
             ServerConfig::from_args(*args).and_then(eventstream_host::server::serve)
         }
+        Command::Load(args) => eventstream_host::load::run(&args),
         Command::Inspect(args) => eventstream_host::inspect::run(&args),
     };
     match result {

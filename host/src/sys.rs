@@ -307,17 +307,25 @@ impl IngestWaker {
 }
 
 /// Spin, then yield, then park: the idle strategy of every engine thread.
+///
+/// Waking a parked thread costs a futex syscall and, on a virtual machine,
+/// an inter-processor interrupt to a halted vCPU (often a millisecond or
+/// more); so a thread that just had work keeps looking for more for
+/// [`SPIN_NS`] (spinning, then yielding the CPU to runnable threads)
+/// before it parks.
 pub struct Backoff {
     step: u32,
+    since: u64,
 }
 
 const SPINS: u32 = 64;
-const YIELDS: u32 = 8;
+/// How long a thread looks for more work before parking.
+pub const SPIN_NS: u64 = 100_000;
 
 impl Backoff {
     /// Fresh (work was just found).
     pub const fn new() -> Self {
-        Self { step: 0 }
+        Self { step: 0, since: 0 }
     }
 
     /// Work was found: start over.
@@ -328,15 +336,19 @@ impl Backoff {
     /// No work: spins or yields and returns false, or returns true when it
     /// is time to park.
     pub fn idle(&mut self) -> bool {
-        if self.step < SPINS {
-            std::hint::spin_loop();
-        } else if self.step < SPINS + YIELDS {
-            std::thread::yield_now();
-        } else {
-            return true;
+        if self.step == 0 {
+            self.since = monotonic_ns();
         }
         self.step += 1;
-        false
+        if self.step < SPINS {
+            std::hint::spin_loop();
+            return false;
+        }
+        if monotonic_ns() - self.since < SPIN_NS {
+            std::thread::yield_now();
+            return false;
+        }
+        true
     }
 }
 

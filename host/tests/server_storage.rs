@@ -423,7 +423,13 @@ fn a_full_pool_pushes_back_and_loses_nothing() {
     let mut c = server.connect();
     let mut bytes = Vec::new();
     for id in 0..5000 {
-        bytes.extend(frame(id, Priority::ALL[(id % 5) as usize], "t", &[7; 300], true));
+        bytes.extend(frame(
+            id,
+            Priority::ALL[(id % 5) as usize],
+            "t",
+            &[7; 300],
+            true,
+        ));
     }
     let mut w = c.stream.try_clone().unwrap();
     let writer = std::thread::spawn(move || w.write_all(&bytes).unwrap());
@@ -431,7 +437,10 @@ fn a_full_pool_pushes_back_and_loses_nothing() {
     writer.join().unwrap();
     assert_stored(&acks);
     assert_eq!(inspect_events(&dir.data()).len(), 5000);
-    assert_eq!(server.metric("eventstream_rejected_total{reason=\"overloaded\"}"), 0.0);
+    assert_eq!(
+        server.metric("eventstream_rejected_total{reason=\"overloaded\"}"),
+        0.0
+    );
 }
 
 #[test]
@@ -446,7 +455,11 @@ fn inspect_pages_with_from_and_limit_and_summarises() {
     assert!(ok);
     let offsets: Vec<u64> = out
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(offsets, [5, 6, 7]);
     let (ok, out, _) = inspect(&dir.data(), &[]);

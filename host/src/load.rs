@@ -1,0 +1,652 @@
+//! `eventstream load`: a v1 load generator. Frames come from one template
+//! per class whose id, timestamp and CRC are patched per event into a
+//! reused write buffer (no allocation per event, many frames per write).
+//! With `--rate` sending is open-loop and latency is measured from each
+//! event's intended send time (no coordinated omission). With `--ack`
+//! every event must get exactly one ack.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Args;
+use eventstream_core::metrics::Histogram;
+use eventstream_core::wire::{patch_frame, Ack, FrameRepr, Reason, Status, FLAG_ACK};
+use eventstream_core::{Class, Priority};
+
+use crate::sys::{monotonic_ns, wall_ns};
+
+/// `eventstream load` flags.
+#[derive(Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Server address.
+    #[arg(long)]
+    pub target: SocketAddr,
+    /// Events to send (default 100000 unless --duration).
+    #[arg(long, conflicts_with = "duration")]
+    pub events: Option<u64>,
+    /// Seconds to send for.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Offered events per second over all connections (open loop).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Connections.
+    #[arg(long, default_value_t = 4)]
+    pub connections: u32,
+    /// Payload bytes per event.
+    #[arg(long, default_value_t = 256)]
+    pub payload: u32,
+    /// Class mix in percent: realtime=40,transactional=40,batch=20.
+    #[arg(long, default_value = "realtime=40,transactional=40,batch=20", value_parser = parse_mix)]
+    pub mix: [u32; 3],
+    /// Fraction of transactional events that resend an earlier id.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicates: f64,
+    /// Ask for acks and check that every event gets exactly one.
+    #[arg(long)]
+    pub ack: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `realtime=40,transactional=40,batch=20` (percentages).
+pub fn parse_mix(s: &str) -> Result<[u32; 3], String> {
+    let mut mix = [0u32; 3];
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("bad mix part {part:?}: expected class=percent"))?;
+        let v: u32 = v
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad percent in {part:?}"))?;
+        let i = match k.trim() {
+            "realtime" => 0,
+            "transactional" => 1,
+            "batch" => 2,
+            other => return Err(format!("unknown class {other:?} in --mix")),
+        };
+        mix[i] = v;
+    }
+    if mix.iter().sum::<u32>() != 100 {
+        return Err(format!("--mix {s:?} must add up to 100"));
+    }
+    Ok(mix)
+}
+
+/// Seq slots per connection (events in flight must stay below half).
+const SLOTS: usize = 1 << 18;
+const SLOT_MASK: u64 = SLOTS as u64 - 1;
+/// Transactional seqs remembered for duplicates.
+const RECENT: usize = 1 << 14;
+/// Frames per write in closed loop.
+const BATCH: usize = 64;
+
+/// Bookkeeping of one event sequence number, shared by a connection's
+/// sender and receiver.
+struct Slot {
+    /// Intended (open loop) or actual send time, monotonic ns.
+    sent_ns: AtomicU64,
+    /// Acks still expected (a duplicate adds one) << 2 | class.
+    state: AtomicU32,
+}
+
+struct Conn {
+    slots: Box<[Slot]>,
+    /// Acks received (for the in-flight bound).
+    acked: AtomicU64,
+}
+
+#[derive(Default)]
+struct Tally {
+    stored: u64,
+    duplicate: u64,
+    rejected: [u64; 12],
+    fatal: u64,
+    unexpected: u64,
+    latency: [Histogram; 3],
+    last_ack_ns: u64,
+}
+
+impl Tally {
+    fn merge(&mut self, o: &Tally) {
+        self.stored += o.stored;
+        self.duplicate += o.duplicate;
+        for (a, b) in self.rejected.iter_mut().zip(o.rejected) {
+            *a += b;
+        }
+        self.fatal += o.fatal;
+        self.unexpected += o.unexpected;
+        for (a, b) in self.latency.iter_mut().zip(o.latency.iter()) {
+            a.merge(b);
+        }
+        self.last_ack_ns = self.last_ack_ns.max(o.last_ack_ns);
+    }
+}
+
+struct Shared {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    errors: AtomicU64,
+    stop: AtomicBool,
+}
+
+fn template(class: usize, payload: u32, ack: bool) -> Vec<u8> {
+    let priority = [Priority::High, Priority::Medium, Priority::Batch][class];
+    let topic = ["load/realtime", "load/transactional", "load/batch"][class];
+    let body: Vec<u8> = (0..payload).map(|i| i as u8).collect();
+    let repr = FrameRepr {
+        priority,
+        flags: if ack { FLAG_ACK } else { 0 },
+        partition: 0,
+        event_id: 0,
+        timestamp_ns: 0,
+        topic: topic.as_bytes(),
+        payload: &body,
+    };
+    let mut out = vec![0u8; repr.encoded_len()];
+    let _ = repr.encode(&mut out);
+    out
+}
+
+/// splitmix64.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// The summary of a run.
+pub struct Report {
+    /// Events sent (duplicates included).
+    pub sent: u64,
+    /// Acks by status.
+    pub stored: u64,
+    /// DUPLICATE acks.
+    pub duplicate: u64,
+    /// REJECTED acks by reason code.
+    pub rejected: [u64; 12],
+    /// FATAL acks.
+    pub fatal: u64,
+    /// Acked events that never got their ack.
+    pub missing: u64,
+    /// Acks for no event in flight.
+    pub unexpected: u64,
+    /// Seconds from the first send to the last ack (or last send).
+    pub seconds: f64,
+    /// Ack latency per class, ns.
+    pub latency: [Histogram; 3],
+}
+
+/// Runs the load; returns the report.
+pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
+    if args.connections == 0 || args.connections > 255 {
+        return Err("--connections must be in 1..=255".into());
+    }
+    if !(0.0..=1.0).contains(&args.duplicates) {
+        return Err("--duplicates must be a fraction in 0..=1".into());
+    }
+    if args.payload > 65_000 {
+        return Err("--payload must be at most 65000".into());
+    }
+    let total = match (args.events, args.duration) {
+        (Some(n), _) => Some(n),
+        (None, Some(_)) => None,
+        (None, None) => Some(100_000),
+    };
+    let deadline = args.duration.map(|s| monotonic_ns() + (s * 1e9) as u64);
+    let shared = Arc::new(Shared {
+        sent: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    // Ids: a run prefix (so repeated runs do not collide in the dedup
+    // window), the connection, a sequence number; the top bit stays clear.
+    let run_prefix = (wall_ns() / 1_000_000) & 0x7FFF;
+    let start = monotonic_ns();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let mut handles = Vec::new();
+    for c in 0..u64::from(args.connections) {
+        let stream = TcpStream::connect(args.target)
+            .map_err(|e| format!("cannot connect to {}: {e}", args.target))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let conn = Arc::new(Conn {
+            slots: (0..SLOTS)
+                .map(|_| Slot {
+                    sent_ns: AtomicU64::new(0),
+                    state: AtomicU32::new(0),
+                })
+                .collect(),
+            acked: AtomicU64::new(0),
+        });
+        let id_base = (run_prefix << 48) | (c << 40);
+        let my_total = total.map(|t| {
+            t / u64::from(args.connections) + u64::from(c < t % u64::from(args.connections))
+        });
+        let rate = args.rate.map(|r| r / f64::from(args.connections));
+        let reader = stream.try_clone().map_err(|e| e.to_string())?;
+        let (a, s, cn) = (args.clone(), shared.clone(), conn.clone());
+        let sender = std::thread::spawn(move || {
+            send_loop(
+                stream, &a, &s, &cn, id_base, my_total, deadline, rate, start, c,
+            )
+        });
+        let (a, s, cn, t) = (args.clone(), shared.clone(), conn, tally.clone());
+        let receiver = if args.ack {
+            Some(std::thread::spawn(move || {
+                let mut mine = Tally::default();
+                recv_loop(reader, &s, &cn, id_base, &mut mine);
+                if let Ok(mut all) = t.lock() {
+                    all.merge(&mine);
+                }
+                let _ = a;
+            }))
+        } else {
+            None
+        };
+        handles.push((sender, receiver));
+    }
+    // Progress once a second while it runs.
+    let progress = {
+        let s = shared.clone();
+        let quiet = args.json;
+        std::thread::spawn(move || {
+            let mut last = 0;
+            while !s.stop.load(Ordering::Relaxed) {
+                for _ in 0..10 {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if s.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                }
+                let sent = s.sent.load(Ordering::Relaxed);
+                if !quiet {
+                    eprintln!(
+                        "load: {} events/s sent, {} sent, {} acked, {} errors",
+                        sent - last,
+                        sent,
+                        s.acked.load(Ordering::Relaxed),
+                        s.errors.load(Ordering::Relaxed)
+                    );
+                }
+                last = sent;
+            }
+        })
+    };
+    let mut sent = 0;
+    let mut missing = 0;
+    for (sender, receiver) in handles {
+        let (n, miss) = sender
+            .join()
+            .map_err(|_| "a sender thread panicked".to_string())??;
+        sent += n;
+        missing += miss;
+        if let Some(r) = receiver {
+            r.join()
+                .map_err(|_| "a receiver thread panicked".to_string())?;
+        }
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    let _ = progress.join();
+    let t = tally.lock().map_err(|_| "tally poisoned")?;
+    let end = if args.ack && t.last_ack_ns > 0 {
+        t.last_ack_ns
+    } else {
+        monotonic_ns()
+    };
+    Ok(Report {
+        sent,
+        stored: t.stored,
+        duplicate: t.duplicate,
+        rejected: t.rejected,
+        fatal: t.fatal,
+        missing: if args.ack { missing } else { 0 },
+        unexpected: t.unexpected,
+        seconds: (end - start) as f64 / 1e9,
+        latency: t.latency.clone(),
+    })
+}
+
+/// Sends this connection's events; returns (sent, acks still missing at
+/// the end).
+#[allow(clippy::too_many_arguments)]
+fn send_loop(
+    mut stream: TcpStream,
+    args: &LoadArgs,
+    shared: &Shared,
+    conn: &Conn,
+    id_base: u64,
+    total: Option<u64>,
+    deadline: Option<u64>,
+    rate: Option<f64>,
+    start: u64,
+    seed: u64,
+) -> Result<(u64, u64), String> {
+    let templates: [Vec<u8>; 3] = [0, 1, 2].map(|c| template(c, args.payload, args.ack));
+    let max_len = templates.iter().map(Vec::len).max().unwrap_or(0);
+    let mut buf = vec![0u8; BATCH * max_len];
+    let mut rng = Rng(seed.wrapping_mul(0x1234_5678_9ABC_DEF1) ^ id_base);
+    let mut seq: u64 = 0;
+    let mut sent: u64 = 0;
+    // The last transactional seqs sent, for --duplicates (one already
+    // answered is picked).
+    let mut recent_tx = vec![u64::MAX; RECENT];
+    let mut recent_at = 0usize;
+    let interval_ns = rate.map(|r| 1e9 / r.max(1e-9));
+    let mut failed = None;
+    'outer: loop {
+        if total.is_some_and(|t| sent >= t) || deadline.is_some_and(|d| monotonic_ns() >= d) {
+            break;
+        }
+        let now = monotonic_ns();
+        // How many to send now: open loop sends what is due.
+        let mut n = BATCH;
+        if let Some(iv) = interval_ns {
+            let due = ((now - start) as f64 / iv) as u64 + 1;
+            if due <= sent {
+                let next_at = start + (sent as f64 * iv) as u64;
+                let wait = next_at.saturating_sub(now);
+                std::thread::sleep(Duration::from_nanos(wait.min(1_000_000)));
+                continue;
+            }
+            n = ((due - sent) as usize).min(BATCH);
+        }
+        if let Some(t) = total {
+            n = n.min((t - sent) as usize);
+        }
+        // Keep the in-flight window inside the slot ring.
+        while args.ack
+            && seq.saturating_sub(conn.acked.load(Ordering::Acquire)) > (SLOTS / 2) as u64
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let mut len = 0;
+        for k in 0..n {
+            let pick = rng.next() % 100;
+            let class = if pick < u64::from(args.mix[0]) {
+                0
+            } else if pick < u64::from(args.mix[0] + args.mix[1]) {
+                1
+            } else {
+                2
+            };
+            let intended = match interval_ns {
+                Some(iv) => start + ((sent + k as u64) as f64 * iv) as u64,
+                None => now,
+            };
+            // A duplicate resends an earlier transactional id that is
+            // already answered (so its one slot tracks one send at a time).
+            let mut use_seq = seq;
+            let mut fresh = true;
+            if class == 1
+                && args.duplicates > 0.0
+                && (rng.next() % 1_000_000) as f64 / 1e6 < args.duplicates
+            {
+                let known = recent_at.min(RECENT) as u64;
+                let cand = if known == 0 {
+                    u64::MAX
+                } else {
+                    recent_tx[(rng.next() % known) as usize]
+                };
+                if cand != u64::MAX {
+                    let slot = &conn.slots[(cand & SLOT_MASK) as usize];
+                    if !args.ack || slot.state.load(Ordering::Acquire) >> 2 == 0 {
+                        use_seq = cand;
+                        fresh = false;
+                    }
+                }
+            }
+            let t = &templates[class];
+            let frame = &mut buf[len..len + t.len()];
+            frame.copy_from_slice(t);
+            patch_frame(frame, id_base | use_seq, wall_ns());
+            len += t.len();
+            if args.ack {
+                let slot = &conn.slots[(use_seq & SLOT_MASK) as usize];
+                slot.sent_ns.store(intended, Ordering::Relaxed);
+                if fresh {
+                    slot.state.store((1 << 2) | class as u32, Ordering::Release);
+                } else {
+                    slot.state.fetch_add(1 << 2, Ordering::Release);
+                }
+            }
+            if fresh {
+                if class == 1 {
+                    recent_tx[recent_at % RECENT] = seq;
+                    recent_at += 1;
+                }
+                seq += 1;
+            }
+        }
+        if let Err(e) = stream.write_all(&buf[..len]) {
+            failed = Some(format!("send failed: {e}"));
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+            break 'outer;
+        }
+        sent += n as u64;
+        shared.sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    // Wait for the outstanding acks (at most 10 s after the last send).
+    let mut missing = 0;
+    if args.ack {
+        let wait_until = monotonic_ns() + 10_000_000_000;
+        loop {
+            missing = conn
+                .slots
+                .iter()
+                .map(|s| u64::from(s.state.load(Ordering::Acquire) >> 2))
+                .sum::<u64>();
+            if missing == 0 || monotonic_ns() > wait_until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    match failed {
+        Some(e) if missing > 0 || sent == 0 => Err(e),
+        _ => Ok((sent, missing)),
+    }
+}
+
+fn recv_loop(mut stream: TcpStream, shared: &Shared, conn: &Conn, id_base: u64, t: &mut Tally) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut held = 0usize;
+    loop {
+        let n = match stream.read(&mut buf[held..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let now = monotonic_ns();
+        let end = held + n;
+        let whole = end - end % 24;
+        let mut count = 0u64;
+        for chunk in buf[..whole].chunks_exact(24) {
+            count += 1;
+            let Ok(ack) = Ack::decode(chunk) else {
+                t.unexpected += 1;
+                continue;
+            };
+            match ack.status {
+                Status::Stored => t.stored += 1,
+                Status::Duplicate => t.duplicate += 1,
+                Status::Rejected => t.rejected[ack.reason.code() as usize] += 1,
+                Status::Fatal => {
+                    t.fatal += 1;
+                    continue;
+                }
+            }
+            if ack.event_id & !((1 << 40) - 1) != id_base {
+                t.unexpected += 1;
+                continue;
+            }
+            let slot = &conn.slots[(ack.event_id & SLOT_MASK) as usize];
+            let state = slot.state.load(Ordering::Acquire);
+            if state >> 2 == 0 {
+                t.unexpected += 1;
+                continue;
+            }
+            let class = (state & 3) as usize;
+            let sent = slot.sent_ns.load(Ordering::Relaxed);
+            if let Some(h) = t.latency.get_mut(class) {
+                h.record(now.saturating_sub(sent));
+            }
+            slot.state.fetch_sub(1 << 2, Ordering::Release);
+        }
+        t.last_ack_ns = now;
+        conn.acked.fetch_add(count, Ordering::Release);
+        shared.acked.fetch_add(count, Ordering::Relaxed);
+        buf.copy_within(whole..end, 0);
+        held = end - whole;
+    }
+}
+
+fn lat_json(h: &Histogram) -> String {
+    format!(
+        "{{\"p50\":{:.1},\"p99\":{:.1},\"p999\":{:.1},\"max\":{:.1}}}",
+        h.quantile(0.5) as f64 / 1e3,
+        h.quantile(0.99) as f64 / 1e3,
+        h.quantile(0.999) as f64 / 1e3,
+        h.max() as f64 / 1e3
+    )
+}
+
+const REASONS: [Reason; 11] = [
+    Reason::BadMagic,
+    Reason::BadLength,
+    Reason::BadCrc,
+    Reason::BadVersion,
+    Reason::BadPriority,
+    Reason::BadFlags,
+    Reason::BadTopic,
+    Reason::DedupFull,
+    Reason::Overloaded,
+    Reason::ShuttingDown,
+    Reason::StorageFailed,
+];
+
+impl Report {
+    /// Events per second: acked ones with `--ack`, else sent ones.
+    pub fn events_per_sec(&self, ack: bool) -> f64 {
+        let n = if ack {
+            self.stored + self.duplicate
+        } else {
+            self.sent
+        };
+        n as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Latency of realtime and transactional events together.
+    pub fn overall(&self) -> Histogram {
+        let mut h = self.latency[0].clone();
+        h.merge(&self.latency[1]);
+        h
+    }
+
+    /// The one-object JSON form.
+    pub fn json(&self, ack: bool) -> String {
+        let rejected: u64 = self.rejected.iter().sum();
+        let mut by_reason = String::new();
+        for r in REASONS {
+            let n = self.rejected[r.code() as usize];
+            if n > 0 {
+                if !by_reason.is_empty() {
+                    by_reason.push(',');
+                }
+                let _ = write!(by_reason, "\"{}\":{n}", r.name());
+            }
+        }
+        format!(
+            "{{\"sent\":{},\"stored\":{},\"duplicate\":{},\"rejected\":{rejected},\"rejected_by_reason\":{{{by_reason}}},\"fatal\":{},\"missing_acks\":{},\"unexpected_acks\":{},\"seconds\":{:.3},\"events_per_sec\":{:.0},\"latency_us\":{},\"latency_us_by_class\":{{\"realtime\":{},\"transactional\":{},\"batch\":{}}}}}",
+            self.sent,
+            self.stored,
+            self.duplicate,
+            self.fatal,
+            self.missing,
+            self.unexpected,
+            self.seconds,
+            self.events_per_sec(ack),
+            lat_json(&self.overall()),
+            lat_json(&self.latency[0]),
+            lat_json(&self.latency[1]),
+            lat_json(&self.latency[2]),
+        )
+    }
+
+    /// The human table.
+    pub fn table(&self, ack: bool) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "sent            {}", self.sent);
+        if ack {
+            let _ = writeln!(o, "stored          {}", self.stored);
+            let _ = writeln!(o, "duplicate       {}", self.duplicate);
+            for r in REASONS {
+                let n = self.rejected[r.code() as usize];
+                if n > 0 {
+                    let _ = writeln!(o, "rejected {:<14} {n}", r.name());
+                }
+            }
+            let _ = writeln!(o, "fatal           {}", self.fatal);
+            let _ = writeln!(o, "missing acks    {}", self.missing);
+        }
+        let _ = writeln!(o, "seconds         {:.3}", self.seconds);
+        let _ = writeln!(o, "events/s        {:.0}", self.events_per_sec(ack));
+        if ack {
+            let _ = writeln!(o, "ack latency (us)      p50      p99    p99.9      max");
+            let row = |o: &mut String, name: &str, h: &Histogram| {
+                let _ = writeln!(
+                    o,
+                    "  {name:<16} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+                    h.quantile(0.5) as f64 / 1e3,
+                    h.quantile(0.99) as f64 / 1e3,
+                    h.quantile(0.999) as f64 / 1e3,
+                    h.max() as f64 / 1e3
+                );
+            };
+            row(&mut o, "rt+tx", &self.overall());
+            for c in Class::ALL {
+                row(&mut o, c.name(), &self.latency[c.index()]);
+            }
+            let _ = writeln!(o, "  (batch events wait for their window; reported apart)");
+        }
+        o
+    }
+}
+
+/// `eventstream load`: prints the table or JSON; an error if any ack is
+/// missing at the end.
+pub fn run(args: &LoadArgs) -> Result<(), String> {
+    let report = run_load(args)?;
+    if args.json {
+        println!("{}", report.json(args.ack));
+    } else {
+        print!("{}", report.table(args.ack));
+    }
+    if report.missing > 0 {
+        return Err(format!(
+            "{} events sent with --ack got no ack",
+            report.missing
+        ));
+    }
+    if report.unexpected > 0 {
+        return Err(format!(
+            "{} acks matched no event in flight",
+            report.unexpected
+        ));
+    }
+    if args.ack {
+        eprintln!("load: every event got exactly one ack");
+    }
+    Ok(())
+}
