@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: `eventstream serve` on a temp data dir against
+# `eventstream load` on this machine, with Redis XADD (redis-benchmark,
+# pipelined, same 256-byte payload) as the peer in the same run when
+# redis-server is installed.
+#
+#   benches/e2e.sh [RUNS] [SECONDS]      (default 3 runs of 10 s)
+#
+# Rows: closed-loop max throughput (mix 40/40/20, 256 B, --ack, default
+# fsync), open-loop latency at 100,000 events/s, --fsync always with this
+# disk's fsync latency beside it, the sequential write bandwidth dd measures
+# and the log bytes/s, and the server's peak RSS. Prints medians.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS="${1:-3}"
+SECS="${2:-10}"
+cargo build --release -q -p eventstream-host
+BIN="$PWD/target/release/eventstream"
+WORK="$(mktemp -d /tmp/es-e2e.XXXXXX)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+serve() { # serve NAME FLAGS... -> sets PID, ADDR
+    local name="$1"; shift
+    rm -rf "$WORK/$name"
+    "$BIN" serve --data "$WORK/$name" --listen 127.0.0.1:0 --metrics 127.0.0.1:0 "$@" \
+        > "$WORK/$name.out" 2> "$WORK/$name.err" &
+    PID=$!
+    for _ in $(seq 100); do grep -q '^metrics on' "$WORK/$name.out" 2>/dev/null && break; sleep 0.05; done
+    ADDR=$(awk '/^listening on/ {print $3}' "$WORK/$name.out")
+}
+stop() { kill -TERM "$PID"; wait "$PID" || true; }
+field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
+
+declare -a tput lat50 lat99 bat99 always always99 fsync_ms rss ratio
+for run in $(seq "$RUNS"); do
+    # 1. Max throughput, closed loop.
+    serve tput
+    "$BIN" load --target "$ADDR" --duration "$SECS" --connections 4 --payload 256 \
+        --mix realtime=40,transactional=40,batch=20 --ack --json > "$WORK/tput.json"
+    rss+=("$(awk '/VmHWM/ {print $2/1024}' /proc/$PID/status)")
+    stop
+    tput+=("$(field '["events_per_sec"]' < "$WORK/tput.json")")
+    # 2. Latency at 100,000 events/s offered.
+    serve lat
+    "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 --payload 256 \
+        --ack --json > "$WORK/lat.json"
+    stop
+    lat50+=("$(field '["latency_us"]["p50"]' < "$WORK/lat.json")")
+    lat99+=("$(field '["latency_us"]["p99"]' < "$WORK/lat.json")")
+    bat99+=("$(field '["latency_us_by_class"]["batch"]["p99"]' < "$WORK/lat.json")")
+    # 3. Group commit.
+    serve always --fsync always
+    "$BIN" load --target "$ADDR" --duration "$SECS" --connections 4 --payload 256 --ack --json \
+        > "$WORK/always.json"
+    stop
+    always+=("$(field '["events_per_sec"]' < "$WORK/always.json")")
+    always99+=("$(field '["latency_us"]["p99"]' < "$WORK/always.json")")
+    # This disk's fsync latency: 4 KiB writes, each fdatasynced.
+    fsync_ms+=("$(dd if=/dev/zero of="$WORK/fsync.probe" bs=4k count=200 oflag=dsync 2>&1 \
+        | awk '/copied/ {print $(NF-3) / 200 * 1000}')")
+    rm -f "$WORK/fsync.probe"
+    # 4. Redis XADD, pipelined, same payload.
+    if command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null; then
+        redis-server --port 0 --unixsocket "$WORK/redis.sock" --save "" --appendonly no \
+            --daemonize no > /dev/null &
+        RPID=$!
+        sleep 0.5
+        rps=$(redis-benchmark -s "$WORK/redis.sock" -n 1000000 -P 64 -q -d 256 \
+            XADD s '*' f "$(head -c 256 /dev/zero | tr '\0' x)" 2>/dev/null \
+            | awk '/requests per second/ {print $2}' | tail -1)
+        kill "$RPID"; wait "$RPID" 2>/dev/null || true
+        ratio+=("$(awk -v a="${tput[-1]}" -v b="$rps" 'BEGIN {print a / b}')")
+        echo "run $run: redis XADD ${rps}/s"
+    fi
+    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us; always ${always[-1]} ev/s p99 ${always99[-1]} us (fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB"
+done
+
+# 5. Disk bandwidth over a long run, against dd in the same run.
+dd_line=$(dd if=/dev/zero of="$WORK/dd.probe" bs=1M count=3000 conv=fdatasync 2>&1 | tail -1)
+rm -f "$WORK/dd.probe"
+serve disk
+"$BIN" load --target "$ADDR" --duration "$((SECS * 6))" --connections 4 --payload 256 --ack --json \
+    > "$WORK/disk.json"
+stop
+log_bytes=$(du -sb "$WORK/disk" | awk '{print $1}')
+disk_secs=$(field '["seconds"]' < "$WORK/disk.json")
+
+echo
+echo "| row | median of $RUNS |"
+echo "|---|---|"
+echo "| max throughput (events/s stored and acked) | $(printf '%s\n' "${tput[@]}" | median) |"
+[ ${#ratio[@]} -gt 0 ] && echo "| ratio to Redis XADD (pipelined) | $(printf '%s\n' "${ratio[@]}" | median)x |"
+echo "| 100k/s offered: rt+tx ack p50 / p99 (us) | $(printf '%s\n' "${lat50[@]}" | median) / $(printf '%s\n' "${lat99[@]}" | median) |"
+echo "| 100k/s offered: batch ack p99 (us) | $(printf '%s\n' "${bat99[@]}" | median) |"
+echo "| --fsync always: events/s, p99 (us) | $(printf '%s\n' "${always[@]}" | median), $(printf '%s\n' "${always99[@]}" | median) |"
+echo "| this disk's fsync (ms, 4 KiB dsync write) | $(printf '%s\n' "${fsync_ms[@]}" | median) |"
+echo "| peak RSS of serve, default flags (MiB) | $(printf '%s\n' "${rss[@]}" | median) |"
+echo "| $((SECS * 6)) s run: log MB/s vs dd | $(awk -v b="$log_bytes" -v s="$disk_secs" 'BEGIN {printf "%.0f", b / s / 1e6}') vs dd: $dd_line |"
