@@ -64,6 +64,8 @@ struct Conn {
     closing: bool,
     /// In the ready list.
     queued: bool,
+    /// In the dirty list (acks to write).
+    in_dirty: bool,
     /// Monotonic ns since a frame has been half-received.
     mid_since: Option<u64>,
 }
@@ -173,9 +175,9 @@ impl Ingest {
             conns: Vec::new(),
             gens: Vec::new(),
             free_slots: Vec::new(),
-            ready: VecDeque::new(),
-            waiting_room: Vec::new(),
-            dirty: Vec::new(),
+            ready: VecDeque::with_capacity(1024),
+            waiting_room: Vec::with_capacity(1024),
+            dirty: Vec::with_capacity(1024),
             spare: None,
             read_buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
             metrics: LocalMetrics::new(),
@@ -452,7 +454,8 @@ impl Ingest {
             out: Vec::with_capacity((self.p.ack_credit as usize + 1) * ACK_LEN),
             out_pos: 0,
             inflight: 0,
-            stash: Vec::new(),
+            // It only ever holds the rest of one read: it never grows.
+            stash: Vec::with_capacity(READ_CHUNK),
             stash_pos: 0,
             readable: false,
             writable: true,
@@ -460,6 +463,7 @@ impl Ingest {
             fatal: None,
             closing: false,
             queued: false,
+            in_dirty: false,
             mid_since: None,
         });
         self.p.shared.connections.fetch_add(1, Ordering::Relaxed);
@@ -468,6 +472,16 @@ impl Ingest {
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Queues `id` for an ack write (once, however many acks it has).
+    fn mark_dirty(&mut self, id: u32) {
+        if let Some(c) = self.conn_mut(id) {
+            if !c.in_dirty {
+                c.in_dirty = true;
+                self.dirty.push(id);
+            }
+        }
     }
 
     fn conn_mut(&mut self, id: u32) -> Option<&mut Conn> {
@@ -492,7 +506,7 @@ impl Ingest {
             c.queued = true;
         }
         if flush {
-            self.dirty.push(id);
+            self.mark_dirty(id);
         }
         if queue {
             self.ready.push_back(id);
@@ -507,7 +521,7 @@ impl Ingest {
             let Some(c) = self.conn_mut(id) else { continue };
             c.inflight = c.inflight.saturating_sub(1);
             c.push_ack(&ack);
-            self.dirty.push(id);
+            self.mark_dirty(id);
         }
         if got > 0 {
             self.p.shared.set_depth(6, 0);
@@ -518,6 +532,7 @@ impl Ingest {
     fn flush_dirty(&mut self) {
         while let Some(id) = self.dirty.pop() {
             let Some(c) = self.conn_mut(id) else { continue };
+            c.in_dirty = false;
             if c.fatal.is_some() && c.inflight == 0 {
                 if let Some(f) = c.fatal.take() {
                     c.push_ack(&f);
@@ -631,7 +646,7 @@ impl Ingest {
         let dirty = c.out_pos < c.out.len() || c.fatal.is_some() || c.eof;
         self.conns[slot] = Some(c);
         if dirty {
-            self.dirty.push(id);
+            self.mark_dirty(id);
         }
         if closed {
             if self.conn_mut(id).is_some_and(|c| c.fatal.is_none()) {
