@@ -26,6 +26,7 @@ apt_install() {
     # Debian packages the tests run for real (idempotent: only what is missing).
     local missing=()
     command -v promtool >/dev/null || missing+=(prometheus)
+    command -v qemu-system-arm >/dev/null || missing+=(qemu-system-arm)
     if ((${#missing[@]})); then
         local sudo=""
         [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -39,6 +40,32 @@ install_toolchains() {
     rustup target add thumbv7em-none-eabihf
     rustup toolchain install nightly --profile minimal --component miri,rust-src
     cargo +nightly miri setup
+    command -v defmt-print >/dev/null || cargo install defmt-print --locked --version 1.2.0
+}
+
+core_never_links_alloc() {
+    # The sources never name the alloc crate ...
+    if grep -rnE 'extern crate alloc|alloc::' core/src; then
+        echo "core names the alloc crate" >&2
+        return 1
+    fi
+    # ... and the firmware image, which has no global allocator, links the
+    # whole pipeline without any allocator symbol.
+    local elf=linker/firmware/target/thumbv7em-none-eabihf/release/eventstream-firmware
+    cargo build --release --manifest-path linker/firmware/Cargo.toml --target thumbv7em-none-eabihf
+    local symbols
+    symbols=$(nm "$elf")
+    [ -n "$symbols" ] || { echo "no symbols read from $elf" >&2; return 1; }
+    if grep -E '__rust_(alloc|dealloc|realloc)|__rg_alloc|__rdl_alloc' <<<"$symbols"; then
+        echo "the firmware image links an allocator" >&2
+        return 1
+    fi
+}
+
+firmware_under_qemu() {
+    cargo fmt --manifest-path linker/firmware/Cargo.toml -- --check
+    cargo clippy --manifest-path linker/firmware/Cargo.toml --target thumbv7em-none-eabihf -- -D warnings
+    FIRMWARE_TIMEOUT=120 cargo firmware
 }
 
 no_std_builds() {
@@ -66,6 +93,8 @@ step "cargo test --workspace" cargo test --workspace
 step "no_std build for thumbv7em-none-eabihf (with and without defmt)" no_std_builds
 step "loom models of ring, pool and dedup" loom_models
 step "miri on the core's unsafe code" miri_core
+step "core never links alloc (sources, firmware symbols)" core_never_links_alloc
+step "firmware image under QEMU mps2-an386 (cargo firmware)" firmware_under_qemu
 
 echo
 echo "==> step times"

@@ -172,6 +172,10 @@ fn send(
     false
 }
 
+/// Turns a valid frame of `n` bytes into one rejected for a reason;
+/// returns its length.
+type Spoil = fn(&mut [u8], usize) -> usize;
+
 /// A valid v1 frame in `buf`; returns its length.
 fn v1(buf: &mut [u8], id: u64, priority: Priority, ack: bool) -> usize {
     let topic: &[u8] = [b"t0" as &[u8], b"t1", b"t2", b"t3"][(id % 4) as usize];
@@ -204,6 +208,8 @@ const PAINT: u32 = 0xACE5_ACE5;
 extern "C" {
     /// End of the statics (cortex-m-rt): the stack may grow down to it.
     static mut __euninit: u32;
+    /// Where the stack starts (cortex-m-rt: the end of RAM).
+    static _stack_start: u32;
 }
 
 /// Paints the free stack (below the current frame) and returns its bounds.
@@ -233,7 +239,7 @@ fn stack_used((low, high): (usize, usize), top: usize) -> usize {
 
 #[entry]
 fn main() -> ! {
-    let top = cortex_m::register::msp::read() as usize;
+    let top = core::ptr::addr_of!(_stack_start) as usize;
     let painted = paint_stack();
     let ok = run();
     let stack = stack_used(painted, top);
@@ -260,18 +266,16 @@ fn run() -> bool {
     let Ok(limits) = Limits::new(SLOT as u32, 32) else {
         return false;
     };
-    let windows: &'static mut StaticBatchWindows<Event<'static>, 16, 64> =
-        match cortex_m::singleton!(: StaticBatchWindows<Event<'static>, 16, 64> = StaticBatchWindows::new())
-        {
-            Some(w) => w,
-            None => return false,
-        };
-    let record_buf: &'static mut [u8; RECORD_HEADER_LEN + BATCH_EVENTS * SLOT] =
-        match cortex_m::singleton!(: [u8; RECORD_HEADER_LEN + BATCH_EVENTS * SLOT] = [0; RECORD_HEADER_LEN + BATCH_EVENTS * SLOT])
-        {
-            Some(b) => b,
-            None => return false,
-        };
+    let windows: &'static mut StaticBatchWindows<Event<'static>, 16, 64> = match cortex_m::singleton!(: StaticBatchWindows<Event<'static>, 16, 64> = StaticBatchWindows::new())
+    {
+        Some(w) => w,
+        None => return false,
+    };
+    let record_buf: &'static mut [u8; RECORD_HEADER_LEN + BATCH_EVENTS * SLOT] = match cortex_m::singleton!(: [u8; RECORD_HEADER_LEN + BATCH_EVENTS * SLOT] = [0; RECORD_HEADER_LEN + BATCH_EVENTS * SLOT])
+    {
+        Some(b) => b,
+        None => return false,
+    };
     let (Some(acquirer), Some(windows)) = (
         POOL.acquirer(),
         windows.windows(BatchConfig {
@@ -362,7 +366,7 @@ fn run() -> bool {
     // D: every REJECTED reason of a frame, three times each, between valid
     // frames; the connection stays open.
     for round in 0..3u64 {
-        let rejects: [(Reason, fn(&mut [u8], usize) -> usize); 6] = [
+        let rejects: [(Reason, Spoil); 6] = [
             (Reason::BadCrc, |f, n| {
                 f[n - 1] ^= 0xFF;
                 n
