@@ -154,7 +154,7 @@ pub fn run_batch(
                 .next_deadline()
                 .map(|d| Duration::from_nanos(d.saturating_sub(monotonic_ns())));
             let held = proc.windows().held();
-            me_park(&shared, timeout, || {
+            shared.batch.park(timeout, || {
                 (!rx.is_empty() && tx.has_room(need))
                     || shared.phase() == STOP
                     || (held > 0
@@ -164,8 +164,4 @@ pub fn run_batch(
             backoff.reset();
         }
     }
-}
-
-fn me_park(shared: &Shared, timeout: Option<Duration>, has_work: impl FnOnce() -> bool) {
-    shared.batch.park(timeout, has_work);
 }

@@ -184,6 +184,12 @@ impl Log {
         &self.active
     }
 
+    /// Whether segments expire by age (retention must run now and then,
+    /// not only at rolls).
+    pub fn has_retention_age(&self) -> bool {
+        self.retention_age.is_some()
+    }
+
     /// Total bytes in all segments.
     pub fn total_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.size).sum()

@@ -33,6 +33,8 @@ const WRITE_BYTES: usize = 1 << 20;
 const MAX_PENDING: usize = 16 * 1024;
 /// Duplicates waiting for their original's offset.
 const MAX_DEFERRED: usize = 4096;
+/// How often retention runs between rolls (for `--retention-age`).
+const RETENTION_EVERY_NS: u64 = 60_000_000_000;
 /// A failed log is tried again after this long.
 const RETRY_NS: u64 = 1_000_000_000;
 
@@ -103,6 +105,8 @@ pub struct Storage {
     metrics: LocalMetrics,
     failed_until: Option<u64>,
     finished: u64,
+    /// When retention runs next (it also runs at every roll).
+    next_retention: u64,
 }
 
 impl Storage {
@@ -124,6 +128,7 @@ impl Storage {
             metrics: LocalMetrics::new(),
             failed_until: None,
             finished: 0,
+            next_retention: monotonic_ns() + RETENTION_EVERY_NS,
             p,
         }
     }
@@ -140,6 +145,15 @@ impl Storage {
             moved |= self.retry_deferred();
             moved |= self.release_held();
             let now = monotonic_ns();
+            if now >= self.next_retention {
+                self.next_retention = now + RETENTION_EVERY_NS;
+                if self.p.log.apply_retention() > 0 {
+                    self.p
+                        .shared
+                        .log_bytes
+                        .store(self.p.log.total_bytes(), Ordering::Relaxed);
+                }
+            }
             if moved {
                 self.metrics.maybe_flush(&self.p.shared.registry, now);
                 self.p
@@ -160,10 +174,14 @@ impl Storage {
             }
             if backoff.idle() {
                 for (i, rx) in self.p.rx.iter_mut().enumerate() {
-                    shared_depth(&self.p.shared, 3 + i, rx.len());
+                    self.p.shared.set_depth(3 + i, rx.len());
                 }
                 let timeout = if !self.deferred.is_empty() {
                     Some(Duration::from_millis(1))
+                } else if self.p.log.has_retention_age() {
+                    Some(Duration::from_nanos(
+                        self.next_retention.saturating_sub(monotonic_ns()),
+                    ))
                 } else {
                     None
                 };
@@ -546,10 +564,6 @@ impl Storage {
         }
         moved
     }
-}
-
-fn shared_depth(shared: &Shared, ring: usize, depth: usize) {
-    shared.set_depth(ring, depth);
 }
 
 fn stored(ev: &Event<'_>, offset: u64) -> Pending {

@@ -427,3 +427,45 @@ fn metrics_endpoint_passes_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn topic_priorities_from_flags_and_a_topics_file_only_raise() {
+    let dir = TempDir::new("topics");
+    let file = dir.path().join("topics.conf");
+    std::fs::write(
+        &file,
+        "# the original's format\nbilling:MEDIUM\n\nalerts:LOW\n",
+    )
+    .unwrap();
+    let server = Server::start(
+        &dir.data(),
+        &[
+            "--topic-priority",
+            "alerts=critical",
+            "--topics-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    let mut c = server.connect();
+    let mut bytes = frame(1, Priority::Batch, "alerts", b"x", true);
+    bytes.extend(frame(2, Priority::Batch, "billing", b"x", true));
+    bytes.extend(frame(3, Priority::Critical, "billing", b"x", true));
+    bytes.extend(frame(4, Priority::Batch, "other", b"x", true));
+    c.send(&bytes);
+    assert_stored(&c.acks(4));
+    let events = wait_for_events(&dir.data(), 4);
+    let class = |id: u64| {
+        let e = events.iter().find(|e| e.event_id == id).unwrap();
+        (e.class.clone(), e.priority.clone())
+    };
+    // The class follows the raised priority; the stored frame keeps the
+    // producer's.
+    assert_eq!(class(1), ("realtime".into(), "batch".into()));
+    assert_eq!(class(2), ("transactional".into(), "batch".into()));
+    assert_eq!(class(3), ("realtime".into(), "critical".into()));
+    assert_eq!(class(4), ("batch".into(), "batch".into()));
+    let bad = Server::try_start(&dir.path().join("d2"), &["--topic-priority", "nope"])
+        .err()
+        .expect("refused");
+    assert!(bad.stderr.contains("--topic-priority"), "{}", bad.stderr);
+}
