@@ -135,6 +135,10 @@ pub struct ServeArgs {
     /// Pin each engine thread to a CPU.
     #[arg(long)]
     pub pin: bool,
+    /// How long an idle engine thread spins before it parks (0: park at
+    /// once, best with few cores; tens of microseconds with cores to spare).
+    #[arg(long, default_value = "0ms", value_parser = parse_duration_us)]
+    pub idle_spin: Duration,
 }
 
 /// `eventstream inspect` flags.
@@ -221,6 +225,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     ms.map(Duration::from_millis)
         .ok_or_else(|| format!("duration {s:?} is too large"))
+}
+
+/// Like [`parse_duration`], also taking microseconds (`us`).
+pub fn parse_duration_us(s: &str) -> Result<Duration, String> {
+    match s.trim().strip_suffix("us") {
+        Some(n) => n
+            .parse()
+            .map(Duration::from_micros)
+            .map_err(|_| format!("bad duration {s:?}")),
+        None => parse_duration(s),
+    }
 }
 
 /// The topic table's capacity.
@@ -352,5 +367,8 @@ mod tests {
         assert_eq!(parse_fsync("interval:5"), Ok(FsyncPolicy::Interval(5)));
         assert!(parse_fsync("interval:0").is_err());
         assert!(parse_fsync("sometimes").is_err());
+        assert_eq!(parse_duration_us("50us"), Ok(Duration::from_micros(50)));
+        assert_eq!(parse_duration_us("0ms"), Ok(Duration::ZERO));
+        assert!(parse_duration_us("xus").is_err());
     }
 }

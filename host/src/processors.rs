@@ -44,7 +44,7 @@ pub fn run_singles(
         Singles::Transactional(_, every) => monotonic_ns() + every.as_nanos() as u64,
         Singles::Realtime(_) => u64::MAX,
     };
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(shared.idle_spin_ns);
     loop {
         let now = monotonic_ns();
         let now_ms = now / 1_000_000;
@@ -117,7 +117,7 @@ pub fn run_batch(
 ) {
     let mut proc = BatchProcessor::new(windows);
     let need = 2 * (proc.windows().config().max_events as usize + 1);
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(shared.idle_spin_ns);
     loop {
         let now = monotonic_ns();
         let mut moved = false;

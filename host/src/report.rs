@@ -192,7 +192,7 @@ pub fn render(shared: &Shared, snap: &Snapshot) -> String {
         ),
         (
             "eventstream_dedup_entries",
-            "Ids in the dedup table.",
+            "Ids in the dedup table (counted at each scrape).",
             shared.dedup_entries.load(Ordering::Relaxed) as f64,
         ),
         (
@@ -312,6 +312,11 @@ pub fn run_housekeeping(listener: TcpListener, dedup: DedupRef<'static>, shared:
         let ready = syscall!(poll(&mut pfd, 1, wait_ms.max(1))).unwrap_or(0);
         if ready > 0 {
             if let Ok((stream, _)) = listener.accept() {
+                // Counting the table walks all of it (milliseconds at the
+                // default 2M ids): done per scrape, not every second.
+                shared
+                    .dedup_entries
+                    .store(dedup.occupied() as u64, Ordering::Relaxed);
                 serve_http(stream, &shared);
             }
         }
@@ -325,9 +330,6 @@ pub fn run_housekeeping(listener: TcpListener, dedup: DedupRef<'static>, shared:
         shared
             .dedup_effective_ms
             .store(effective, Ordering::Relaxed);
-        shared
-            .dedup_entries
-            .store(dedup.occupied() as u64, Ordering::Relaxed);
         if effective < window_ms && now.saturating_sub(last_warning) > 60_000_000_000 {
             last_warning = now;
             eprintln!(

@@ -118,7 +118,12 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     // Every buffer of the engine, once.
     let window_ms = args.dedup_window.as_millis() as u32;
     let shared = Arc::new(
-        Shared::new(u64::from(args.pool_events), window_ms).map_err(|e| format!("eventfd: {e}"))?,
+        Shared::new(
+            u64::from(args.pool_events),
+            window_ms,
+            args.idle_spin.as_nanos() as u64,
+        )
+        .map_err(|e| format!("eventfd: {e}"))?,
     );
     let pool_meta = leak_slice(args.pool_events as usize, SlotMeta::new);
     // Zeroed by the allocator (pages are mapped lazily), not byte by byte.

@@ -89,11 +89,13 @@ pub struct Shared {
     pub dedup_effective_ms: AtomicU32,
     /// Pool slots.
     pub pool_slots: u64,
+    /// How long an idle thread spins before parking (`--idle-spin`).
+    pub idle_spin_ns: u64,
 }
 
 impl Shared {
     /// Fresh state for a pool of `pool_slots`.
-    pub fn new(pool_slots: u64, window_ms: u32) -> std::io::Result<Self> {
+    pub fn new(pool_slots: u64, window_ms: u32, idle_spin_ns: u64) -> std::io::Result<Self> {
         Ok(Self {
             phase: AtomicU32::new(RUN),
             shutdown_requested: AtomicBool::new(false),
@@ -125,6 +127,7 @@ impl Shared {
             dedup_entries: AtomicU64::new(0),
             dedup_effective_ms: AtomicU32::new(window_ms),
             pool_slots,
+            idle_spin_ns,
         })
     }
 

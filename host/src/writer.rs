@@ -135,7 +135,7 @@ impl Storage {
 
     /// Runs until shutdown; the last write is fsynced before it returns.
     pub fn run(mut self) -> Result<(), String> {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(self.p.shared.idle_spin_ns);
         loop {
             let mut moved = self.gather();
             if self.len > 0 || !self.pending.is_empty() {
