@@ -226,10 +226,12 @@ impl BatchConfig {
 /// Open windows over caller-provided buffers: `meta.len()` windows sharing
 /// an arena of `arena.len()` events.
 pub struct BatchWindows<'b, T> {
+    /// Open windows are packed at the front: `meta[..open]`.
     meta: &'b mut [WindowMeta],
     arena: &'b mut [Entry<T>],
     free: u32,
     held: u32,
+    open: u32,
     config: BatchConfig,
 }
 
@@ -264,6 +266,7 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
             arena,
             free: 0,
             held: 0,
+            open: 0,
             config: BatchConfig {
                 max_events: config.max_events.min(u16::MAX as u32),
                 ..config
@@ -278,14 +281,18 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
 
     /// Windows open now.
     pub fn open_windows(&self) -> usize {
-        self.meta.iter().filter(|m| m.open).count()
+        self.open as usize
+    }
+
+    /// The open windows (packed at the front of `meta`).
+    fn open_meta(&self) -> &[WindowMeta] {
+        self.meta.get(..self.open as usize).unwrap_or(&[])
     }
 
     /// When the oldest open window must close (monotonic ns), if any.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.meta
+        self.open_meta()
             .iter()
-            .filter(|m| m.open)
             .map(|m| m.opened_ns.saturating_add(self.config.max_age_ns))
             .min()
     }
@@ -302,45 +309,26 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
     }
 
     /// Adds `item` at time `now_ns`, closing windows into `agg` as needed.
+    /// Finding the item's window looks at the open windows only.
     pub fn push(&mut self, item: T, now_ns: u64, agg: &mut impl Aggregate<T>) {
-        let found = (0..self.meta.len()).find(|&i| {
-            self.meta
-                .get(i)
-                .is_some_and(|m| m.open && self.same_key(m, &item))
-        });
-        let w = match found {
+        let found = self
+            .open_meta()
+            .iter()
+            .position(|m| self.same_key(m, &item));
+        let mut w = match found {
             Some(w) => w,
-            None => {
-                let slot = match self.meta.iter().position(|m| !m.open) {
-                    Some(i) => i,
-                    None => {
-                        let oldest = self.oldest().unwrap_or(0);
-                        self.close(oldest, CloseReason::Pressure, agg);
-                        oldest
-                    }
-                };
-                if let Some(m) = self.meta.get_mut(slot) {
-                    *m = WindowMeta {
-                        open: true,
-                        opened_ns: now_ns,
-                        ..WindowMeta::new()
-                    };
-                }
-                slot
-            }
+            None => self.open_window(now_ns, agg),
         };
         if self.free == NIL {
             // The arena is full: close the oldest other window (or this one).
             let victim = self.oldest_except(w).unwrap_or(w);
+            let last = (self.open as usize).saturating_sub(1);
             self.close(victim, CloseReason::Pressure, agg);
             if victim == w {
-                if let Some(m) = self.meta.get_mut(w) {
-                    *m = WindowMeta {
-                        open: true,
-                        opened_ns: now_ns,
-                        ..WindowMeta::new()
-                    };
-                }
+                w = self.open_window(now_ns, agg);
+            } else if w == last {
+                // Closing packed the last open window into the victim's place.
+                w = victim;
             }
         }
         let cell = self.free;
@@ -366,14 +354,34 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
         }
     }
 
+    /// Opens a window at the end of the open ones (closing the oldest when
+    /// all are open); returns its index.
+    fn open_window(&mut self, now_ns: u64, agg: &mut impl Aggregate<T>) -> usize {
+        if self.open as usize >= self.meta.len() {
+            if let Some(oldest) = self.oldest() {
+                self.close(oldest, CloseReason::Pressure, agg);
+            }
+        }
+        let slot = self.open as usize;
+        if let Some(m) = self.meta.get_mut(slot) {
+            *m = WindowMeta {
+                open: true,
+                opened_ns: now_ns,
+                ..WindowMeta::new()
+            };
+            self.open += 1;
+        }
+        slot
+    }
+
     /// Closes the oldest window that is at least `max_age_ns` old, if any
     /// (one per call, so the caller can make room for its events first).
     pub fn poll(&mut self, now_ns: u64, agg: &mut impl Aggregate<T>) -> bool {
         let due = self
-            .meta
+            .open_meta()
             .iter()
             .enumerate()
-            .filter(|(_, m)| m.open && now_ns.saturating_sub(m.opened_ns) >= self.config.max_age_ns)
+            .filter(|(_, m)| now_ns.saturating_sub(m.opened_ns) >= self.config.max_age_ns)
             .min_by_key(|(_, m)| m.opened_ns)
             .map(|(i, _)| i);
         match due {
@@ -413,10 +421,10 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
     }
 
     fn oldest_except(&self, skip: usize) -> Option<usize> {
-        self.meta
+        self.open_meta()
             .iter()
             .enumerate()
-            .filter(|(i, m)| m.open && *i != skip)
+            .filter(|(i, _)| *i != skip)
             .min_by_key(|(_, m)| m.opened_ns)
             .map(|(i, _)| i)
     }
@@ -448,6 +456,11 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
             self.free = at;
             at = next;
             self.held -= 1;
+        }
+        // Keep the open windows packed: the last open one takes this place.
+        if let Some(last) = (self.open as usize).checked_sub(1) {
+            self.meta.swap(w, last);
+            self.open -= 1;
         }
     }
 }
@@ -542,6 +555,42 @@ mod tests {
         assert!(!w.poll(101, &mut agg));
         assert_eq!(agg.0[1], (CloseReason::Aged, vec![2]));
         assert_eq!(w.held(), 0);
+    }
+
+    #[test]
+    fn every_item_comes_out_once_in_order_under_key_and_arena_pressure() {
+        // 4 windows over an arena of 6 cells, 7 keys, ages and counts mixed:
+        // windows open, close and get packed in every order.
+        let mut s: StaticBatchWindows<Ev, 4, 6> = StaticBatchWindows::new();
+        let mut w = s.windows(CFG).unwrap();
+        let mut agg = Collect::default();
+        let topics: [&'static [u8]; 7] = [b"a", b"b", b"c", b"d", b"e", b"f", b"g"];
+        let mut x = 7u32;
+        let mut sent = Vec::new();
+        for n in 0..2000u32 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let key = (x >> 16) % 7;
+            let now = u64::from(n) * 7;
+            sent.push((key, n));
+            w.push(ev(topics[key as usize], 0, n), now, &mut agg);
+            if n % 13 == 0 {
+                w.poll(now, &mut agg);
+            }
+            assert!(w.open_windows() <= 4 && w.held() <= 6);
+        }
+        w.flush_all(&mut agg);
+        assert_eq!(w.held(), 0);
+        assert_eq!(w.open_windows(), 0);
+        let mut out: Vec<u32> = agg.0.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+        out.sort_unstable();
+        assert_eq!(out, (0..2000).collect::<Vec<_>>(), "each item exactly once");
+        // Within a closed window, items share a key and keep arrival order.
+        for (_, items) in &agg.0 {
+            assert!(items.len() <= 3);
+            let key = sent[items[0] as usize].0;
+            assert!(items.iter().all(|&n| sent[n as usize].0 == key));
+            assert!(items.windows(2).all(|p| p[0] < p[1]));
+        }
     }
 
     #[test]
