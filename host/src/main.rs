@@ -4,7 +4,18 @@ use clap::Parser;
 use eventstream_host::config::{Cli, Command, ServerConfig};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // One line: clap's first line, without its usage block.
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("bad arguments");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            eprintln!("eventstream: error: {line} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Serve(args) => {
             ServerConfig::from_args(*args).and_then(eventstream_host::server::serve)

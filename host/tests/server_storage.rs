@@ -72,7 +72,8 @@ fn bad_flags_and_unusable_data_dirs_give_one_line_and_a_non_zero_exit() {
             .unwrap();
         assert!(!out.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!err.trim().is_empty(), "{args:?}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("eventstream: error: "), "{args:?}: {err}");
     }
     // A data dir under a regular file cannot be created.
     let file = dir.path().join("plain");
