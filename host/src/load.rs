@@ -522,19 +522,10 @@ fn lat_json(h: &Histogram) -> String {
     )
 }
 
-const REASONS: [Reason; 11] = [
-    Reason::BadMagic,
-    Reason::BadLength,
-    Reason::BadCrc,
-    Reason::BadVersion,
-    Reason::BadPriority,
-    Reason::BadFlags,
-    Reason::BadTopic,
-    Reason::DedupFull,
-    Reason::Overloaded,
-    Reason::ShuttingDown,
-    Reason::StorageFailed,
-];
+/// Every REJECTED or FATAL reason (all but NONE).
+fn reasons() -> &'static [Reason] {
+    &Reason::ALL[1..]
+}
 
 impl Report {
     /// Events per second: acked ones with `--ack`, else sent ones.
@@ -558,7 +549,7 @@ impl Report {
     pub fn json(&self, ack: bool) -> String {
         let rejected: u64 = self.rejected.iter().sum();
         let mut by_reason = String::new();
-        for r in REASONS {
+        for &r in reasons() {
             let n = self.rejected[r.code() as usize];
             if n > 0 {
                 if !by_reason.is_empty() {
@@ -591,7 +582,7 @@ impl Report {
         if ack {
             let _ = writeln!(o, "stored          {}", self.stored);
             let _ = writeln!(o, "duplicate       {}", self.duplicate);
-            for r in REASONS {
+            for &r in reasons() {
                 let n = self.rejected[r.code() as usize];
                 if n > 0 {
                     let _ = writeln!(o, "rejected {:<14} {n}", r.name());

@@ -36,6 +36,19 @@ fn store_one(c: &mut Client, id: u64) -> u64 {
     a.offset
 }
 
+/// A log of ten single-event records, its server stopped; the segment.
+fn ten_records_then_stop(tag: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new(tag);
+    let server = Server::start(&dir.data(), &[]);
+    let mut c = server.connect();
+    for id in 0..10 {
+        store_one(&mut c, id);
+    }
+    let _ = server.terminate();
+    let seg = segments(&dir.data()).pop().unwrap();
+    (dir, seg)
+}
+
 #[test]
 fn a_second_server_on_the_same_data_dir_is_refused() {
     let dir = TempDir::new("lock");
@@ -178,14 +191,7 @@ fn restart_after_sigterm_exits_zero_and_offsets_continue() {
 
 #[test]
 fn a_torn_tail_is_truncated_and_the_server_starts() {
-    let dir = TempDir::new("torn");
-    let server = Server::start(&dir.data(), &[]);
-    let mut c = server.connect();
-    for id in 0..10 {
-        store_one(&mut c, id);
-    }
-    let _ = server.terminate();
-    let seg = segments(&dir.data()).pop().unwrap();
+    let (dir, seg) = ten_records_then_stop("torn");
     let good = std::fs::metadata(&seg).unwrap().len();
     let bytes = std::fs::read(&seg).unwrap();
     // Half of a copy of the last record, as a crash mid-write leaves it.
@@ -205,14 +211,7 @@ fn a_torn_tail_is_truncated_and_the_server_starts() {
 
 #[test]
 fn corruption_mid_segment_refuses_to_start_without_repair() {
-    let dir = TempDir::new("corrupt");
-    let server = Server::start(&dir.data(), &[]);
-    let mut c = server.connect();
-    for id in 0..10 {
-        store_one(&mut c, id);
-    }
-    let _ = server.terminate();
-    let seg = segments(&dir.data()).pop().unwrap();
+    let (dir, seg) = ten_records_then_stop("corrupt");
     let mut bytes = std::fs::read(&seg).unwrap();
     let record = (bytes.len() - 16) / 10;
     let bad_at = 16 + 2 * record;
