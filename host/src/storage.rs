@@ -22,6 +22,9 @@ use eventstream_core::Class;
 
 use crate::sys::syscall;
 
+/// Written bytes handed to writeback at a time.
+const WRITEBACK_BYTES: u64 = 8 << 20;
+
 /// One segment file.
 #[derive(Clone, Debug)]
 pub struct Segment {
@@ -69,6 +72,8 @@ pub struct Log {
     /// Shared with the sync thread, which fsyncs whatever file is here.
     shared_active: Arc<Mutex<Arc<File>>>,
     active_len: u64,
+    /// The active segment's bytes up to here have been handed to writeback.
+    kicked: u64,
     next_offset: u64,
     segment_bytes: u64,
     retention_bytes: Option<u64>,
@@ -161,6 +166,7 @@ impl Log {
             active,
             segments,
             active_len,
+            kicked: active_len,
             next_offset,
             segment_bytes: opts.segment_bytes,
             retention_bytes: opts.retention_bytes,
@@ -224,6 +230,20 @@ impl Log {
             seg.size = self.active_len;
         }
         self.next_offset += events;
+        if self.active_len - self.kicked >= WRITEBACK_BYTES {
+            // Start writeback of what is written so far without waiting for
+            // it, so dirty pages never pile up into a long fsync or into
+            // the kernel throttling our writes.
+            if let Err(e) = syscall!(sync_file_range(
+                self.active.as_raw_fd(),
+                self.kicked as libc::off64_t,
+                (self.active_len - self.kicked) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE
+            )) {
+                eprintln!("eventstream: sync_file_range: {e}");
+            }
+            self.kicked = self.active_len;
+        }
         Ok(())
     }
 
@@ -241,6 +261,7 @@ impl Log {
         });
         self.active = Arc::new(file);
         self.active_len = SEGMENT_HEADER_LEN as u64;
+        self.kicked = self.active_len;
         if let Ok(mut slot) = self.shared_active.lock() {
             *slot = self.active.clone();
         }
