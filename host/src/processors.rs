@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventstream_core::batch::{Aggregate, BatchWindows, Closed};
+use eventstream_core::dedup::DedupRef;
 use eventstream_core::pipeline::{Event, Work};
 use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
 use eventstream_core::ring::{Consumer, Producer};
@@ -29,9 +30,13 @@ pub enum Singles {
     Transactional(TransactionalProcessor<'static>, Duration),
 }
 
+/// How many events ahead a processor prefetches the dedup slots of.
+const PREFETCH_AHEAD: usize = 8;
+
 /// Runs a realtime or transactional processor until shutdown.
 pub fn run_singles(
     mut proc: Singles,
+    dedup: DedupRef<'static>,
     mut rx: Consumer<'static, Event<'static>>,
     mut tx: Producer<'static, Work<'static>>,
     shared: Arc<Shared>,
@@ -51,6 +56,9 @@ pub fn run_singles(
         let room = tx.free_len().min(STEP);
         let mut moved = 0;
         for _ in 0..room {
+            if let Some(f) = rx.peek(PREFETCH_AHEAD).and_then(Event::frame) {
+                dedup.prefetch(f.event_id());
+            }
             let Some(ev) = rx.pop() else { break };
             let outcome = match (ev.frame(), &mut proc) {
                 (Some(f), Singles::Realtime(p)) => p.handle(&f, now_ms, &mut ()),

@@ -247,6 +247,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         Box::new(move || {
             run_singles(
                 Singles::Realtime(eventstream_core::process::RealtimeProcessor::new(dedup)),
+                dedup,
                 rt_rx,
                 srt_tx,
                 s,
@@ -264,6 +265,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
                     eventstream_core::process::TransactionalProcessor::new(inserter),
                     sweep,
                 ),
+                dedup,
                 tx_rx,
                 stx_tx,
                 s,

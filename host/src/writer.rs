@@ -35,6 +35,9 @@ const MAX_PENDING: usize = 16 * 1024;
 const MAX_DEFERRED: usize = 4096;
 /// How often retention runs between rolls (for `--retention-age`).
 const RETENTION_EVERY_NS: u64 = 60_000_000_000;
+/// How many answers ahead storage prefetches the dedup slots it sets
+/// offsets in.
+const PREFETCH_AHEAD: usize = 8;
 /// A failed log is tried again after this long.
 const RETRY_NS: u64 = 1_000_000_000;
 
@@ -458,7 +461,15 @@ impl Storage {
         let now = monotonic_ns();
         let position = self.p.shared.written.load(Ordering::Acquire);
         let pending = std::mem::take(&mut self.pending);
-        for p in &pending {
+        for (i, p) in pending.iter().enumerate() {
+            if let Some(Pending::Stored {
+                event_id,
+                dedup: true,
+                ..
+            }) = pending.get(i + PREFETCH_AHEAD)
+            {
+                self.p.dedup.prefetch(*event_id);
+            }
             self.finished += 1;
             self.metrics.event();
             match *p {
