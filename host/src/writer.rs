@@ -601,6 +601,18 @@ pub fn run_sync(
     shared: Arc<Shared>,
 ) {
     let mut last_sync = monotonic_ns();
+    // Fault injection for tests and drills: EVENTSTREAM_FAIL_FSYNC_AFTER=N
+    // makes the fsync after N good ones fail with EIO, as a dying disk would.
+    let fail_after: Option<u64> = std::env::var("EVENTSTREAM_FAIL_FSYNC_AFTER")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    if let Some(n) = fail_after {
+        eprintln!(
+            "eventstream: fault injection: fsync number {} will fail",
+            n + 1
+        );
+    }
+    let mut done: u64 = 0;
     loop {
         if shared.phase() == STOP {
             return;
@@ -647,7 +659,13 @@ pub fn run_sync(
             Err(p) => p.into_inner().clone(),
         };
         let t0 = monotonic_ns();
-        if let Err(e) = file.sync_data() {
+        let result = if fail_after == Some(done) {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            file.sync_data()
+        };
+        done += 1;
+        if let Err(e) = result {
             eprintln!("eventstream: fatal: fsync failed: {e}; exiting (start-up recovery will check the log)");
             std::process::exit(1);
         }

@@ -468,3 +468,29 @@ fn inspect_pages_with_from_and_limit_and_summarises() {
     assert!(out.contains("transactional  10"), "{out}");
     assert!(out.contains("offsets:   0..9"), "{out}");
 }
+
+#[test]
+fn a_failed_fsync_ends_the_process_before_any_ack_it_covers() {
+    let dir = TempDir::new("fsyncfail");
+    let mut server = Server::start_with(&dir.data(), &["--fsync", "always"], |cmd| {
+        cmd.env("EVENTSTREAM_FAIL_FSYNC_AFTER", "0");
+    });
+    let mut c = server.connect();
+    c.send(&tx(1));
+    // The only fsync fails: no STORED ack may go out; the server exits 1.
+    let acks = c.acks_until_close();
+    assert!(acks.is_empty(), "{acks:?}");
+    let status = wait_timeout(&mut server.child, Duration::from_secs(5)).expect("exit");
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        server.stderr().contains("fsync failed"),
+        "{}",
+        server.stderr()
+    );
+    // Start-up recovery then checks the log, and the server runs again.
+    drop(server);
+    let server = Server::start(&dir.data(), &[]);
+    let mut c = server.connect();
+    c.send(&tx(2));
+    assert_eq!(c.acks(1)[0].status, Status::Stored);
+}
