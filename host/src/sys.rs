@@ -194,10 +194,10 @@ impl Parker {
         let ts_ptr = ts
             .as_ref()
             .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // EINTR, EAGAIN (already woken) and ETIMEDOUT all mean "look
+        // again", so the result is not an error for us.
         // SAFETY: the futex word is a live AtomicU32; FUTEX_WAIT only reads
-        // it and sleeps while it equals PARKED. EINTR, EAGAIN (already
-        // woken) and ETIMEDOUT all mean "look again", so the result is not
-        // an error for us.
+        // it and sleeps while it equals PARKED.
         unsafe {
             libc::syscall(
                 libc::SYS_futex,

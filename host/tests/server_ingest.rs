@@ -284,6 +284,7 @@ fn an_idle_server_uses_under_two_percent_of_a_core() {
     c.acks(1);
     let _idle: Vec<Client> = (0..20).map(|_| server.connect()).collect();
     std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: sysconf only reads a system constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let before = cpu_ticks(server.pid());
     std::thread::sleep(Duration::from_secs(5));
