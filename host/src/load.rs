@@ -385,25 +385,27 @@ fn send_loop(
                 Some(iv) => start + ((sent + k as u64) as f64 * iv) as u64,
                 None => now,
             };
-            // A duplicate resends an earlier transactional id that is
-            // already answered (so its one slot tracks one send at a time).
+            // A duplicate resends an earlier transactional id, preferably
+            // one already answered (then its slot times the new send); one
+            // still in flight expects one more ack and keeps the original's
+            // send time, so the duplicate's latency is counted from there.
             let mut use_seq = seq;
             let mut fresh = true;
+            let mut in_flight = false;
+            let known = recent_at.min(RECENT) as u64;
             if class == 1
+                && known > 0
                 && args.duplicates > 0.0
                 && (rng.next() % 1_000_000) as f64 / 1e6 < args.duplicates
             {
-                let known = recent_at.min(RECENT) as u64;
-                let cand = if known == 0 {
-                    u64::MAX
-                } else {
-                    recent_tx[(rng.next() % known) as usize]
-                };
-                if cand != u64::MAX {
+                for _ in 0..4 {
+                    let cand = recent_tx[(rng.next() % known) as usize];
                     let slot = &conn.slots[(cand & SLOT_MASK) as usize];
-                    if !args.ack || slot.state.load(Ordering::Acquire) >> 2 == 0 {
-                        use_seq = cand;
-                        fresh = false;
+                    use_seq = cand;
+                    fresh = false;
+                    in_flight = args.ack && slot.state.load(Ordering::Acquire) >> 2 != 0;
+                    if !in_flight {
+                        break;
                     }
                 }
             }
@@ -414,10 +416,13 @@ fn send_loop(
             len += t.len();
             if args.ack {
                 let slot = &conn.slots[(use_seq & SLOT_MASK) as usize];
-                slot.sent_ns.store(intended, Ordering::Relaxed);
                 if fresh {
+                    slot.sent_ns.store(intended, Ordering::Relaxed);
                     slot.state.store((1 << 2) | class as u32, Ordering::Release);
                 } else {
+                    if !in_flight {
+                        slot.sent_ns.store(intended, Ordering::Relaxed);
+                    }
                     slot.state.fetch_add(1 << 2, Ordering::Release);
                 }
             }
