@@ -161,6 +161,19 @@ pub enum WhenFull {
     Reject,
 }
 
+/// Why a valid frame is not taken, if it is not: a graceful shutdown first,
+/// then a full pool or class ring (with reject-when-full). The rule of
+/// PROTOCOL.md, shared by every ingest (this pipeline and the host's).
+pub fn refusal(shutting_down: bool, room: bool) -> Option<Reason> {
+    if shutting_down {
+        Some(Reason::ShuttingDown)
+    } else if !room {
+        Some(Reason::Overloaded)
+    } else {
+        None
+    }
+}
+
 /// A ring's two halves.
 pub type RingPair<'r, T> = (Producer<'r, T>, Consumer<'r, T>);
 
@@ -392,12 +405,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
             Decoded::Legacy(ev) => {
                 let class = self.router.route(ev.topic(), ev.priority());
                 let wall = self.clock.wall_ns();
-                if !room || self.shutting_down {
-                    let reason = if self.shutting_down {
-                        Reason::ShuttingDown
-                    } else {
-                        Reason::Overloaded
-                    };
+                if let Some(reason) = refusal(self.shutting_down, room) {
                     self.metrics.add(Counter::Rejected(reason), 1);
                     return;
                 }
@@ -441,14 +449,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
         ack: bool,
         room: bool,
     ) {
-        let refuse = if self.shutting_down {
-            Some(Reason::ShuttingDown)
-        } else if !room {
-            Some(Reason::Overloaded)
-        } else {
-            None
-        };
-        if let Some(reason) = refuse {
+        if let Some(reason) = refusal(self.shutting_down, room) {
             self.metrics.add(Counter::Rejected(reason), 1);
             if ack {
                 self.sink.ack(conn, Ack::rejected(event_id, reason));
@@ -785,9 +786,11 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
 }
 
 /// The batch processor's aggregate: a marker, then the window's events, into
-/// the batch storage ring (room for two windows is checked before each push).
-struct ToStorage<'c, 'r, 'p> {
-    out: &'c mut Producer<'r, Work<'p>>,
+/// the batch storage ring. The caller checks room for two full windows
+/// before each push (a push can close one window and open another).
+pub struct ToStorage<'c, 'r, 'p> {
+    /// The batch storage ring.
+    pub out: &'c mut Producer<'r, Work<'p>>,
 }
 
 impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {

@@ -101,6 +101,11 @@ impl Reason {
         Reason::StorageFailed,
     ];
 
+    /// Every reason a frame or event can be refused for (all but NONE).
+    pub fn errors() -> &'static [Reason] {
+        Self::ALL.get(1..).unwrap_or(&[])
+    }
+
     /// The reason with wire code `code`.
     pub const fn from_u8(code: u8) -> Option<Reason> {
         Some(match code {

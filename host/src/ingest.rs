@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventstream_core::metrics::{Counter, LocalMetrics};
-use eventstream_core::pipeline::Event;
+use eventstream_core::pipeline::{refusal, Event};
 use eventstream_core::pool::{Acquirer, SlotMut};
 use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::route::TopicTable;
-use eventstream_core::wire::{Ack, Decoded, Limits, Reason, StreamDecoder, ACK_LEN};
+use eventstream_core::wire::{Ack, Decoded, Limits, StreamDecoder, ACK_LEN};
 use eventstream_core::Class;
 
 use crate::config::MAX_TOPICS;
@@ -139,7 +139,8 @@ pub struct Ingest {
     mid_frames: usize,
     next_timeout_scan: u64,
     shutting_down: bool,
-    shutdown_deadline: Option<u64>,
+    /// Monotonic ns when the graceful shutdown began.
+    shutdown_began: Option<u64>,
     accept_paused_until: Option<u64>,
 }
 
@@ -186,7 +187,7 @@ impl Ingest {
             mid_frames: 0,
             next_timeout_scan: 0,
             shutting_down: false,
-            shutdown_deadline: None,
+            shutdown_began: None,
             accept_paused_until: None,
             p,
         })
@@ -258,7 +259,7 @@ impl Ingest {
             let left = (until.saturating_sub(now) / 1_000_000) as i64 + 1;
             ms = if ms < 0 { left } else { ms.min(left) };
         }
-        if let Some(deadline) = self.shutdown_deadline {
+        if let Some(deadline) = self.shutdown_deadline() {
             let left = (deadline.saturating_sub(now) / 1_000_000) as i64 + 1;
             ms = if ms < 0 {
                 left.min(100)
@@ -762,14 +763,7 @@ impl Ingest {
             match item {
                 Decoded::Frame(f) => {
                     let ack = f.ack_requested();
-                    let refuse = if self.shutting_down {
-                        Some(Reason::ShuttingDown)
-                    } else if !room {
-                        Some(Reason::Overloaded)
-                    } else {
-                        None
-                    };
-                    if let Some(reason) = refuse {
+                    if let Some(reason) = refusal(self.shutting_down, room) {
                         self.metrics.add(Counter::Rejected(reason), 1);
                         if ack {
                             out.extend_from_slice(&Ack::rejected(f.event_id(), reason).encode());
@@ -792,12 +786,7 @@ impl Ingest {
                     }
                 }
                 Decoded::Legacy(ev) => {
-                    if !room || self.shutting_down {
-                        let reason = if self.shutting_down {
-                            Reason::ShuttingDown
-                        } else {
-                            Reason::Overloaded
-                        };
+                    if let Some(reason) = refusal(self.shutting_down, room) {
                         self.metrics.add(Counter::Rejected(reason), 1);
                         continue;
                     }
@@ -880,6 +869,12 @@ impl Ingest {
         self.next_timeout_scan = if next == u64::MAX { now + limit } else { next };
     }
 
+    /// When a graceful shutdown stops waiting for slow clients.
+    fn shutdown_deadline(&self) -> Option<u64> {
+        self.shutdown_began
+            .map(|t| t + SHUTDOWN_GRACE.as_nanos() as u64)
+    }
+
     /// Runs the graceful shutdown; true when ingest may exit.
     fn shutdown_step(&mut self, now: u64) -> bool {
         let shared = self.p.shared.clone();
@@ -890,7 +885,7 @@ impl Ingest {
             // Stop accepting; frames from now on are answered SHUTTING_DOWN.
             self.shutting_down = true;
             self.listener = None;
-            self.shutdown_deadline = Some(now + SHUTDOWN_GRACE.as_nanos() as u64);
+            self.shutdown_began = Some(now);
             if shared.phase() == RUN {
                 shared.set_phase(DRAIN);
             }
@@ -905,14 +900,12 @@ impl Ingest {
                 }
             }
         }
-        let past_deadline = self.shutdown_deadline.is_some_and(|d| now >= d);
+        let past_deadline = self.shutdown_deadline().is_some_and(|d| now >= d);
         if shared.phase() == DRAIN {
             // Input already waiting in the sockets is read and answered
             // SHUTTING_DOWN (for up to DRAIN_READ), so producers learn
             // which frames were not stored.
-            let begun = self
-                .shutdown_deadline
-                .map_or(now, |d| d - SHUTDOWN_GRACE.as_nanos() as u64);
+            let begun = self.shutdown_began.unwrap_or(now);
             let read_out = self.ready.is_empty() || now >= begun + DRAIN_READ_NS;
             let answered = shared.finished.load(Ordering::Acquire) >= self.accepted;
             if (answered && read_out && now > begun) || past_deadline {

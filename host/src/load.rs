@@ -527,11 +527,6 @@ fn lat_json(h: &Histogram) -> String {
     )
 }
 
-/// Every REJECTED or FATAL reason (all but NONE).
-fn reasons() -> &'static [Reason] {
-    &Reason::ALL[1..]
-}
-
 impl Report {
     /// Events per second: acked ones with `--ack`, else sent ones.
     pub fn events_per_sec(&self, ack: bool) -> f64 {
@@ -554,7 +549,7 @@ impl Report {
     pub fn json(&self, ack: bool) -> String {
         let rejected: u64 = self.rejected.iter().sum();
         let mut by_reason = String::new();
-        for &r in reasons() {
+        for &r in Reason::errors() {
             let n = self.rejected[r.code() as usize];
             if n > 0 {
                 if !by_reason.is_empty() {
@@ -587,7 +582,7 @@ impl Report {
         if ack {
             let _ = writeln!(o, "stored          {}", self.stored);
             let _ = writeln!(o, "duplicate       {}", self.duplicate);
-            for &r in reasons() {
+            for &r in Reason::errors() {
                 let n = self.rejected[r.code() as usize];
                 if n > 0 {
                     let _ = writeln!(o, "rejected {:<14} {n}", r.name());

@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventstream_core::batch::{Aggregate, BatchWindows, Closed};
+use eventstream_core::batch::BatchWindows;
 use eventstream_core::dedup::DedupRef;
-use eventstream_core::pipeline::{Event, Work};
+use eventstream_core::pipeline::{Event, ToStorage, Work};
 use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
 use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::wire::Reason;
@@ -95,22 +95,6 @@ pub fn run_singles(
                 (!rx.is_empty() && tx.has_room(1)) || shared.phase() == STOP
             });
             backoff.reset();
-        }
-    }
-}
-
-/// The batch aggregate: a marker, then the window's events, into the batch
-/// storage ring (room for two windows is checked before each push).
-struct ToStorage<'c> {
-    out: &'c mut Producer<'static, Work<'static>>,
-}
-
-impl Aggregate<Event<'static>> for ToStorage<'_> {
-    fn aggregate(&mut self, mut window: Closed<'_, Event<'static>>) {
-        let count = window.len().min(u16::MAX as usize) as u16;
-        let _ = self.out.push(Work::Batch { count });
-        for ev in window.drain() {
-            let _ = self.out.push(Work::Store(ev));
         }
     }
 }

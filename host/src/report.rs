@@ -18,11 +18,6 @@ use eventstream_core::Class;
 use crate::shared::{Shared, RING_NAMES, STOP};
 use crate::sys::{monotonic_ns, syscall};
 
-/// Every REJECTED or FATAL reason (all but NONE).
-fn reasons() -> &'static [Reason] {
-    &Reason::ALL[1..]
-}
-
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -80,7 +75,7 @@ pub fn render(shared: &Shared, snap: &Snapshot) -> String {
         "counter",
         "Frames or events rejected, per reason code.",
     );
-    for &r in reasons() {
+    for &r in Reason::errors() {
         let _ = writeln!(
             o,
             "eventstream_rejected_total{{reason=\"{}\"}} {}",
@@ -254,7 +249,7 @@ pub fn summary_line(shared: &Shared, snap: &Snapshot, prev: &Snapshot, secs: f64
         Class::ALL.iter().map(|&c| s.get(f(c))).sum()
     };
     let rate = |now: u64, before: u64| (now.saturating_sub(before)) as f64 / secs.max(1e-3);
-    let rejected: u64 = reasons()
+    let rejected: u64 = Reason::errors()
         .iter()
         .map(|&r| snap.get(Counter::Rejected(r)))
         .sum();

@@ -60,11 +60,6 @@ impl Running {
         self.shared.request_shutdown();
     }
 
-    /// The shared state (metrics, gauges).
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
     /// Waits for every thread; the first error, if any.
     pub fn wait(self) -> Result<(), String> {
         let mut result = Ok(());

@@ -201,11 +201,6 @@ impl Log {
         self.segments.iter().map(|s| s.size).sum()
     }
 
-    /// Segments, oldest first.
-    pub fn segments(&self) -> &[Segment] {
-        &self.segments
-    }
-
     /// Whether `extra` more bytes would take the active segment past its
     /// size limit (a segment always takes at least one buffer).
     pub fn needs_roll(&self, extra: usize) -> bool {
