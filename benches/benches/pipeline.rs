@@ -13,9 +13,7 @@ use eventstream_benches::{print_ratios, record};
 use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, WindowMeta};
 use eventstream_core::dedup::{BufferDedupTable, DedupConfig, DedupSlot, DedupState, FullPolicy};
 use eventstream_core::metrics::Registry;
-use eventstream_core::pipeline::{
-    Clock, Event, Parts, Pipeline, Sink, StorageFailed, WhenFull, Work,
-};
+use eventstream_core::pipeline::{Clock, Event, Parts, Pipeline, Sink, StorageFailed, WhenFull};
 use eventstream_core::pool::{BufferPool, SlotMeta};
 use eventstream_core::ring::Ring;
 use eventstream_core::route::TopicTable;
@@ -91,7 +89,6 @@ fn bench(c: &mut Criterion) {
     let mut data = vec![0u8; 8192 * 512];
     let pool = BufferPool::new(&mut meta, &mut data, 512).unwrap();
     let class_rings: [Ring<Event<'_>, 1024>; 3] = [Ring::new(), Ring::new(), Ring::new()];
-    let storage_rings: [Ring<Work<'_>, 1024>; 3] = [Ring::new(), Ring::new(), Ring::new()];
     let mut states: Vec<DedupState> = (0..65_536).map(|_| DedupState::new()).collect();
     let mut slots: Vec<DedupSlot> = (0..65_536).map(|_| DedupSlot::new()).collect();
     let dedup = BufferDedupTable::new(
@@ -110,7 +107,6 @@ fn bench(c: &mut Criterion) {
     let registry = Registry::new();
     let topics: TopicTable<4> = TopicTable::new();
     let [r0, r1, r2] = &class_rings;
-    let [s0, s1, s2] = &storage_rings;
     let mut p = Pipeline::new(Parts {
         limits: Limits::DEFAULT,
         router: &topics,
@@ -119,11 +115,6 @@ fn bench(c: &mut Criterion) {
             r0.split().unwrap(),
             r1.split().unwrap(),
             r2.split().unwrap(),
-        ],
-        storage_rings: [
-            s0.split().unwrap(),
-            s1.split().unwrap(),
-            s2.split().unwrap(),
         ],
         dedup: dedup.table(),
         windows,

@@ -1,45 +1,67 @@
 //! Counters and latency histograms: each thread counts into its own
-//! [`LocalMetrics`] and flushes into a shared [`Registry`] every 1000 events,
-//! every millisecond while busy, and when it goes idle.
+//! [`LocalMetrics`] (counters and raw latency samples) and flushes into a
+//! shared [`Registry`] (counters and histograms) when its samples fill up,
+//! every 1000 events, every millisecond while busy, and when it goes idle.
+//! Histogram precision is a const generic, so firmware can keep 1 KiB
+//! histograms where the host keeps 4 KiB ones.
 //!
 //! Costs: recording is a few plain integer operations (no atomics, no
-//! allocation); a flush takes a spin lock for a merge of ~12 KiB. Nothing
-//! here wakes a thread: flushing rides on the caller's own work and idling.
+//! allocation); a flush takes a spin lock to add the counters and one
+//! bucket increment per sample. Nothing here wakes a thread: flushing rides
+//! on the caller's own work and idling.
 
 use crate::event::Class;
 use crate::wire::Reason;
 
-/// Values below this are counted exactly, one bucket each.
-const LINEAR: usize = 16;
-/// Sub-buckets per power of two: 16, so a bucket spans 1/16 of its octave and
-/// its midpoint is within 1/32 (3.125 %) of any value in it.
-const SUB_BITS: u32 = 4;
-const SUB: usize = 1 << SUB_BITS;
-/// Octaves above the linear range: values up to 2^34 - 1 (17 s in ns).
-const OCTAVES: usize = 30;
-/// Number of buckets.
-pub const BUCKETS: usize = LINEAR + OCTAVES * SUB;
-/// Largest value with its own bucket; larger values are counted in one
-/// overflow bucket, reported as the exact maximum.
-pub const MAX_TRACKED: u64 = (1 << (SUB_BITS as usize + OCTAVES)) - 1;
+/// Largest value with its own bucket at every precision: 2^34 - 1 (17 s in
+/// ns). Larger values are counted in one overflow bucket, reported as the
+/// exact maximum.
+pub const MAX_TRACKED: u64 = (1 << 34) - 1;
+
+/// Bucket count (with the overflow bucket) of a histogram with 16 buckets
+/// per power of two: quantiles within 3.2 % (496 x 8 B, the default).
+pub const FINE: usize = 497;
+/// 8 buckets per power of two: quantiles within 6.3 % (2 KiB).
+pub const MEDIUM: usize = 257;
+/// 4 buckets per power of two: quantiles within 12.5 % (1 KiB), for
+/// firmware with little RAM.
+pub const COARSE: usize = 133;
 
 /// Log-linear histogram of `u64` values (nanoseconds, typically) in a fixed
-/// 4,000 bytes. Every quantile it reports is within 3.2 % of the exact one
-/// for values up to [`MAX_TRACKED`].
+/// `8 * B + 24` bytes. `B` is [`FINE`] (the default), [`MEDIUM`] or
+/// [`COARSE`]; another value fails to compile. With `2^s` buckets per power
+/// of two, values below `2^s` are counted exactly and every reported
+/// quantile is within `2^-(s+1)` (plus rounding) of the exact one for values
+/// up to [`MAX_TRACKED`].
 #[derive(Clone)]
-pub struct Histogram {
-    /// One more than BUCKETS: the last counts values above MAX_TRACKED.
-    counts: [u64; BUCKETS + 1],
+pub struct Histogram<const B: usize = FINE> {
+    /// The last bucket counts values above MAX_TRACKED.
+    counts: [u64; B],
     count: u64,
     sum: u64,
     max: u64,
 }
 
-impl Histogram {
-    /// An empty histogram.
-    pub const fn new() -> Self {
+impl<const B: usize> Histogram<B> {
+    /// log2 of the buckets per power of two.
+    const SUB_BITS: u32 = match B {
+        FINE => 4,
+        MEDIUM => 3,
+        COARSE => 2,
+        _ => panic!("a histogram has FINE, MEDIUM or COARSE buckets"),
+    };
+    /// Buckets per power of two; values below it have a bucket each.
+    const SUB: usize = 1 << Self::SUB_BITS;
+    /// Index of the overflow bucket.
+    const OVERFLOW: usize = B - 1;
+    /// The buckets cover 0..=MAX_TRACKED exactly, plus the overflow bucket.
+    const LAYOUT_OK: () = assert!(B == Self::SUB + (34 - Self::SUB_BITS as usize) * Self::SUB + 1);
+
+    /// An empty histogram of any precision (`Histogram::<COARSE>::empty()`).
+    pub const fn empty() -> Self {
+        let () = Self::LAYOUT_OK;
         Self {
-            counts: [0; BUCKETS + 1],
+            counts: [0; B],
             count: 0,
             sum: 0,
             max: 0,
@@ -48,26 +70,26 @@ impl Histogram {
 
     #[inline(always)]
     fn bucket(value: u64) -> usize {
-        if value < LINEAR as u64 {
+        if value < Self::SUB as u64 {
             return value as usize;
         }
         if value > MAX_TRACKED {
-            return BUCKETS;
+            return Self::OVERFLOW;
         }
         let exp = 63 - value.leading_zeros(); // >= SUB_BITS
-        let shift = exp - SUB_BITS;
-        let sub = (value >> shift) as usize & (SUB - 1);
-        LINEAR + (shift as usize) * SUB + sub
+        let shift = exp - Self::SUB_BITS;
+        let sub = (value >> shift) as usize & (Self::SUB - 1);
+        Self::SUB + (shift as usize) * Self::SUB + sub
     }
 
-    /// Smallest value of bucket `index` (`index <= BUCKETS`).
+    /// Smallest value of bucket `index` (`index <= OVERFLOW`).
     fn lower(index: usize) -> u64 {
-        if index < LINEAR {
+        if index < Self::SUB {
             return index as u64;
         }
-        let shift = ((index - LINEAR) / SUB) as u32;
-        let sub = ((index - LINEAR) % SUB) as u64;
-        (SUB as u64 + sub) << shift
+        let shift = ((index - Self::SUB) / Self::SUB) as u32;
+        let sub = ((index - Self::SUB) % Self::SUB) as u64;
+        (Self::SUB as u64 + sub) << shift
     }
 
     /// Midpoint of bucket `index`, the value reported for it.
@@ -102,8 +124,8 @@ impl Histogram {
         self.max
     }
 
-    /// The value at rank `ceil(q * count)` (q in 0..=1), within 3.2 %; 0 when
-    /// empty. Never above the exact maximum.
+    /// The value at rank `ceil(q * count)` (q in 0..=1), within the
+    /// histogram's precision; 0 when empty. Never above the exact maximum.
     pub fn quantile(&self, q: f64) -> u64 {
         if self.count == 0 {
             return 0;
@@ -120,7 +142,7 @@ impl Histogram {
         for (i, c) in self.counts.iter().enumerate() {
             seen += c;
             if seen >= rank {
-                return if i == BUCKETS {
+                return if i == Self::OVERFLOW {
                     self.max
                 } else {
                     Self::midpoint(i).min(self.max)
@@ -131,7 +153,7 @@ impl Histogram {
     }
 
     /// Adds every count of `other`.
-    pub fn merge(&mut self, other: &Histogram) {
+    pub fn merge(&mut self, other: &Histogram<B>) {
         for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
             *a += b;
         }
@@ -142,7 +164,7 @@ impl Histogram {
 
     /// Empties it.
     pub fn clear(&mut self) {
-        *self = Self::new();
+        *self = Self::empty();
     }
 
     /// Cumulative counts at bucket upper bounds, for Prometheus-style
@@ -153,7 +175,7 @@ impl Histogram {
         for (i, c) in self.counts.iter().enumerate() {
             if *c > 0 {
                 seen += c;
-                let upper = if i < BUCKETS {
+                let upper = if i < Self::OVERFLOW {
                     Self::lower(i + 1) - 1
                 } else {
                     u64::MAX
@@ -164,9 +186,16 @@ impl Histogram {
     }
 }
 
-impl Default for Histogram {
+impl Histogram {
+    /// An empty histogram of the default precision.
+    pub const fn new() -> Self {
+        Self::empty()
+    }
+}
+
+impl<const B: usize> Default for Histogram<B> {
     fn default() -> Self {
-        Self::new()
+        Self::empty()
     }
 }
 
@@ -215,19 +244,27 @@ impl Counter {
     }
 }
 
-/// A set of counters and per-class latency histograms.
+/// A set of counters and per-class latency histograms of `B` buckets
+/// ([`Histogram`]).
 #[derive(Clone)]
-pub struct Snapshot {
+pub struct Snapshot<const B: usize = FINE> {
     counters: [u64; COUNTERS],
-    latency: [Histogram; 3],
+    latency: [Histogram<B>; 3],
 }
 
 impl Snapshot {
-    /// All zero.
+    /// All zero, histograms of the default precision.
     pub const fn new() -> Self {
+        Self::empty()
+    }
+}
+
+impl<const B: usize> Snapshot<B> {
+    /// All zero, histograms of any precision.
+    pub const fn empty() -> Self {
         Self {
             counters: [0; COUNTERS],
-            latency: [Histogram::new(), Histogram::new(), Histogram::new()],
+            latency: [Histogram::empty(), Histogram::empty(), Histogram::empty()],
         }
     }
 
@@ -237,12 +274,12 @@ impl Snapshot {
     }
 
     /// Ingest-to-stored latency of one class, nanoseconds.
-    pub fn latency(&self, class: Class) -> &Histogram {
+    pub fn latency(&self, class: Class) -> &Histogram<B> {
         &self.latency[class.index()]
     }
 
     /// Adds `other` into this one.
-    pub fn merge(&mut self, other: &Snapshot) {
+    pub fn merge(&mut self, other: &Snapshot<B>) {
         for (a, b) in self.counters.iter_mut().zip(other.counters.iter()) {
             *a += b;
         }
@@ -250,46 +287,51 @@ impl Snapshot {
             a.merge(b);
         }
     }
-
-    fn clear(&mut self) {
-        self.counters = [0; COUNTERS];
-        self.latency.iter_mut().for_each(Histogram::clear);
-    }
 }
 
-impl Default for Snapshot {
+impl<const B: usize> Default for Snapshot<B> {
     fn default() -> Self {
-        Self::new()
+        Self::empty()
     }
 }
 
-/// The shared totals every thread flushes into.
-pub struct Registry {
-    totals: spin::Mutex<Snapshot>,
+/// The shared totals every thread flushes into; histograms of `B` buckets.
+pub struct Registry<const B: usize = FINE> {
+    totals: spin::Mutex<Snapshot<B>>,
 }
 
 impl Registry {
-    /// Empty totals; `const`, so a registry can be a `static`.
+    /// Empty totals, histograms of the default precision; `const`, so a
+    /// registry can be a `static`.
     pub const fn new() -> Self {
+        Self::empty()
+    }
+}
+
+impl<const B: usize> Registry<B> {
+    /// Empty totals, histograms of any precision
+    /// (`Registry::<COARSE>::empty()`); `const`, so a registry can be a
+    /// `static`.
+    pub const fn empty() -> Self {
         Self {
-            totals: spin::Mutex::new(Snapshot::new()),
+            totals: spin::Mutex::new(Snapshot::empty()),
         }
     }
 
     /// A copy of the totals.
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&self) -> Snapshot<B> {
         self.totals.lock().clone()
     }
 
     /// Runs `f` on the totals under the lock (no copy).
-    pub fn with<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
+    pub fn with<R>(&self, f: impl FnOnce(&Snapshot<B>) -> R) -> R {
         f(&self.totals.lock())
     }
 }
 
-impl Default for Registry {
+impl<const B: usize> Default for Registry<B> {
     fn default() -> Self {
-        Self::new()
+        Self::empty()
     }
 }
 
@@ -298,18 +340,42 @@ pub const FLUSH_EVENTS: u32 = 1000;
 /// ... or this long after the previous flush while busy (nanoseconds).
 pub const FLUSH_INTERVAL_NS: u64 = 1_000_000;
 
-/// One thread's counters, flushed into a [`Registry`].
-pub struct LocalMetrics {
-    pending: Snapshot,
+/// Bits of a latency sample that hold its class; the rest hold the value.
+const CLASS_SHIFT: u32 = 62;
+
+/// One thread's counters and up to `K` latency samples, flushed into a
+/// [`Registry`]: when the samples fill up, and otherwise after
+/// [`FLUSH_EVENTS`] events or [`FLUSH_INTERVAL_NS`] (see
+/// [`maybe_flush`](Self::maybe_flush)). It holds raw samples rather than
+/// histograms, so it stays small (`8 * (K + 30)` bytes) and a flush costs
+/// one bucket increment per sample.
+pub struct LocalMetrics<const K: usize = 256> {
+    counters: [u64; COUNTERS],
+    /// Class in the top two bits, nanoseconds (saturated) below.
+    samples: [u64; K],
+    len: usize,
     events: u32,
     last_flush_ns: u64,
 }
 
 impl LocalMetrics {
-    /// Nothing counted yet.
+    /// Nothing counted yet; room for the default number of samples.
     pub const fn new() -> Self {
+        Self::empty()
+    }
+}
+
+impl<const K: usize> LocalMetrics<K> {
+    /// Room for at least one sample.
+    const CAPACITY_OK: () = assert!(K > 0, "LocalMetrics needs room for a sample");
+
+    /// Nothing counted yet; room for `K` samples.
+    pub const fn empty() -> Self {
+        let () = Self::CAPACITY_OK;
         Self {
-            pending: Snapshot::new(),
+            counters: [0; COUNTERS],
+            samples: [0; K],
+            len: 0,
             events: 0,
             last_flush_ns: 0,
         }
@@ -318,16 +384,22 @@ impl LocalMetrics {
     /// Adds `n` to a counter.
     #[inline]
     pub fn add(&mut self, c: Counter, n: u64) {
-        if let Some(v) = self.pending.counters.get_mut(c.index()) {
+        if let Some(v) = self.counters.get_mut(c.index()) {
             *v += n;
         }
     }
 
     /// Records one event's ingest-to-stored latency and counts it toward
-    /// the next flush.
+    /// the next flush; flushes into `registry` when the samples are full.
     #[inline]
-    pub fn latency(&mut self, class: Class, ns: u64) {
-        self.pending.latency[class.index()].record(ns);
+    pub fn latency<const B: usize>(&mut self, registry: &Registry<B>, class: Class, ns: u64) {
+        if self.len >= K {
+            self.merge_into(registry);
+        }
+        if let Some(s) = self.samples.get_mut(self.len) {
+            *s = ((class as u64) << CLASS_SHIFT) | ns.min((1 << CLASS_SHIFT) - 1);
+            self.len += 1;
+        }
         self.events += 1;
     }
 
@@ -340,7 +412,7 @@ impl LocalMetrics {
     /// Flushes if 1000 events were counted or 1 ms passed since the last
     /// flush; call it after each unit of work, with the monotonic time.
     #[inline]
-    pub fn maybe_flush(&mut self, registry: &Registry, now_ns: u64) {
+    pub fn maybe_flush<const B: usize>(&mut self, registry: &Registry<B>, now_ns: u64) {
         if self.events >= FLUSH_EVENTS
             || (self.events > 0 && now_ns.saturating_sub(self.last_flush_ns) >= FLUSH_INTERVAL_NS)
         {
@@ -349,22 +421,39 @@ impl LocalMetrics {
     }
 
     /// Flushes now (call before going idle).
-    pub fn flush(&mut self, registry: &Registry, now_ns: u64) {
-        registry.totals.lock().merge(&self.pending);
-        self.pending.clear();
+    pub fn flush<const B: usize>(&mut self, registry: &Registry<B>, now_ns: u64) {
+        self.merge_into(registry);
         self.events = 0;
         self.last_flush_ns = now_ns;
     }
 
-    /// What is counted but not flushed yet.
-    pub fn pending(&self) -> &Snapshot {
-        &self.pending
+    /// Adds the counters and samples to the registry's totals and clears
+    /// them.
+    fn merge_into<const B: usize>(&mut self, registry: &Registry<B>) {
+        let mut totals = registry.totals.lock();
+        for (a, b) in totals.counters.iter_mut().zip(self.counters.iter()) {
+            *a += b;
+        }
+        for s in self.samples.iter().take(self.len) {
+            let class = (s >> CLASS_SHIFT) as usize;
+            if let Some(h) = totals.latency.get_mut(class) {
+                h.record(s & ((1 << CLASS_SHIFT) - 1));
+            }
+        }
+        drop(totals);
+        self.counters = [0; COUNTERS];
+        self.len = 0;
+    }
+
+    /// A counter's value not flushed yet.
+    pub fn pending(&self, c: Counter) -> u64 {
+        self.counters.get(c.index()).copied().unwrap_or(0)
     }
 }
 
-impl Default for LocalMetrics {
+impl<const K: usize> Default for LocalMetrics<K> {
     fn default() -> Self {
-        Self::new()
+        Self::empty()
     }
 }
 
@@ -396,13 +485,13 @@ mod tests {
     #[test]
     fn local_metrics_flush_every_1000_events_or_1_ms() {
         let reg = Registry::new();
-        let mut m = LocalMetrics::new();
+        let mut m = LocalMetrics::<1024>::empty();
         for i in 0..999 {
-            m.latency(Class::Realtime, 100);
+            m.latency(&reg, Class::Realtime, 100);
             m.maybe_flush(&reg, 10 + i);
         }
         assert_eq!(reg.snapshot().latency(Class::Realtime).count(), 0);
-        m.latency(Class::Realtime, 100);
+        m.latency(&reg, Class::Realtime, 100);
         m.maybe_flush(&reg, 2_000);
         assert_eq!(reg.snapshot().latency(Class::Realtime).count(), 1000);
         m.add(Counter::Stored(Class::Batch), 3);
@@ -411,5 +500,54 @@ mod tests {
         assert_eq!(reg.snapshot().get(Counter::Stored(Class::Batch)), 0);
         m.maybe_flush(&reg, 2_000 + FLUSH_INTERVAL_NS);
         assert_eq!(reg.snapshot().get(Counter::Stored(Class::Batch)), 3);
+    }
+
+    fn within<const B: usize>(bound: f64) {
+        let mut v = 1u64;
+        while v <= MAX_TRACKED {
+            for x in [v, v + v / 3, v + v / 2, v * 2 - 1].map(|x| x.min(MAX_TRACKED)) {
+                let mut h = Histogram::<B>::empty();
+                h.record(x);
+                h.record(x.saturating_add(1) * 4);
+                let got = h.quantile(0.5);
+                let err = x.abs_diff(got) as f64 / x as f64;
+                assert!(err <= bound, "{B}: {x} reported as {got}");
+            }
+            v = v * 3 + 1;
+        }
+    }
+
+    #[test]
+    fn every_precision_is_within_its_bound() {
+        // A bucket's midpoint is within 2^-(s+1) of any value in it.
+        within::<FINE>(1.0 / 32.0 + 1e-9);
+        within::<MEDIUM>(1.0 / 16.0 + 1e-9);
+        within::<COARSE>(1.0 / 8.0 + 1e-9);
+        assert!(core::mem::size_of::<Histogram<COARSE>>() <= 1100);
+    }
+
+    #[test]
+    fn samples_flush_into_the_registry_when_full() {
+        let reg = Registry::<COARSE>::empty();
+        let mut m = LocalMetrics::<4>::empty();
+        for i in 0..5u64 {
+            m.latency(&reg, Class::ALL[(i % 3) as usize], 1_000 * (i + 1));
+        }
+        m.add(Counter::Batches, 2);
+        let s = reg.snapshot();
+        assert_eq!(s.latency(Class::Realtime).count(), 2);
+        assert_eq!(s.latency(Class::Transactional).count(), 1);
+        assert_eq!(s.latency(Class::Batch).count(), 1);
+        assert_eq!(s.get(Counter::Batches), 0);
+        assert_eq!(m.pending(Counter::Batches), 2);
+        m.flush(&reg, 1);
+        let s = reg.snapshot();
+        assert_eq!(s.latency(Class::Transactional).count(), 2);
+        assert_eq!(s.latency(Class::Transactional).max(), 5_000);
+        assert_eq!(s.get(Counter::Batches), 2);
+        // A value beyond the sample's 62 bits saturates, in its class.
+        m.latency(&reg, Class::Batch, u64::MAX);
+        m.flush(&reg, 2);
+        assert_eq!(reg.snapshot().latency(Class::Batch).max(), (1 << 62) - 1);
     }
 }

@@ -1,7 +1,9 @@
 //! Every stage of the engine wired on one thread: decode and route into the
-//! class rings, run the three processors into the storage rings, build log
-//! records and acks. [`Pipeline::poll`] runs each stage once; the firmware
-//! runs it in its main loop, and the host runs the same stages on threads.
+//! class rings, run the three processors, and hand their outcomes straight
+//! to storage, which builds log records and acks. [`Pipeline::poll`] runs
+//! each stage once; the firmware runs it in its main loop. The host runs
+//! the same stages on threads, with a storage ring behind each processor
+//! ([`Work`], [`ToStorage`]).
 //!
 //! Costs: no allocation; one copy of each frame into a pool slot, one into
 //! the record buffer. Full rings or an empty pool push back: `feed` returns
@@ -10,7 +12,7 @@
 use crate::batch::{Aggregate, BatchItem, BatchWindows, Closed};
 use crate::dedup::{DedupRef, Lookup};
 use crate::event::Class;
-use crate::metrics::{Counter, LocalMetrics, Registry};
+use crate::metrics::{Counter, LocalMetrics, Registry, FINE};
 use crate::pool::{Acquirer, EventRef, SlotMut};
 use crate::process::{
     BatchProcessor, EventHook, Outcome, RealtimeProcessor, TransactionalProcessor,
@@ -177,18 +179,18 @@ pub fn refusal(shutting_down: bool, room: bool) -> Option<Reason> {
 /// A ring's two halves.
 pub type RingPair<'r, T> = (Producer<'r, T>, Consumer<'r, T>);
 
-/// Everything a pipeline is built from.
-pub struct Parts<'a, 'r, 'p, R, C, S, H> {
+/// Everything a pipeline is built from. `B` is the bucket count of the
+/// registry's histograms ([`FINE`] by default).
+pub struct Parts<'a, 'r, 'p, R, C, S, H, const B: usize = FINE> {
     /// Frame limits.
     pub limits: Limits,
     /// Topic-priority routing.
     pub router: &'a R,
     /// The pool's acquirer.
     pub acquirer: Acquirer<'p>,
-    /// Ingest -> processor rings, by class.
+    /// Ingest -> processor rings, by class: the pipeline's only rings (on
+    /// one thread, the processors hand their outcomes straight to storage).
     pub class_rings: [RingPair<'r, Event<'p>>; 3],
-    /// Processor -> storage rings, by class.
-    pub storage_rings: [RingPair<'r, Work<'p>>; 3],
     /// The dedup table; the pipeline takes its single inserter (for the
     /// transactional processor), so no other thread may insert into it.
     pub dedup: DedupRef<'a>,
@@ -197,7 +199,7 @@ pub struct Parts<'a, 'r, 'p, R, C, S, H> {
     /// Buffer for one record: 28 + max_events * max_frame bytes at least.
     pub record_buf: &'a mut [u8],
     /// Shared metrics totals.
-    pub registry: &'a Registry,
+    pub registry: &'a Registry<B>,
     /// Time.
     pub clock: C,
     /// Log and acks.
@@ -214,8 +216,6 @@ pub struct Parts<'a, 'r, 'p, R, C, S, H> {
 pub enum PartsError {
     /// The record buffer cannot hold a full batch of maximal frames.
     RecordBufferTooSmall,
-    /// The batch storage ring cannot hold two closing windows.
-    BatchRingTooSmall,
     /// The dedup table's single inserter was taken already.
     InserterTaken,
 }
@@ -232,43 +232,53 @@ pub struct Fed {
     pub close: bool,
 }
 
+/// Latency samples the pipeline's metrics hold between flushes.
+const SAMPLES: usize = 32;
+/// Duplicates whose original is not stored yet, held at most. On one thread
+/// an original is stored in the step that accepted it, so this stays empty
+/// unless another thread shares the table; when it is full, the processors
+/// wait.
+const DEFERRED: usize = 8;
+
+/// The storage stage: records to the sink, acks for every outcome.
+struct Store<'a, 'p, C, S, const B: usize> {
+    record_buf: &'a mut [u8],
+    dedup: DedupRef<'a>,
+    registry: &'a Registry<B>,
+    metrics: LocalMetrics<SAMPLES>,
+    clock: C,
+    sink: S,
+    deferred: heapless::Deque<Work<'p>, DEFERRED>,
+}
+
 /// The whole engine on one thread.
-pub struct Pipeline<'a, 'r, 'p, R, C, S, H> {
+pub struct Pipeline<'a, 'r, 'p, R, C, S, H, const B: usize = FINE> {
     limits: Limits,
     router: &'a R,
     acquirer: Acquirer<'p>,
     spare: Option<SlotMut<'p>>,
     class_rings: [RingPair<'r, Event<'p>>; 3],
-    storage_rings: [RingPair<'r, Work<'p>>; 3],
-    dedup: DedupRef<'a>,
     realtime: RealtimeProcessor<'a>,
     transactional: TransactionalProcessor<'a>,
     batch: BatchProcessor<'a, Event<'p>>,
-    record_buf: &'a mut [u8],
-    registry: &'a Registry,
-    metrics: LocalMetrics,
-    clock: C,
-    sink: S,
+    store: Store<'a, 'p, C, S, B>,
     hook: H,
     when_full: WhenFull,
     shutting_down: bool,
-    /// Duplicates whose original is not stored yet.
-    deferred: heapless::Deque<Work<'p>, 64>,
 }
 
-/// Items a processor step takes from its ring before storage runs.
+/// Items a processor step takes from its ring.
 const STEP: usize = 64;
 
-impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p, R, C, S, H> {
+impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
+    Pipeline<'a, 'r, 'p, R, C, S, H, B>
+{
     /// Wires the parts together.
-    pub fn new(parts: Parts<'a, 'r, 'p, R, C, S, H>) -> Result<Self, PartsError> {
+    pub fn new(parts: Parts<'a, 'r, 'p, R, C, S, H, B>) -> Result<Self, PartsError> {
         let max_events = parts.windows.config().max_events as usize;
         let max_record = RECORD_HEADER_LEN + max_events * parts.limits.max_frame() as usize;
         if parts.record_buf.len() < max_record {
             return Err(PartsError::RecordBufferTooSmall);
-        }
-        if parts.storage_rings[2].0.capacity() < 2 * (max_events + 1) {
-            return Err(PartsError::BatchRingTooSmall);
         }
         Ok(Self {
             limits: parts.limits,
@@ -276,22 +286,23 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
             acquirer: parts.acquirer,
             spare: None,
             class_rings: parts.class_rings,
-            storage_rings: parts.storage_rings,
-            dedup: parts.dedup,
             realtime: RealtimeProcessor::new(parts.dedup),
             transactional: TransactionalProcessor::new(
                 parts.dedup.inserter().ok_or(PartsError::InserterTaken)?,
             ),
             batch: BatchProcessor::new(parts.windows),
-            record_buf: parts.record_buf,
-            registry: parts.registry,
-            metrics: LocalMetrics::new(),
-            clock: parts.clock,
-            sink: parts.sink,
+            store: Store {
+                record_buf: parts.record_buf,
+                dedup: parts.dedup,
+                registry: parts.registry,
+                metrics: LocalMetrics::empty(),
+                clock: parts.clock,
+                sink: parts.sink,
+                deferred: heapless::Deque::new(),
+            },
             hook: parts.hook,
             when_full: parts.when_full,
             shutting_down: false,
-            deferred: heapless::Deque::new(),
         })
     }
 
@@ -302,17 +313,21 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
 
     /// The sink (to inspect what was stored and acked).
     pub fn sink(&self) -> &S {
-        &self.sink
+        &self.store.sink
     }
 
     /// The sink, mutably (to repair storage, say).
     pub fn sink_mut(&mut self) -> &mut S {
-        &mut self.sink
+        &mut self.store.sink
     }
 
     /// The clock, mutably (tests move a fake clock).
     pub fn clock_mut(&mut self) -> &mut C {
-        &mut self.clock
+        &mut self.store.clock
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.store.clock.monotonic_ns()
     }
 
     /// Frees the dedup entries older than the window and reclaims their
@@ -320,7 +335,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
     /// it from the embedder's housekeeping (every few minutes), not per
     /// event.
     pub fn sweep_dedup(&mut self) -> usize {
-        let now_ms = self.clock.monotonic_ns() / 1_000_000;
+        let now_ms = self.now_ns() / 1_000_000;
         self.transactional.sweep(now_ms)
     }
 
@@ -353,10 +368,10 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
 
     /// Decodes `input` of connection `conn` (whose decoder is `dec`) and
     /// moves every complete frame into the pipeline.
-    pub fn feed<B: AsRef<[u8]> + AsMut<[u8]>>(
+    pub fn feed<D: AsRef<[u8]> + AsMut<[u8]>>(
         &mut self,
         conn: u32,
-        dec: &mut StreamDecoder<B>,
+        dec: &mut StreamDecoder<D>,
         input: &[u8],
     ) -> Fed {
         let mut pos = 0;
@@ -385,11 +400,12 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
         }
         fed.consumed = pos;
         fed.close = dec.is_closed();
-        self.metrics.add(Counter::BytesReceived, pos as u64);
+        self.store.metrics.add(Counter::BytesReceived, pos as u64);
         fed
     }
 
     fn ingest(&mut self, conn: u32, item: Decoded<'_>, room: bool) {
+        let metrics = &mut self.store.metrics;
         match item {
             Decoded::Frame(f) => {
                 let class = self.router.route(f.topic_bytes(), f.priority());
@@ -404,9 +420,9 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
             }
             Decoded::Legacy(ev) => {
                 let class = self.router.route(ev.topic(), ev.priority());
-                let wall = self.clock.wall_ns();
+                let wall = self.store.clock.wall_ns();
                 if let Some(reason) = refusal(self.shutting_down, room) {
-                    self.metrics.add(Counter::Rejected(reason), 1);
+                    metrics.add(Counter::Rejected(reason), 1);
                     return;
                 }
                 let Some(mut slot) = self.spare.take() else {
@@ -420,22 +436,22 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
                 event_id,
                 ack,
             } => {
-                self.metrics.add(Counter::Rejected(reason), 1);
+                metrics.add(Counter::Rejected(reason), 1);
                 if ack {
-                    self.sink.ack(conn, Ack::rejected(event_id, reason));
+                    self.store.sink.ack(conn, Ack::rejected(event_id, reason));
                 }
             }
             Decoded::Fatal(reason) => {
-                self.metrics.add(Counter::Rejected(reason), 1);
+                metrics.add(Counter::Rejected(reason), 1);
                 // The acks of every earlier frame first, then FATAL.
                 self.drain();
-                self.sink.ack(conn, Ack::fatal(reason));
+                self.store.sink.ack(conn, Ack::fatal(reason));
             }
             Decoded::LegacySkipped(rule) => {
-                self.metrics.add(Counter::Rejected(rule.reason()), 1);
-                self.metrics.add(Counter::LegacySkipped, 1);
+                metrics.add(Counter::Rejected(rule.reason()), 1);
+                metrics.add(Counter::LegacySkipped, 1);
             }
-            Decoded::KeepAlive => self.metrics.add(Counter::KeepAlives, 1),
+            Decoded::KeepAlive => metrics.add(Counter::KeepAlives, 1),
             Decoded::Close => {}
         }
     }
@@ -450,9 +466,9 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
         room: bool,
     ) {
         if let Some(reason) = refusal(self.shutting_down, room) {
-            self.metrics.add(Counter::Rejected(reason), 1);
+            self.store.metrics.add(Counter::Rejected(reason), 1);
             if ack {
-                self.sink.ack(conn, Ack::rejected(event_id, reason));
+                self.store.sink.ack(conn, Ack::rejected(event_id, reason));
             }
             return;
         }
@@ -464,32 +480,36 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
             return;
         };
         dst.copy_from_slice(frame);
-        let wall = self.clock.wall_ns();
+        let wall = self.store.clock.wall_ns();
         self.push_event(conn, class, slot.share(frame.len()), wall);
     }
 
     fn push_event(&mut self, conn: u32, class: Class, data: EventRef<'p>, wall: u64) {
-        let ev = Event::new(data, conn, class, wall, self.clock.monotonic_ns());
-        self.metrics.add(Counter::Received(class), 1);
+        let ev = Event::new(data, conn, class, wall, self.now_ns());
+        self.store.metrics.add(Counter::Received(class), 1);
         if let Some((tx, _)) = self.class_rings.get_mut(class.index()) {
             // Room was checked before decoding.
             let _ = tx.push(ev);
         }
     }
 
-    /// Runs the processors and storage once, closes an aged batch window,
-    /// and flushes metrics when due. Returns whether anything moved.
+    /// Runs the processors (and storage behind them) once, closes an aged
+    /// batch window, and flushes metrics when due. Returns whether anything
+    /// moved.
     pub fn poll(&mut self) -> bool {
-        let mut moved = self.process_singles(Class::Realtime);
+        let mut moved = self.store.retry_deferred();
+        moved |= self.process_singles(Class::Realtime);
         moved |= self.process_singles(Class::Transactional);
         moved |= self.process_batch();
         moved |= self.close_aged_window();
-        moved |= self.store();
-        let now = self.clock.monotonic_ns();
+        let now = self.now_ns();
+        let Store {
+            metrics, registry, ..
+        } = &mut self.store;
         if moved {
-            self.metrics.maybe_flush(self.registry, now);
+            metrics.maybe_flush(*registry, now);
         } else {
-            self.metrics.flush(self.registry, now);
+            metrics.flush(*registry, now);
         }
         moved
     }
@@ -499,37 +519,35 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
     pub fn drain(&mut self) {
         loop {
             while self.poll() {}
-            if self.batch.windows().held() == 0 && self.deferred.is_empty() {
+            if self.batch.windows().held() == 0 && self.store.deferred.is_empty() {
                 break;
             }
-            if !self.flush_oldest_window() && !self.store() {
+            if !self.flush_oldest_window() && !self.store.retry_deferred() {
                 break;
             }
         }
-        self.metrics.flush(self.registry, self.clock.monotonic_ns());
+        let now = self.now_ns();
+        self.store.metrics.flush(self.store.registry, now);
     }
 
     /// One step of the realtime or the transactional processor: events from
-    /// its class ring, outcomes to its storage ring.
+    /// its class ring, outcomes straight to storage.
     fn process_singles(&mut self, class: Class) -> bool {
-        let now_ms = self.clock.monotonic_ns() / 1_000_000;
+        let now_ms = self.now_ns() / 1_000_000;
         let Self {
             class_rings,
-            storage_rings,
             realtime,
             transactional,
             hook,
+            store,
             ..
         } = self;
-        let (Some((_, rx)), Some((out, _))) = (
-            class_rings.get_mut(class.index()),
-            storage_rings.get_mut(class.index()),
-        ) else {
+        let Some((_, rx)) = class_rings.get_mut(class.index()) else {
             return false;
         };
         let mut moved = false;
         for _ in 0..STEP {
-            if !out.has_room(1) {
+            if store.deferred.is_full() {
                 break;
             }
             let Some(ev) = rx.pop() else { break };
@@ -539,126 +557,82 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
                 (Some(f), _) => transactional.handle(&f, now_ms, hook),
                 (None, _) => Outcome::Rejected(Reason::BadLength),
             };
-            let _ = out.push(Work::for_outcome(ev, outcome));
+            store.work(Work::for_outcome(ev, outcome));
         }
         moved
     }
 
-    fn batch_room(&mut self) -> bool {
-        let need = 2 * (self.batch.windows().config().max_events as usize + 1);
-        self.storage_rings[2].0.has_room(need)
-    }
-
     fn process_batch(&mut self) -> bool {
-        let now = self.clock.monotonic_ns();
+        let now = self.now_ns();
         let mut moved = false;
         for _ in 0..STEP {
-            if !self.batch_room() {
-                break;
-            }
             let [_, _, (_, rx)] = &mut self.class_rings;
             let Some(ev) = rx.pop() else { break };
             moved = true;
-            let [_, _, (out, _)] = &mut self.storage_rings;
-            self.batch
-                .handle(ev, now, &mut self.hook, &mut ToStorage { out });
+            self.batch.handle(ev, now, &mut self.hook, &mut self.store);
         }
         moved
     }
 
     fn close_aged_window(&mut self) -> bool {
-        if !self.batch_room() {
-            return false;
-        }
-        let now = self.clock.monotonic_ns();
-        let [_, _, (out, _)] = &mut self.storage_rings;
-        self.batch.windows().poll(now, &mut ToStorage { out })
+        let now = self.now_ns();
+        self.batch.windows().poll(now, &mut self.store)
     }
 
     fn flush_oldest_window(&mut self) -> bool {
-        if !self.batch_room() {
-            self.store();
-            if !self.batch_room() {
-                return false;
+        self.batch.windows().flush_oldest(&mut self.store)
+    }
+}
+
+impl<'p, C: Clock, S: Sink, const B: usize> Store<'_, 'p, C, S, B> {
+    /// Handles one processor outcome.
+    fn work(&mut self, work: Work<'p>) {
+        match work {
+            Work::Store(ev) => {
+                self.write(RecordKind::Single, ev.class, || core::iter::once(&ev));
             }
+            other => self.answer_work(other),
         }
-        let [_, _, (out, _)] = &mut self.storage_rings;
-        self.batch.windows().flush_oldest(&mut ToStorage { out })
     }
 
-    /// The storage stage: records to the sink, acks for every outcome.
-    fn store(&mut self) -> bool {
-        let mut moved = self.retry_deferred();
-        for class in Class::ALL {
-            for _ in 0..STEP {
-                if self.deferred.is_full() || !self.store_one(class) {
-                    break;
-                }
-                moved = true;
-            }
-        }
-        moved
-    }
-
-    /// Handles the next item of one storage ring; false if it is empty.
-    fn store_one(&mut self, class: Class) -> bool {
-        let Some((_, rx)) = self.storage_rings.get_mut(class.index()) else {
-            return false;
-        };
-        let (kind, count) = match rx.peek(0) {
-            None => return false,
-            Some(Work::Store(_)) => (RecordKind::Single, 1u16),
-            Some(Work::Batch { count }) => (RecordKind::Batch, *count),
-            Some(Work::Duplicate { .. } | Work::Reject { .. }) => {
-                if let Some(work) = rx.pop() {
-                    self.answer_work(work);
-                }
-                return true;
-            }
-        };
-        // Build the record from the events where they lie (peeked, not
-        // popped), so their slots stay alive until they are answered.
-        let skip = usize::from(kind == RecordKind::Batch);
+    /// Writes the events (one, or a batch window's, each call of `events`
+    /// yielding them in order) as one record, built from the pool slots in
+    /// place, and answers each of them.
+    fn write<'e, I>(&mut self, kind: RecordKind, class: Class, events: impl Fn() -> I)
+    where
+        'p: 'e,
+        I: Iterator<Item = &'e Event<'p>>,
+    {
         let offset = self.sink.next_offset();
-        let mut recv_ns = 0;
+        let mut recv_ns = None;
+        let mut count = 0u16;
         let mut built = 0u16;
         let record = match RecordBuilder::new(self.record_buf, kind, class, 0) {
             Ok(mut rec) => {
-                for i in 0..count as usize {
-                    if let Some(Work::Store(ev)) = rx.peek(skip + i) {
-                        if built == 0 {
-                            recv_ns = ev.recv_wall_ns;
-                        }
-                        if rec.push(ev.bytes()).is_ok() {
-                            built += 1;
-                        }
+                for ev in events() {
+                    count = count.saturating_add(1);
+                    recv_ns.get_or_insert(ev.recv_wall_ns);
+                    if rec.push(ev.bytes()).is_ok() {
+                        built += 1;
                     }
                 }
-                rec.set_recv_ns(recv_ns);
+                rec.set_recv_ns(recv_ns.unwrap_or(0));
                 rec.finish(offset).ok()
             }
             Err(_) => None,
         };
         let result = match record {
-            Some(bytes) if built == count => self.sink.append(bytes, count),
+            Some(bytes) if built == count && count > 0 => self.sink.append(bytes, count),
             _ => Err(StorageFailed),
         };
-        if skip == 1 {
-            let _ = rx.pop();
+        if kind == RecordKind::Batch {
             self.metrics
                 .add(Counter::Batches, u64::from(result.is_ok()));
         }
         let now = self.clock.monotonic_ns();
-        for i in 0..count as u64 {
-            let Some((_, rx)) = self.storage_rings.get_mut(class.index()) else {
-                break;
-            };
-            let Some(Work::Store(ev)) = rx.pop() else {
-                continue;
-            };
-            self.answer_stored(&ev, offset + i, result, now);
+        for (i, ev) in events().enumerate() {
+            self.answer_stored(ev, offset + i as u64, result, now);
         }
-        true
     }
 
     fn answer_stored(
@@ -671,7 +645,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
         let Some(f) = ev.frame() else { return };
         let deduped = ev.class == Class::Transactional && !f.is_legacy();
         self.metrics
-            .latency(ev.class, now.saturating_sub(ev.recv_mono_ns));
+            .latency(self.registry, ev.class, now.saturating_sub(ev.recv_mono_ns));
         match result {
             Ok(()) => {
                 self.metrics.add(Counter::Stored(ev.class), 1);
@@ -782,6 +756,14 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook> Pipeline<'a, 'r, 'p
             moved |= self.deferred.len() == before;
         }
         moved
+    }
+}
+
+/// Storage of a closed batch window: one batch record, then the answers.
+impl<'p, C: Clock, S: Sink, const B: usize> Aggregate<Event<'p>> for Store<'_, 'p, C, S, B> {
+    fn aggregate(&mut self, window: Closed<'_, Event<'p>>) {
+        // The window's events are dropped (their slots freed) after this.
+        self.write(RecordKind::Batch, Class::Batch, || window.iter());
     }
 }
 

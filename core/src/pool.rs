@@ -63,34 +63,37 @@ struct Shared {
     /// Top of the stack of released slots.
     released: AtomicU32,
     acquirer_taken: AtomicBool,
+    /// Bytes per slot (here rather than in every handle, which stays small).
+    slot_size: usize,
 }
 
 impl Shared {
     #[cfg(not(loom))]
-    const fn new() -> Self {
+    const fn new(slot_size: usize) -> Self {
         Self {
             released: AtomicU32::new(NIL),
             acquirer_taken: AtomicBool::new(false),
+            slot_size,
         }
     }
 
     #[cfg(loom)]
-    fn new() -> Self {
+    fn new(slot_size: usize) -> Self {
         Self {
             released: AtomicU32::new(NIL),
             acquirer_taken: AtomicBool::new(false),
+            slot_size,
         }
     }
 }
 
 /// The one code path behind both pool types: shared state, bookkeeping and
-/// `meta.len()` slots of `slot_size` bytes at `data`.
+/// `meta.len()` slots of `shared.slot_size` bytes at `data`.
 #[derive(Clone, Copy)]
 struct View<'p> {
     shared: &'p Shared,
     meta: &'p [SlotMeta],
     data: *mut u8,
-    slot_size: usize,
 }
 
 // SAFETY: a View is only a set of shared references plus the base pointer of
@@ -117,7 +120,13 @@ impl<'p> View<'p> {
     fn slot_ptr(&self, index: u32) -> *mut u8 {
         // The offset stays inside the data region: index < meta.len() and the
         // region holds meta.len() * slot_size bytes.
-        self.data.wrapping_add(index as usize * self.slot_size)
+        self.data.wrapping_add(index as usize * self.slot_size())
+    }
+
+    /// Bytes per slot.
+    #[inline]
+    fn slot_size(&self) -> usize {
+        self.shared.slot_size
     }
 
     /// Pushes slot `index` onto the released stack.
@@ -164,7 +173,7 @@ impl<const N: usize, const SLOT: usize> EventPool<N, SLOT> {
     pub const fn new() -> Self {
         let () = Self::SIZE_OK;
         Self {
-            shared: Shared::new(),
+            shared: Shared::new(SLOT),
             meta: [const { SlotMeta::new() }; N],
             data: core::cell::UnsafeCell::new([[0; SLOT]; N]),
         }
@@ -175,7 +184,7 @@ impl<const N: usize, const SLOT: usize> EventPool<N, SLOT> {
     pub fn new() -> Self {
         let () = Self::SIZE_OK;
         Self {
-            shared: Shared::new(),
+            shared: Shared::new(SLOT),
             meta: core::array::from_fn(|_| SlotMeta::new()),
             data: core::cell::UnsafeCell::new([[0; SLOT]; N]),
         }
@@ -186,7 +195,6 @@ impl<const N: usize, const SLOT: usize> EventPool<N, SLOT> {
             shared: &self.shared,
             meta: &self.meta,
             data: self.data.get().cast::<u8>(),
-            slot_size: SLOT,
         }
     }
 
@@ -217,7 +225,6 @@ pub struct BufferPool<'b> {
     shared: Shared,
     meta: &'b [SlotMeta],
     data: *mut u8,
-    slot_size: usize,
     _data: PhantomData<&'b mut [u8]>,
 }
 
@@ -255,10 +262,9 @@ impl<'b> BufferPool<'b> {
             *m = SlotMeta::new();
         }
         Ok(Self {
-            shared: Shared::new(),
+            shared: Shared::new(slot_size),
             meta,
             data: data.as_mut_ptr(),
-            slot_size,
             _data: PhantomData,
         })
     }
@@ -269,7 +275,6 @@ impl<'b> BufferPool<'b> {
             shared: &self.shared,
             meta: self.meta,
             data: self.data,
-            slot_size: self.slot_size,
         }
         .acquirer()
     }
@@ -281,7 +286,7 @@ impl<'b> BufferPool<'b> {
 
     /// Bytes per slot.
     pub fn slot_size(&self) -> usize {
-        self.slot_size
+        self.shared.slot_size
     }
 }
 
@@ -352,7 +357,7 @@ impl<'p> SlotMut<'p> {
         // pool only when this or its last EventRef drops), so nothing else
         // refers to these bytes; the range lies inside the data region.
         unsafe {
-            core::slice::from_raw_parts_mut(self.view.slot_ptr(self.index), self.view.slot_size)
+            core::slice::from_raw_parts_mut(self.view.slot_ptr(self.index), self.view.slot_size())
         }
     }
 
@@ -368,7 +373,7 @@ impl<'p> SlotMut<'p> {
         EventRef {
             view: this.view,
             index: this.index,
-            len: len.min(this.view.slot_size) as u32,
+            len: len.min(this.view.slot_size()) as u32,
         }
     }
 }

@@ -497,7 +497,11 @@ impl Storage {
                                 position,
                             });
                         } else {
-                            self.metrics.latency(class, now.saturating_sub(recv_mono));
+                            self.metrics.latency(
+                                &self.p.shared.registry,
+                                class,
+                                now.saturating_sub(recv_mono),
+                            );
                             if let Some((conn, a)) = ack {
                                 self.send(conn, a);
                             }
@@ -567,7 +571,11 @@ impl Storage {
             self.held.pop_front();
             moved = true;
             if let Some((class, recv_mono)) = h.latency {
-                self.metrics.latency(class, now.saturating_sub(recv_mono));
+                self.metrics.latency(
+                    &self.p.shared.registry,
+                    class,
+                    now.saturating_sub(recv_mono),
+                );
             }
             if let Some((conn, ack)) = h.ack {
                 self.send(conn, ack);

@@ -10,9 +10,7 @@ use std::collections::HashMap;
 use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, WindowMeta};
 use eventstream_core::dedup::{DedupConfig, DedupTable, FullPolicy};
 use eventstream_core::metrics::{Counter, Registry};
-use eventstream_core::pipeline::{
-    Clock, Event, Parts, Pipeline, Sink, StorageFailed, WhenFull, Work,
-};
+use eventstream_core::pipeline::{Clock, Event, Parts, Pipeline, Sink, StorageFailed, WhenFull};
 use eventstream_core::pool::EventPool;
 use eventstream_core::record::Record;
 use eventstream_core::ring::Ring;
@@ -96,14 +94,13 @@ fn legacy(priority: u8, topic: &str, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Builds pipeline `$p` in the caller's scope: a 64-slot pool, class rings
-/// of 16, storage rings of 256, a 32-slot dedup table with `$dedup`, four
+/// of 16, a 32-slot dedup table with `$dedup`, four
 /// batch windows over 32 events, metrics into `$registry`, a fake clock at
 /// `$mono_ns` and a `VecSink`.
 macro_rules! pipeline {
     ($p:ident, $registry:ident, $dedup:expr, $mono_ns:expr, $when_full:expr) => {
         let pool: Box<EventPool<64, 512>> = Box::new(EventPool::new());
         let class_rings: [Ring<Event<'_>, 16>; 3] = [Ring::new(), Ring::new(), Ring::new()];
-        let storage_rings: [Ring<Work<'_>, 256>; 3] = [Ring::new(), Ring::new(), Ring::new()];
         let dedup: Box<DedupTable<32>> = Box::new(DedupTable::new($dedup));
         let mut meta = [WindowMeta::new(); 4];
         let mut arena: Vec<Entry<Event<'_>>> = (0..32).map(|_| Entry::new()).collect();
@@ -111,7 +108,6 @@ macro_rules! pipeline {
         let mut record_buf = vec![0u8; 28 + 64 * 512];
         let topics: TopicTable<4> = TopicTable::new();
         let [r0, r1, r2] = &class_rings;
-        let [s0, s1, s2] = &storage_rings;
         let mut $p = Pipeline::new(Parts {
             limits: Limits::DEFAULT,
             router: &topics,
@@ -120,11 +116,6 @@ macro_rules! pipeline {
                 r0.split().unwrap(),
                 r1.split().unwrap(),
                 r2.split().unwrap(),
-            ],
-            storage_rings: [
-                s0.split().unwrap(),
-                s1.split().unwrap(),
-                s2.split().unwrap(),
             ],
             dedup: dedup.table(),
             windows,
