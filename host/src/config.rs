@@ -57,6 +57,17 @@ pub enum WhenFullArg {
     Reject,
 }
 
+/// Where the three processors run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProcessorsArg {
+    /// Inline on machines with at most 2 CPUs, threads otherwise.
+    Auto,
+    /// One thread per processor, fed through the class rings.
+    Threads,
+    /// On the ingest thread, straight into the storage rings.
+    Inline,
+}
+
 /// `eventstream serve` flags.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -135,6 +146,11 @@ pub struct ServeArgs {
     /// Pin each engine thread to a CPU.
     #[arg(long)]
     pub pin: bool,
+    /// Where the realtime, transactional and batch processors run: their
+    /// own threads, or inline on the ingest thread (two fewer thread hops
+    /// and wake-ups per event; best when cores are few).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub processors: ProcessorsArg,
     /// How long an idle engine thread spins before it parks (0: park at
     /// once, best with few cores; tens of microseconds with cores to spare).
     #[arg(long, default_value = "0ms", value_parser = parse_duration_us)]

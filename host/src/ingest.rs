@@ -1,7 +1,9 @@
 //! The ingest thread: one epoll loop (edge-triggered, non-blocking sockets)
 //! that accepts producers, reads large chunks, decodes many frames per read,
 //! copies each valid frame once into a pool slot, routes it into a class
-//! ring, and writes the acks that come back from storage.
+//! ring (or, with `--processors inline`, runs its processor here and hands
+//! the outcome to storage), and writes the acks that come back from
+//! storage.
 //!
 //! Costs per event: no allocation, no lock, no syscall (one `read` serves
 //! every frame in its chunk, one `write` every ack queued for a connection).
@@ -16,11 +18,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use eventstream_core::dedup::DedupRef;
 use eventstream_core::metrics::{Counter, LocalMetrics};
-use eventstream_core::pipeline::{refusal, Event};
+use eventstream_core::pipeline::{refusal, Event, ToStorage, Work};
 use eventstream_core::pool::{Acquirer, SlotMut};
+use eventstream_core::process::{
+    BatchProcessor, Outcome, RealtimeProcessor, TransactionalProcessor,
+};
 use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::route::TopicTable;
+use eventstream_core::wire::Reason;
 use eventstream_core::wire::{Ack, Decoded, Limits, StreamDecoder, ACK_LEN};
 use eventstream_core::Class;
 
@@ -37,8 +44,10 @@ const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_WAKER: u64 = u64::MAX - 1;
 /// Longest a graceful shutdown waits for acks to reach slow clients.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
-/// How long a shutdown keeps reading input that was already sent.
+/// How long a shutdown keeps reading input that was already sent ...
 const DRAIN_READ_NS: u64 = 500_000_000;
+/// ... and at least this long, for frames still on their way.
+const DRAIN_MIN_NS: u64 = 100_000_000;
 /// How long accepting pauses when no descriptor is left at all.
 const ACCEPT_PAUSE_NS: u64 = 100_000_000;
 
@@ -93,14 +102,125 @@ enum Stop {
     Closed,
 }
 
+/// Where ingest hands the events it accepts.
+pub enum Dispatch {
+    /// Into the class rings of the three processor threads.
+    Threads(Box<[Producer<'static, Event<'static>>; 3]>),
+    /// Through the three processors on the ingest thread, into the storage
+    /// rings: two fewer thread hops per event, for machines with few cores.
+    Inline(Box<Inline>),
+}
+
+/// The processors, run by ingest itself (`--processors inline`).
+pub struct Inline {
+    realtime: RealtimeProcessor<'static>,
+    transactional: TransactionalProcessor<'static>,
+    batch: BatchProcessor<'static, Event<'static>>,
+    dedup: DedupRef<'static>,
+    /// Ingest -> storage rings, by class.
+    storage_tx: [Producer<'static, Work<'static>>; 3],
+    /// Room the batch storage ring needs before a batch event is taken:
+    /// two closing windows.
+    batch_need: usize,
+    sweep_every_ns: u64,
+    next_sweep: u64,
+}
+
+impl Inline {
+    /// The processors over `dedup` (whose inserter the transactional one
+    /// holds) and the batch windows, writing into `storage_tx`.
+    pub fn new(
+        realtime: RealtimeProcessor<'static>,
+        transactional: TransactionalProcessor<'static>,
+        batch: BatchProcessor<'static, Event<'static>>,
+        dedup: DedupRef<'static>,
+        storage_tx: [Producer<'static, Work<'static>>; 3],
+        sweep_every: Duration,
+    ) -> Self {
+        let mut batch = batch;
+        let batch_need = 2 * (batch.windows().config().max_events as usize + 1);
+        let sweep_every_ns = sweep_every.as_nanos().min(u64::MAX as u128) as u64;
+        Self {
+            realtime,
+            transactional,
+            batch,
+            dedup,
+            storage_tx,
+            batch_need,
+            sweep_every_ns,
+            next_sweep: monotonic_ns().saturating_add(sweep_every_ns),
+        }
+    }
+
+    fn room(&mut self) -> bool {
+        let need = self.batch_need;
+        let [rt, tx, b] = &mut self.storage_tx;
+        rt.has_room(1) && tx.has_room(1) && b.has_room(need)
+    }
+
+    /// Runs `ev` through its processor; its outcome goes to storage.
+    fn process(&mut self, class: Class, ev: Event<'static>, now: u64) {
+        let now_ms = now / 1_000_000;
+        let outcome = match (class, ev.frame()) {
+            (Class::Batch, _) => {
+                let [_, _, out] = &mut self.storage_tx;
+                self.batch.handle(ev, now, &mut (), &mut ToStorage { out });
+                return;
+            }
+            (Class::Realtime, Some(f)) => self.realtime.handle(&f, now_ms, &mut ()),
+            (Class::Transactional, Some(f)) => self.transactional.handle(&f, now_ms, &mut ()),
+            (_, None) => Outcome::Rejected(Reason::BadLength),
+        };
+        if let Some(out) = self.storage_tx.get_mut(class.index()) {
+            // Room was checked before decoding.
+            let _ = out.push(Work::for_outcome(ev, outcome));
+        }
+    }
+
+    /// Timed work: windows past their age, all of them while draining or
+    /// (the oldest) when the pool is empty, and the dedup sweep. Returns
+    /// whether anything went to the batch storage ring.
+    fn tick(&mut self, now: u64, draining: bool, starved: bool) -> bool {
+        let mut moved = false;
+        let need = self.batch_need;
+        let [_, _, out] = &mut self.storage_tx;
+        if out.has_room(need) {
+            moved |= self.batch.windows().poll(now, &mut ToStorage { out });
+        }
+        if (draining || starved) && self.batch.windows().held() > 0 && out.has_room(need) {
+            moved |= self.batch.windows().flush_oldest(&mut ToStorage { out });
+        }
+        if now >= self.next_sweep {
+            let freed = self.transactional.sweep(now / 1_000_000);
+            if freed > 0 {
+                eprintln!("eventstream: dedup sweep freed {freed} expired ids");
+            }
+            self.next_sweep = now.saturating_add(self.sweep_every_ns);
+        }
+        moved
+    }
+
+    /// When `tick` has work next (monotonic ns).
+    fn next_deadline(&mut self) -> u64 {
+        let windows = self.batch.windows().next_deadline().unwrap_or(u64::MAX);
+        windows.min(self.next_sweep)
+    }
+
+    /// Batch events still waiting in windows.
+    fn held(&mut self) -> usize {
+        self.batch.windows().held()
+    }
+}
+
 /// Everything ingest needs, built by the server.
 pub struct IngestParts {
     /// The producer listener (non-blocking).
     pub listener: TcpListener,
     /// The pool's acquirer.
     pub acquirer: Acquirer<'static>,
-    /// Rings to the processors, by class.
-    pub class_tx: [Producer<'static, Event<'static>>; 3],
+    /// Where accepted events go: the processor threads, or the processors
+    /// run right here.
+    pub dispatch: Dispatch,
     /// Acks from storage.
     pub ack_rx: Consumer<'static, (u32, Ack)>,
     /// Topic floors.
@@ -244,14 +364,30 @@ impl Ingest {
     }
 
     fn has_work(&mut self) -> bool {
-        if !self.p.ack_rx.is_empty() || self.p.shared.shutdown_requested.load(Ordering::Acquire) {
+        // A shutdown request is work once; after that the loop must keep
+        // waiting on epoll, or it would spin without reading the input it
+        // still answers SHUTTING_DOWN.
+        let shutdown_news =
+            !self.shutting_down && self.p.shared.shutdown_requested.load(Ordering::Acquire);
+        if !self.p.ack_rx.is_empty() || shutdown_news {
             return true;
         }
         !self.waiting_room.is_empty() && self.room()
     }
 
-    fn park_timeout(&self, now: u64) -> i32 {
+    fn park_timeout(&mut self, now: u64) -> i32 {
         let mut ms: i64 = -1;
+        if let Dispatch::Inline(i) = &mut self.p.dispatch {
+            // The next window to close by age, or the dedup sweep; while
+            // draining, every millisecond until the windows are flushed.
+            let next = i.next_deadline();
+            if next != u64::MAX {
+                ms = (next.saturating_sub(now) / 1_000_000) as i64 + 1;
+            }
+            if self.shutting_down && i.held() > 0 {
+                ms = if ms < 0 { 1 } else { ms.min(1) };
+            }
+        }
         if self.mid_frames > 0 {
             ms = (self.next_timeout_scan.saturating_sub(now) / 1_000_000) as i64 + 1;
         }
@@ -275,12 +411,26 @@ impl Ingest {
             .shared
             .accepted
             .store(self.accepted, Ordering::Release);
-        for (c, pushed) in self.pushed.iter_mut().enumerate() {
-            if std::mem::take(pushed) {
-                match c {
-                    0 => self.p.shared.realtime.wake(),
-                    1 => self.p.shared.transactional.wake(),
-                    _ => self.p.shared.batch.wake(),
+        if let Dispatch::Inline(i) = &mut self.p.dispatch {
+            let draining = self.p.shared.phase() >= DRAIN;
+            let starved = self.p.shared.pool_starved.load(Ordering::Relaxed);
+            self.pushed[2] |= i.tick(now, draining, starved);
+        }
+        match &self.p.dispatch {
+            Dispatch::Threads(_) => {
+                for (c, pushed) in self.pushed.iter_mut().enumerate() {
+                    if std::mem::take(pushed) {
+                        match c {
+                            0 => self.p.shared.realtime.wake(),
+                            1 => self.p.shared.transactional.wake(),
+                            _ => self.p.shared.batch.wake(),
+                        }
+                    }
+                }
+            }
+            Dispatch::Inline(_) => {
+                if std::mem::take(&mut self.pushed) != [false; 3] {
+                    self.p.shared.storage.wake();
                 }
             }
         }
@@ -294,19 +444,29 @@ impl Ingest {
         }
     }
 
-    /// A pool slot and room in every class ring for one more event.
+    /// A pool slot and room in every ring ingest pushes to for one more
+    /// event (the class rings, or inline the storage rings).
     fn room(&mut self) -> bool {
         if self.spare.is_none() {
             self.spare = self.p.acquirer.acquire();
             if self.spare.is_none() {
                 if !self.p.shared.pool_starved.swap(true, Ordering::Relaxed) {
-                    self.p.shared.batch.wake();
+                    match &mut self.p.dispatch {
+                        Dispatch::Threads(_) => self.p.shared.batch.wake(),
+                        // The oldest window goes to storage to free slots.
+                        Dispatch::Inline(i) => {
+                            self.pushed[2] |= i.tick(monotonic_ns(), false, true);
+                        }
+                    }
                 }
                 return false;
             }
             self.p.shared.pool_starved.store(false, Ordering::Relaxed);
         }
-        self.p.class_tx.iter_mut().all(|tx| tx.has_room(1))
+        match &mut self.p.dispatch {
+            Dispatch::Threads(class_tx) => class_tx.iter_mut().all(|tx| tx.has_room(1)),
+            Dispatch::Inline(i) => i.room(),
+        }
     }
 
     fn accept_all(&mut self) {
@@ -708,11 +868,10 @@ impl Ingest {
                 return false;
             }
         };
-        // A short read emptied the socket; with edge triggering the next
-        // arrival raises a new event.
-        if n < self.read_buf.len() {
-            c.readable = false;
-        }
+        // A short read does not prove the socket empty (a signal cuts a
+        // read short), and with edge triggering no new event would come for
+        // bytes already there: the connection stays readable until a read
+        // says EAGAIN.
         let buf = std::mem::take(&mut self.read_buf);
         let (used, stop) = self.decode(c, &buf[..n], now, wall);
         if used < n {
@@ -771,6 +930,12 @@ impl Ingest {
                         continue;
                     }
                     let class = self.p.router.route(f.topic_bytes(), f.priority());
+                    if let (Dispatch::Inline(i), Class::Realtime | Class::Transactional) =
+                        (&self.p.dispatch, class)
+                    {
+                        // Its dedup slot loads while the frame is copied.
+                        i.dedup.prefetch(f.event_id());
+                    }
                     let Some(mut slot) = self.spare.take() else {
                         continue;
                     };
@@ -780,7 +945,7 @@ impl Ingest {
                     };
                     dst.copy_from_slice(bytes);
                     let ev = Event::new(slot.share(bytes.len()), id, class, wall, now);
-                    self.push(class, ev);
+                    self.push(class, ev, now);
                     if ack {
                         *inflight += 1;
                     }
@@ -798,7 +963,7 @@ impl Ingest {
                         continue;
                     };
                     let ev = Event::new(slot.share(len), id, class, wall, now);
-                    self.push(class, ev);
+                    self.push(class, ev, now);
                 }
                 Decoded::Rejected {
                     reason,
@@ -835,12 +1000,21 @@ impl Ingest {
         (pos, stop)
     }
 
-    fn push(&mut self, class: Class, ev: Event<'static>) {
+    fn push(&mut self, class: Class, ev: Event<'static>, now: u64) {
         self.metrics.add(Counter::Received(class), 1);
         self.metrics.event();
-        if let Some(tx) = self.p.class_tx.get_mut(class.index()) {
-            // Room was checked before decoding.
-            if tx.push(ev).is_ok() {
+        match &mut self.p.dispatch {
+            Dispatch::Threads(class_tx) => {
+                if let Some(tx) = class_tx.get_mut(class.index()) {
+                    // Room was checked before decoding.
+                    if tx.push(ev).is_ok() {
+                        self.accepted += 1;
+                        self.pushed[class.index()] = true;
+                    }
+                }
+            }
+            Dispatch::Inline(i) => {
+                i.process(class, ev, now);
                 self.accepted += 1;
                 self.pushed[class.index()] = true;
             }
@@ -905,8 +1079,18 @@ impl Ingest {
             // Input already waiting in the sockets is read and answered
             // SHUTTING_DOWN (for up to DRAIN_READ), so producers learn
             // which frames were not stored.
+            // Input is read out when no connection is ready and every ack
+            // is written (a connection held back by its ack credit reads
+            // again once its acks are out), but not before DRAIN_MIN_NS, so
+            // frames still on their way get their answer too.
             let begun = self.shutdown_began.unwrap_or(now);
-            let read_out = self.ready.is_empty() || now >= begun + DRAIN_READ_NS;
+            let acks_out = self
+                .conns
+                .iter()
+                .flatten()
+                .all(|c| c.out_pos >= c.out.len());
+            let quiet = self.ready.is_empty() && acks_out && now >= begun + DRAIN_MIN_NS;
+            let read_out = quiet || now >= begun + DRAIN_READ_NS;
             let answered = shared.finished.load(Ordering::Acquire) >= self.accepted;
             if (answered && read_out && now > begun) || past_deadline {
                 shared.set_phase(STOP);

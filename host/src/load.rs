@@ -34,6 +34,12 @@ pub struct LoadArgs {
     /// Offered events per second over all connections (open loop).
     #[arg(long)]
     pub rate: Option<f64>,
+    /// With --rate: each connection writes, at the start of every tick of
+    /// this many microseconds, the events scheduled in that tick, and each
+    /// event's latency counts from its tick's start (as planned, not as
+    /// sent, so a late sender never hides server latency).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub tick_us: u64,
     /// Connections.
     #[arg(long, default_value_t = 4)]
     pub connections: u32,
@@ -333,6 +339,12 @@ fn send_loop(
     start: u64,
     seed: u64,
 ) -> Result<(u64, u64), String> {
+    if rate.is_some() && std::env::var_os("ES_NO_PRECISE").is_none() {
+        // Open loop: a late wake-up is counted as latency, so sleep precisely.
+        if let Err(e) = crate::sys::precise_sleeps() {
+            eprintln!("load: cannot set the timer slack ({e}); send times may run late");
+        }
+    }
     let templates: [Vec<u8>; 3] = [0, 1, 2].map(|c| template(c, args.payload, args.ack));
     let max_len = templates.iter().map(Vec::len).max().unwrap_or(0);
     let mut buf = vec![0u8; BATCH * max_len];
@@ -344,6 +356,7 @@ fn send_loop(
     let mut recent_tx = vec![u64::MAX; RECENT];
     let mut recent_at = 0usize;
     let interval_ns = rate.map(|r| 1e9 / r.max(1e-9));
+    let tick_ns = args.tick_us.max(1) * 1_000;
     let mut failed = None;
     'outer: loop {
         if total.is_some_and(|t| sent >= t) || deadline.is_some_and(|d| monotonic_ns() >= d) {
@@ -353,10 +366,12 @@ fn send_loop(
         // How many to send now: open loop sends what is due.
         let mut n = BATCH;
         if let Some(iv) = interval_ns {
-            let due = ((now - start) as f64 / iv) as u64 + 1;
+            // Events of ticks up to the current one are due: event i is
+            // scheduled at the start of tick floor(i * iv / tick).
+            let tick_end = ((now - start) / tick_ns + 1) * tick_ns;
+            let due = (tick_end as f64 / iv).ceil() as u64;
             if due <= sent {
-                let next_at = start + (sent as f64 * iv) as u64;
-                let wait = next_at.saturating_sub(now);
+                let wait = (start + tick_end).saturating_sub(now);
                 std::thread::sleep(Duration::from_nanos(wait.min(1_000_000)));
                 continue;
             }
@@ -382,7 +397,10 @@ fn send_loop(
                 2
             };
             let intended = match interval_ns {
-                Some(iv) => start + ((sent + k as u64) as f64 * iv) as u64,
+                Some(iv) => {
+                    let at = ((sent + k as u64) as f64 * iv) as u64;
+                    start + at / tick_ns * tick_ns
+                }
                 None => now,
             };
             // A duplicate resends an earlier transactional id, preferably

@@ -12,12 +12,13 @@ use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, WindowMeta};
 use eventstream_core::dedup::{BufferDedupTable, DedupConfig, DedupSlot, DedupState, FullPolicy};
 use eventstream_core::pipeline::{Event, Work};
 use eventstream_core::pool::{BufferPool, SlotMeta};
+use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
 use eventstream_core::ring::{BufferRing, Consumer, Producer, Slot};
 use eventstream_core::route::TopicTable;
 use eventstream_core::wire::{Ack, Limits};
 
-use crate::config::{DedupFull, ServerConfig, WhenFullArg, MAX_TOPICS};
-use crate::ingest::{Ingest, IngestParts};
+use crate::config::{DedupFull, ProcessorsArg, ServerConfig, WhenFullArg, MAX_TOPICS};
+use crate::ingest::{Dispatch, Ingest, IngestParts, Inline};
 use crate::processors::{run_batch, run_singles, Singles};
 use crate::shared::Shared;
 use crate::storage::{Log, LogOptions};
@@ -177,20 +178,53 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     )
     .map_err(|_| "batch windows: bad buffers")?;
 
+    let inline = match args.processors {
+        ProcessorsArg::Inline => true,
+        ProcessorsArg::Threads => false,
+        ProcessorsArg::Auto => online_cpus() <= 2,
+    };
     let rc = cfg.ring_capacity;
-    let (rt_tx, rt_rx) = ring::<Event<'static>>(rc)?;
-    let (tx_tx, tx_rx) = ring::<Event<'static>>(rc)?;
-    let (b_tx, b_rx) = ring::<Event<'static>>(rc)?;
     let (srt_tx, srt_rx) = ring::<Work<'static>>(rc)?;
     let (stx_tx, stx_rx) = ring::<Work<'static>>(rc)?;
     let (sb_tx, sb_rx) = ring::<Work<'static>>(rc)?;
     let ack_capacity = (4 * rc).max(65536).next_power_of_two();
     let (ack_tx, ack_rx) = ring::<(u32, Ack)>(ack_capacity)?;
+    let realtime = RealtimeProcessor::new(dedup);
+    let transactional = TransactionalProcessor::new(inserter);
+    let sweep = args.dedup_sweep;
+    // Inline: ingest runs the processors. Threads: a ring from ingest to
+    // each processor thread, which gets its half here.
+    let (dispatch, processor_threads) = if inline {
+        let processors = Inline::new(
+            realtime,
+            transactional,
+            BatchProcessor::new(windows),
+            dedup,
+            [srt_tx, stx_tx, sb_tx],
+            sweep,
+        );
+        (Dispatch::Inline(Box::new(processors)), None)
+    } else {
+        let (rt_tx, rt_rx) = ring::<Event<'static>>(rc)?;
+        let (tx_tx, tx_rx) = ring::<Event<'static>>(rc)?;
+        let (b_tx, b_rx) = ring::<Event<'static>>(rc)?;
+        (
+            Dispatch::Threads(Box::new([rt_tx, tx_tx, b_tx])),
+            Some((
+                (realtime, rt_rx, srt_tx),
+                (transactional, tx_rx, stx_tx),
+                (windows, b_rx, sb_tx),
+            )),
+        )
+    };
+    if inline {
+        eprintln!("eventstream: processors run inline on the ingest thread");
+    }
 
     let ingest = Ingest::new(IngestParts {
         listener,
         acquirer,
-        class_tx: [rt_tx, tx_tx, b_tx],
+        dispatch,
         ack_rx,
         router,
         limits,
@@ -234,49 +268,38 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         threads.push((name, handle));
         Ok(())
     };
-    let sweep = args.dedup_sweep;
-    let s = shared.clone();
-    spawn(
-        "realtime",
-        1,
-        Box::new(move || {
-            run_singles(
-                Singles::Realtime(eventstream_core::process::RealtimeProcessor::new(dedup)),
-                dedup,
-                rt_rx,
-                srt_tx,
-                s,
-            );
-            Ok(())
-        }),
-    )?;
-    let s = shared.clone();
-    spawn(
-        "transactional",
-        1,
-        Box::new(move || {
-            run_singles(
-                Singles::Transactional(
-                    eventstream_core::process::TransactionalProcessor::new(inserter),
-                    sweep,
-                ),
-                dedup,
-                tx_rx,
-                stx_tx,
-                s,
-            );
-            Ok(())
-        }),
-    )?;
-    let s = shared.clone();
-    spawn(
-        "batch",
-        1,
-        Box::new(move || {
-            run_batch(windows, b_rx, sb_tx, s);
-            Ok(())
-        }),
-    )?;
+    if let Some((rt, tx, b)) = processor_threads {
+        let s = shared.clone();
+        spawn(
+            "realtime",
+            1,
+            Box::new(move || {
+                let (p, rx, out) = rt;
+                run_singles(Singles::Realtime(p), dedup, rx, out, s);
+                Ok(())
+            }),
+        )?;
+        let s = shared.clone();
+        spawn(
+            "transactional",
+            1,
+            Box::new(move || {
+                let (p, rx, out) = tx;
+                run_singles(Singles::Transactional(p, sweep), dedup, rx, out, s);
+                Ok(())
+            }),
+        )?;
+        let s = shared.clone();
+        spawn(
+            "batch",
+            1,
+            Box::new(move || {
+                let (windows, rx, out) = b;
+                run_batch(windows, rx, out, s);
+                Ok(())
+            }),
+        )?;
+    }
     spawn("storage", 1, Box::new(move || storage.run()))?;
     let s = shared.clone();
     let policy = args.fsync;

@@ -23,6 +23,19 @@ macro_rules! syscall {
 }
 pub(crate) use syscall;
 
+/// Asks the kernel to wake this thread's timed sleeps on time: the default
+/// timer slack (50 us) would add up to that much to every short sleep.
+pub fn precise_sleeps() -> io::Result<()> {
+    syscall!(prctl(
+        libc::PR_SET_TIMERSLACK,
+        1 as libc::c_ulong,
+        0 as libc::c_ulong,
+        0 as libc::c_ulong,
+        0 as libc::c_ulong
+    ))
+    .map(drop)
+}
+
 /// Offset added to CLOCK_MONOTONIC so the engine's monotonic clock is never
 /// smaller than any dedup window (ids are stamped in the past at rebuild).
 const MONO_EPOCH_NS: u64 = 1 << 50;

@@ -152,7 +152,13 @@ fn run(stream: &TcpStream, bytes: Vec<u8>, n: usize) -> usize {
 
 #[test]
 fn the_hot_path_threads_make_no_heap_allocation() {
-    let dir = std::env::temp_dir().join(format!("es-alloc-{}", std::process::id()));
+    // One server after the other: the counts are per thread name.
+    audit("threads");
+    audit("inline");
+}
+
+fn audit(processors: &str) {
+    let dir = std::env::temp_dir().join(format!("es-alloc-{}-{processors}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let cli = Cli::try_parse_from([
         "eventstream",
@@ -163,6 +169,8 @@ fn the_hot_path_threads_make_no_heap_allocation() {
         "127.0.0.1:0",
         "--data",
         dir.to_str().unwrap(),
+        "--processors",
+        processors,
     ])
     .unwrap();
     let Command::Serve(args) = cli.command else {
@@ -182,7 +190,9 @@ fn the_hot_path_threads_make_no_heap_allocation() {
     assert_eq!(run(&stream, load, 100_000), 100_000);
     std::thread::sleep(Duration::from_millis(300));
     let after = ALLOC.by_thread();
-    println!("allocations per thread during 100,000 events (after warm-up):");
+    println!(
+        "--processors {processors}: allocations per thread during 100,000 events (after warm-up):"
+    );
     let mut hot = 0;
     for (name, n) in &after {
         let d = n - before.get(name).copied().unwrap_or(0);
@@ -208,10 +218,17 @@ fn the_hot_path_threads_make_no_heap_allocation() {
             );
         }
     }
+    let seen = |t: &str| after.keys().any(|k| k.starts_with(t));
     assert!(
-        after.keys().any(|k| k.starts_with("es-ingest")),
+        seen("es-ingest") && seen("es-storage"),
         "the engine threads were not seen: {after:?}"
     );
+    if processors == "threads" {
+        assert!(
+            seen("es-realtime") && seen("es-transactiona") && seen("es-batch"),
+            "the processor threads were not seen: {after:?}"
+        );
+    }
     assert_eq!(hot, 0, "the hot path allocated");
     running.shutdown();
     running.wait().unwrap();

@@ -66,10 +66,17 @@ pub struct Failed {
 fn command(data: &Path, stderr: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     // Small defaults keep many test servers cheap; a test's own flags win.
-    let mut defaults = Vec::new();
-    for (flag, value) in [("--pool-events", "8192"), ("--dedup-capacity", "65536")] {
+    let mut defaults: Vec<String> = Vec::new();
+    // ES_TEST_PROCESSORS=threads|inline runs every test server in that
+    // mode (the test command runs the suite in both).
+    let processors = std::env::var("ES_TEST_PROCESSORS").unwrap_or_else(|_| "auto".into());
+    for (flag, value) in [
+        ("--pool-events", "8192"),
+        ("--dedup-capacity", "65536"),
+        ("--processors", processors.as_str()),
+    ] {
         if !args.contains(&flag) {
-            defaults.extend([flag, value]);
+            defaults.extend([flag.to_string(), value.to_string()]);
         }
     }
     cmd.arg("serve")
