@@ -8,6 +8,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -222,7 +223,8 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
     let run_prefix = (wall_ns() / 1_000_000) & 0x7FFF;
     let start = monotonic_ns();
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let mut handles = Vec::new();
+    let mut senders = Vec::new();
+    let mut readers = Vec::new();
     for c in 0..u64::from(args.connections) {
         let stream = TcpStream::connect(args.target)
             .map_err(|e| format!("cannot connect to {}: {e}", args.target))?;
@@ -241,28 +243,46 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
             t / u64::from(args.connections) + u64::from(c < t % u64::from(args.connections))
         });
         let rate = args.rate.map(|r| r / f64::from(args.connections));
-        let reader = stream.try_clone().map_err(|e| e.to_string())?;
-        let (a, s, cn) = (args.clone(), shared.clone(), conn.clone());
-        let sender = std::thread::spawn(move || {
-            send_loop(
-                stream, &a, &s, &cn, id_base, my_total, deadline, rate, start, c,
-            )
-        });
-        let (a, s, cn, t) = (args.clone(), shared.clone(), conn, tally.clone());
-        let receiver = if args.ack {
-            Some(std::thread::spawn(move || {
-                let mut mine = Tally::default();
-                recv_loop(reader, &s, &cn, id_base, &mut mine);
-                if let Ok(mut all) = t.lock() {
-                    all.merge(&mine);
-                }
-                let _ = a;
-            }))
-        } else {
-            None
-        };
-        handles.push((sender, receiver));
+        if args.ack {
+            let reader = stream.try_clone().map_err(|e| e.to_string())?;
+            readers.push(Reader::new(reader, conn.clone(), id_base));
+        }
+        senders.push(Sender::new(
+            stream, args, conn, id_base, my_total, deadline, rate, start, c,
+        ));
     }
+    // One thread reads every connection's acks (poll), so a wake-up serves
+    // all of them.
+    let receiver = (!readers.is_empty()).then(|| {
+        let (s, t) = (shared.clone(), tally.clone());
+        std::thread::spawn(move || {
+            let mut mine = Tally::default();
+            recv_all(readers, &s, &mut mine);
+            if let Ok(mut all) = t.lock() {
+                all.merge(&mine);
+            }
+        })
+    });
+    // Open loop: one thread sends for every connection, once per tick.
+    // Closed loop: a thread per connection, each writing as fast as its
+    // socket takes frames.
+    let handles: Vec<_> = if args.rate.is_some() {
+        let s = shared.clone();
+        vec![std::thread::spawn(move || {
+            if let Err(e) = crate::sys::precise_sleeps() {
+                eprintln!("load: cannot set the timer slack ({e}); send times may run late");
+            }
+            drive(senders, &s)
+        })]
+    } else {
+        senders
+            .into_iter()
+            .map(|sender| {
+                let s = shared.clone();
+                std::thread::spawn(move || drive(vec![sender], &s))
+            })
+            .collect()
+    };
     // Progress once a second while it runs.
     let progress = {
         let s = shared.clone();
@@ -292,15 +312,22 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
     };
     let mut sent = 0;
     let mut missing = 0;
-    for (sender, receiver) in handles {
-        let (n, miss) = sender
+    let mut failed = None;
+    for h in handles {
+        let (n, miss, err) = h
             .join()
-            .map_err(|_| "a sender thread panicked".to_string())??;
+            .map_err(|_| "a sender thread panicked".to_string())?;
         sent += n;
         missing += miss;
-        if let Some(r) = receiver {
-            r.join()
-                .map_err(|_| "a receiver thread panicked".to_string())?;
+        failed = failed.or(err);
+    }
+    if let Some(r) = receiver {
+        r.join()
+            .map_err(|_| "the receiver thread panicked".to_string())?;
+    }
+    if let Some(e) = failed {
+        if missing > 0 || sent == 0 {
+            return Err(e);
         }
     }
     shared.stop.store(true, Ordering::Relaxed);
@@ -324,82 +351,129 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
     })
 }
 
-/// Sends this connection's events; returns (sent, acks still missing at
-/// the end).
-#[allow(clippy::too_many_arguments)]
-fn send_loop(
-    mut stream: TcpStream,
-    args: &LoadArgs,
-    shared: &Shared,
-    conn: &Conn,
+/// One connection's sending side.
+struct Sender {
+    stream: TcpStream,
+    conn: Arc<Conn>,
+    templates: [Vec<u8>; 3],
+    buf: Vec<u8>,
+    rng: Rng,
+    mix: [u32; 3],
+    duplicates: f64,
+    ack: bool,
     id_base: u64,
     total: Option<u64>,
     deadline: Option<u64>,
-    rate: Option<f64>,
+    /// Open loop: ns between events of this connection, and the tick.
+    interval_ns: Option<f64>,
+    tick_ns: u64,
     start: u64,
-    seed: u64,
-) -> Result<(u64, u64), String> {
-    if rate.is_some() && std::env::var_os("ES_NO_PRECISE").is_none() {
-        // Open loop: a late wake-up is counted as latency, so sleep precisely.
-        if let Err(e) = crate::sys::precise_sleeps() {
-            eprintln!("load: cannot set the timer slack ({e}); send times may run late");
+    seq: u64,
+    sent: u64,
+    /// The last transactional seqs sent, for --duplicates.
+    recent_tx: Vec<u64>,
+    recent_at: usize,
+    done: bool,
+    failed: Option<String>,
+}
+
+/// What one sending step did.
+enum Step {
+    /// Wrote frames.
+    Sent,
+    /// Nothing due before this monotonic time.
+    Wait(u64),
+    /// Finished (count, time or a failed write).
+    Done,
+}
+
+impl Sender {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        stream: TcpStream,
+        args: &LoadArgs,
+        conn: Arc<Conn>,
+        id_base: u64,
+        total: Option<u64>,
+        deadline: Option<u64>,
+        rate: Option<f64>,
+        start: u64,
+        seed: u64,
+    ) -> Self {
+        let templates: [Vec<u8>; 3] = [0, 1, 2].map(|c| template(c, args.payload, args.ack));
+        let max_len = templates.iter().map(Vec::len).max().unwrap_or(0);
+        Self {
+            stream,
+            conn,
+            templates,
+            buf: vec![0u8; BATCH * max_len],
+            rng: Rng(seed.wrapping_mul(0x1234_5678_9ABC_DEF1) ^ id_base),
+            mix: args.mix,
+            duplicates: args.duplicates,
+            ack: args.ack,
+            id_base,
+            total,
+            deadline,
+            interval_ns: rate.map(|r| 1e9 / r.max(1e-9)),
+            tick_ns: args.tick_us.max(1) * 1_000,
+            start,
+            seq: 0,
+            sent: 0,
+            recent_tx: vec![u64::MAX; RECENT],
+            recent_at: 0,
+            done: false,
+            failed: None,
         }
     }
-    let templates: [Vec<u8>; 3] = [0, 1, 2].map(|c| template(c, args.payload, args.ack));
-    let max_len = templates.iter().map(Vec::len).max().unwrap_or(0);
-    let mut buf = vec![0u8; BATCH * max_len];
-    let mut rng = Rng(seed.wrapping_mul(0x1234_5678_9ABC_DEF1) ^ id_base);
-    let mut seq: u64 = 0;
-    let mut sent: u64 = 0;
-    // The last transactional seqs sent, for --duplicates (one already
-    // answered is picked).
-    let mut recent_tx = vec![u64::MAX; RECENT];
-    let mut recent_at = 0usize;
-    let interval_ns = rate.map(|r| 1e9 / r.max(1e-9));
-    let tick_ns = args.tick_us.max(1) * 1_000;
-    let mut failed = None;
-    'outer: loop {
-        if total.is_some_and(|t| sent >= t) || deadline.is_some_and(|d| monotonic_ns() >= d) {
-            break;
+
+    /// Sends what is due at `now` (open loop) or one batch (closed loop).
+    fn step(&mut self, now: u64, shared: &Shared) -> Step {
+        if self.done
+            || self.total.is_some_and(|t| self.sent >= t)
+            || self.deadline.is_some_and(|d| now >= d)
+        {
+            self.done = true;
+            return Step::Done;
         }
-        let now = monotonic_ns();
         // How many to send now: open loop sends what is due.
         let mut n = BATCH;
-        if let Some(iv) = interval_ns {
+        if let Some(iv) = self.interval_ns {
             // Events of ticks up to the current one are due: event i is
             // scheduled at the start of tick floor(i * iv / tick).
-            let tick_end = ((now - start) / tick_ns + 1) * tick_ns;
+            let tick = self.tick_ns;
+            let tick_end = ((now - self.start) / tick + 1) * tick;
             let due = (tick_end as f64 / iv).ceil() as u64;
-            if due <= sent {
-                let wait = (start + tick_end).saturating_sub(now);
-                std::thread::sleep(Duration::from_nanos(wait.min(1_000_000)));
-                continue;
+            if due <= self.sent {
+                return Step::Wait(self.start + tick_end);
             }
-            n = ((due - sent) as usize).min(BATCH);
+            n = ((due - self.sent) as usize).min(BATCH);
         }
-        if let Some(t) = total {
-            n = n.min((t - sent) as usize);
+        if let Some(t) = self.total {
+            n = n.min((t - self.sent) as usize);
         }
         // Keep the in-flight window inside the slot ring.
-        while args.ack
-            && seq.saturating_sub(conn.acked.load(Ordering::Acquire)) > (SLOTS / 2) as u64
+        if self.ack
+            && self
+                .seq
+                .saturating_sub(self.conn.acked.load(Ordering::Acquire))
+                > (SLOTS / 2) as u64
         {
-            std::thread::sleep(Duration::from_micros(200));
+            return Step::Wait(now + 200_000);
         }
         let mut len = 0;
         for k in 0..n {
-            let pick = rng.next() % 100;
-            let class = if pick < u64::from(args.mix[0]) {
+            let pick = self.rng.next() % 100;
+            let class = if pick < u64::from(self.mix[0]) {
                 0
-            } else if pick < u64::from(args.mix[0] + args.mix[1]) {
+            } else if pick < u64::from(self.mix[0] + self.mix[1]) {
                 1
             } else {
                 2
             };
-            let intended = match interval_ns {
+            let intended = match self.interval_ns {
                 Some(iv) => {
-                    let at = ((sent + k as u64) as f64 * iv) as u64;
-                    start + at / tick_ns * tick_ns
+                    let at = ((self.sent + k as u64) as f64 * iv) as u64;
+                    self.start + at / self.tick_ns * self.tick_ns
                 }
                 None => now,
             };
@@ -407,33 +481,33 @@ fn send_loop(
             // one already answered (then its slot times the new send); one
             // still in flight expects one more ack and keeps the original's
             // send time, so the duplicate's latency is counted from there.
-            let mut use_seq = seq;
+            let mut use_seq = self.seq;
             let mut fresh = true;
             let mut in_flight = false;
-            let known = recent_at.min(RECENT) as u64;
+            let known = self.recent_at.min(RECENT) as u64;
             if class == 1
                 && known > 0
-                && args.duplicates > 0.0
-                && (rng.next() % 1_000_000) as f64 / 1e6 < args.duplicates
+                && self.duplicates > 0.0
+                && (self.rng.next() % 1_000_000) as f64 / 1e6 < self.duplicates
             {
                 for _ in 0..4 {
-                    let cand = recent_tx[(rng.next() % known) as usize];
-                    let slot = &conn.slots[(cand & SLOT_MASK) as usize];
+                    let cand = self.recent_tx[(self.rng.next() % known) as usize];
+                    let slot = &self.conn.slots[(cand & SLOT_MASK) as usize];
                     use_seq = cand;
                     fresh = false;
-                    in_flight = args.ack && slot.state.load(Ordering::Acquire) >> 2 != 0;
+                    in_flight = self.ack && slot.state.load(Ordering::Acquire) >> 2 != 0;
                     if !in_flight {
                         break;
                     }
                 }
             }
-            let t = &templates[class];
-            let frame = &mut buf[len..len + t.len()];
+            let t = &self.templates[class];
+            let frame = &mut self.buf[len..len + t.len()];
             frame.copy_from_slice(t);
-            patch_frame(frame, id_base | use_seq, wall_ns());
+            patch_frame(frame, self.id_base | use_seq, wall_ns());
             len += t.len();
-            if args.ack {
-                let slot = &conn.slots[(use_seq & SLOT_MASK) as usize];
+            if self.ack {
+                let slot = &self.conn.slots[(use_seq & SLOT_MASK) as usize];
                 if fresh {
                     slot.sent_ns.store(intended, Ordering::Relaxed);
                     slot.state.store((1 << 2) | class as u32, Ordering::Release);
@@ -446,56 +520,110 @@ fn send_loop(
             }
             if fresh {
                 if class == 1 {
-                    recent_tx[recent_at % RECENT] = seq;
-                    recent_at += 1;
+                    self.recent_tx[self.recent_at % RECENT] = self.seq;
+                    self.recent_at += 1;
                 }
-                seq += 1;
+                self.seq += 1;
             }
         }
-        if let Err(e) = stream.write_all(&buf[..len]) {
-            failed = Some(format!("send failed: {e}"));
+        if let Err(e) = self.stream.write_all(&self.buf[..len]) {
+            self.failed = Some(format!("send failed: {e}"));
             shared.errors.fetch_add(1, Ordering::Relaxed);
-            break 'outer;
+            self.done = true;
+            return Step::Done;
         }
-        sent += n as u64;
+        self.sent += n as u64;
         shared.sent.fetch_add(n as u64, Ordering::Relaxed);
+        Step::Sent
     }
-    // Wait for the outstanding acks (at most 10 s after the last send).
+
+    /// Acks still expected.
+    fn missing(&self) -> u64 {
+        self.conn
+            .slots
+            .iter()
+            .map(|s| u64::from(s.state.load(Ordering::Acquire) >> 2))
+            .sum()
+    }
+}
+
+/// Runs `senders` until each is done, sleeping until the earliest is due;
+/// then waits (at most 10 s) for their acks. Returns (sent, acks missing,
+/// the first write failure).
+fn drive(mut senders: Vec<Sender>, shared: &Shared) -> (u64, u64, Option<String>) {
+    loop {
+        let now = monotonic_ns();
+        let mut next = u64::MAX;
+        let mut busy = false;
+        for s in senders.iter_mut() {
+            match s.step(now, shared) {
+                Step::Sent => busy = true,
+                Step::Wait(at) => next = next.min(at),
+                Step::Done => {}
+            }
+        }
+        if busy {
+            continue;
+        }
+        if next == u64::MAX {
+            break;
+        }
+        let wait = next.saturating_sub(monotonic_ns());
+        std::thread::sleep(Duration::from_nanos(wait.min(1_000_000)));
+    }
+    let ack = senders.iter().any(|s| s.ack);
+    let wait_until = monotonic_ns() + 10_000_000_000;
     let mut missing = 0;
-    if args.ack {
-        let wait_until = monotonic_ns() + 10_000_000_000;
+    if ack {
         loop {
-            missing = conn
-                .slots
-                .iter()
-                .map(|s| u64::from(s.state.load(Ordering::Acquire) >> 2))
-                .sum::<u64>();
+            missing = senders.iter().map(Sender::missing).sum::<u64>();
             if missing == 0 || monotonic_ns() > wait_until {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    match failed {
-        Some(e) if missing > 0 || sent == 0 => Err(e),
-        _ => Ok((sent, missing)),
+    let sent = senders.iter().map(|s| s.sent).sum();
+    let failed = senders.iter_mut().find_map(|s| s.failed.take());
+    for s in &senders {
+        let _ = s.stream.shutdown(std::net::Shutdown::Both);
     }
+    (sent, missing, failed)
 }
 
-fn recv_loop(mut stream: TcpStream, shared: &Shared, conn: &Conn, id_base: u64, t: &mut Tally) {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut held = 0usize;
-    loop {
-        let n = match stream.read(&mut buf[held..]) {
-            Ok(0) | Err(_) => return,
+/// One connection's receiving side.
+struct Reader {
+    stream: TcpStream,
+    conn: Arc<Conn>,
+    id_base: u64,
+    buf: Vec<u8>,
+    held: usize,
+    open: bool,
+}
+
+impl Reader {
+    fn new(stream: TcpStream, conn: Arc<Conn>, id_base: u64) -> Self {
+        Self {
+            stream,
+            conn,
+            id_base,
+            buf: vec![0u8; 256 * 1024],
+            held: 0,
+            open: true,
+        }
+    }
+
+    /// Reads once and counts every whole ack; false at the end.
+    fn read(&mut self, shared: &Shared, t: &mut Tally) -> bool {
+        let n = match self.stream.read(&mut self.buf[self.held..]) {
+            Ok(0) | Err(_) => return false,
             Ok(n) => n,
         };
         let now = monotonic_ns();
-        let end = held + n;
+        let end = self.held + n;
         let whole = end - end % 24;
         let mut count = 0u64;
-        for chunk in buf[..whole].chunks_exact(24) {
+        for chunk in self.buf[..whole].chunks_exact(24) {
             count += 1;
             let Ok(ack) = Ack::decode(chunk) else {
                 t.unexpected += 1;
@@ -510,11 +638,11 @@ fn recv_loop(mut stream: TcpStream, shared: &Shared, conn: &Conn, id_base: u64, 
                     continue;
                 }
             }
-            if ack.event_id & !((1 << 40) - 1) != id_base {
+            if ack.event_id & !((1 << 40) - 1) != self.id_base {
                 t.unexpected += 1;
                 continue;
             }
-            let slot = &conn.slots[(ack.event_id & SLOT_MASK) as usize];
+            let slot = &self.conn.slots[(ack.event_id & SLOT_MASK) as usize];
             let state = slot.state.load(Ordering::Acquire);
             if state >> 2 == 0 {
                 t.unexpected += 1;
@@ -528,10 +656,44 @@ fn recv_loop(mut stream: TcpStream, shared: &Shared, conn: &Conn, id_base: u64, 
             slot.state.fetch_sub(1 << 2, Ordering::Release);
         }
         t.last_ack_ns = now;
-        conn.acked.fetch_add(count, Ordering::Release);
+        self.conn.acked.fetch_add(count, Ordering::Release);
         shared.acked.fetch_add(count, Ordering::Relaxed);
-        buf.copy_within(whole..end, 0);
-        held = end - whole;
+        self.buf.copy_within(whole..end, 0);
+        self.held = end - whole;
+        true
+    }
+}
+
+/// Reads the acks of every connection until each is closed: one `poll`
+/// over all of them per wake-up.
+fn recv_all(mut readers: Vec<Reader>, shared: &Shared, t: &mut Tally) {
+    let mut fds: Vec<libc::pollfd> = readers
+        .iter()
+        .map(|r| libc::pollfd {
+            fd: r.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    while readers.iter().any(|r| r.open) {
+        for (f, r) in fds.iter_mut().zip(&readers) {
+            // A negative fd is skipped by poll.
+            f.fd = if r.open { r.stream.as_raw_fd() } else { -1 };
+            f.revents = 0;
+        }
+        match crate::sys::syscall!(poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!("load: poll failed: {e}");
+                return;
+            }
+        }
+        for (f, r) in fds.iter().zip(readers.iter_mut()) {
+            if r.open && f.revents != 0 && !r.read(shared, t) {
+                r.open = false;
+            }
+        }
     }
 }
 
