@@ -1,9 +1,11 @@
 //! `eventstream load`: a v1 load generator. Frames come from one template
 //! per class whose id, timestamp and CRC are patched per event into a
 //! reused write buffer (no allocation per event, many frames per write).
-//! With `--rate` sending is open-loop and latency is measured from each
-//! event's intended send time (no coordinated omission). With `--ack`
-//! every event must get exactly one ack.
+//! With `--rate` sending is open-loop: one thread writes each connection's
+//! events once per tick (`--tick-us`), and latency is measured from each
+//! event's planned send time, its tick's start (no coordinated omission).
+//! One thread reads every connection's acks. With `--ack` every event must
+//! get exactly one ack.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
