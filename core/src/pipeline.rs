@@ -339,6 +339,11 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
         self.transactional.sweep(now_ms)
     }
 
+    /// What a full ring or pool does from now on.
+    pub fn set_when_full(&mut self, when_full: WhenFull) {
+        self.when_full = when_full;
+    }
+
     /// From now on valid frames are answered REJECTED SHUTTING_DOWN.
     pub fn begin_shutdown(&mut self) {
         self.shutting_down = true;

@@ -1,8 +1,8 @@
 //! The engine core's whole pipeline on a Cortex-M4F, every buffer a
 //! `static`: it runs a built-in byte stream (every priority, duplicates
 //! inside and outside the dedup window on a simulated clock, every frame
-//! rejection, both FATALs, legacy frames, storage failures, a graceful
-//! shutdown; frames split at odd boundaries; enough events to wrap every
+//! rejection, both FATALs, legacy frames, OVERLOADED, DEDUP_FULL, storage
+//! failures, a graceful shutdown; frames split at odd boundaries; enough events to wrap every
 //! ring and recycle every pool slot many times), checks each outcome count
 //! against what the stream was built to produce, logs through defmt, and
 //! exits through semihosting: 0 when everything matches, 1 otherwise.
@@ -43,7 +43,8 @@ static TX_IN: Ring<Event<'static>, 16> = Ring::new();
 static BATCH_IN: Ring<Event<'static>, 16> = Ring::new();
 static DEDUP: DedupTable<1024> = DedupTable::new(DedupConfig {
     window_ms: WINDOW_MS,
-    when_full: FullPolicy::Evict,
+    // Reject, so that a full table answers DEDUP_FULL (phase J).
+    when_full: FullPolicy::Reject,
 });
 /// Batch windows: 16 windows over an arena of 64 events.
 static WINDOWS: TakeOnce<StaticBatchWindows<Event<'static>, 16, 64>> =
@@ -390,6 +391,7 @@ fn run() -> bool {
     if !phase_ef(p, r) {
         return false;
     }
+    phase_ij(p, r);
     phase_gh(p, r);
     check(p, &r.want)
 }
@@ -549,6 +551,49 @@ fn phase_ef(p: &mut Engine, r: &mut Run) -> bool {
     defmt::info!("E, F: both FATALs, the legacy dialect");
 
     true
+}
+
+/// I: OVERLOADED when the pipeline rejects instead of pushing back;
+/// J: DEDUP_FULL when the dedup table has no slot left in the window.
+#[inline(never)]
+fn phase_ij(p: &mut Engine, r: &mut Run) {
+    // I: 20 realtime events, nothing run in between (a rejecting pipeline
+    // never stops to make room): the realtime ring takes 16, the other 4
+    // are answered OVERLOADED.
+    p.set_when_full(WhenFull::Reject);
+    for id in 5000..5020u64 {
+        let n = v1(&mut r.buf, id, Priority::High, true);
+        send(p, 1, &mut r.conn1, &r.buf[..n], &mut r.turn);
+    }
+    p.drain();
+    p.set_when_full(WhenFull::Backpressure);
+    r.want.stored_acks += 16;
+    r.want.stored_events[Class::Realtime.index()] += 16;
+    r.want.rejected[Reason::Overloaded.code() as usize] += 4;
+
+    // J: 1,200 new transactional ids inside the window into 1,024 slots:
+    // each is STORED or REJECTED DEDUP_FULL, and some must be the latter.
+    let before = p.sink().seen;
+    for id in 6000..7200u64 {
+        let n = v1(&mut r.buf, id, Priority::Medium, true);
+        send(p, 1, &mut r.conn1, &r.buf[..n], &mut r.turn);
+    }
+    p.drain();
+    let seen = p.sink().seen;
+    let stored = seen.stored_acks - before.stored_acks;
+    let full = seen.rejected[Reason::DedupFull.code() as usize]
+        - before.rejected[Reason::DedupFull.code() as usize];
+    if full == 0 || stored + full != 1200 {
+        defmt::error!("J: {} stored and {} DEDUP_FULL of 1200", stored, full);
+        MISMATCHES.fetch_add(1, Ordering::Relaxed);
+    }
+    r.want.stored_acks += stored;
+    r.want.stored_events[Class::Transactional.index()] += stored;
+    r.want.rejected[Reason::DedupFull.code() as usize] += full;
+    defmt::info!(
+        "I, J: OVERLOADED, DEDUP_FULL ({} of 1200 new ids stored)",
+        stored
+    );
 }
 
 /// G, H: storage failures, a graceful shutdown.
