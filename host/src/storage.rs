@@ -22,6 +22,9 @@ use eventstream_core::Class;
 
 use crate::sys::syscall;
 
+/// Page size assumed for writeback ranges (a multiple of the real one is
+/// also fine: it only keeps the kicked range off the page being appended).
+const PAGE: u64 = 4096;
 /// Written bytes handed to writeback at a time.
 const WRITEBACK_BYTES: u64 = 8 << 20;
 
@@ -228,16 +231,19 @@ impl Log {
         if self.active_len - self.kicked >= WRITEBACK_BYTES {
             // Start writeback of what is written so far without waiting for
             // it, so dirty pages never pile up into a long fsync or into
-            // the kernel throttling our writes.
+            // the kernel throttling our writes. Whole pages only: the page
+            // the next append continues must not be under writeback (on
+            // devices with stable pages that append would wait for it).
+            let end = self.active_len & !(PAGE - 1);
             if let Err(e) = syscall!(sync_file_range(
                 self.active.as_raw_fd(),
                 self.kicked as libc::off64_t,
-                (self.active_len - self.kicked) as libc::off64_t,
+                (end - self.kicked) as libc::off64_t,
                 libc::SYNC_FILE_RANGE_WRITE
             )) {
                 eprintln!("eventstream: sync_file_range: {e}");
             }
-            self.kicked = self.active_len;
+            self.kicked = end;
         }
         Ok(())
     }
