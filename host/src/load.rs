@@ -618,8 +618,11 @@ impl Reader {
     /// Reads once and counts every whole ack; false at the end.
     fn read(&mut self, shared: &Shared, t: &mut Tally) -> bool {
         let n = match self.stream.read(&mut self.buf[self.held..]) {
-            Ok(0) | Err(_) => return false,
+            Ok(0) => return false,
             Ok(n) => n,
+            // A signal (or a freeze of the process) cut the read short.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return true,
+            Err(_) => return false,
         };
         let now = monotonic_ns();
         let end = self.held + n;

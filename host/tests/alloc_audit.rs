@@ -135,7 +135,10 @@ fn run(stream: &TcpStream, bytes: Vec<u8>, n: usize) -> usize {
     let mut stored = 0usize;
     let mut held = 0usize;
     while got < n {
-        let k = r.read(&mut buf[held..]).unwrap();
+        let k = match r.read(&mut buf[held..]) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            k => k.unwrap(),
+        };
         assert!(k > 0, "server closed after {got} acks");
         let end = held + k;
         let whole = end - end % 24;

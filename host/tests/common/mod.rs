@@ -295,10 +295,10 @@ impl Client {
             if out.len() == n {
                 break;
             }
-            let got = self
-                .stream
-                .read(&mut chunk)
-                .unwrap_or_else(|e| panic!("reading acks ({} of {n}): {e}", out.len()));
+            let got = match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.unwrap_or_else(|e| panic!("reading acks ({} of {n}): {e}", out.len())),
+            };
             assert!(got > 0, "connection closed after {} of {n} acks", out.len());
             self.buf.extend_from_slice(&chunk[..got]);
         }
@@ -313,6 +313,9 @@ impl Client {
                 Ok(0) => break,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                // A socket read with a timeout returns EINTR after a signal
+                // or a freeze of the process, even with SA_RESTART.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => panic!("waiting for close: {e}"),
             }
         }
@@ -330,7 +333,12 @@ impl Client {
     pub fn closed_within(&mut self, limit: Duration) -> bool {
         self.stream.set_read_timeout(Some(limit)).unwrap();
         let mut b = [0u8; 64];
-        let r = self.stream.read(&mut b);
+        let r = loop {
+            match self.stream.read(&mut b) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r,
+            }
+        };
         self.stream.set_read_timeout(Some(WAIT)).unwrap();
         match r {
             Ok(0) => true,
