@@ -17,7 +17,7 @@ use eventstream_core::ring::{BufferRing, Consumer, Producer, Slot};
 use eventstream_core::route::TopicTable;
 use eventstream_core::wire::{Ack, Limits};
 
-use crate::config::{DedupFull, ProcessorsArg, ServerConfig, WhenFullArg, MAX_TOPICS};
+use crate::config::{DedupFull, FsyncPolicy, ProcessorsArg, ServerConfig, WhenFullArg, MAX_TOPICS};
 use crate::ingest::{Dispatch, Ingest, IngestParts, Inline};
 use crate::processors::{run_batch, run_singles, Singles};
 use crate::shared::Shared;
@@ -94,6 +94,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             retention_bytes: args.retention_bytes,
             retention_age: args.retention_age,
             repair: args.repair,
+            kick_writeback: args.fsync != FsyncPolicy::Always,
         },
     )?;
     for note in &opened.notes {

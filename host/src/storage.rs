@@ -77,6 +77,7 @@ pub struct Log {
     active_len: u64,
     /// The active segment's bytes up to here have been handed to writeback.
     kicked: u64,
+    kick_writeback: bool,
     next_offset: u64,
     segment_bytes: u64,
     retention_bytes: Option<u64>,
@@ -100,6 +101,10 @@ pub struct LogOptions {
     pub retention_age: Option<Duration>,
     /// Repair a corrupt newest segment instead of refusing to start.
     pub repair: bool,
+    /// Hand every 8 MiB written to writeback at once (`sync_file_range`).
+    /// Off with group commit: an fdatasync would wait for that whole range
+    /// to reach the disk, and a fdatasync runs after every write anyway.
+    pub kick_writeback: bool,
 }
 
 fn sync_dir(dir: &File) -> io::Result<()> {
@@ -172,6 +177,7 @@ impl Log {
             kicked: active_len,
             next_offset,
             segment_bytes: opts.segment_bytes,
+            kick_writeback: opts.kick_writeback,
             retention_bytes: opts.retention_bytes,
             retention_age: opts.retention_age,
         };
@@ -228,7 +234,7 @@ impl Log {
             seg.size = self.active_len;
         }
         self.next_offset += events;
-        if self.active_len - self.kicked >= WRITEBACK_BYTES {
+        if self.kick_writeback && self.active_len - self.kicked >= WRITEBACK_BYTES {
             // Start writeback of what is written so far without waiting for
             // it, so dirty pages never pile up into a long fsync or into
             // the kernel throttling our writes. Whole pages only: the page
