@@ -823,11 +823,15 @@ impl<'t> DedupRef<'t> {
     /// `sweep`; `reclaim` also turns tombstones back into empty slots while
     /// an [`Inserter`] exists (only that inserter may ask for it).
     fn sweep_with(&self, now_ms: u64, reclaim: bool) -> usize {
+        self.sweep_range(now_ms, reclaim, 0, self.states.len())
+    }
+
+    /// The sweep over slots `lo..hi`, backwards.
+    fn sweep_range(&self, now_ms: u64, reclaim: bool, lo: usize, hi: usize) -> usize {
         let now = now_ms as u32;
         let window = self.config.window();
-        let n = self.states.len();
         let mut freed = 0;
-        for at in (0..n).rev() {
+        for at in (lo..hi.min(self.states.len())).rev() {
             let Some(state) = self.state(at) else { break };
             let mut s = state.load(Acquire);
             if matches!(kind(s), LIVE | STORED) {
@@ -965,6 +969,25 @@ impl<'t> Inserter<'t> {
     pub fn sweep(&mut self, now_ms: u64) -> usize {
         self.table.sweep_with(now_ms, true)
     }
+
+    /// One slice of that sweep: at most `max_slots` slots below `*cursor`,
+    /// backwards, as one `sweep` would visit them. Start a pass with
+    /// `*cursor = 0`; each call moves the cursor down, and the pass is over
+    /// when the call returns with `*cursor == 0` again. Returns how many
+    /// entries it freed. Slices between inserts behave as one `sweep` whose
+    /// slots were visited at those times; a caller that must not pause for
+    /// a whole table spreads the walk this way.
+    pub fn sweep_slice(&mut self, now_ms: u64, cursor: &mut usize, max_slots: usize) -> usize {
+        let n = self.table.states.len();
+        let hi = if *cursor == 0 || *cursor > n {
+            n
+        } else {
+            *cursor
+        };
+        let lo = hi.saturating_sub(max_slots.max(1));
+        *cursor = lo;
+        self.table.sweep_range(now_ms, true, lo, hi)
+    }
 }
 
 #[cfg(all(test, not(loom)))]
@@ -987,6 +1010,35 @@ mod tests {
         assert_eq!(d.insert(7, 20), Insert::Duplicate(Some(1234)));
         assert_eq!(d.lookup(7, 20), Lookup::Present(Some(1234)));
         assert_eq!(d.lookup(8, 20), Lookup::Absent);
+    }
+
+    #[test]
+    fn a_sweep_in_slices_frees_what_one_sweep_frees() {
+        let (a, b): (DedupTable<256>, DedupTable<256>) =
+            (DedupTable::new(CFG), DedupTable::new(CFG));
+        let (mut ia, mut ib) = (a.table().inserter().unwrap(), b.table().inserter().unwrap());
+        for id in 0..200u64 {
+            let at = if id % 3 == 0 { 0 } else { 900 };
+            assert_eq!(ia.insert(id * 7919, at), Insert::Inserted);
+            assert_eq!(ib.insert(id * 7919, at), Insert::Inserted);
+        }
+        let whole = ia.sweep(1500);
+        let mut cursor = 0;
+        let mut sliced = ib.sweep_slice(1500, &mut cursor, 37);
+        let mut calls = 1;
+        while cursor != 0 {
+            sliced += ib.sweep_slice(1500, &mut cursor, 37);
+            calls += 1;
+        }
+        assert_eq!(whole, 67);
+        assert_eq!(sliced, whole);
+        assert_eq!(calls, 256usize.div_ceil(37));
+        for id in 0..200u64 {
+            assert_eq!(
+                a.table().lookup(id * 7919, 1500),
+                b.table().lookup(id * 7919, 1500)
+            );
+        }
     }
 
     #[test]

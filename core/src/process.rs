@@ -77,6 +77,13 @@ impl<'t> TransactionalProcessor<'t> {
         self.dedup.sweep(now_ms)
     }
 
+    /// One slice of a sweep ([`Inserter::sweep_slice`]): at most
+    /// `max_slots` slots below `*cursor`; the pass is over when `*cursor`
+    /// is 0 again.
+    pub fn sweep_slice(&mut self, now_ms: u64, cursor: &mut usize, max_slots: usize) -> usize {
+        self.dedup.sweep_slice(now_ms, cursor, max_slots)
+    }
+
     /// Decides for one event at monotonic time `now_ms`. Legacy events are
     /// never deduplicated.
     pub fn handle(&mut self, frame: &Frame<'_>, now_ms: u64, hook: &mut impl EventHook) -> Outcome {

@@ -124,7 +124,14 @@ pub struct Inline {
     batch_need: usize,
     sweep_every_ns: u64,
     next_sweep: u64,
+    /// A sweep pass in progress (slice by slice): its cursor and what it
+    /// freed so far.
+    sweeping: Option<(usize, usize)>,
 }
+
+/// Dedup slots one loop iteration sweeps (about half a millisecond), so the
+/// sweep never stops ingest for a whole table.
+const SWEEP_SLICE: usize = 16_384;
 
 impl Inline {
     /// The processors over `dedup` (whose inserter the transactional one
@@ -149,6 +156,7 @@ impl Inline {
             batch_need,
             sweep_every_ns,
             next_sweep: monotonic_ns().saturating_add(sweep_every_ns),
+            sweeping: None,
         }
     }
 
@@ -190,18 +198,28 @@ impl Inline {
         if (draining || starved) && self.batch.windows().held() > 0 && out.has_room(need) {
             moved |= self.batch.windows().flush_oldest(&mut ToStorage { out });
         }
-        if now >= self.next_sweep {
-            let freed = self.transactional.sweep(now / 1_000_000);
-            if freed > 0 {
+        if self.sweeping.is_none() && now >= self.next_sweep {
+            self.sweeping = Some((0, 0));
+            self.next_sweep = now.saturating_add(self.sweep_every_ns);
+        }
+        if let Some((mut cursor, mut freed)) = self.sweeping {
+            freed += self
+                .transactional
+                .sweep_slice(now / 1_000_000, &mut cursor, SWEEP_SLICE);
+            self.sweeping = (cursor != 0).then_some((cursor, freed));
+            if cursor == 0 && freed > 0 {
                 eprintln!("eventstream: dedup sweep freed {freed} expired ids");
             }
-            self.next_sweep = now.saturating_add(self.sweep_every_ns);
         }
         moved
     }
 
-    /// When `tick` has work next (monotonic ns).
+    /// When `tick` has work next (monotonic ns; 0 while a sweep is under
+    /// way).
     fn next_deadline(&mut self) -> u64 {
+        if self.sweeping.is_some() {
+            return 0;
+        }
         let windows = self.batch.windows().next_deadline().unwrap_or(u64::MAX);
         windows.min(self.next_sweep)
     }

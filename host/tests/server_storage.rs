@@ -494,3 +494,41 @@ fn a_failed_fsync_ends_the_process_before_any_ack_it_covers() {
     c.send(&tx(2));
     assert_eq!(c.acks(1)[0].status, Status::Stored);
 }
+
+#[test]
+fn the_dedup_sweep_frees_expired_ids_and_they_are_new_again() {
+    let dir = TempDir::new("sweep");
+    let server = Server::start(
+        &dir.data(),
+        &["--dedup-window", "1s", "--dedup-sweep", "1s"],
+    );
+    let mut c = server.connect();
+    let mut bytes = Vec::new();
+    for id in 0..100u64 {
+        bytes.extend(frame(id, Priority::Medium, "orders", &[5; 40], true));
+    }
+    c.send(&bytes);
+    assert_stored(&c.acks(100));
+    // Inside the window the same ids are duplicates.
+    c.send(&frame(7, Priority::Medium, "orders", &[5; 40], true));
+    assert_eq!(c.acks(1)[0].status, Status::Duplicate);
+    // Past the window a sweep (slice by slice, on whichever thread runs the
+    // transactional processor) frees all 100, and they are new again.
+    let freed = |text: &str| -> u64 {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("eventstream: dedup sweep freed "))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while freed(&server.stderr()) < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sweep freed the ids: {}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.send(&frame(7, Priority::Medium, "orders", &[5; 40], true));
+    assert_eq!(c.acks(1)[0].status, Status::Stored);
+}
