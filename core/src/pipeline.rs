@@ -780,6 +780,14 @@ pub struct ToStorage<'c, 'r, 'p> {
     pub out: &'c mut Producer<'r, Work<'p>>,
 }
 
+impl ToStorage<'_, '_, '_> {
+    /// Free slots the batch storage ring needs before each push into the
+    /// windows: two closing windows, each a marker and its events.
+    pub fn room_needed(config: &crate::batch::BatchConfig) -> usize {
+        2 * (config.max_events as usize + 1)
+    }
+}
+
 impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {
     fn aggregate(&mut self, mut window: Closed<'_, Event<'p>>) {
         let count = window.len().min(u16::MAX as usize) as u16;

@@ -32,6 +32,7 @@ use eventstream_core::wire::{Ack, Decoded, Limits, StreamDecoder, ACK_LEN};
 use eventstream_core::Class;
 
 use crate::config::MAX_TOPICS;
+use crate::processors::Sweeper;
 use crate::shared::{Shared, DRAIN, RUN, STOP};
 use crate::sys::{monotonic_ns, syscall, wall_ns};
 
@@ -119,19 +120,10 @@ pub struct Inline {
     dedup: DedupRef<'static>,
     /// Ingest -> storage rings, by class.
     storage_tx: [Producer<'static, Work<'static>>; 3],
-    /// Room the batch storage ring needs before a batch event is taken:
-    /// two closing windows.
+    /// Room the batch storage ring needs before a batch event is taken.
     batch_need: usize,
-    sweep_every_ns: u64,
-    next_sweep: u64,
-    /// A sweep pass in progress (slice by slice): its cursor and what it
-    /// freed so far.
-    sweeping: Option<(usize, usize)>,
+    sweeper: Sweeper,
 }
-
-/// Dedup slots one loop iteration sweeps (about half a millisecond), so the
-/// sweep never stops ingest for a whole table.
-const SWEEP_SLICE: usize = 16_384;
 
 impl Inline {
     /// The processors over `dedup` (whose inserter the transactional one
@@ -145,8 +137,7 @@ impl Inline {
         sweep_every: Duration,
     ) -> Self {
         let mut batch = batch;
-        let batch_need = 2 * (batch.windows().config().max_events as usize + 1);
-        let sweep_every_ns = sweep_every.as_nanos().min(u64::MAX as u128) as u64;
+        let batch_need = ToStorage::room_needed(&batch.windows().config());
         Self {
             realtime,
             transactional,
@@ -154,9 +145,7 @@ impl Inline {
             dedup,
             storage_tx,
             batch_need,
-            sweep_every_ns,
-            next_sweep: monotonic_ns().saturating_add(sweep_every_ns),
-            sweeping: None,
+            sweeper: Sweeper::new(sweep_every),
         }
     }
 
@@ -198,30 +187,14 @@ impl Inline {
         if (draining || starved) && self.batch.windows().held() > 0 && out.has_room(need) {
             moved |= self.batch.windows().flush_oldest(&mut ToStorage { out });
         }
-        if self.sweeping.is_none() && now >= self.next_sweep {
-            self.sweeping = Some((0, 0));
-            self.next_sweep = now.saturating_add(self.sweep_every_ns);
-        }
-        if let Some((mut cursor, mut freed)) = self.sweeping {
-            freed += self
-                .transactional
-                .sweep_slice(now / 1_000_000, &mut cursor, SWEEP_SLICE);
-            self.sweeping = (cursor != 0).then_some((cursor, freed));
-            if cursor == 0 && freed > 0 {
-                eprintln!("eventstream: dedup sweep freed {freed} expired ids");
-            }
-        }
+        self.sweeper.step(&mut self.transactional, now);
         moved
     }
 
-    /// When `tick` has work next (monotonic ns; 0 while a sweep is under
-    /// way).
+    /// When `tick` has work next (monotonic ns).
     fn next_deadline(&mut self) -> u64 {
-        if self.sweeping.is_some() {
-            return 0;
-        }
         let windows = self.batch.windows().next_deadline().unwrap_or(u64::MAX);
-        windows.min(self.next_sweep)
+        windows.min(self.sweeper.next_deadline())
     }
 
     /// Batch events still waiting in windows.
@@ -468,14 +441,12 @@ impl Ingest {
         if self.spare.is_none() {
             self.spare = self.p.acquirer.acquire();
             if self.spare.is_none() {
-                if !self.p.shared.pool_starved.swap(true, Ordering::Relaxed) {
-                    match &mut self.p.dispatch {
-                        Dispatch::Threads(_) => self.p.shared.batch.wake(),
-                        // The oldest window goes to storage to free slots.
-                        Dispatch::Inline(i) => {
-                            self.pushed[2] |= i.tick(monotonic_ns(), false, true);
-                        }
-                    }
+                // The batch thread, or inline the next `tick`, closes the
+                // oldest window to free slots.
+                if !self.p.shared.pool_starved.swap(true, Ordering::Relaxed)
+                    && matches!(self.p.dispatch, Dispatch::Threads(_))
+                {
+                    self.p.shared.batch.wake();
                 }
                 return false;
             }

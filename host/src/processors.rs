@@ -30,6 +30,56 @@ pub enum Singles {
     Transactional(TransactionalProcessor<'static>, Duration),
 }
 
+/// Dedup slots one sweep step walks (about half a millisecond), so a sweep
+/// never stops its thread for a whole table (40-90 ms for the default one).
+const SWEEP_SLICE: usize = 16_384;
+
+/// The periodic dedup sweep, spread over steps: every `every`, one pass
+/// over the table, a slice per step. Whichever thread holds the
+/// transactional processor (its own, or ingest inline) runs it.
+pub struct Sweeper {
+    every_ns: u64,
+    next: u64,
+    /// The pass under way: its cursor and what it freed so far.
+    pass: Option<(usize, usize)>,
+}
+
+impl Sweeper {
+    /// The first pass starts `every` from now.
+    pub fn new(every: Duration) -> Self {
+        let every_ns = every.as_nanos().min(u64::MAX as u128) as u64;
+        Self {
+            every_ns,
+            next: monotonic_ns().saturating_add(every_ns),
+            pass: None,
+        }
+    }
+
+    /// Sweeps one slice if a pass is due or under way.
+    pub fn step(&mut self, p: &mut TransactionalProcessor<'_>, now: u64) {
+        if self.pass.is_none() && now >= self.next {
+            self.pass = Some((0, 0));
+            self.next = now.saturating_add(self.every_ns);
+        }
+        if let Some((mut cursor, mut freed)) = self.pass {
+            freed += p.sweep_slice(now / 1_000_000, &mut cursor, SWEEP_SLICE);
+            self.pass = (cursor != 0).then_some((cursor, freed));
+            if cursor == 0 && freed > 0 {
+                eprintln!("eventstream: dedup sweep freed {freed} expired ids");
+            }
+        }
+    }
+
+    /// When `step` has work next (monotonic ns; 0 while a pass is under way).
+    pub fn next_deadline(&self) -> u64 {
+        if self.pass.is_some() {
+            0
+        } else {
+            self.next
+        }
+    }
+}
+
 /// How many events ahead a processor prefetches the dedup slots of.
 const PREFETCH_AHEAD: usize = 8;
 
@@ -45,9 +95,9 @@ pub fn run_singles(
         Singles::Realtime(_) => (Class::Realtime, &shared.realtime),
         Singles::Transactional(..) => (Class::Transactional, &shared.transactional),
     };
-    let mut next_sweep = match &proc {
-        Singles::Transactional(_, every) => monotonic_ns() + every.as_nanos() as u64,
-        Singles::Realtime(_) => u64::MAX,
+    let mut sweeper = match &proc {
+        Singles::Transactional(_, every) => Some(Sweeper::new(*every)),
+        Singles::Realtime(_) => None,
     };
     let mut backoff = Backoff::new(shared.idle_spin_ns);
     loop {
@@ -68,14 +118,8 @@ pub fn run_singles(
             let _ = tx.push(Work::for_outcome(ev, outcome));
             moved += 1;
         }
-        if now >= next_sweep {
-            if let Singles::Transactional(p, every) = &mut proc {
-                let freed = p.sweep(now_ms);
-                if freed > 0 {
-                    eprintln!("eventstream: dedup sweep freed {freed} expired ids");
-                }
-                next_sweep = now + every.as_nanos() as u64;
-            }
+        if let (Some(sw), Singles::Transactional(p, _)) = (&mut sweeper, &mut proc) {
+            sw.step(p, now);
         }
         if moved > 0 {
             shared.set_depth(class.index(), rx.len());
@@ -89,8 +133,9 @@ pub fn run_singles(
         }
         if backoff.idle() {
             shared.set_depth(class.index(), rx.len());
-            let timeout = (next_sweep != u64::MAX)
-                .then(|| Duration::from_nanos(next_sweep.saturating_sub(monotonic_ns())));
+            let timeout = sweeper
+                .as_ref()
+                .map(|sw| Duration::from_nanos(sw.next_deadline().saturating_sub(monotonic_ns())));
             me.park(timeout, || {
                 (!rx.is_empty() && tx.has_room(1)) || shared.phase() == STOP
             });
@@ -108,7 +153,7 @@ pub fn run_batch(
     shared: Arc<Shared>,
 ) {
     let mut proc = BatchProcessor::new(windows);
-    let need = 2 * (proc.windows().config().max_events as usize + 1);
+    let need = ToStorage::room_needed(&proc.windows().config());
     let mut backoff = Backoff::new(shared.idle_spin_ns);
     loop {
         let now = monotonic_ns();

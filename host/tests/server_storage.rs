@@ -505,12 +505,12 @@ fn the_dedup_sweep_frees_expired_ids_and_they_are_new_again() {
     let mut c = server.connect();
     let mut bytes = Vec::new();
     for id in 0..100u64 {
-        bytes.extend(frame(id, Priority::Medium, "orders", &[5; 40], true));
+        bytes.extend(tx(id));
     }
     c.send(&bytes);
     assert_stored(&c.acks(100));
     // Inside the window the same ids are duplicates.
-    c.send(&frame(7, Priority::Medium, "orders", &[5; 40], true));
+    c.send(&tx(7));
     assert_eq!(c.acks(1)[0].status, Status::Duplicate);
     // Past the window a sweep (slice by slice, on whichever thread runs the
     // transactional processor) frees all 100, and they are new again.
@@ -529,6 +529,6 @@ fn the_dedup_sweep_frees_expired_ids_and_they_are_new_again() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    c.send(&frame(7, Priority::Medium, "orders", &[5; 40], true));
+    c.send(&tx(7));
     assert_eq!(c.acks(1)[0].status, Status::Stored);
 }

@@ -239,10 +239,6 @@ fn v1(buf: &mut [u8], id: u64, priority: Priority, ack: bool) -> usize {
     .unwrap_or(0)
 }
 
-fn class_of(p: Priority) -> Class {
-    p.class()
-}
-
 /// Byte written over the free stack at start; what is still there at the
 /// end was never used.
 const PAINT: u32 = 0xACE5_ACE5;
@@ -364,6 +360,17 @@ struct Run {
     limits: Limits,
 }
 
+impl Run {
+    /// Sends a valid acked frame of `id` on connection 1 and expects it
+    /// stored in its class.
+    fn send_stored(&mut self, p: &mut Engine, id: u64, prio: Priority) {
+        let n = v1(&mut self.buf, id, prio, true);
+        send(p, 1, &mut self.conn1, &self.buf[..n], &mut self.turn);
+        self.want.stored_acks += 1;
+        self.want.stored_events[prio.class().index()] += 1;
+    }
+}
+
 /// Runs the stream, phase by phase (each its own function, so the stack
 /// holds one phase's locals at a time), and checks the outcome.
 fn run() -> bool {
@@ -401,11 +408,7 @@ fn run() -> bool {
 fn phase_a(p: &mut Engine, r: &mut Run) {
     // A: 640 events of every priority, acked (the pool turns over 10 times).
     for id in 1..=640u64 {
-        let prio = Priority::ALL[(id % 5) as usize];
-        let n = v1(&mut r.buf, id, prio, true);
-        send(p, 1, &mut r.conn1, &r.buf[..n], &mut r.turn);
-        r.want.stored_acks += 1;
-        r.want.stored_events[class_of(prio).index()] += 1;
+        r.send_stored(p, id, Priority::ALL[(id % 5) as usize]);
         p.clock_mut().now_ns += 100_000;
     }
     p.drain();
@@ -430,10 +433,7 @@ fn phase_bc(p: &mut Engine, r: &mut Run) {
     // C: past the window the same ids are new again.
     p.clock_mut().now_ns += u64::from(WINDOW_MS) * 1_000_000 + 1_000_000_000;
     for id in (1..=64u64).filter(|id| matches!(id % 5, 1 | 2)) {
-        let n = v1(&mut r.buf, id, Priority::Low, true);
-        send(p, 1, &mut r.conn1, &r.buf[..n], &mut r.turn);
-        r.want.stored_acks += 1;
-        r.want.stored_events[Class::Transactional.index()] += 1;
+        r.send_stored(p, id, Priority::Low);
     }
     p.drain();
     defmt::info!("B, C: duplicates inside and outside the window");
@@ -482,10 +482,7 @@ fn phase_d(p: &mut Engine, r: &mut Run) {
             let n = spoil(&mut r.buf, n);
             send(p, 1, &mut r.conn1, &r.buf[..n], &mut r.turn);
             r.want.rejected[reason.code() as usize] += 1;
-            let n = v1(&mut r.buf, id + 500, Priority::High, true);
-            send(p, 1, &mut r.conn1, &r.buf[..n], &mut r.turn);
-            r.want.stored_acks += 1;
-            r.want.stored_events[Class::Realtime.index()] += 1;
+            r.send_stored(p, id + 500, Priority::High);
         }
     }
     p.drain();
@@ -543,7 +540,7 @@ fn phase_ef(p: &mut Engine, r: &mut Run) -> bool {
         send(p, 5, &mut legacy, &frame[..len], &mut r.turn);
         if i < 40 {
             if let Some(pr) = Priority::from_u8(prio) {
-                r.want.stored_events[class_of(pr).index()] += 1;
+                r.want.stored_events[pr.class().index()] += 1;
             }
         }
     }
