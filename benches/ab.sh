@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Alternating A/B runs of `eventstream serve` variants against the same
+# `eventstream load`, for comparisons on this noisy 2-core machine (each
+# pair runs back to back, so drift hits both sides alike).
+#
+#   benches/ab.sh ROUNDS "label|serve flags" ["label|serve flags"]...
+#   RATE=100000 (empty: closed loop)  SECS=8  BIN=target/release/eventstream
+#   A side may name its own binary: "label|flags|path/to/eventstream".
+#
+# Prints per run: realtime and transactional p50/p99, batch p99 (us),
+# events/s, and the server's CPU seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS="${1:?rounds}"; shift
+cargo build --release -q -p eventstream-host
+BIN="${BIN:-$PWD/target/release/eventstream}"
+WORK="$(mktemp -d /tmp/es-ab.XXXXXX)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+for _ in $(seq "$ROUNDS"); do
+    for spec in "$@"; do
+        IFS='|' read -r label flags bin <<< "$spec"
+        bin="${bin:-$BIN}"
+        rm -rf "$WORK/data"
+        # shellcheck disable=SC2086
+        "$bin" serve --data "$WORK/data" --listen 127.0.0.1:0 --metrics 127.0.0.1:0 $flags \
+            > "$WORK/out" 2> /dev/null &
+        pid=$!
+        for _ in $(seq 100); do grep -q '^metrics on' "$WORK/out" 2>/dev/null && break; sleep 0.05; done
+        addr=$(awk '/^listening on/ {print $3}' "$WORK/out")
+        rate=()
+        [ -n "${RATE-100000}" ] && rate=(--rate "${RATE-100000}")
+        "$BIN" load --target "$addr" --duration "${SECS:-8}" "${rate[@]}" --connections 4 \
+            --payload 256 --ack --json > "$WORK/load.json" 2> /dev/null
+        cpu=$(awk '{print ($14 + $15) / 100}' "/proc/$pid/stat")
+        kill -TERM "$pid"; wait "$pid" || true
+        python3 - "$label" "$cpu" "$WORK/load.json" <<'PY'
+import json, sys
+label, cpu, path = sys.argv[1:]
+d = json.load(open(path))
+l = d["latency_us_by_class"]
+print(f'{label}: rt p50 {l["realtime"]["p50"]} p99 {l["realtime"]["p99"]}'
+      f' | tx p50 {l["transactional"]["p50"]} p99 {l["transactional"]["p99"]}'
+      f' | batch p99 {l["batch"]["p99"]} | {d["events_per_sec"]:.0f} ev/s | server cpu {cpu} s')
+PY
+    done
+done
