@@ -23,14 +23,19 @@ for _ in $(seq "$ROUNDS"); do
         rm -rf "$WORK/data"
         # shellcheck disable=SC2086
         "$bin" serve --data "$WORK/data" --listen 127.0.0.1:0 --metrics 127.0.0.1:0 $flags \
-            > "$WORK/out" 2> /dev/null &
+            > "$WORK/out" 2> "$WORK/serve.err" &
         pid=$!
         for _ in $(seq 100); do grep -q '^metrics on' "$WORK/out" 2>/dev/null && break; sleep 0.05; done
         addr=$(awk '/^listening on/ {print $3}' "$WORK/out")
         rate=()
         [ -n "${RATE-100000}" ] && rate=(--rate "${RATE-100000}")
-        "$BIN" load --target "$addr" --duration "${SECS:-8}" "${rate[@]}" --connections 4 \
-            --payload 256 --ack --json > "$WORK/load.json" 2> /dev/null
+        if ! "$BIN" load --target "$addr" --duration "${SECS:-8}" "${rate[@]}" --connections 4 \
+            --payload 256 --ack --json > "$WORK/load.json" 2> "$WORK/load.err"; then
+            echo "$label: load failed:" >&2
+            grep -v '^load: [0-9]' "$WORK/load.err" | tail -5 >&2
+            tail -5 "$WORK/serve.err" >&2
+            exit 1
+        fi
         cpu=$(awk '{print ($14 + $15) / 100}' "/proc/$pid/stat")
         kill -TERM "$pid"; wait "$pid" || true
         python3 - "$label" "$cpu" "$WORK/load.json" <<'PY'

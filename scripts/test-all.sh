@@ -90,10 +90,12 @@ step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -D warnings" cargo clippy --workspace --all-targets -- -D warnings
 step "cargo clippy core (thumbv7em, defmt) -D warnings" cargo clippy -p eventstream-core --target thumbv7em-none-eabihf --features defmt -- -D warnings
 step "cargo test --workspace" cargo test --workspace
-# The server tests once more in each processor mode (auto picks one of them
-# by the CPU count).
+# The server tests once more in the other processor and storage modes (the
+# run above has the defaults: on at most 2 CPUs, the processors inline and
+# storage shared between ingest and its thread).
 step "server tests with --processors threads" env ES_TEST_PROCESSORS=threads cargo test -p eventstream-host --tests
-step "server tests with --processors inline" env ES_TEST_PROCESSORS=inline cargo test -p eventstream-host --tests
+step "server tests with --processors inline --storage-thread on" env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=on cargo test -p eventstream-host --tests
+step "server tests with --processors inline --storage-thread off" env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=off cargo test -p eventstream-host --tests
 step "no_std build for thumbv7em-none-eabihf (with and without defmt)" no_std_builds
 step "loom models of ring, pool and dedup" loom_models
 step "miri on the core's unsafe code" miri_core

@@ -68,6 +68,18 @@ pub enum ProcessorsArg {
     Inline,
 }
 
+/// Whether storage runs on its own thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StorageThreadArg {
+    /// Off when the processors run inline, on otherwise.
+    Auto,
+    /// The storage thread writes the log and hands acks back to ingest.
+    On,
+    /// The ingest thread writes the log itself once per loop, after the
+    /// processors (needs `--processors inline`).
+    Off,
+}
+
 /// `eventstream serve` flags.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -151,6 +163,11 @@ pub struct ServeArgs {
     /// and wake-ups per event; best when cores are few).
     #[arg(long, value_enum, default_value = "auto")]
     pub processors: ProcessorsArg,
+    /// Whether storage has its own thread. Off, ingest writes the log and
+    /// its acks in the same loop that read the frames: two fewer thread
+    /// hops and wake-ups per write. The sync thread stays.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub storage_thread: StorageThreadArg,
     /// How long an idle engine thread spins before it parks (0: park at
     /// once, best with few cores; tens of microseconds with cores to spare).
     #[arg(long, default_value = "0ms", value_parser = parse_duration_us)]

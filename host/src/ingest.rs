@@ -15,7 +15,7 @@ use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventstream_core::dedup::DedupRef;
@@ -35,6 +35,7 @@ use crate::config::MAX_TOPICS;
 use crate::processors::Sweeper;
 use crate::shared::{Shared, DRAIN, RUN, STOP};
 use crate::sys::{monotonic_ns, syscall, wall_ns};
+use crate::writer::{Storage, StorageMode};
 
 /// Bytes read per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
@@ -49,6 +50,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
 const DRAIN_READ_NS: u64 = 500_000_000;
 /// ... and at least this long, for frames still on their way.
 const DRAIN_MIN_NS: u64 = 100_000_000;
+/// With `--storage-thread auto` (`StorageMode::Shared`), ingest writes at
+/// most this many events of one loop itself; more wake the storage thread,
+/// so under load the two threads split the work.
+const INGEST_WRITE_MAX: usize = 256;
 /// How long accepting pauses when no descriptor is left at all.
 const ACCEPT_PAUSE_NS: u64 = 100_000_000;
 
@@ -226,6 +231,12 @@ pub struct IngestParts {
     pub frame_timeout: Duration,
     /// Reject with OVERLOADED instead of backpressure.
     pub reject_when_full: bool,
+    /// Storage, when ingest may step it (`StorageMode::Ingest` or
+    /// `Shared`; only with the processors inline): one step per loop, after
+    /// the processors.
+    pub storage: Option<Arc<Mutex<Storage>>>,
+    /// Who steps storage.
+    pub storage_mode: StorageMode,
     /// Shared state.
     pub shared: Arc<Shared>,
 }
@@ -247,6 +258,8 @@ pub struct Ingest {
     metrics: LocalMetrics,
     accepted: u64,
     pushed: [bool; 3],
+    /// Events ingest pushed to storage since its last step.
+    pushed_events: usize,
     mid_frames: usize,
     next_timeout_scan: u64,
     shutting_down: bool,
@@ -295,6 +308,7 @@ impl Ingest {
             metrics: LocalMetrics::new(),
             accepted: 0,
             pushed: [false; 3],
+            pushed_events: 0,
             mid_frames: 0,
             next_timeout_scan: 0,
             shutting_down: false,
@@ -316,7 +330,7 @@ impl Ingest {
             self.serve_ready(now);
             self.flush_dirty();
             self.publish(now);
-            if self.shutdown_step(now) {
+            if self.shutdown_step(now)? {
                 return Ok(());
             }
             let busy = !self.ready.is_empty();
@@ -347,7 +361,7 @@ impl Ingest {
                 let flags = ev.events;
                 match token {
                     TOKEN_LISTENER => self.accept_all(),
-                    TOKEN_WAKER => {}
+                    TOKEN_WAKER => self.p.shared.ingest.clear(),
                     _ => self.on_socket_event(token as u32, flags),
                 }
             }
@@ -362,6 +376,17 @@ impl Ingest {
             !self.shutting_down && self.p.shared.shutdown_requested.load(Ordering::Acquire);
         if !self.p.ack_rx.is_empty() || shutdown_news {
             return true;
+        }
+        if let Some(storage) = &self.p.storage {
+            let shared = &self.p.shared;
+            let finishing = self.p.storage_mode == StorageMode::Ingest
+                && shared.phase() == STOP
+                && !shared.storage_done.load(Ordering::Acquire);
+            if finishing
+                || (self.ingest_writes() && storage.try_lock().is_ok_and(|mut s| s.has_work()))
+            {
+                return true;
+            }
         }
         !self.waiting_room.is_empty() && self.room()
     }
@@ -378,6 +403,14 @@ impl Ingest {
             if self.shutting_down && i.held() > 0 {
                 ms = if ms < 0 { 1 } else { ms.min(1) };
             }
+        }
+        let storage_timeout = match &self.p.storage {
+            Some(s) if self.ingest_writes() => s.try_lock().ok().and_then(|s| s.timeout(now)),
+            _ => None,
+        };
+        if let Some(t) = storage_timeout {
+            let left = t.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i64;
+            ms = if ms < 0 { left } else { ms.min(left) };
         }
         if self.mid_frames > 0 {
             ms = (self.next_timeout_scan.saturating_sub(now) / 1_000_000) as i64 + 1;
@@ -405,7 +438,10 @@ impl Ingest {
         if let Dispatch::Inline(i) = &mut self.p.dispatch {
             let draining = self.p.shared.phase() >= DRAIN;
             let starved = self.p.shared.pool_starved.load(Ordering::Relaxed);
-            self.pushed[2] |= i.tick(now, draining, starved);
+            if i.tick(now, draining, starved) {
+                // A closed window: at most a batch of events.
+                self.pushed_events += 1;
+            }
         }
         match &self.p.dispatch {
             Dispatch::Threads(_) => {
@@ -420,9 +456,8 @@ impl Ingest {
                 }
             }
             Dispatch::Inline(_) => {
-                if std::mem::take(&mut self.pushed) != [false; 3] {
-                    self.p.shared.storage.wake();
-                }
+                let pushed = std::mem::take(&mut self.pushed_events);
+                self.step_storage(pushed);
             }
         }
         if self.ready.is_empty() {
@@ -432,6 +467,49 @@ impl Ingest {
         }
         if self.mid_frames > 0 && now >= self.next_timeout_scan {
             self.scan_frame_timeouts(now);
+        }
+    }
+
+    /// Whether ingest steps storage now: always with `StorageMode::Ingest`;
+    /// with `Shared` while the storage thread sleeps (so the two do not
+    /// take turns while both are busy) and the shutdown has not reached
+    /// storage.
+    fn ingest_writes(&self) -> bool {
+        match self.p.storage_mode {
+            StorageMode::Thread => false,
+            StorageMode::Ingest => true,
+            StorageMode::Shared => {
+                self.p.shared.storage.is_parked() && self.p.shared.phase() != STOP
+            }
+        }
+    }
+
+    /// Writes what the processors produced (`pushed` events) and sends its
+    /// acks in this same loop, when ingest writes (`ingest_writes`); with
+    /// `Shared`, only up to `INGEST_WRITE_MAX` events, and the storage
+    /// thread is woken for more. Otherwise the storage thread is woken.
+    fn step_storage(&mut self, pushed: usize) {
+        let mode = self.p.storage_mode;
+        let shared = self.p.shared.clone();
+        let mut left = pushed > 0;
+        let small = mode == StorageMode::Ingest || pushed <= INGEST_WRITE_MAX;
+        if small && self.ingest_writes() {
+            let mut stepped = false;
+            if let Some(Ok(mut s)) = self.p.storage.as_ref().map(|s| s.try_lock()) {
+                let budget = match mode {
+                    StorageMode::Ingest => usize::MAX,
+                    _ => INGEST_WRITE_MAX,
+                };
+                stepped = (pushed > 0 || s.has_work()) && s.step(budget);
+                left = mode == StorageMode::Shared && s.has_work();
+            }
+            if stepped {
+                self.deliver_acks();
+                self.flush_dirty();
+            }
+        }
+        if left && mode != StorageMode::Ingest {
+            shared.storage.wake();
         }
     }
 
@@ -857,10 +935,15 @@ impl Ingest {
                 return false;
             }
         };
-        // A short read does not prove the socket empty (a signal cuts a
-        // read short), and with edge triggering no new event would come for
-        // bytes already there: the connection stays readable until a read
-        // says EAGAIN.
+        // A short read emptied the socket: a non-blocking TCP read returns
+        // less than asked only once the receive queue is empty (a pending
+        // signal does not cut it short; it only ends a read that would
+        // wait). Bytes that arrive from then on raise a new edge-triggered
+        // event, so the connection waits for epoll instead of paying one
+        // more read (and one more loop) for EAGAIN after every wake-up.
+        if n < self.read_buf.len() {
+            c.readable = false;
+        }
         let buf = std::mem::take(&mut self.read_buf);
         let (used, stop) = self.decode(c, &buf[..n], now, wall);
         if used < n {
@@ -1005,7 +1088,7 @@ impl Ingest {
             Dispatch::Inline(i) => {
                 i.process(class, ev, now);
                 self.accepted += 1;
-                self.pushed[class.index()] = true;
+                self.pushed_events += 1;
             }
         }
     }
@@ -1039,11 +1122,11 @@ impl Ingest {
     }
 
     /// Runs the graceful shutdown; true when ingest may exit.
-    fn shutdown_step(&mut self, now: u64) -> bool {
+    fn shutdown_step(&mut self, now: u64) -> io::Result<bool> {
         let shared = self.p.shared.clone();
         if !self.shutting_down {
             if !shared.shutdown_requested.load(Ordering::Acquire) {
-                return false;
+                return Ok(false);
             }
             // Stop accepting; frames from now on are answered SHUTTING_DOWN.
             self.shutting_down = true;
@@ -1085,13 +1168,26 @@ impl Ingest {
                 shared.set_phase(STOP);
             }
         }
+        if shared.phase() == STOP && !shared.storage_done.load(Ordering::Acquire) {
+            if let (Some(storage), StorageMode::Ingest) = (&self.p.storage, self.p.storage_mode) {
+                // Storage has no thread: its final fsync and held acks.
+                let finished = match storage.try_lock() {
+                    Ok(mut s) => s.done() && s.finish().map_err(io::Error::other)?,
+                    Err(_) => false,
+                };
+                if finished {
+                    self.deliver_acks();
+                    self.flush_dirty();
+                }
+            }
+        }
         if shared.phase() == STOP && shared.storage_done.load(Ordering::Acquire) {
             self.deliver_acks();
             let pending = self.conns.iter().flatten().any(|c| c.out_pos < c.out.len());
             if !pending || past_deadline {
-                return true;
+                return Ok(true);
             }
         }
-        past_deadline
+        Ok(past_deadline)
     }
 }

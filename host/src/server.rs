@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, WindowMeta};
@@ -17,7 +17,9 @@ use eventstream_core::ring::{BufferRing, Consumer, Producer, Slot};
 use eventstream_core::route::TopicTable;
 use eventstream_core::wire::{Ack, Limits};
 
-use crate::config::{DedupFull, FsyncPolicy, ProcessorsArg, ServerConfig, WhenFullArg, MAX_TOPICS};
+use crate::config::{
+    DedupFull, FsyncPolicy, ProcessorsArg, ServerConfig, StorageThreadArg, WhenFullArg, MAX_TOPICS,
+};
 use crate::ingest::{Dispatch, Ingest, IngestParts, Inline};
 use crate::processors::{run_batch, run_singles, Singles};
 use crate::shared::Shared;
@@ -26,7 +28,7 @@ use crate::sys::{
     ignore_signal, monotonic_ns, online_cpus, pin_to_cpu, raise_nofile_limit, set_nonblocking,
     wall_ns,
 };
-use crate::writer::{run_sync, Storage, StorageParts};
+use crate::writer::{run_sync, Storage, StorageMode, StorageParts};
 
 /// Batch windows open at once.
 const BATCH_WINDOWS: usize = 1024;
@@ -184,6 +186,17 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         ProcessorsArg::Threads => false,
         ProcessorsArg::Auto => online_cpus() <= 2,
     };
+    let storage_mode = match args.storage_thread {
+        StorageThreadArg::On => StorageMode::Thread,
+        StorageThreadArg::Off if !inline => {
+            return Err(
+                "--storage-thread off needs the processors inline (--processors inline)".into(),
+            )
+        }
+        StorageThreadArg::Off => StorageMode::Ingest,
+        StorageThreadArg::Auto if inline => StorageMode::Shared,
+        StorageThreadArg::Auto => StorageMode::Thread,
+    };
     let rc = cfg.ring_capacity;
     let (srt_tx, srt_rx) = ring::<Work<'static>>(rc)?;
     let (stx_tx, stx_rx) = ring::<Work<'static>>(rc)?;
@@ -222,20 +235,6 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         eprintln!("eventstream: processors run inline on the ingest thread");
     }
 
-    let ingest = Ingest::new(IngestParts {
-        listener,
-        acquirer,
-        dispatch,
-        ack_rx,
-        router,
-        limits,
-        ack_credit: cfg.ack_credit,
-        max_connections: args.max_connections,
-        frame_timeout: args.frame_timeout,
-        reject_when_full: args.when_full == WhenFullArg::Reject,
-        shared: shared.clone(),
-    })
-    .map_err(|e| format!("epoll: {e}"))?;
     let active = log.shared_active();
     let storage = Storage::new(StorageParts {
         log,
@@ -247,7 +246,33 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         batch_max_events: args.batch_max_events,
         shared: shared.clone(),
     });
+    let storage = Arc::new(Mutex::new(storage));
+    match storage_mode {
+        StorageMode::Thread => {}
+        StorageMode::Ingest => eprintln!("eventstream: storage runs on the ingest thread"),
+        StorageMode::Shared => {
+            eprintln!(
+                "eventstream: ingest writes small amounts itself, the storage thread large ones"
+            )
+        }
+    }
 
+    let ingest = Ingest::new(IngestParts {
+        listener,
+        acquirer,
+        dispatch,
+        ack_rx,
+        router,
+        limits,
+        ack_credit: cfg.ack_credit,
+        max_connections: args.max_connections,
+        frame_timeout: args.frame_timeout,
+        reject_when_full: args.when_full == WhenFullArg::Reject,
+        storage: (storage_mode != StorageMode::Thread).then(|| storage.clone()),
+        storage_mode,
+        shared: shared.clone(),
+    })
+    .map_err(|e| format!("epoll: {e}"))?;
     let pin = args.pin;
     let cpus = online_cpus();
     let mut threads = Vec::new();
@@ -301,14 +326,21 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             }),
         )?;
     }
-    spawn("storage", 1, Box::new(move || storage.run()))?;
+    if storage_mode != StorageMode::Ingest {
+        let s = shared.clone();
+        spawn(
+            "storage",
+            1,
+            Box::new(move || Storage::run_thread(storage, s)),
+        )?;
+    }
     let s = shared.clone();
     let policy = args.fsync;
     spawn(
         "sync",
         0,
         Box::new(move || {
-            run_sync(policy, active, s);
+            run_sync(policy, storage_mode != StorageMode::Thread, active, s);
             Ok(())
         }),
     )?;

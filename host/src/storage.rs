@@ -65,6 +65,26 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<Segment>> {
     Ok(out)
 }
 
+/// Starts writeback of `file`'s bytes `from..to` without waiting for it, so
+/// dirty pages never pile up into a long fsync or into the kernel
+/// throttling the writer. The call itself can take milliseconds, so the
+/// sync thread makes it, not the thread that writes. Only a hint: a range
+/// past the end of the file, or of a newer segment after a roll, is
+/// harmless.
+pub fn start_writeback(file: &File, from: u64, to: u64) {
+    if to <= from {
+        return;
+    }
+    if let Err(e) = syscall!(sync_file_range(
+        file.as_raw_fd(),
+        from as libc::off64_t,
+        (to - from) as libc::off64_t,
+        libc::SYNC_FILE_RANGE_WRITE
+    )) {
+        eprintln!("eventstream: sync_file_range: {e}");
+    }
+}
+
 /// The open log: the active segment and what came before it.
 pub struct Log {
     dir: PathBuf,
@@ -219,8 +239,10 @@ impl Log {
 
     /// Appends `buf` (whole records holding `events` events) with one
     /// positional write; on failure the file is cut back to its previous
-    /// length, so no partial record stays.
-    pub fn append(&mut self, buf: &[u8], events: u64) -> io::Result<()> {
+    /// length, so no partial record stays. Every `WRITEBACK_BYTES` it
+    /// returns the end of the active segment's bytes due for writeback (see
+    /// `start_writeback`), for the sync thread to hand to the kernel.
+    pub fn append(&mut self, buf: &[u8], events: u64) -> io::Result<Option<u64>> {
         if let Err(e) = self.active.write_all_at(buf, self.active_len) {
             // Best effort: if the cut fails too, start-up recovery finds
             // the torn tail.
@@ -235,23 +257,13 @@ impl Log {
         }
         self.next_offset += events;
         if self.kick_writeback && self.active_len - self.kicked >= WRITEBACK_BYTES {
-            // Start writeback of what is written so far without waiting for
-            // it, so dirty pages never pile up into a long fsync or into
-            // the kernel throttling our writes. Whole pages only: the page
-            // the next append continues must not be under writeback (on
-            // devices with stable pages that append would wait for it).
-            let end = self.active_len & !(PAGE - 1);
-            if let Err(e) = syscall!(sync_file_range(
-                self.active.as_raw_fd(),
-                self.kicked as libc::off64_t,
-                (end - self.kicked) as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE
-            )) {
-                eprintln!("eventstream: sync_file_range: {e}");
-            }
-            self.kicked = end;
+            // Whole pages only: the page the next append continues must not
+            // be under writeback (on devices with stable pages that append
+            // would wait for it).
+            self.kicked = self.active_len & !(PAGE - 1);
+            return Ok(Some(self.kicked));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Fsyncs the active segment, opens a new one at the next offset (the

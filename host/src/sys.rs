@@ -223,6 +223,11 @@ impl Parker {
         self.state.store(AWAKE, Ordering::Relaxed);
     }
 
+    /// Whether the thread sleeps (or is about to).
+    pub fn is_parked(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == PARKED
+    }
+
     /// Wakes the thread if it is parked (call after publishing work).
     pub fn wake(&self) {
         fence(Ordering::SeqCst);
@@ -285,9 +290,15 @@ impl IngestWaker {
         fence(Ordering::SeqCst);
     }
 
-    /// Ingest is awake again; clears the eventfd.
+    /// Ingest is awake again.
     pub fn unpark(&self) {
         self.state.store(AWAKE, Ordering::Relaxed);
+    }
+
+    /// Clears the eventfd, once epoll has reported it (it is registered
+    /// level-triggered, so it is reported until cleared; a wake-up that
+    /// found ingest running costs no read).
+    pub fn clear(&self) {
         self.fd.drain();
     }
 

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
 use eventstream_core::dedup::{DedupRef, Lookup};
@@ -24,7 +24,7 @@ use eventstream_core::Class;
 
 use crate::config::FsyncPolicy;
 use crate::shared::{Shared, STOP};
-use crate::storage::Log;
+use crate::storage::{start_writeback, Log};
 use crate::sys::{monotonic_ns, Backoff};
 
 /// Bytes of records gathered before a write.
@@ -94,7 +94,19 @@ pub struct StorageParts {
     pub shared: Arc<Shared>,
 }
 
-/// The storage thread's state.
+/// Who runs storage's steps (`serve --storage-thread`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageMode {
+    /// Its own thread only.
+    Thread,
+    /// Ingest only, once per loop after the processors: no storage thread.
+    Ingest,
+    /// Ingest writes small amounts itself while the storage thread sleeps
+    /// (no hand-off, no wake-ups), and wakes the thread for large ones.
+    Shared,
+}
+
+/// Storage's state: stepped by its thread or by ingest (`StorageMode`).
 pub struct Storage {
     p: StorageParts,
     buf: Box<[u8]>,
@@ -110,6 +122,8 @@ pub struct Storage {
     finished: u64,
     /// When retention runs next (it also runs at every roll).
     next_retention: u64,
+    /// The shutdown's final fsync is done.
+    final_synced: bool,
 }
 
 impl Storage {
@@ -132,87 +146,149 @@ impl Storage {
             failed_until: None,
             finished: 0,
             next_retention: monotonic_ns() + RETENTION_EVERY_NS,
+            final_synced: false,
             p,
         }
     }
 
-    /// Runs until shutdown; the last write is fsynced before it returns.
-    pub fn run(mut self) -> Result<(), String> {
-        let mut backoff = Backoff::new(self.p.shared.idle_spin_ns);
+    /// Runs the storage thread until shutdown; the last write is fsynced
+    /// before it returns. Ingest may take turns (`StorageMode::Shared`):
+    /// whoever holds the lock steps, and nobody waits for it. A failed
+    /// `try_lock` means ingest is writing right now; the thread looks again
+    /// when woken.
+    pub fn run_thread(storage: Arc<Mutex<Storage>>, shared: Arc<Shared>) -> Result<(), String> {
+        let mut backoff = Backoff::new(shared.idle_spin_ns);
         loop {
-            let mut moved = self.gather();
-            if self.len > 0 || !self.pending.is_empty() {
-                self.write_out()?;
-                moved = true;
-            }
-            moved |= self.retry_deferred();
-            moved |= self.release_held();
-            let now = monotonic_ns();
-            if now >= self.next_retention {
-                self.next_retention = now + RETENTION_EVERY_NS;
-                if self.p.log.apply_retention() > 0 {
-                    self.p
-                        .shared
-                        .log_bytes
-                        .store(self.p.log.total_bytes(), Ordering::Relaxed);
+            let (moved, done) = match storage.try_lock() {
+                Ok(mut s) => {
+                    let moved = s.step(usize::MAX);
+                    (moved, !moved && s.done())
                 }
-            }
+                Err(TryLockError::WouldBlock) => (false, false),
+                Err(TryLockError::Poisoned(_)) => return Err("storage state poisoned".into()),
+            };
             if moved {
-                self.metrics.maybe_flush(&self.p.shared.registry, now);
-                self.p
-                    .shared
-                    .finished
-                    .store(self.finished, Ordering::Release);
-                self.p.shared.ingest.wake_for_acks();
-                self.p.shared.ingest.wake_for_room();
-                self.p.shared.realtime.wake();
-                self.p.shared.transactional.wake();
-                self.p.shared.batch.wake();
+                shared.ingest.wake_for_acks();
+                shared.ingest.wake_for_room();
+                shared.realtime.wake();
+                shared.transactional.wake();
+                shared.batch.wake();
                 backoff.reset();
                 continue;
             }
-            self.metrics.flush(&self.p.shared.registry, now);
-            if self.p.shared.phase() == STOP && self.inputs_empty() && self.deferred.is_empty() {
-                return self.finish();
+            if done {
+                let mut s = storage.lock().map_err(|_| "storage state poisoned")?;
+                // Ingest drains the ack ring meanwhile.
+                while !s.finish()? {
+                    shared.ingest.wake_for_acks();
+                    std::thread::yield_now();
+                }
+                return Ok(());
             }
             if backoff.idle() {
-                for (i, rx) in self.p.rx.iter_mut().enumerate() {
-                    self.p.shared.set_depth(3 + i, rx.len());
-                }
-                let timeout = if !self.deferred.is_empty() {
-                    Some(Duration::from_millis(1))
-                } else if self.p.log.has_retention_age() {
-                    Some(Duration::from_nanos(
-                        self.next_retention.saturating_sub(monotonic_ns()),
-                    ))
-                } else {
-                    None
+                let timeout = match storage.try_lock() {
+                    Ok(mut s) => {
+                        for (i, rx) in s.p.rx.iter_mut().enumerate() {
+                            shared.set_depth(3 + i, rx.len());
+                        }
+                        s.timeout(monotonic_ns())
+                    }
+                    Err(_) => Some(Duration::from_millis(1)),
                 };
-                let shared = self.p.shared.clone();
-                let held_at = self.held.front().map(|h| h.position);
-                let rx = &mut self.p.rx;
                 shared.storage.park(timeout, || {
-                    rx.iter_mut().any(|r| !r.is_empty())
-                        || shared.phase() == STOP
-                        || held_at.is_some_and(|at| shared.synced.load(Ordering::Acquire) >= at)
+                    shared.phase() == STOP || storage.try_lock().is_ok_and(|mut s| s.has_work())
                 });
                 backoff.reset();
             }
         }
     }
 
+    /// One round of storage's work: takes what the rings hold, writes it
+    /// (one syscall), answers it, retries deferred duplicates, releases the
+    /// acks an fsync now covers, and runs retention when it is due. Returns
+    /// whether anything moved. It takes at most `max_items` items from the
+    /// rings. The storage thread loops on it; ingest calls it once per loop
+    /// when it writes itself (`StorageMode`).
+    pub fn step(&mut self, max_items: usize) -> bool {
+        let mut moved = self.gather(max_items);
+        if self.len > 0 || !self.pending.is_empty() {
+            self.write_out();
+            moved = true;
+        }
+        moved |= self.retry_deferred();
+        moved |= self.release_held();
+        let now = monotonic_ns();
+        if now >= self.next_retention {
+            self.next_retention = now + RETENTION_EVERY_NS;
+            if self.p.log.apply_retention() > 0 {
+                self.p
+                    .shared
+                    .log_bytes
+                    .store(self.p.log.total_bytes(), Ordering::Relaxed);
+            }
+        }
+        if moved {
+            self.metrics.maybe_flush(&self.p.shared.registry, now);
+            self.p
+                .shared
+                .finished
+                .store(self.finished, Ordering::Release);
+        } else {
+            self.metrics.flush(&self.p.shared.registry, now);
+        }
+        moved
+    }
+
+    /// Whether `step` has work without new input: items in the rings, or
+    /// held acks that an fsync now covers.
+    pub fn has_work(&mut self) -> bool {
+        let synced = self.p.shared.synced.load(Ordering::Acquire);
+        !self.inputs_empty() || self.held.front().is_some_and(|h| h.position <= synced)
+    }
+
+    /// How long storage may sleep before its timed work (deferred
+    /// duplicates, retention by age); None: until new input.
+    pub fn timeout(&self, now: u64) -> Option<Duration> {
+        // Held acks: a safety net under the sync thread's wake-up, for the
+        // moment ingest and the storage thread hand the work over.
+        if !self.deferred.is_empty() || !self.held.is_empty() {
+            Some(Duration::from_millis(1))
+        } else if self.p.log.has_retention_age() {
+            Some(Duration::from_nanos(
+                self.next_retention.saturating_sub(now),
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Whether the shutdown has reached storage and nothing is left for it:
+    /// time for `finish`.
+    pub fn done(&mut self) -> bool {
+        self.p.shared.phase() == STOP && self.inputs_empty() && self.deferred.is_empty()
+    }
+
     fn inputs_empty(&mut self) -> bool {
         self.p.rx.iter_mut().all(|r| r.is_empty())
     }
 
-    /// Final write, fsync, and every held ack released.
-    fn finish(mut self) -> Result<(), String> {
-        if let Err(e) = self.p.log.active().sync_data() {
-            return Err(format!("fsync failed at shutdown: {e}"));
+    /// The shutdown's last work: a final fsync (on the first call), then
+    /// the held acks it covers. True, with `storage_done` set, once every
+    /// ack is out; on the ingest thread, false while they wait for room in
+    /// the ack ring (call again after ingest took acks out).
+    pub fn finish(&mut self) -> Result<bool, String> {
+        if !self.final_synced {
+            if let Err(e) = self.p.log.active().sync_data() {
+                return Err(format!("fsync failed at shutdown: {e}"));
+            }
+            let written = self.p.shared.written.load(Ordering::Acquire);
+            self.p.shared.synced.store(written, Ordering::Release);
+            self.final_synced = true;
         }
-        let written = self.p.shared.written.load(Ordering::Acquire);
-        self.p.shared.synced.store(written, Ordering::Release);
         self.release_held();
+        if !self.held.is_empty() {
+            return Ok(false);
+        }
         self.metrics.flush(&self.p.shared.registry, monotonic_ns());
         self.p
             .shared
@@ -220,18 +296,19 @@ impl Storage {
             .store(self.finished, Ordering::Release);
         self.p.shared.storage_done.store(true, Ordering::Release);
         self.p.shared.ingest.wake_always();
-        Ok(())
+        Ok(true)
     }
 
     /// Takes work from the rings into the buffer until the rings are empty
     /// or the buffer is full. Returns whether anything was taken.
-    fn gather(&mut self) -> bool {
+    fn gather(&mut self, max_items: usize) -> bool {
         let mut moved = false;
+        let max_pending = self.pending_limit().min(max_items);
         loop {
             let mut round = false;
             for class in Class::ALL {
                 while self.len < WRITE_BYTES
-                    && self.pending.len() < MAX_PENDING
+                    && self.pending.len() < max_pending
                     && self.deferred.len() < MAX_DEFERRED
                 {
                     if !self.take_one(class) {
@@ -241,10 +318,20 @@ impl Storage {
                 }
             }
             moved |= round;
-            if !round || self.len >= WRITE_BYTES || self.pending.len() >= MAX_PENDING {
+            if !round || self.len >= WRITE_BYTES || self.pending.len() >= max_pending {
                 return moved;
             }
         }
+    }
+
+    /// Items one write answers at most: also what the ack ring has room
+    /// for (each item is at most one ack, and one more take can add a whole
+    /// batch), so a step never waits for ingest to take acks out: ingest
+    /// may be the thread running it.
+    fn pending_limit(&mut self) -> usize {
+        let room = self.p.acks.free_len();
+        room.saturating_sub(self.p.batch_max_events as usize + 1)
+            .min(MAX_PENDING)
     }
 
     /// Handles the next item of one ring; false if there is none (or a
@@ -357,6 +444,9 @@ impl Storage {
 
     fn retry_deferred(&mut self) -> bool {
         let n = self.deferred.len();
+        if n == 0 || !self.p.acks.has_room(n + self.pending.len()) {
+            return false;
+        }
         for _ in 0..n {
             let Some((conn, id, ack, class)) = self.deferred.pop_front() else {
                 break;
@@ -367,7 +457,7 @@ impl Storage {
             // Answers that became ready go out with the next write's acks;
             // with nothing to write, right away.
             if self.len == 0 {
-                let _ = self.complete(true);
+                self.complete(true);
             }
             return self.deferred.len() < n;
         }
@@ -375,7 +465,7 @@ impl Storage {
     }
 
     /// Writes the buffer (one syscall) and answers everything pending.
-    fn write_out(&mut self) -> Result<(), String> {
+    fn write_out(&mut self) {
         let now = monotonic_ns();
         let mut ok = true;
         if self.len > 0 {
@@ -397,7 +487,7 @@ impl Storage {
             self.p.shared.storage_failed.store(!ok, Ordering::Relaxed);
             self.len = 0;
         }
-        self.complete(ok)
+        self.complete(ok);
     }
 
     fn try_write(&mut self, events: u64) -> bool {
@@ -414,7 +504,11 @@ impl Storage {
             }
         }
         match self.p.log.append(&self.buf[..len], events) {
-            Ok(()) => {
+            Ok(kick) => {
+                if let Some(end) = kick {
+                    self.p.shared.kick_end.store(end, Ordering::Release);
+                    self.p.shared.sync.wake();
+                }
                 let written = self
                     .p
                     .shared
@@ -457,7 +551,7 @@ impl Storage {
     }
 
     /// Answers every pending item after a write that succeeded or not.
-    fn complete(&mut self, ok: bool) -> Result<(), String> {
+    fn complete(&mut self, ok: bool) {
         let now = monotonic_ns();
         let position = self.p.shared.written.load(Ordering::Acquire);
         let pending = std::mem::take(&mut self.pending);
@@ -540,7 +634,6 @@ impl Storage {
         }
         self.pending = pending;
         self.pending.clear();
-        Ok(())
     }
 
     fn send(&mut self, conn: u32, ack: Ack) {
@@ -549,8 +642,10 @@ impl Storage {
             match self.p.acks.push(item) {
                 Ok(()) => return,
                 Err(back) => {
-                    // Ingest always drains the ack ring (credit makes every
-                    // ack fit its connection's buffer): wait for it.
+                    // A step pushes no more acks than the ring has room for
+                    // (`pending_limit`), so this is not reached; were it,
+                    // ingest drains the ring (credit makes every ack fit
+                    // its connection's buffer).
                     item = back;
                     self.p.shared.ingest.wake_for_acks();
                     std::thread::yield_now();
@@ -565,7 +660,7 @@ impl Storage {
         let now = monotonic_ns();
         let mut moved = false;
         while let Some(&h) = self.held.front() {
-            if h.position > synced {
+            if h.position > synced || !self.p.acks.has_room(1) {
                 break;
             }
             self.held.pop_front();
@@ -602,9 +697,12 @@ fn stored(ev: &Event<'_>, offset: u64) -> Pending {
 }
 
 /// Runs the sync thread: fsyncs the active segment per the policy and
-/// publishes how far the log is synced. A failed fsync ends the process.
+/// publishes how far the log is synced, waking whichever thread runs
+/// storage (`wake_ingest`: ingest, which then steps storage itself or
+/// leaves it to a running storage thread). A failed fsync ends the process.
 pub fn run_sync(
     policy: FsyncPolicy,
+    wake_ingest: bool,
     active: Arc<std::sync::Mutex<Arc<std::fs::File>>>,
     shared: Arc<Shared>,
 ) {
@@ -621,9 +719,25 @@ pub fn run_sync(
         );
     }
     let mut done: u64 = 0;
+    // Writeback started so far, and in which segment.
+    let mut kicked: (Option<Arc<std::fs::File>>, u64) = (None, 0);
     loop {
         if shared.phase() == STOP {
             return;
+        }
+        let kick_end = shared.kick_end.load(Ordering::Acquire);
+        if kick_end != kicked.1 {
+            let file = match active.lock() {
+                Ok(f) => f.clone(),
+                Err(p) => p.into_inner().clone(),
+            };
+            // A new segment starts over from its header.
+            let from = match &kicked.0 {
+                Some(f) if Arc::ptr_eq(f, &file) => kicked.1,
+                _ => 0,
+            };
+            start_writeback(&file, from, kick_end);
+            kicked = (Some(file), kick_end);
         }
         let written = shared.written.load(Ordering::Acquire);
         let synced = shared.synced.load(Ordering::Acquire);
@@ -684,6 +798,11 @@ pub fn run_sync(
             h.record(took);
         }
         shared.synced.fetch_max(target, Ordering::AcqRel);
-        shared.storage.wake();
+        // Held acks wait on storage's thread, or on ingest's.
+        if wake_ingest {
+            shared.ingest.wake_for_acks();
+        } else {
+            shared.storage.wake();
+        }
     }
 }

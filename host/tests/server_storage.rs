@@ -532,3 +532,29 @@ fn the_dedup_sweep_frees_expired_ids_and_they_are_new_again() {
     c.send(&tx(7));
     assert_eq!(c.acks(1)[0].status, Status::Stored);
 }
+
+#[test]
+fn a_lone_batch_event_is_stored_when_its_window_ages_out() {
+    // Nothing else arrives to push the window out: its age alone must
+    // close it, write it and ack it, in every processor and storage mode.
+    let dir = TempDir::new("lone-batch");
+    let server = Server::start(&dir.data(), &["--batch-max-age", "50ms"]);
+    let mut c = server.connect();
+    for (round, id) in [(0u64, 1u64), (1, 2), (2, 3)] {
+        let start = std::time::Instant::now();
+        c.send(&frame(id, Priority::Batch, "metrics/cpu", &[7; 64], true));
+        let acks = c.acks(1);
+        assert_eq!(
+            acks[0].status,
+            Status::Stored,
+            "round {round}: {:?}",
+            acks[0]
+        );
+        assert_eq!(acks[0].event_id, id);
+        // A generous bound (the window closes after 50 ms): a window left
+        // open until more input would never be acked at all.
+        assert!(start.elapsed() < Duration::from_secs(5), "round {round}");
+    }
+    let events = wait_for_events(&dir.data(), 3);
+    assert_eq!(events.len(), 3);
+}

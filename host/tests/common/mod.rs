@@ -69,11 +69,14 @@ fn command(data: &Path, stderr: &Path, args: &[&str]) -> Command {
     let mut defaults: Vec<String> = Vec::new();
     // ES_TEST_PROCESSORS=threads|inline runs every test server in that
     // mode (the test command runs the suite in both).
+    // ES_TEST_STORAGE_THREAD=auto|on|off likewise for --storage-thread.
     let processors = std::env::var("ES_TEST_PROCESSORS").unwrap_or_else(|_| "auto".into());
+    let storage = std::env::var("ES_TEST_STORAGE_THREAD").unwrap_or_else(|_| "auto".into());
     for (flag, value) in [
         ("--pool-events", "8192"),
         ("--dedup-capacity", "65536"),
         ("--processors", processors.as_str()),
+        ("--storage-thread", storage.as_str()),
     ] {
         if !args.contains(&flag) {
             defaults.extend([flag.to_string(), value.to_string()]);
