@@ -29,7 +29,7 @@
 
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
-use crate::sync::{fence, spin_wait, AtomicBool, AtomicU32};
+use crate::sync::{fence, prefetch, spin_wait, AtomicBool, AtomicU32};
 
 /// Slots an insert or lookup examines from an id's home slot.
 pub const NEIGHBOURHOOD: usize = 64;
@@ -439,21 +439,11 @@ impl<'t> DedupRef<'t> {
     /// does nothing on targets without a prefetch instruction.
     #[inline]
     pub fn prefetch(&self, id: u64) {
-        #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
-        {
-            use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let home = self.probe(id).home;
-            if let (Some(state), Some(slot)) = (self.states.get(home), self.slots.get(home)) {
-                // SAFETY: a prefetch is only a hint and cannot fault; both
-                // pointers are to live elements of the table.
-                unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>((state as *const DedupState).cast());
-                    _mm_prefetch::<_MM_HINT_T0>((slot as *const DedupSlot).cast());
-                }
-            }
+        let home = self.probe(id).home;
+        if let (Some(state), Some(slot)) = (self.states.get(home), self.slots.get(home)) {
+            prefetch(state as *const DedupState, false);
+            prefetch(slot as *const DedupSlot, false);
         }
-        #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
-        let _ = id;
     }
 
     #[inline]

@@ -12,10 +12,13 @@
 use core::marker::PhantomData;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
-use crate::sync::{fence, AtomicBool, AtomicU32, UnsafeCell};
+use crate::sync::{fence, prefetch, AtomicBool, AtomicU32, UnsafeCell};
 
 /// End of a free list.
 const NIL: u32 = u32::MAX;
+/// How much of the next free slot `acquire` asks the CPU to fetch ahead:
+/// the frames this engine carries are 256 to 512 bytes.
+const PREFETCH_SLOT_BYTES: usize = 512;
 /// Past this many references a slot is never freed (handles leaked with
 /// `mem::forget` on a massive scale): a leak instead of a counter overflow.
 const STICKY: u32 = 1 << 31;
@@ -318,7 +321,25 @@ impl<'p> Acquirer<'p> {
         let index = self.local;
         let meta = self.view.meta.get(index as usize)?;
         self.local = meta.next.load(Relaxed);
+        self.prefetch_next();
         Some(self.take(index))
+    }
+
+    /// Starts loading the next free slot's metadata and its first bytes:
+    /// another thread released it, so both sit in that core's cache, and
+    /// the next acquire and the copy into the slot would each wait for a
+    /// transfer. By then the hint has fetched them.
+    #[inline]
+    fn prefetch_next(&self) {
+        if let Some(next) = self.view.meta.get(self.local as usize) {
+            prefetch(next as *const SlotMeta, true);
+            let data = self.view.slot_ptr(self.local);
+            let mut at = 0;
+            while at < self.view.slot_size().min(PREFETCH_SLOT_BYTES) {
+                prefetch(data.wrapping_add(at), true);
+                at += 64;
+            }
+        }
     }
 
     fn take(&self, index: u32) -> SlotMut<'p> {

@@ -46,3 +46,27 @@ pub(crate) fn spin_wait() {
     #[cfg(not(loom))]
     core::hint::spin_loop();
 }
+
+/// Asks the CPU to start loading the cache line at `p` (for writing when
+/// `write`), so that an access a little later finds it in cache instead of
+/// waiting for another core or for memory. Only a hint: it never faults,
+/// whatever the address, and changes nothing; it does nothing on targets
+/// without prefetch instructions and under loom and miri.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T, write: bool) {
+    #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
+    {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
+        // SAFETY: a prefetch instruction is a hint that cannot fault or
+        // change memory, for any address.
+        unsafe {
+            if write {
+                _mm_prefetch::<_MM_HINT_ET0>(p.cast());
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(p.cast());
+            }
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
+    let _ = (p, write);
+}
