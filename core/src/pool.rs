@@ -12,6 +12,8 @@
 use core::marker::PhantomData;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
+use crossbeam_utils::CachePadded;
+
 use crate::sync::{fence, prefetch, AtomicBool, AtomicU32, UnsafeCell};
 
 /// End of a free list.
@@ -61,10 +63,13 @@ impl Default for SlotMeta {
     }
 }
 
-/// State shared by every handle of a pool.
+/// State shared by every handle of a pool. Padded to whole cache lines, and
+/// `released` on a line of its own: every releasing thread writes it, while
+/// every acquire and slot read reads `slot_size`, and neither should drag
+/// the other's line (or a neighbour's) between cores.
 struct Shared {
     /// Top of the stack of released slots.
-    released: AtomicU32,
+    released: CachePadded<AtomicU32>,
     acquirer_taken: AtomicBool,
     /// Bytes per slot (here rather than in every handle, which stays small).
     slot_size: usize,
@@ -74,7 +79,7 @@ impl Shared {
     #[cfg(not(loom))]
     const fn new(slot_size: usize) -> Self {
         Self {
-            released: AtomicU32::new(NIL),
+            released: CachePadded::new(AtomicU32::new(NIL)),
             acquirer_taken: AtomicBool::new(false),
             slot_size,
         }
@@ -83,7 +88,7 @@ impl Shared {
     #[cfg(loom)]
     fn new(slot_size: usize) -> Self {
         Self {
-            released: AtomicU32::new(NIL),
+            released: CachePadded::new(AtomicU32::new(NIL)),
             acquirer_taken: AtomicBool::new(false),
             slot_size,
         }
@@ -155,7 +160,7 @@ impl<'p> View<'p> {
 /// A pool of `N` slots of `SLOT` bytes whose storage is part of the value;
 /// `new` is `const`, so a pool can be a `static` (firmware).
 pub struct EventPool<const N: usize, const SLOT: usize> {
-    shared: Shared,
+    shared: CachePadded<Shared>,
     meta: [SlotMeta; N],
     data: core::cell::UnsafeCell<[[u8; SLOT]; N]>,
 }
@@ -176,7 +181,7 @@ impl<const N: usize, const SLOT: usize> EventPool<N, SLOT> {
     pub const fn new() -> Self {
         let () = Self::SIZE_OK;
         Self {
-            shared: Shared::new(SLOT),
+            shared: CachePadded::new(Shared::new(SLOT)),
             meta: [const { SlotMeta::new() }; N],
             data: core::cell::UnsafeCell::new([[0; SLOT]; N]),
         }
@@ -187,7 +192,7 @@ impl<const N: usize, const SLOT: usize> EventPool<N, SLOT> {
     pub fn new() -> Self {
         let () = Self::SIZE_OK;
         Self {
-            shared: Shared::new(SLOT),
+            shared: CachePadded::new(Shared::new(SLOT)),
             meta: core::array::from_fn(|_| SlotMeta::new()),
             data: core::cell::UnsafeCell::new([[0; SLOT]; N]),
         }
@@ -225,7 +230,7 @@ impl<const N: usize, const SLOT: usize> Default for EventPool<N, SLOT> {
 
 /// A pool over caller-provided buffers, for sizes chosen at run time.
 pub struct BufferPool<'b> {
-    shared: Shared,
+    shared: CachePadded<Shared>,
     meta: &'b [SlotMeta],
     data: *mut u8,
     _data: PhantomData<&'b mut [u8]>,
@@ -265,7 +270,7 @@ impl<'b> BufferPool<'b> {
             *m = SlotMeta::new();
         }
         Ok(Self {
-            shared: Shared::new(slot_size),
+            shared: CachePadded::new(Shared::new(slot_size)),
             meta,
             data: data.as_mut_ptr(),
             _data: PhantomData,
