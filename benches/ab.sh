@@ -8,7 +8,8 @@
 #   A side may name its own binary: "label|flags|path/to/eventstream".
 #
 # Prints per run: realtime and transactional p50/p99, batch p99 (us),
-# events/s, and the server's CPU seconds.
+# events/s, the server's CPU seconds, and the CPU time the hypervisor gave
+# to other guests during the run (steal, %; high steal means a noisy run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:?rounds}"; shift
@@ -22,6 +23,7 @@ for _ in $(seq "$ROUNDS"); do
         bin="${bin:-$BIN}"
         rm -rf "$WORK/data"
         # shellcheck disable=SC2086
+        read -r steal0 total0 < <(awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t}' /proc/stat)
         "$bin" serve --data "$WORK/data" --listen 127.0.0.1:0 --metrics 127.0.0.1:0 $flags \
             > "$WORK/out" 2> "$WORK/serve.err" &
         pid=$!
@@ -38,14 +40,17 @@ for _ in $(seq "$ROUNDS"); do
         fi
         cpu=$(awk '{print ($14 + $15) / 100}' "/proc/$pid/stat")
         kill -TERM "$pid"; wait "$pid" || true
-        python3 - "$label" "$cpu" "$WORK/load.json" <<'PY'
+        steal=$(awk -v s0="$steal0" -v t0="$total0" '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i;
+            printf "%.0f", (t > t0) ? 100 * ($9 - s0) / (t - t0) : 0}' /proc/stat)
+        python3 - "$label" "$cpu" "$WORK/load.json" "$steal" <<'PY'
 import json, sys
-label, cpu, path = sys.argv[1:]
+label, cpu, path, steal = sys.argv[1:]
 d = json.load(open(path))
 l = d["latency_us_by_class"]
 print(f'{label}: rt p50 {l["realtime"]["p50"]} p99 {l["realtime"]["p99"]}'
       f' | tx p50 {l["transactional"]["p50"]} p99 {l["transactional"]["p99"]}'
-      f' | batch p99 {l["batch"]["p99"]} | {d["events_per_sec"]:.0f} ev/s | server cpu {cpu} s')
+      f' | batch p99 {l["batch"]["p99"]} | {d["events_per_sec"]:.0f} ev/s | server cpu {cpu} s'
+      f' | steal {steal} %')
 PY
     done
 done

@@ -31,10 +31,16 @@ serve() { # serve NAME FLAGS... -> sets PID, ADDR
     ADDR=$(awk '/^listening on/ {print $3}' "$WORK/$name.out")
 }
 stop() { kill -TERM "$PID"; wait "$PID" || true; }
+# CPU time the hypervisor gave to other guests ("steal") between two
+# readings of /proc/stat, in percent: runs taken while it is high measure the
+# neighbours, not us.
+ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t}' /proc/stat; }
+steal_since() { ticks | awk -v s0="$1" -v t0="$2" '{printf "%.0f", ($2 > t0) ? 100 * ($1 - s0) / ($2 - t0) : 0}'; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
 
 declare -a tput lat50 lat99 bat99 always always99 fsync_ms rss ratio
 for run in $(seq "$RUNS"); do
+    read -r steal0 total0 < <(ticks)
     # 1. Max throughput, closed loop.
     serve tput
     "$BIN" load --target "$ADDR" --duration "$SECS" --connections 4 --payload 256 \
@@ -76,7 +82,7 @@ for run in $(seq "$RUNS"); do
         ratio+=("$(awk -v a="${tput[-1]}" -v b="$rps" 'BEGIN {print a / b}')")
         echo "run $run: redis XADD ${rps}/s"
     fi
-    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us; always ${always[-1]} ev/s p99 ${always99[-1]} us (fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB"
+    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us; always ${always[-1]} ev/s p99 ${always99[-1]} us (fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB; steal $(steal_since "$steal0" "$total0") %"
 done
 
 # 5. Disk bandwidth over a long run, against dd in the same run.
