@@ -292,10 +292,12 @@ impl<T> Producer<'_, T> {
         self.head = self.head.wrapping_add(1);
         // The consumer read the slots ahead last, so they sit in its
         // core's cache: ask for one a few hundred bytes ahead now, so its
-        // write does not wait for the transfer. Only while it is free as
-        // far as we know, so a line the consumer still reads stays there.
+        // write does not wait for the transfer. Only when the consumer is
+        // at least as far past that slot (as far as we know; it may be
+        // further), so a line it still reads stays with it.
         let ahead = self.head.wrapping_add(Self::PREFETCH_AHEAD);
-        if ahead.wrapping_sub(self.cached_tail) <= self.mask {
+        let limit = (self.mask + 1).saturating_sub(Self::PREFETCH_AHEAD);
+        if ahead.wrapping_sub(self.cached_tail) <= limit {
             // SAFETY: masked into bounds as above.
             let slot = unsafe { self.slots.get_unchecked((ahead & self.mask) as usize) };
             prefetch(slot as *const Slot<T>, true);

@@ -1,9 +1,10 @@
 //! `eventstream load`: a v1 load generator. Frames come from one template
 //! per class whose id, timestamp and CRC are patched per event into a
 //! reused write buffer (no allocation per event, many frames per write).
-//! With `--rate` sending is open-loop: one thread writes each connection's
-//! events once per tick (`--tick-us`), and latency is measured from each
-//! event's planned send time, its tick's start (no coordinated omission).
+//! With `--rate` sending is open-loop: one thread makes one write per tick
+//! (`--tick-us`), the connections in turn, each carrying its connection's
+//! events due by then, and latency is measured from each event's planned
+//! send time, its write's tick (no coordinated omission).
 //! One thread reads every connection's acks. With `--ack` every event must
 //! get exactly one ack.
 
@@ -37,12 +38,20 @@ pub struct LoadArgs {
     /// Offered events per second over all connections (open loop).
     #[arg(long)]
     pub rate: Option<f64>,
-    /// With --rate: each connection writes, at the start of every tick of
-    /// this many microseconds, the events scheduled in that tick, and each
-    /// event's latency counts from its tick's start (as planned, not as
+    /// With --rate: one write every this many microseconds, the connections
+    /// in turn (each writes every `connections` ticks), carrying the
+    /// connection's events scheduled since its last write; each event's
+    /// latency counts from its write's planned time (as planned, not as
     /// sent, so a late sender never hides server latency).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub tick_us: u64,
+    /// With --rate: the sending thread wakes this long before each tick and
+    /// spins to its start, so that the thread's own wake-up lateness (tens
+    /// of microseconds on a busy VM) is not counted as the server's
+    /// latency. 0: sleep to the tick (lateness counted, as it must be:
+    /// latency always counts from the planned start).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub spin_us: u64,
     /// Connections.
     #[arg(long, default_value_t = 4)]
     pub connections: u32,
@@ -249,9 +258,27 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
             let reader = stream.try_clone().map_err(|e| e.to_string())?;
             readers.push(Reader::new(reader, conn.clone(), id_base));
         }
-        senders.push(Sender::new(
-            stream, args, conn, id_base, my_total, deadline, rate, start, c,
-        ));
+        // Open loop: the connections write in turn, one every tick (the
+        // c-th at c ticks past the start, then every C ticks), as
+        // independent producers' sends are spread out; so the one sending
+        // thread never queues a connection's write, and its events'
+        // latency, behind the other connections' writes of the same
+        // instant.
+        let tick = args.tick_us.max(1) * 1_000;
+        let offset = if args.rate.is_some() { tick * c } else { 0 };
+        let mut sender = Sender::new(
+            stream,
+            args,
+            conn,
+            id_base,
+            my_total,
+            deadline,
+            rate,
+            start + offset,
+            c,
+        );
+        sender.tick_ns = tick * u64::from(args.connections);
+        senders.push(sender);
     }
     // One thread reads every connection's acks (poll), so a wake-up serves
     // all of them.
@@ -270,18 +297,19 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
     // socket takes frames.
     let handles: Vec<_> = if args.rate.is_some() {
         let s = shared.clone();
+        let spin_ns = args.spin_us * 1_000;
         vec![std::thread::spawn(move || {
             if let Err(e) = crate::sys::precise_sleeps() {
                 eprintln!("load: cannot set the timer slack ({e}); send times may run late");
             }
-            drive(senders, &s)
+            drive(senders, &s, spin_ns)
         })]
     } else {
         senders
             .into_iter()
             .map(|sender| {
                 let s = shared.clone();
-                std::thread::spawn(move || drive(vec![sender], &s))
+                std::thread::spawn(move || drive(vec![sender], &s, 0))
             })
             .collect()
     };
@@ -440,6 +468,9 @@ impl Sender {
         // How many to send now: open loop sends what is due.
         let mut n = BATCH;
         if let Some(iv) = self.interval_ns {
+            if now < self.start {
+                return Step::Wait(self.start);
+            }
             // Events of ticks up to the current one are due: event i is
             // scheduled at the start of tick floor(i * iv / tick).
             let tick = self.tick_ns;
@@ -549,10 +580,10 @@ impl Sender {
     }
 }
 
-/// Runs `senders` until each is done, sleeping until the earliest is due;
-/// then waits (at most 10 s) for their acks. Returns (sent, acks missing,
-/// the first write failure).
-fn drive(mut senders: Vec<Sender>, shared: &Shared) -> (u64, u64, Option<String>) {
+/// Runs `senders` until each is done, sleeping until the earliest is due
+/// (the last `spin_ns` of the wait spinning); then waits (at most 10 s) for
+/// their acks. Returns (sent, acks missing, the first write failure).
+fn drive(mut senders: Vec<Sender>, shared: &Shared, spin_ns: u64) -> (u64, u64, Option<String>) {
     loop {
         let now = monotonic_ns();
         let mut next = u64::MAX;
@@ -571,7 +602,13 @@ fn drive(mut senders: Vec<Sender>, shared: &Shared) -> (u64, u64, Option<String>
             break;
         }
         let wait = next.saturating_sub(monotonic_ns());
-        std::thread::sleep(Duration::from_nanos(wait.min(1_000_000)));
+        if wait > spin_ns {
+            std::thread::sleep(Duration::from_nanos((wait - spin_ns).min(1_000_000)));
+        } else {
+            while monotonic_ns() < next {
+                std::hint::spin_loop();
+            }
+        }
     }
     let ack = senders.iter().any(|s| s.ack);
     let wait_until = monotonic_ns() + 10_000_000_000;
