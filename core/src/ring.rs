@@ -339,7 +339,13 @@ impl<T> Producer<'_, T> {
             self.slots.get(at..at + first).unwrap_or(&[]),
             self.slots.get(..free - first).unwrap_or(&[]),
         ];
-        let mut pushed = 0u32;
+        // The count lives in a guard on our stack, so a panicking iterator
+        // still leaves every written slot accounted (and published), and the
+        // loop does not store to `self` per item.
+        let mut guard = HeadGuard {
+            producer: self,
+            pushed: 0,
+        };
         'fill: for run in runs {
             for slot in run {
                 let Some(value) = items.next() else {
@@ -349,16 +355,10 @@ impl<T> Producer<'_, T> {
                 // head, checked against the consumer's published tail), and
                 // only this producer writes free slots.
                 slot.value.with_mut(|p| unsafe { (*p).write(value) });
-                pushed += 1;
-                // Count each item as written at once, so a panicking
-                // iterator never leaves a written slot unaccounted.
-                self.head = self.head.wrapping_add(1);
+                guard.pushed += 1;
             }
         }
-        if pushed > 0 {
-            self.indices.head.store(self.head, Release);
-        }
-        pushed as usize
+        guard.pushed as usize
     }
 
     /// Appends copies of `items` while there is room (one store); returns how
@@ -410,13 +410,36 @@ pub struct Consumer<'r, T> {
 // `tail`; it may run on any one thread at a time, receiving T values.
 unsafe impl<T: Send> Send for Consumer<'_, T> {}
 
-/// Publishes the consumer's tail when dropped, so items already moved out are
-/// never read again, even if the caller's closure unwinds mid-batch.
-struct TailGuard<'c, 'r, T>(&'c mut Consumer<'r, T>);
+/// Moves the producer's head past the slots a batch wrote and publishes it
+/// when dropped, also if the iterator unwinds mid-batch.
+struct HeadGuard<'p, 'r, T> {
+    producer: &'p mut Producer<'r, T>,
+    pushed: u32,
+}
+
+impl<T> Drop for HeadGuard<'_, '_, T> {
+    fn drop(&mut self) {
+        if self.pushed > 0 {
+            let p = &mut *self.producer;
+            p.head = p.head.wrapping_add(self.pushed);
+            p.indices.head.store(p.head, Release);
+        }
+    }
+}
+
+/// Moves the consumer's tail past the slots a batch read and publishes it
+/// when dropped, so items already moved out are never read again, even if
+/// the caller's closure unwinds mid-batch.
+struct TailGuard<'c, 'r, T> {
+    consumer: &'c mut Consumer<'r, T>,
+    taken: u32,
+}
 
 impl<T> Drop for TailGuard<'_, '_, T> {
     fn drop(&mut self) {
-        self.0.indices.tail.store(self.0.tail, Release);
+        let c = &mut *self.consumer;
+        c.tail = c.tail.wrapping_add(self.taken);
+        c.indices.tail.store(c.tail, Release);
     }
 }
 
@@ -488,13 +511,17 @@ impl<T> Consumer<'_, T> {
             self.slots.get(at..at + first).unwrap_or(&[]),
             self.slots.get(..n as usize - first).unwrap_or(&[]),
         ];
-        let guard = TailGuard(self);
+        let mut guard = TailGuard {
+            consumer: self,
+            taken: 0,
+        };
         for run in runs {
             for slot in run {
                 // SAFETY: one of the `n` ready slots, full (producer's Release,
-                // our Acquire); the tail moves past it at once: read once.
+                // our Acquire); the guard counts it at once, so the tail moves
+                // past it even if `f` unwinds: read once.
                 let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
-                guard.0.tail = guard.0.tail.wrapping_add(1);
+                guard.taken += 1;
                 f(value);
             }
         }
@@ -635,6 +662,37 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(drops.load(Relaxed), 2);
         assert_eq!(rx.len(), 2);
+        drop(ring);
+        assert_eq!(drops.load(Relaxed), 4);
+    }
+
+    #[test]
+    fn a_panicking_push_iterator_publishes_what_it_wrote() {
+        let drops = AtomicUsize::new(0);
+        let ring: Ring<Counted<'_>, 8> = Ring::new();
+        let (mut tx, mut rx) = ring.split().unwrap();
+        let mut made = 0;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tx.push_from(core::iter::from_fn(|| {
+                made += 1;
+                if made == 4 {
+                    panic!("iterator failure");
+                }
+                Some(Counted(&drops))
+            }))
+        }));
+        assert!(r.is_err());
+        // The three written before the panic are in the ring, once each.
+        assert_eq!(rx.len(), 3);
+        assert_eq!(drops.load(Relaxed), 0);
+        assert!(tx.push(Counted(&drops)).is_ok());
+        let mut got = 0;
+        rx.pop_batch(8, |c| {
+            got += 1;
+            drop(c);
+        });
+        assert_eq!(got, 4);
+        assert_eq!(drops.load(Relaxed), 4);
         drop(ring);
         assert_eq!(drops.load(Relaxed), 4);
     }
