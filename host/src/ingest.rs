@@ -490,7 +490,6 @@ impl Ingest {
     /// thread is woken for more. Otherwise the storage thread is woken.
     fn step_storage(&mut self, pushed: usize) {
         let mode = self.p.storage_mode;
-        let shared = self.p.shared.clone();
         let mut left = pushed > 0;
         let small = mode == StorageMode::Ingest || pushed <= INGEST_WRITE_MAX;
         if small && self.ingest_writes() {
@@ -509,7 +508,7 @@ impl Ingest {
             }
         }
         if left && mode != StorageMode::Ingest {
-            shared.storage.wake();
+            self.p.shared.storage.wake();
         }
     }
 

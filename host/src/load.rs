@@ -258,27 +258,9 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
             let reader = stream.try_clone().map_err(|e| e.to_string())?;
             readers.push(Reader::new(reader, conn.clone(), id_base));
         }
-        // Open loop: the connections write in turn, one every tick (the
-        // c-th at c ticks past the start, then every C ticks), as
-        // independent producers' sends are spread out; so the one sending
-        // thread never queues a connection's write, and its events'
-        // latency, behind the other connections' writes of the same
-        // instant.
-        let tick = args.tick_us.max(1) * 1_000;
-        let offset = if args.rate.is_some() { tick * c } else { 0 };
-        let mut sender = Sender::new(
-            stream,
-            args,
-            conn,
-            id_base,
-            my_total,
-            deadline,
-            rate,
-            start + offset,
-            c,
-        );
-        sender.tick_ns = tick * u64::from(args.connections);
-        senders.push(sender);
+        senders.push(Sender::new(
+            stream, args, conn, id_base, my_total, deadline, rate, start, c,
+        ));
     }
     // One thread reads every connection's acks (poll), so a wake-up serves
     // all of them.
@@ -428,8 +410,16 @@ impl Sender {
         deadline: Option<u64>,
         rate: Option<f64>,
         start: u64,
-        seed: u64,
+        index: u64,
     ) -> Self {
+        // Open loop: the connections write in turn, one every tick (the
+        // index-th at index ticks past the start, then every C ticks), as
+        // independent producers' sends are spread out; so the one sending
+        // thread never queues a connection's write, and its events'
+        // latency, behind the other connections' writes of the same
+        // instant.
+        let tick = args.tick_us.max(1) * 1_000;
+        let offset = if rate.is_some() { tick * index } else { 0 };
         let templates: [Vec<u8>; 3] = [0, 1, 2].map(|c| template(c, args.payload, args.ack));
         let max_len = templates.iter().map(Vec::len).max().unwrap_or(0);
         Self {
@@ -437,7 +427,7 @@ impl Sender {
             conn,
             templates,
             buf: vec![0u8; BATCH * max_len],
-            rng: Rng(seed.wrapping_mul(0x1234_5678_9ABC_DEF1) ^ id_base),
+            rng: Rng(index.wrapping_mul(0x1234_5678_9ABC_DEF1) ^ id_base),
             mix: args.mix,
             duplicates: args.duplicates,
             ack: args.ack,
@@ -445,8 +435,8 @@ impl Sender {
             total,
             deadline,
             interval_ns: rate.map(|r| 1e9 / r.max(1e-9)),
-            tick_ns: args.tick_us.max(1) * 1_000,
-            start,
+            tick_ns: tick * u64::from(args.connections),
+            start: start + offset,
             seq: 0,
             sent: 0,
             recent_tx: vec![u64::MAX; RECENT],

@@ -55,10 +55,13 @@ pub struct Shared {
     pub sync: Parker,
     /// The sync thread sleeps until the next write (storage wakes it).
     pub sync_idle: AtomicBool,
-    /// The active segment's bytes up to here are due for writeback: the
-    /// sync thread starts it (`sync_file_range`), so the writer never
-    /// waits for that call.
-    pub kick_end: AtomicU64,
+    /// The active segment's bytes `kick_from..kick_to` are due for
+    /// writeback: the sync thread starts it (`sync_file_range`), so the
+    /// writer never waits for that call. Only a hint: a torn pair just
+    /// widens the range.
+    pub kick_from: AtomicU64,
+    /// See `kick_from`.
+    pub kick_to: AtomicU64,
     /// Log bytes written since start.
     pub written: AtomicU64,
     /// Log bytes covered by a finished fsync.
@@ -114,7 +117,8 @@ impl Shared {
             storage: Parker::new(),
             sync: Parker::new(),
             sync_idle: AtomicBool::new(false),
-            kick_end: AtomicU64::new(0),
+            kick_from: AtomicU64::new(0),
+            kick_to: AtomicU64::new(0),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             registry: Registry::new(),

@@ -240,9 +240,9 @@ impl Log {
     /// Appends `buf` (whole records holding `events` events) with one
     /// positional write; on failure the file is cut back to its previous
     /// length, so no partial record stays. Every `WRITEBACK_BYTES` it
-    /// returns the end of the active segment's bytes due for writeback (see
+    /// returns the active segment's byte range due for writeback (see
     /// `start_writeback`), for the sync thread to hand to the kernel.
-    pub fn append(&mut self, buf: &[u8], events: u64) -> io::Result<Option<u64>> {
+    pub fn append(&mut self, buf: &[u8], events: u64) -> io::Result<Option<(u64, u64)>> {
         if let Err(e) = self.active.write_all_at(buf, self.active_len) {
             // Best effort: if the cut fails too, start-up recovery finds
             // the torn tail.
@@ -260,8 +260,9 @@ impl Log {
             // Whole pages only: the page the next append continues must not
             // be under writeback (on devices with stable pages that append
             // would wait for it).
+            let from = self.kicked;
             self.kicked = self.active_len & !(PAGE - 1);
-            return Ok(Some(self.kicked));
+            return Ok(Some((from, self.kicked)));
         }
         Ok(None)
     }

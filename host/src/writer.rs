@@ -505,8 +505,9 @@ impl Storage {
         }
         match self.p.log.append(&self.buf[..len], events) {
             Ok(kick) => {
-                if let Some(end) = kick {
-                    self.p.shared.kick_end.store(end, Ordering::Release);
+                if let Some((from, to)) = kick {
+                    self.p.shared.kick_from.store(from, Ordering::Relaxed);
+                    self.p.shared.kick_to.store(to, Ordering::Release);
                     self.p.shared.sync.wake();
                 }
                 let written = self
@@ -719,25 +720,22 @@ pub fn run_sync(
         );
     }
     let mut done: u64 = 0;
-    // Writeback started so far, and in which segment.
-    let mut kicked: (Option<Arc<std::fs::File>>, u64) = (None, 0);
+    // The segment the log writes now (a roll swaps it).
+    let active_file = || match active.lock() {
+        Ok(f) => f.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    // The end of the last writeback range started.
+    let mut kicked = 0;
     loop {
         if shared.phase() == STOP {
             return;
         }
-        let kick_end = shared.kick_end.load(Ordering::Acquire);
-        if kick_end != kicked.1 {
-            let file = match active.lock() {
-                Ok(f) => f.clone(),
-                Err(p) => p.into_inner().clone(),
-            };
-            // A new segment starts over from its header.
-            let from = match &kicked.0 {
-                Some(f) if Arc::ptr_eq(f, &file) => kicked.1,
-                _ => 0,
-            };
-            start_writeback(&file, from, kick_end);
-            kicked = (Some(file), kick_end);
+        let kick_to = shared.kick_to.load(Ordering::Acquire);
+        if kick_to != kicked {
+            let from = shared.kick_from.load(Ordering::Relaxed);
+            start_writeback(&active_file(), from, kick_to);
+            kicked = kick_to;
         }
         let written = shared.written.load(Ordering::Acquire);
         let synced = shared.synced.load(Ordering::Acquire);
@@ -776,10 +774,7 @@ pub fn run_sync(
         // Read the target before taking the file: a roll in between fsyncs
         // the old segment itself.
         let target = shared.written.load(Ordering::Acquire);
-        let file = match active.lock() {
-            Ok(f) => f.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let file = active_file();
         let t0 = monotonic_ns();
         let result = if fail_after == Some(done) {
             Err(std::io::Error::from_raw_os_error(libc::EIO))
