@@ -228,11 +228,16 @@ impl Storage {
             }
         }
         if moved {
-            self.metrics.maybe_flush(&self.p.shared.registry, now);
             self.p
                 .shared
                 .finished
                 .store(self.finished, Ordering::Release);
+        }
+        // With the rings empty nothing may call `step` again until new
+        // input (ingest steps only when there is work), so what this step
+        // counted is published now, not at the next traffic.
+        if moved && !self.inputs_empty() {
+            self.metrics.maybe_flush(&self.p.shared.registry, now);
         } else {
             self.metrics.flush(&self.p.shared.registry, now);
         }

@@ -382,6 +382,38 @@ fn rejected_frames_do_not_disturb_the_valid_frames_around_them() {
     );
 }
 
+/// Polls `/metrics` until `key` reads `want` or 2 s pass; the last value.
+fn metric_settles(server: &Server, key: &str, want: f64) -> f64 {
+    let until = Instant::now() + Duration::from_secs(2);
+    loop {
+        let v = server.metric(key);
+        if v == want || Instant::now() >= until {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn the_counters_catch_up_with_the_acks_once_the_server_is_idle() {
+    // Two bursts less than a millisecond apart: the second one's counts
+    // must not wait in a thread's local metrics for traffic that never
+    // comes.
+    let dir = TempDir::new("idlemetrics");
+    let server = Server::start(&dir.data(), &[]);
+    let mut c = server.connect();
+    let tx = |id| frame(id, Priority::Medium, "orders/eu", b"payload", true);
+    let burst: Vec<u8> = (0..100).flat_map(tx).collect();
+    c.send(&burst);
+    assert_stored(&c.acks(100));
+    c.send(&burst);
+    assert!(c.acks(100).iter().all(|a| a.status == Status::Duplicate));
+    let key = "eventstream_duplicates_total{class=\"transactional\"}";
+    assert_eq!(metric_settles(&server, key, 100.0), 100.0);
+    let key = "eventstream_events_stored_total{class=\"transactional\"}";
+    assert_eq!(metric_settles(&server, key, 100.0), 100.0);
+}
+
 #[test]
 fn metrics_endpoint_passes_promtool() {
     let dir = TempDir::new("prom");
