@@ -204,6 +204,9 @@ pub struct Report {
     pub seconds: f64,
     /// Ack latency per class, ns.
     pub latency: [Histogram; 3],
+    /// Per write, ns from its first event's planned send time to the
+    /// write's return: how late the generator itself was (open loop).
+    pub send_lag: Histogram,
 }
 
 /// Runs the load; returns the report.
@@ -222,7 +225,6 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
         (None, Some(_)) => None,
         (None, None) => Some(100_000),
     };
-    let deadline = args.duration.map(|s| monotonic_ns() + (s * 1e9) as u64);
     let shared = Arc::new(Shared {
         sent: AtomicU64::new(0),
         acked: AtomicU64::new(0),
@@ -232,9 +234,8 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
     // Ids: a run prefix (so repeated runs do not collide in the dedup
     // window), the connection, a sequence number; the top bit stays clear.
     let run_prefix = (wall_ns() / 1_000_000) & 0x7FFF;
-    let start = monotonic_ns();
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let mut senders = Vec::new();
+    let mut opened = Vec::new();
     let mut readers = Vec::new();
     for c in 0..u64::from(args.connections) {
         let stream = TcpStream::connect(args.target)
@@ -253,15 +254,25 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
         let my_total = total.map(|t| {
             t / u64::from(args.connections) + u64::from(c < t % u64::from(args.connections))
         });
-        let rate = args.rate.map(|r| r / f64::from(args.connections));
         if args.ack {
             let reader = stream.try_clone().map_err(|e| e.to_string())?;
             readers.push(Reader::new(reader, conn.clone(), id_base));
         }
-        senders.push(Sender::new(
-            stream, args, conn, id_base, my_total, deadline, rate, start, c,
-        ));
+        opened.push((stream, conn, id_base, my_total, c));
     }
+    // The clock starts once the connections are up: events are not
+    // counted late for the time the set-up took.
+    let start = monotonic_ns();
+    let deadline = args.duration.map(|s| start + (s * 1e9) as u64);
+    let rate = args.rate.map(|r| r / f64::from(args.connections));
+    let senders: Vec<Sender> = opened
+        .into_iter()
+        .map(|(stream, conn, id_base, my_total, c)| {
+            Sender::new(
+                stream, args, conn, id_base, my_total, deadline, rate, start, c,
+            )
+        })
+        .collect();
     // One thread reads every connection's acks (poll), so a wake-up serves
     // all of them.
     let receiver = (!readers.is_empty()).then(|| {
@@ -325,13 +336,15 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
     let mut sent = 0;
     let mut missing = 0;
     let mut failed = None;
+    let mut send_lag = Histogram::new();
     for h in handles {
-        let (n, miss, err) = h
+        let (n, miss, err, lag) = h
             .join()
             .map_err(|_| "a sender thread panicked".to_string())?;
         sent += n;
         missing += miss;
         failed = failed.or(err);
+        send_lag.merge(&lag);
     }
     if let Some(r) = receiver {
         r.join()
@@ -360,6 +373,7 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
         unexpected: t.unexpected,
         seconds: (end - start) as f64 / 1e9,
         latency: t.latency.clone(),
+        send_lag,
     })
 }
 
@@ -385,6 +399,9 @@ struct Sender {
     /// The last transactional seqs sent, for --duplicates.
     recent_tx: Vec<u64>,
     recent_at: usize,
+    /// Per write: from the planned send time of its first event (open
+    /// loop; closed loop: the step's start) to the write's return.
+    send_lag: Histogram,
     done: bool,
     failed: Option<String>,
 }
@@ -441,6 +458,7 @@ impl Sender {
             sent: 0,
             recent_tx: vec![u64::MAX; RECENT],
             recent_at: 0,
+            send_lag: Histogram::new(),
             done: false,
             failed: None,
         }
@@ -484,6 +502,7 @@ impl Sender {
             return Step::Wait(now + 200_000);
         }
         let mut len = 0;
+        let mut first_intended = now;
         for k in 0..n {
             let pick = self.rng.next() % 100;
             let class = if pick < u64::from(self.mix[0]) {
@@ -500,6 +519,9 @@ impl Sender {
                 }
                 None => now,
             };
+            if k == 0 {
+                first_intended = intended;
+            }
             // A duplicate resends an earlier transactional id, preferably
             // one already answered (then its slot times the new send); one
             // still in flight expects one more ack and keeps the original's
@@ -555,6 +577,8 @@ impl Sender {
             self.done = true;
             return Step::Done;
         }
+        self.send_lag
+            .record(monotonic_ns().saturating_sub(first_intended));
         self.sent += n as u64;
         shared.sent.fetch_add(n as u64, Ordering::Relaxed);
         Step::Sent
@@ -570,10 +594,14 @@ impl Sender {
     }
 }
 
+/// What a sending thread reports: events sent, acks missing at the end,
+/// the first failure, and its writes' send lag.
+type Driven = (u64, u64, Option<String>, Histogram);
+
 /// Runs `senders` until each is done, sleeping until the earliest is due
 /// (the last `spin_ns` of the wait spinning); then waits (at most 10 s) for
-/// their acks. Returns (sent, acks missing, the first write failure).
-fn drive(mut senders: Vec<Sender>, shared: &Shared, spin_ns: u64) -> (u64, u64, Option<String>) {
+/// their acks.
+fn drive(mut senders: Vec<Sender>, shared: &Shared, spin_ns: u64) -> Driven {
     loop {
         let now = monotonic_ns();
         let mut next = u64::MAX;
@@ -614,10 +642,12 @@ fn drive(mut senders: Vec<Sender>, shared: &Shared, spin_ns: u64) -> (u64, u64, 
     }
     let sent = senders.iter().map(|s| s.sent).sum();
     let failed = senders.iter_mut().find_map(|s| s.failed.take());
+    let mut lag = Histogram::new();
     for s in &senders {
         let _ = s.stream.shutdown(std::net::Shutdown::Both);
+        lag.merge(&s.send_lag);
     }
-    (sent, missing, failed)
+    (sent, missing, failed, lag)
 }
 
 /// One connection's receiving side.
@@ -771,7 +801,7 @@ impl Report {
             }
         }
         format!(
-            "{{\"sent\":{},\"stored\":{},\"duplicate\":{},\"rejected\":{rejected},\"rejected_by_reason\":{{{by_reason}}},\"fatal\":{},\"missing_acks\":{},\"unexpected_acks\":{},\"seconds\":{:.3},\"events_per_sec\":{:.0},\"latency_us\":{},\"latency_us_by_class\":{{\"realtime\":{},\"transactional\":{},\"batch\":{}}}}}",
+            "{{\"sent\":{},\"stored\":{},\"duplicate\":{},\"rejected\":{rejected},\"rejected_by_reason\":{{{by_reason}}},\"fatal\":{},\"missing_acks\":{},\"unexpected_acks\":{},\"seconds\":{:.3},\"events_per_sec\":{:.0},\"latency_us\":{},\"latency_us_by_class\":{{\"realtime\":{},\"transactional\":{},\"batch\":{}}},\"send_lag_us\":{}}}",
             self.sent,
             self.stored,
             self.duplicate,
@@ -784,6 +814,7 @@ impl Report {
             lat_json(&self.latency[0]),
             lat_json(&self.latency[1]),
             lat_json(&self.latency[2]),
+            lat_json(&self.send_lag),
         )
     }
 
@@ -823,6 +854,15 @@ impl Report {
             }
             let _ = writeln!(o, "  (batch events wait for their window; reported apart)");
         }
+        let h = &self.send_lag;
+        let _ = writeln!(
+            o,
+            "send lag (us)    {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+            h.quantile(0.5) as f64 / 1e3,
+            h.quantile(0.99) as f64 / 1e3,
+            h.quantile(0.999) as f64 / 1e3,
+            h.max() as f64 / 1e3
+        );
         o
     }
 }

@@ -235,7 +235,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         eprintln!("eventstream: processors run inline on the ingest thread");
     }
 
-    let active = log.shared_active();
+    let sync_targets = log.sync_targets();
     let storage = Storage::new(StorageParts {
         log,
         rx: [srt_rx, stx_rx, sb_rx],
@@ -340,7 +340,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         "sync",
         0,
         Box::new(move || {
-            run_sync(policy, storage_mode != StorageMode::Thread, active, s);
+            run_sync(policy, storage_mode != StorageMode::Thread, sync_targets, s);
             Ok(())
         }),
     )?;

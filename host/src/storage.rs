@@ -26,7 +26,7 @@ use crate::sys::syscall;
 /// also fine: it only keeps the kicked range off the page being appended).
 const PAGE: u64 = 4096;
 /// Written bytes handed to writeback at a time.
-const WRITEBACK_BYTES: u64 = 8 << 20;
+const WRITEBACK_BYTES: u64 = 1 << 20;
 
 /// One segment file.
 #[derive(Clone, Debug)]
@@ -88,12 +88,12 @@ pub fn start_writeback(file: &File, from: u64, to: u64) {
 /// The open log: the active segment and what came before it.
 pub struct Log {
     dir: PathBuf,
-    dir_file: File,
     _lock: File,
     segments: Vec<Segment>,
     active: Arc<File>,
-    /// Shared with the sync thread, which fsyncs whatever file is here.
-    shared_active: Arc<Mutex<Arc<File>>>,
+    /// Shared with the sync thread: the active segment and what a roll or
+    /// a delete left to fsync.
+    sync: Arc<SyncTargets>,
     active_len: u64,
     /// The active segment's bytes up to here have been handed to writeback.
     kicked: u64,
@@ -127,11 +127,11 @@ pub struct LogOptions {
     pub kick_writeback: bool,
 }
 
-fn sync_dir(dir: &File) -> io::Result<()> {
-    dir.sync_all()
-}
-
-fn create_segment(dir: &Path, dir_file: &File, base: u64) -> io::Result<(File, PathBuf)> {
+/// Creates a segment and writes its header, without fsyncs: the caller
+/// makes it durable, or leaves it owed to the sync thread (a crash before
+/// that leaves at worst an empty or header-only newest segment, which
+/// start-up recovery rewrites as an empty one).
+fn create_segment(dir: &Path, base: u64) -> io::Result<(File, PathBuf)> {
     let path = dir.join(segment_name(base).as_str());
     let file = OpenOptions::new()
         .read(true)
@@ -139,9 +139,64 @@ fn create_segment(dir: &Path, dir_file: &File, base: u64) -> io::Result<(File, P
         .create_new(true)
         .open(&path)?;
     file.write_all_at(&SEGMENT_HEADER, 0)?;
-    file.sync_all()?;
-    sync_dir(dir_file)?;
     Ok((file, path))
+}
+
+/// What the sync thread fsyncs: the active segment, and what the writer
+/// left owed since the last fsync, so no fsync runs on the thread that
+/// writes. A roll owes the segment it closed (its last bytes) and the
+/// directory (the new segment's entry); a retention delete owes the
+/// directory.
+pub struct SyncTargets {
+    active: Mutex<Arc<File>>,
+    dir: File,
+    owed: Mutex<Owed>,
+}
+
+#[derive(Default)]
+struct Owed {
+    closed: Vec<Arc<File>>,
+    dir: bool,
+}
+
+impl SyncTargets {
+    /// The segment the log writes now.
+    pub fn active(&self) -> Arc<File> {
+        match self.active.lock() {
+            Ok(f) => f.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn owe(&self, closed: Option<Arc<File>>, dir: bool) {
+        let mut o = match self.owed.lock() {
+            Ok(o) => o,
+            Err(p) => p.into_inner(),
+        };
+        o.closed.extend(closed);
+        o.dir |= dir;
+    }
+
+    /// Fsyncs everything the log holds up to now: the segments closed
+    /// since the last call, the directory if it changed, then the active
+    /// segment. Bytes appended before the call began are durable when it
+    /// returns Ok (the active file is read before the owed ones are taken,
+    /// so a roll in between leaves the segment it closed in one of the
+    /// two).
+    pub fn sync(&self) -> io::Result<()> {
+        let active = self.active();
+        let owed = match self.owed.lock() {
+            Ok(mut o) => std::mem::take(&mut *o),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        for f in &owed.closed {
+            f.sync_data()?;
+        }
+        if owed.dir {
+            self.dir.sync_all()?;
+        }
+        active.sync_data()
+    }
 }
 
 impl Log {
@@ -174,7 +229,12 @@ impl Log {
         let mut opened = Opened::default();
         let (active, active_len, next_offset) = match segments.last_mut() {
             None => {
-                let (file, path) = create_segment(dir, &dir_file, 0)
+                let (file, path) = create_segment(dir, 0)
+                    .and_then(|(file, path)| {
+                        file.sync_all()?;
+                        dir_file.sync_all()?;
+                        Ok((file, path))
+                    })
                     .map_err(|e| format!("cannot create the first segment: {e}"))?;
                 segments.push(Segment {
                     base: 0,
@@ -188,9 +248,12 @@ impl Log {
         let active = Arc::new(active);
         let log = Log {
             dir: dir.to_path_buf(),
-            dir_file,
             _lock: lock,
-            shared_active: Arc::new(Mutex::new(active.clone())),
+            sync: Arc::new(SyncTargets {
+                active: Mutex::new(active.clone()),
+                dir: dir_file,
+                owed: Mutex::new(Owed::default()),
+            }),
             active,
             segments,
             active_len,
@@ -209,9 +272,9 @@ impl Log {
         self.next_offset
     }
 
-    /// The handle the sync thread fsyncs.
-    pub fn shared_active(&self) -> Arc<Mutex<Arc<File>>> {
-        self.shared_active.clone()
+    /// What the sync thread fsyncs.
+    pub fn sync_targets(&self) -> Arc<SyncTargets> {
+        self.sync.clone()
     }
 
     /// The active segment.
@@ -267,23 +330,26 @@ impl Log {
         Ok(None)
     }
 
-    /// Fsyncs the active segment, opens a new one at the next offset (the
-    /// directory is fsynced), and applies retention.
+    /// Opens a new segment at the next offset and applies retention. The
+    /// fsyncs of the closed segment (if `sync_old`) and of the directory
+    /// are left to the sync thread (`SyncTargets::sync`), which makes them
+    /// before it reports anything after the roll as synced.
     pub fn roll(&mut self, sync_old: bool) -> io::Result<()> {
-        if sync_old {
-            self.active.sync_data()?;
-        }
-        let (file, path) = create_segment(&self.dir, &self.dir_file, self.next_offset)?;
+        let (file, path) = create_segment(&self.dir, self.next_offset)?;
         self.segments.push(Segment {
             base: self.next_offset,
             path,
             size: SEGMENT_HEADER_LEN as u64,
         });
-        self.active = Arc::new(file);
+        let old = std::mem::replace(&mut self.active, Arc::new(file));
         self.active_len = SEGMENT_HEADER_LEN as u64;
         self.kicked = self.active_len;
-        if let Ok(mut slot) = self.shared_active.lock() {
-            *slot = self.active.clone();
+        // Owed before the swap and before any byte goes to the new file:
+        // a sync that sees the new file sees the old one owed.
+        self.sync.owe(sync_old.then_some(old), true);
+        match self.sync.active.lock() {
+            Ok(mut slot) => *slot = self.active.clone(),
+            Err(p) => *p.into_inner() = self.active.clone(),
         }
         self.apply_retention();
         Ok(())
@@ -325,9 +391,7 @@ impl Log {
             deleted += 1;
         }
         if deleted > 0 {
-            if let Err(e) = sync_dir(&self.dir_file) {
-                eprintln!("eventstream: cannot fsync the data dir: {e}");
-            }
+            self.sync.owe(None, true);
         }
         deleted
     }

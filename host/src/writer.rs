@@ -24,7 +24,7 @@ use eventstream_core::Class;
 
 use crate::config::FsyncPolicy;
 use crate::shared::{Shared, STOP};
-use crate::storage::{start_writeback, Log};
+use crate::storage::{start_writeback, Log, SyncTargets};
 use crate::sys::{monotonic_ns, Backoff};
 
 /// Bytes of records gathered before a write.
@@ -283,7 +283,7 @@ impl Storage {
     /// the ack ring (call again after ingest took acks out).
     pub fn finish(&mut self) -> Result<bool, String> {
         if !self.final_synced {
-            if let Err(e) = self.p.log.active().sync_data() {
+            if let Err(e) = self.p.log.sync_targets().sync() {
                 return Err(format!("fsync failed at shutdown: {e}"));
             }
             let written = self.p.shared.written.load(Ordering::Acquire);
@@ -709,7 +709,7 @@ fn stored(ev: &Event<'_>, offset: u64) -> Pending {
 pub fn run_sync(
     policy: FsyncPolicy,
     wake_ingest: bool,
-    active: Arc<std::sync::Mutex<Arc<std::fs::File>>>,
+    targets: Arc<SyncTargets>,
     shared: Arc<Shared>,
 ) {
     let mut last_sync = monotonic_ns();
@@ -725,11 +725,6 @@ pub fn run_sync(
         );
     }
     let mut done: u64 = 0;
-    // The segment the log writes now (a roll swaps it).
-    let active_file = || match active.lock() {
-        Ok(f) => f.clone(),
-        Err(p) => p.into_inner().clone(),
-    };
     // The end of the last writeback range started.
     let mut kicked = 0;
     loop {
@@ -739,7 +734,7 @@ pub fn run_sync(
         let kick_to = shared.kick_to.load(Ordering::Acquire);
         if kick_to != kicked {
             let from = shared.kick_from.load(Ordering::Relaxed);
-            start_writeback(&active_file(), from, kick_to);
+            start_writeback(&targets.active(), from, kick_to);
             kicked = kick_to;
         }
         let written = shared.written.load(Ordering::Acquire);
@@ -776,15 +771,14 @@ pub fn run_sync(
                 }
             }
         }
-        // Read the target before taking the file: a roll in between fsyncs
-        // the old segment itself.
+        // Read the target first: every byte it counts is in a segment
+        // that `sync` then covers (the active one, or one a roll closed).
         let target = shared.written.load(Ordering::Acquire);
-        let file = active_file();
         let t0 = monotonic_ns();
         let result = if fail_after == Some(done) {
             Err(std::io::Error::from_raw_os_error(libc::EIO))
         } else {
-            file.sync_data()
+            targets.sync()
         };
         done += 1;
         if let Err(e) = result {

@@ -288,6 +288,32 @@ fn segments_roll_and_retention_deletes_the_oldest() {
 }
 
 #[test]
+fn segments_roll_under_group_commit_and_every_ack_survives_a_kill() {
+    // The sync thread fsyncs what a roll closed; acks still wait for it.
+    let dir = TempDir::new("rollalways");
+    let server = Server::start(
+        &dir.data(),
+        &["--segment-bytes", "16KiB", "--fsync", "always"],
+    );
+    let mut c = server.connect();
+    let mut acked = 0;
+    for round in 0..20u64 {
+        let bytes: Vec<u8> = (0..50).flat_map(|i| tx(round * 100 + i)).collect();
+        c.send(&bytes);
+        let acks = c.acks(50);
+        assert_stored(&acks);
+        acked += acks.len();
+    }
+    let fsyncs = server.metric("eventstream_fsync_total");
+    assert!(fsyncs >= 20.0, "{fsyncs} fsyncs for 20 acked rounds");
+    server.kill();
+    assert!(segments(&dir.data()).len() >= 10);
+    let (ok, _, err) = inspect(&dir.data(), &["--verify"]);
+    assert!(ok, "{err}");
+    assert_eq!(inspect_events(&dir.data()).len(), acked);
+}
+
+#[test]
 fn a_full_dedup_table_with_reject_answers_dedup_full() {
     let dir = TempDir::new("dedupfull");
     let server = Server::start(
