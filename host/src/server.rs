@@ -336,11 +336,18 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     }
     let s = shared.clone();
     let policy = args.fsync;
+    let commit_delay = args.group_commit_delay;
     spawn(
         "sync",
         0,
         Box::new(move || {
-            run_sync(policy, storage_mode != StorageMode::Thread, sync_targets, s);
+            run_sync(
+                policy,
+                commit_delay,
+                storage_mode != StorageMode::Thread,
+                sync_targets,
+                s,
+            );
             Ok(())
         }),
     )?;

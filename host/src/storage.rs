@@ -177,14 +177,9 @@ impl SyncTargets {
         o.dir |= dir;
     }
 
-    /// Fsyncs everything the log holds up to now: the segments closed
-    /// since the last call, the directory if it changed, then the active
-    /// segment. Bytes appended before the call began are durable when it
-    /// returns Ok (the active file is read before the owed ones are taken,
-    /// so a roll in between leaves the segment it closed in one of the
-    /// two).
-    pub fn sync(&self) -> io::Result<()> {
-        let active = self.active();
+    /// Fsyncs only what a roll or a delete owes (under `--fsync never`:
+    /// the directory).
+    pub fn sync_owed(&self) -> io::Result<()> {
         let owed = match self.owed.lock() {
             Ok(mut o) => std::mem::take(&mut *o),
             Err(p) => std::mem::take(&mut *p.into_inner()),
@@ -195,6 +190,18 @@ impl SyncTargets {
         if owed.dir {
             self.dir.sync_all()?;
         }
+        Ok(())
+    }
+
+    /// Fsyncs everything the log holds up to now: the segments closed
+    /// since the last call, the directory if it changed, then the active
+    /// segment. Bytes appended before the call began are durable when it
+    /// returns Ok (the active file is read before the owed ones are taken,
+    /// so a roll in between leaves the segment it closed in one of the
+    /// two).
+    pub fn sync(&self) -> io::Result<()> {
+        let active = self.active();
+        self.sync_owed()?;
         active.sync_data()
     }
 }

@@ -225,6 +225,8 @@ impl Storage {
                     .shared
                     .log_bytes
                     .store(self.p.log.total_bytes(), Ordering::Relaxed);
+                // The directory's fsync is owed to the sync thread.
+                self.p.shared.sync.wake();
             }
         }
         if moved {
@@ -507,6 +509,9 @@ impl Storage {
                     .fetch_add(1, Ordering::Relaxed);
                 return false;
             }
+            // Under `never` the sync thread sleeps until told: the new
+            // segment's directory entry is owed to it.
+            self.p.shared.sync.wake();
         }
         match self.p.log.append(&self.buf[..len], events) {
             Ok(kick) => {
@@ -702,17 +707,21 @@ fn stored(ev: &Event<'_>, offset: u64) -> Pending {
     }
 }
 
-/// Runs the sync thread: fsyncs the active segment per the policy and
-/// publishes how far the log is synced, waking whichever thread runs
-/// storage (`wake_ingest`: ingest, which then steps storage itself or
-/// leaves it to a running storage thread). A failed fsync ends the process.
+/// Runs the sync thread: fsyncs the log per the policy (under `always`,
+/// starting two fsyncs at least `commit_delay` apart) and publishes how far
+/// it is synced, waking whichever thread runs storage (`wake_ingest`:
+/// ingest, which then steps storage itself or leaves it to a running
+/// storage thread). Under `never` it fsyncs only the directory after a
+/// roll or a delete. A failed fsync ends the process.
 pub fn run_sync(
     policy: FsyncPolicy,
+    commit_delay: Duration,
     wake_ingest: bool,
     targets: Arc<SyncTargets>,
     shared: Arc<Shared>,
 ) {
     let mut last_sync = monotonic_ns();
+    let mut last_start = 0u64;
     // Fault injection for tests and drills: EVENTSTREAM_FAIL_FSYNC_AFTER=N
     // makes the fsync after N good ones fail with EIO, as a dying disk would.
     let fail_after: Option<u64> = std::env::var("EVENTSTREAM_FAIL_FSYNC_AFTER")
@@ -741,6 +750,10 @@ pub fn run_sync(
         let synced = shared.synced.load(Ordering::Acquire);
         match policy {
             FsyncPolicy::Never => {
+                if let Err(e) = targets.sync_owed() {
+                    eprintln!("eventstream: fatal: fsync of the data dir failed: {e}; exiting");
+                    std::process::exit(1);
+                }
                 shared.sync.park(None, || shared.phase() == STOP);
                 continue;
             }
@@ -748,6 +761,14 @@ pub fn run_sync(
                 if written == synced {
                     shared.sync.park(None, || {
                         shared.written.load(Ordering::Acquire) != synced || shared.phase() == STOP
+                    });
+                    continue;
+                }
+                let due = last_start.saturating_add(commit_delay.as_nanos() as u64);
+                let now = monotonic_ns();
+                if now < due {
+                    shared.sync.park(Some(Duration::from_nanos(due - now)), || {
+                        shared.phase() == STOP
                     });
                     continue;
                 }
@@ -775,6 +796,7 @@ pub fn run_sync(
         // that `sync` then covers (the active one, or one a roll closed).
         let target = shared.written.load(Ordering::Acquire);
         let t0 = monotonic_ns();
+        last_start = t0;
         let result = if fail_after == Some(done) {
             Err(std::io::Error::from_raw_os_error(libc::EIO))
         } else {

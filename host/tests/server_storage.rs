@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use eventstream_core::wire::{Reason, Status};
@@ -74,6 +74,7 @@ fn bad_flags_and_unusable_data_dirs_give_one_line_and_a_non_zero_exit() {
     for args in [
         vec!["serve", "--fsync", "sometimes"],
         vec!["serve", "--segment-bytes", "12XB"],
+        vec!["serve", "--group-commit-delay", "2s"],
         vec!["serve", "--max-frame", "20"],
         vec!["serve", "--listen", "not-an-address"],
     ] {
@@ -255,6 +256,41 @@ fn fsync_always_acks_after_a_group_commit() {
     assert!(fsyncs >= 1.0);
     assert!(fsyncs < 2000.0, "one fsync per event: no group commit");
     eprintln!("2000 events, {fsyncs} fsyncs");
+}
+
+/// Sends `n` acked events one at a time, each after the previous ack;
+/// returns the time it took and the server's fsync count.
+fn one_by_one(server: &Server, n: u64) -> (Duration, f64) {
+    let mut c = server.connect();
+    let t0 = Instant::now();
+    for id in 0..n {
+        c.send(&tx(id));
+        assert_stored(&c.acks(1));
+    }
+    (t0.elapsed(), server.metric("eventstream_fsync_total"))
+}
+
+#[test]
+fn group_commit_spaces_its_fsyncs_by_the_delay() {
+    // Back to back: each lone event gets its own fsync.
+    let dir = TempDir::new("gc0");
+    let server = Server::start(
+        &dir.data(),
+        &["--fsync", "always", "--group-commit-delay", "0ms"],
+    );
+    let (_, fsyncs) = one_by_one(&server, 40);
+    assert!(fsyncs >= 40.0, "{fsyncs} fsyncs for 40 lone events");
+    // 20 ms apart: the acks wait for the spacing, and no two fsyncs
+    // start closer than that.
+    let dir = TempDir::new("gc20");
+    let server = Server::start(
+        &dir.data(),
+        &["--fsync", "always", "--group-commit-delay", "20ms"],
+    );
+    let (took, fsyncs) = one_by_one(&server, 20);
+    let most = took.as_secs_f64() / 0.020 + 1.0;
+    assert!(fsyncs <= most, "{fsyncs} fsyncs in {took:?}");
+    assert!(took >= Duration::from_millis(19 * 20), "{took:?}");
 }
 
 #[test]
