@@ -836,33 +836,26 @@ impl Report {
         }
         let _ = writeln!(o, "seconds         {:.3}", self.seconds);
         let _ = writeln!(o, "events/s        {:.0}", self.events_per_sec(ack));
+        // One row of quantiles, in microseconds.
+        let row = |o: &mut String, name: &str, h: &Histogram| {
+            let _ = writeln!(
+                o,
+                "{name:<18} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+                h.quantile(0.5) as f64 / 1e3,
+                h.quantile(0.99) as f64 / 1e3,
+                h.quantile(0.999) as f64 / 1e3,
+                h.max() as f64 / 1e3
+            );
+        };
         if ack {
-            let _ = writeln!(o, "ack latency (us)      p50      p99    p99.9      max");
-            let row = |o: &mut String, name: &str, h: &Histogram| {
-                let _ = writeln!(
-                    o,
-                    "  {name:<16} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
-                    h.quantile(0.5) as f64 / 1e3,
-                    h.quantile(0.99) as f64 / 1e3,
-                    h.quantile(0.999) as f64 / 1e3,
-                    h.max() as f64 / 1e3
-                );
-            };
-            row(&mut o, "rt+tx", &self.overall());
+            let _ = writeln!(o, "ack latency (us)        p50      p99    p99.9      max");
+            row(&mut o, "  rt+tx", &self.overall());
             for c in Class::ALL {
-                row(&mut o, c.name(), &self.latency[c.index()]);
+                row(&mut o, &format!("  {}", c.name()), &self.latency[c.index()]);
             }
             let _ = writeln!(o, "  (batch events wait for their window; reported apart)");
         }
-        let h = &self.send_lag;
-        let _ = writeln!(
-            o,
-            "send lag (us)    {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
-            h.quantile(0.5) as f64 / 1e3,
-            h.quantile(0.99) as f64 / 1e3,
-            h.quantile(0.999) as f64 / 1e3,
-            h.max() as f64 / 1e3
-        );
+        row(&mut o, "send lag (us)", &self.send_lag);
         o
     }
 }
