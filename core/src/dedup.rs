@@ -34,6 +34,10 @@ use crate::sync::{fence, prefetch, spin_wait, AtomicBool, AtomicU32};
 /// Slots an insert or lookup examines from an id's home slot.
 pub const NEIGHBOURHOOD: usize = 64;
 
+/// Slots of the neighbourhood an insert into a full table looks at for the
+/// entry to evict (the oldest of them).
+const EVICT_SCAN: usize = 16;
+
 // State word: kind (3 bits) | tag (13 bits) | version (16 bits).
 const KIND_BITS: u32 = 3;
 const KIND_MASK: u32 = (1 << KIND_BITS) - 1;
@@ -691,10 +695,18 @@ impl<'t> DedupRef<'t> {
     }
 
     /// With no free slot near the home: an expired entry, else (evict
-    /// policy) the oldest entry, else `None`.
+    /// policy) the oldest entry, else `None`. Evict looks at the first
+    /// `EVICT_SCAN` slots of the neighbourhood only: a full table takes
+    /// this path on every insert, and the whole neighbourhood's entries
+    /// span 20 cache lines. Reject looks at all of it, so it never answers
+    /// full while an expired entry is there.
     fn expired_or_oldest(&self, p: &Probe, now: u32, window: u32) -> Option<(usize, u32)> {
         let mut oldest: Option<(usize, u32, u32)> = None;
-        for i in 0..p.len {
+        let scan = match self.config.when_full {
+            FullPolicy::Evict => p.len.min(EVICT_SCAN),
+            FullPolicy::Reject => p.len,
+        };
+        for i in 0..scan {
             let at = p.at(i);
             let snap = self.settled(at);
             match snap.kind() {
@@ -1075,6 +1087,55 @@ mod tests {
         assert_eq!(d.evictions(), 1);
         assert_eq!(d.effective_window_ms(), 350);
         assert_eq!(d.effective_window_ms(), 1000);
+    }
+
+    /// An id whose first `EVICT_SCAN` probe slots do not hold `away`.
+    fn id_not_meeting(d: &DedupRef<'_>, away: u64) -> u64 {
+        let (slot, _) = d.find(away).unwrap();
+        (1000..)
+            .find(|&x| {
+                let p = d.probe(x);
+                (0..EVICT_SCAN).all(|i| p.at(i) != slot)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn evict_takes_the_oldest_of_the_first_slots_and_reject_still_finds_expired() {
+        // 64 slots: every neighbourhood is the whole table.
+        let e: DedupTable<64> = DedupTable::new(DedupConfig {
+            when_full: FullPolicy::Evict,
+            window_ms: 10_000,
+        });
+        let d = e.table();
+        for id in 0..64 {
+            assert_eq!(d.insert(id, id), Insert::Inserted);
+        }
+        let x = id_not_meeting(&d, 0);
+        let p = d.probe(x);
+        let oldest_met = (0..64u64)
+            .filter(|&id| {
+                let (slot, _) = d.find(id).unwrap();
+                (0..EVICT_SCAN).any(|i| p.at(i) == slot)
+            })
+            .min()
+            .unwrap();
+        assert_eq!(d.insert(x, 100), Insert::Inserted);
+        assert!(d.contains(0, 100), "the oldest overall was not met");
+        assert!(!d.contains(oldest_met, 100), "the oldest met was evicted");
+        assert_eq!(d.evictions(), 1);
+
+        // Reject: one expired entry, outside those first slots.
+        let r: DedupTable<64> = DedupTable::new(CFG);
+        let d = r.table();
+        assert_eq!(d.insert(0, 0), Insert::Inserted);
+        for id in 1..64 {
+            assert_eq!(d.insert(id, 900), Insert::Inserted);
+        }
+        let x = id_not_meeting(&d, 0);
+        assert_eq!(d.insert(x, 1000), Insert::Inserted);
+        assert!(!d.contains(0, 1000));
+        assert_eq!(d.insert(x + 1, 1000), Insert::Full);
     }
 
     #[test]
