@@ -191,8 +191,9 @@ impl Snapshot {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum FullPolicy {
-    /// Replace the oldest entry met; the effective window shrinks (reported
-    /// by [`DedupRef::effective_window_ms`]).
+    /// Replace the oldest entry met (among the first 16 of the id's
+    /// neighbourhood); the effective window shrinks (reported by
+    /// [`DedupRef::effective_window_ms`]).
     Evict,
     /// Answer [`Insert::Full`]: the caller rejects the event (DEDUP_FULL).
     Reject,
