@@ -55,15 +55,4 @@ pub fn print_ratios(title: &str, elements: u64, ours: &str, peers: &[&str]) {
 }
 
 /// Deterministic pseudo-random u64s (splitmix64), for ids and values.
-pub struct SplitMix(pub u64);
-
-impl Iterator for SplitMix {
-    type Item = u64;
-    fn next(&mut self) -> Option<u64> {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        Some(z ^ (z >> 31))
-    }
-}
+pub use eventstream_core::splitmix::SplitMix64 as SplitMix;

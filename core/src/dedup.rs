@@ -382,10 +382,7 @@ pub struct DedupRef<'t> {
 /// splitmix64's finaliser: producers choose ids freely (often sequential).
 #[inline]
 fn mix(id: u64) -> u64 {
-    let mut z = id;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    crate::splitmix::finalise(id)
 }
 
 /// Where an id's scans start and the tag that filters them.

@@ -27,6 +27,7 @@ pub mod process;
 pub mod record;
 pub mod ring;
 pub mod route;
+pub mod splitmix;
 mod sync;
 pub mod wire;
 

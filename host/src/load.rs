@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use clap::Args;
 use eventstream_core::metrics::Histogram;
+use eventstream_core::splitmix::SplitMix64;
 use eventstream_core::wire::{patch_frame, Ack, FrameRepr, Reason, Status, FLAG_ACK};
 use eventstream_core::{Class, Priority};
 
@@ -170,18 +171,6 @@ fn template(class: usize, payload: u32, ack: bool) -> Vec<u8> {
     let mut out = vec![0u8; repr.encoded_len()];
     let _ = repr.encode(&mut out);
     out
-}
-
-/// splitmix64.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
 }
 
 /// The summary of a run.
@@ -383,7 +372,7 @@ struct Sender {
     conn: Arc<Conn>,
     templates: [Vec<u8>; 3],
     buf: Vec<u8>,
-    rng: Rng,
+    rng: SplitMix64,
     mix: [u32; 3],
     duplicates: f64,
     ack: bool,
@@ -444,7 +433,7 @@ impl Sender {
             conn,
             templates,
             buf: vec![0u8; BATCH * max_len],
-            rng: Rng(index.wrapping_mul(0x1234_5678_9ABC_DEF1) ^ id_base),
+            rng: SplitMix64(index.wrapping_mul(0x1234_5678_9ABC_DEF1) ^ id_base),
             mix: args.mix,
             duplicates: args.duplicates,
             ack: args.ack,
@@ -504,7 +493,7 @@ impl Sender {
         let mut len = 0;
         let mut first_intended = now;
         for k in 0..n {
-            let pick = self.rng.next() % 100;
+            let pick = self.rng.next_u64() % 100;
             let class = if pick < u64::from(self.mix[0]) {
                 0
             } else if pick < u64::from(self.mix[0] + self.mix[1]) {
@@ -533,10 +522,10 @@ impl Sender {
             if class == 1
                 && known > 0
                 && self.duplicates > 0.0
-                && (self.rng.next() % 1_000_000) as f64 / 1e6 < self.duplicates
+                && (self.rng.next_u64() % 1_000_000) as f64 / 1e6 < self.duplicates
             {
                 for _ in 0..4 {
-                    let cand = self.recent_tx[(self.rng.next() % known) as usize];
+                    let cand = self.recent_tx[(self.rng.next_u64() % known) as usize];
                     let slot = &self.conn.slots[(cand & SLOT_MASK) as usize];
                     use_seq = cand;
                     fresh = false;
