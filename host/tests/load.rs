@@ -47,19 +47,14 @@ fn load_with_acks_and_duplicates_agrees_with_inspect() {
     );
     // The writer publishes its counters after the acks (within a
     // millisecond under traffic, at once when it goes idle).
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    let dup_metric = loop {
-        let v: f64 = server
+    let dup_metric = settles(duplicate as f64, || {
+        server
             .metrics_text()
             .lines()
             .filter(|l| l.starts_with("eventstream_duplicates_total{"))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-            .sum();
-        if v as u64 == duplicate || std::time::Instant::now() >= until {
-            break v;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
+            .sum()
+    });
     assert_eq!(dup_metric as u64, duplicate);
 }
 

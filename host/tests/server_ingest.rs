@@ -382,18 +382,6 @@ fn rejected_frames_do_not_disturb_the_valid_frames_around_them() {
     );
 }
 
-/// Polls `/metrics` until `key` reads `want` or 2 s pass; the last value.
-fn metric_settles(server: &Server, key: &str, want: f64) -> f64 {
-    let until = Instant::now() + Duration::from_secs(2);
-    loop {
-        let v = server.metric(key);
-        if v == want || Instant::now() >= until {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn the_counters_catch_up_with_the_acks_once_the_server_is_idle() {
     // Two bursts less than a millisecond apart: the second one's counts
@@ -409,9 +397,9 @@ fn the_counters_catch_up_with_the_acks_once_the_server_is_idle() {
     c.send(&burst);
     assert!(c.acks(100).iter().all(|a| a.status == Status::Duplicate));
     let key = "eventstream_duplicates_total{class=\"transactional\"}";
-    assert_eq!(metric_settles(&server, key, 100.0), 100.0);
+    assert_eq!(settles(100.0, || server.metric(key)), 100.0);
     let key = "eventstream_events_stored_total{class=\"transactional\"}";
-    assert_eq!(metric_settles(&server, key, 100.0), 100.0);
+    assert_eq!(settles(100.0, || server.metric(key)), 100.0);
 }
 
 #[test]

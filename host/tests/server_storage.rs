@@ -293,6 +293,17 @@ fn group_commit_spaces_its_fsyncs_by_the_delay() {
     assert!(took >= Duration::from_millis(19 * 20), "{took:?}");
 }
 
+/// Sends `rounds` writes of 50 transactional events, each after the last
+/// one's acks, checking every ack says STORED; returns how many.
+fn stored_rounds(c: &mut Client, rounds: u64) -> usize {
+    for round in 0..rounds {
+        let bytes: Vec<u8> = (0..50).flat_map(|i| tx(round * 100 + i)).collect();
+        c.send(&bytes);
+        assert_stored(&c.acks(50));
+    }
+    rounds as usize * 50
+}
+
 #[test]
 fn segments_roll_and_retention_deletes_the_oldest() {
     let dir = TempDir::new("roll");
@@ -300,15 +311,7 @@ fn segments_roll_and_retention_deletes_the_oldest() {
         &dir.data(),
         &["--segment-bytes", "16KiB", "--retention-bytes", "64KiB"],
     );
-    let mut c = server.connect();
-    for round in 0..20u64 {
-        let mut bytes = Vec::new();
-        for i in 0..50 {
-            bytes.extend(tx(round * 100 + i));
-        }
-        c.send(&bytes);
-        assert_stored(&c.acks(50));
-    }
+    stored_rounds(&mut server.connect(), 20);
     let segs = segments(&dir.data());
     assert!(segs.len() >= 3, "{segs:?}");
     let first = segs[0].file_name().unwrap().to_str().unwrap().to_string();
@@ -331,15 +334,7 @@ fn segments_roll_under_group_commit_and_every_ack_survives_a_kill() {
         &dir.data(),
         &["--segment-bytes", "16KiB", "--fsync", "always"],
     );
-    let mut c = server.connect();
-    let mut acked = 0;
-    for round in 0..20u64 {
-        let bytes: Vec<u8> = (0..50).flat_map(|i| tx(round * 100 + i)).collect();
-        c.send(&bytes);
-        let acks = c.acks(50);
-        assert_stored(&acks);
-        acked += acks.len();
-    }
+    let acked = stored_rounds(&mut server.connect(), 20);
     let fsyncs = server.metric("eventstream_fsync_total");
     assert!(fsyncs >= 20.0, "{fsyncs} fsyncs for 20 acked rounds");
     server.kill();

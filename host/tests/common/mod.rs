@@ -224,6 +224,19 @@ impl Drop for Server {
     }
 }
 
+/// Polls `read` until it returns `want` or 2 s pass; returns the last
+/// value (counters published after the acks settle within milliseconds).
+pub fn settles(want: f64, read: impl Fn() -> f64) -> f64 {
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let v = read();
+        if v == want || std::time::Instant::now() >= until {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let t0 = Instant::now();
     loop {
