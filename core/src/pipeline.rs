@@ -557,12 +557,10 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
             }
             let Some(ev) = rx.pop() else { break };
             moved = true;
-            let outcome = match (ev.frame(), class) {
-                (Some(f), Class::Realtime) => realtime.handle(&f, now_ms, hook),
-                (Some(f), _) => transactional.handle(&f, now_ms, hook),
-                (None, _) => Outcome::Rejected(Reason::BadLength),
-            };
-            store.work(Work::for_outcome(ev, outcome));
+            store.work(Work::decided(ev, |f| match class {
+                Class::Realtime => realtime.handle(f, now_ms, hook),
+                _ => transactional.handle(f, now_ms, hook),
+            }));
         }
         moved
     }
@@ -799,8 +797,19 @@ impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {
 }
 
 impl<'p> Work<'p> {
+    /// What storage gets for a realtime or transactional `ev`: `decide`
+    /// runs its processor on its frame; an event without a readable frame
+    /// is rejected BAD_LENGTH.
+    pub fn decided(ev: Event<'p>, decide: impl FnOnce(&Frame<'_>) -> Outcome) -> Work<'p> {
+        let outcome = match ev.frame() {
+            Some(f) => decide(&f),
+            None => Outcome::Rejected(Reason::BadLength),
+        };
+        Work::for_outcome(ev, outcome)
+    }
+
     /// What storage gets for `ev` once its processor decided `outcome`.
-    pub fn for_outcome(ev: Event<'p>, outcome: Outcome) -> Work<'p> {
+    fn for_outcome(ev: Event<'p>, outcome: Outcome) -> Work<'p> {
         // A stored event keeps its frame; the others need only its id and
         // ACK flag, read once.
         let (event_id, ack) = match outcome {

@@ -22,12 +22,9 @@ use eventstream_core::dedup::DedupRef;
 use eventstream_core::metrics::{Counter, LocalMetrics};
 use eventstream_core::pipeline::{refusal, Event, ToStorage, Work};
 use eventstream_core::pool::{Acquirer, SlotMut};
-use eventstream_core::process::{
-    BatchProcessor, Outcome, RealtimeProcessor, TransactionalProcessor,
-};
+use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
 use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::route::TopicTable;
-use eventstream_core::wire::Reason;
 use eventstream_core::wire::{Ack, Decoded, Limits, StreamDecoder, ACK_LEN};
 use eventstream_core::Class;
 
@@ -163,19 +160,20 @@ impl Inline {
     /// Runs `ev` through its processor; its outcome goes to storage.
     fn process(&mut self, class: Class, ev: Event<'static>, now: u64) {
         let now_ms = now / 1_000_000;
-        let outcome = match (class, ev.frame()) {
-            (Class::Batch, _) => {
+        let work = match class {
+            Class::Batch => {
                 let [_, _, out] = &mut self.storage_tx;
                 self.batch.handle(ev, now, &mut (), &mut ToStorage { out });
                 return;
             }
-            (Class::Realtime, Some(f)) => self.realtime.handle(&f, now_ms, &mut ()),
-            (Class::Transactional, Some(f)) => self.transactional.handle(&f, now_ms, &mut ()),
-            (_, None) => Outcome::Rejected(Reason::BadLength),
+            Class::Realtime => Work::decided(ev, |f| self.realtime.handle(f, now_ms, &mut ())),
+            Class::Transactional => {
+                Work::decided(ev, |f| self.transactional.handle(f, now_ms, &mut ()))
+            }
         };
         if let Some(out) = self.storage_tx.get_mut(class.index()) {
             // Room was checked before decoding.
-            let _ = out.push(Work::for_outcome(ev, outcome));
+            let _ = out.push(work);
         }
     }
 

@@ -13,7 +13,6 @@ use eventstream_core::dedup::DedupRef;
 use eventstream_core::pipeline::{Event, ToStorage, Work};
 use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
 use eventstream_core::ring::{Consumer, Producer};
-use eventstream_core::wire::Reason;
 use eventstream_core::Class;
 
 use crate::shared::{Shared, DRAIN, STOP};
@@ -110,12 +109,10 @@ pub fn run_singles(
                 dedup.prefetch(f.event_id());
             }
             let Some(ev) = rx.pop() else { break };
-            let outcome = match (ev.frame(), &mut proc) {
-                (Some(f), Singles::Realtime(p)) => p.handle(&f, now_ms, &mut ()),
-                (Some(f), Singles::Transactional(p, _)) => p.handle(&f, now_ms, &mut ()),
-                (None, _) => eventstream_core::process::Outcome::Rejected(Reason::BadLength),
-            };
-            let _ = tx.push(Work::for_outcome(ev, outcome));
+            let _ = tx.push(Work::decided(ev, |f| match &mut proc {
+                Singles::Realtime(p) => p.handle(f, now_ms, &mut ()),
+                Singles::Transactional(p, _) => p.handle(f, now_ms, &mut ()),
+            }));
             moved += 1;
         }
         if let (Some(sw), Singles::Transactional(p, _)) = (&mut sweeper, &mut proc) {
