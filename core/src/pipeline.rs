@@ -799,26 +799,15 @@ impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {
 impl<'p> Work<'p> {
     /// What storage gets for a realtime or transactional `ev`: `decide`
     /// runs its processor on its frame; an event without a readable frame
-    /// is rejected BAD_LENGTH.
+    /// is rejected BAD_LENGTH. A stored event keeps its frame; the others
+    /// need only its id and ACK flag, read from the same parse.
     pub fn decided(ev: Event<'p>, decide: impl FnOnce(&Frame<'_>) -> Outcome) -> Work<'p> {
-        let outcome = match ev.frame() {
-            Some(f) => decide(&f),
-            None => Outcome::Rejected(Reason::BadLength),
-        };
-        Work::for_outcome(ev, outcome)
-    }
-
-    /// What storage gets for `ev` once its processor decided `outcome`.
-    fn for_outcome(ev: Event<'p>, outcome: Outcome) -> Work<'p> {
-        // A stored event keeps its frame; the others need only its id and
-        // ACK flag, read once.
-        let (event_id, ack) = match outcome {
-            Outcome::Store | Outcome::Buffered => return Work::Store(ev),
-            _ => ev
-                .frame()
-                .map_or((0, false), |f| (f.event_id(), f.ack_requested())),
+        let (outcome, event_id, ack) = match ev.frame() {
+            Some(f) => (decide(&f), f.event_id(), f.ack_requested()),
+            None => (Outcome::Rejected(Reason::BadLength), 0, false),
         };
         match outcome {
+            Outcome::Store | Outcome::Buffered => Work::Store(ev),
             Outcome::Duplicate(offset) => Work::Duplicate {
                 conn: ev.conn,
                 event_id,
@@ -832,7 +821,6 @@ impl<'p> Work<'p> {
                 ack,
                 reason,
             },
-            Outcome::Store | Outcome::Buffered => Work::Store(ev),
         }
     }
 }

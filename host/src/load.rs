@@ -493,7 +493,7 @@ impl Sender {
         let mut len = 0;
         let mut first_intended = now;
         for k in 0..n {
-            let pick = self.rng.next_u64() % 100;
+            let pick = self.rng.below(100);
             let class = if pick < u64::from(self.mix[0]) {
                 0
             } else if pick < u64::from(self.mix[0] + self.mix[1]) {
@@ -522,10 +522,10 @@ impl Sender {
             if class == 1
                 && known > 0
                 && self.duplicates > 0.0
-                && (self.rng.next_u64() % 1_000_000) as f64 / 1e6 < self.duplicates
+                && self.rng.below(1_000_000) as f64 / 1e6 < self.duplicates
             {
                 for _ in 0..4 {
-                    let cand = self.recent_tx[(self.rng.next_u64() % known) as usize];
+                    let cand = self.recent_tx[self.rng.below(known) as usize];
                     let slot = &self.conn.slots[(cand & SLOT_MASK) as usize];
                     use_seq = cand;
                     fresh = false;

@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use eventstream_core::dedup::Inserter;
@@ -159,20 +159,21 @@ struct Owed {
     dir: bool,
 }
 
+/// `m`'s guard, also after a panic elsewhere poisoned it: what these
+/// locks hold (a file handle, a to-do list) is whole between any two
+/// statements.
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl SyncTargets {
     /// The segment the log writes now.
     pub fn active(&self) -> Arc<File> {
-        match self.active.lock() {
-            Ok(f) => f.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        locked(&self.active).clone()
     }
 
     fn owe(&self, closed: Option<Arc<File>>, dir: bool) {
-        let mut o = match self.owed.lock() {
-            Ok(o) => o,
-            Err(p) => p.into_inner(),
-        };
+        let mut o = locked(&self.owed);
         o.closed.extend(closed);
         o.dir |= dir;
     }
@@ -180,10 +181,7 @@ impl SyncTargets {
     /// Fsyncs only what a roll or a delete owes (under `--fsync never`:
     /// the directory).
     pub fn sync_owed(&self) -> io::Result<()> {
-        let owed = match self.owed.lock() {
-            Ok(mut o) => std::mem::take(&mut *o),
-            Err(p) => std::mem::take(&mut *p.into_inner()),
-        };
+        let owed = std::mem::take(&mut *locked(&self.owed));
         for f in &owed.closed {
             f.sync_data()?;
         }
@@ -354,10 +352,7 @@ impl Log {
         // Owed before the swap and before any byte goes to the new file:
         // a sync that sees the new file sees the old one owed.
         self.sync.owe(sync_old.then_some(old), true);
-        match self.sync.active.lock() {
-            Ok(mut slot) => *slot = self.active.clone(),
-            Err(p) => *p.into_inner() = self.active.clone(),
-        }
+        *locked(&self.sync.active) = self.active.clone();
         self.apply_retention();
         Ok(())
     }
