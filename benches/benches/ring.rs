@@ -1,29 +1,37 @@
 //! Cross-thread SPSC throughput: u64 items and pool handles, one at a time
 //! and in batches, through our ring, rtrb and crossbeam's ArrayQueue, all with
-//! capacity 1024, producer and consumer on separate threads.
-//! (ArrayQueue has no batch API: its batch rows move items one at a time.)
-//! After criterion's runs, the three also take turns for 21 rounds of
-//! 100,000 items each (rows marked `[turns]`), each round on freshly
-//! allocated buffers at shifted addresses: single-item cross-thread figures
-//! on this machine swing by several times with memory placement alone, so
-//! the medians over rounds and placements are the comparison.
+//! capacity 1024, producer and consumer on separate threads pinned to two
+//! CPUs. (ArrayQueue has no batch API: its batch rows move items one at a
+//! time.)
+//!
+//! After criterion's runs, the three take turns for 31 paired rounds of
+//! 400,000 items each (rows marked `[rounds]`): each round on freshly
+//! allocated buffers at shifted addresses (and, for handles, a fresh pool),
+//! in a rotated order. Single-item cross-thread figures on this machine
+//! swing by several times with memory placement and with the moment, so the
+//! comparison is the median of the per-round ratios, printed with its
+//! quartiles and the number of rounds we won.
 //!
 //! Run: `cargo bench -p eventstream-benches --bench ring`
+//! (`RING_CASE="pool handle single"` runs only the cases whose name holds
+//! that text; `RING_ROUNDS_ONLY=1` skips criterion's runs.)
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
-use eventstream_benches::{print_ratios, record};
-use eventstream_core::pool::{Acquirer, EventPool, EventRef};
+use eventstream_benches::{print_paired, print_ratios, record};
+use eventstream_core::pool::{Acquirer, BufferPool, EventPool, EventRef, SlotMeta};
 use eventstream_core::ring::{BufferRing, Consumer, Producer, Ring, Slot};
 
 const CAP: usize = 1024;
 const ITEMS: u64 = 100_000;
 const BATCH: usize = 64;
-/// Rounds of the taking-turns comparison after the criterion runs.
-const ROUNDS: usize = 21;
+/// Paired rounds after the criterion runs.
+const ROUNDS: usize = 31;
+/// Items each queue moves in one round.
+const ROUND_ITEMS: u64 = 400_000;
 
 /// The sending half of a queue under test.
 trait Tx<T>: Send {
@@ -128,8 +136,43 @@ impl<T: Send> Rx<T> for Aq<'_, T> {
     }
 }
 
-/// Moves `total` items made by `make` from `tx` to `rx` on two threads;
-/// returns the elapsed time.
+/// Whether the case named `case` ("u64 single", "pool handle batch", ...)
+/// runs: all of them unless `RING_CASE` names a part of the case's name.
+fn wanted(case: &str) -> bool {
+    std::env::var("RING_CASE").map_or(true, |c| case.contains(&c))
+}
+
+/// The two CPUs the halves run on, if the machine lets threads be pinned to
+/// two: producer first. Pinned, every queue runs with its halves on the same
+/// two CPUs, and no round loses time to the scheduler moving a spinning half
+/// onto the other's CPU.
+fn cpus() -> Option<(usize, usize)> {
+    // SAFETY: cpu_set_t is plain bits; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is this thread; the set is as large as the size passed.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: CPU_ISSET reads one bit of the set, in bounds below CPU_SETSIZE.
+    let mut allowed =
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) });
+    Some((allowed.next()?, allowed.next()?))
+}
+
+/// Pins this thread to `cpu`; a refusal leaves it unpinned.
+fn pin(cpu: usize) {
+    // SAFETY: as in `cpus`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: cpu is below CPU_SETSIZE (it came from sched_getaffinity).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is this thread; the set is as large as the size passed.
+    let _ = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+}
+
+/// Moves `total` items made by `make` from `tx` to `rx`, each half on its
+/// own thread (pinned to two CPUs when it can); returns the time from when
+/// both halves are running until the consumer has taken the last item.
 fn transfer<T: Send, P: Tx<T>, C: Rx<T>>(
     tx: &mut P,
     rx: &mut C,
@@ -137,9 +180,14 @@ fn transfer<T: Send, P: Tx<T>, C: Rx<T>>(
     batch: bool,
     make: &mut (impl FnMut() -> Option<T> + Send),
 ) -> Duration {
-    let t = Instant::now();
+    let cpus = cpus();
+    let ready = std::sync::Barrier::new(2);
     std::thread::scope(|s| {
         s.spawn(|| {
+            if let Some((p, _)) = cpus {
+                pin(p);
+            }
+            ready.wait();
             let mut sent = 0u64;
             let mut pending: Option<T> = None;
             while sent < total {
@@ -172,23 +220,35 @@ fn transfer<T: Send, P: Tx<T>, C: Rx<T>>(
                 }
             }
         });
-        let mut got = 0u64;
-        while got < total {
-            let n = if batch {
-                rx.pop_many(BATCH, |v| drop(black_box(v)))
-            } else {
-                rx.pop_one().map_or(0, |v| {
-                    drop(black_box(v));
-                    1
-                })
-            };
-            if n == 0 {
-                std::hint::spin_loop();
+        let consumer = s.spawn(|| {
+            if let Some((_, c)) = cpus {
+                pin(c);
             }
-            got += n as u64;
-        }
-    });
-    t.elapsed()
+            ready.wait();
+            let t = Instant::now();
+            let mut got = 0u64;
+            while got < total {
+                let n = if batch {
+                    rx.pop_many(BATCH, |v| drop(black_box(v)))
+                } else {
+                    rx.pop_one().map_or(0, |v| {
+                        drop(black_box(v));
+                        1
+                    })
+                };
+                if n == 0 {
+                    std::hint::spin_loop();
+                }
+                got += n as u64;
+            }
+            t.elapsed()
+        });
+        // The clock runs on the consumer: this thread is not pinned and may
+        // wait for a CPU while the two halves spin.
+        consumer
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
 }
 
 /// One pool feeds all three queues (they run one after another), so the
@@ -196,9 +256,9 @@ fn transfer<T: Send, P: Tx<T>, C: Rx<T>>(
 /// placed: with a pool each, the gap followed the pools when swapped.
 static POOL: EventPool<4096, 64> = EventPool::new();
 
-fn handle_maker<'a>(
-    acq: &'a mut Acquirer<'static>,
-) -> impl FnMut() -> Option<EventRef<'static>> + Send + 'a {
+fn handle_maker<'a, 'p: 'a>(
+    acq: &'a mut Acquirer<'p>,
+) -> impl FnMut() -> Option<EventRef<'p>> + Send + 'a {
     move || {
         acq.acquire().map(|mut s| {
             s.buffer_mut()[0] = 1;
@@ -217,6 +277,9 @@ fn bench_case<T: Send, P: Tx<T>, C: Rx<T>, M: FnMut() -> Option<T> + Send>(
 ) {
     let mut g = c.benchmark_group("ring");
     g.throughput(Throughput::Elements(ITEMS));
+    if std::env::var_os("RING_ROUNDS_ONLY").is_some() {
+        return;
+    }
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let e = transfer(tx, rx, iters * ITEMS, batch, make);
@@ -235,6 +298,9 @@ fn bench(c: &mut Criterion) {
     let aq = ArrayQueue::<u64>::new(CAP);
     for batch in [false, true] {
         let kind = if batch { "batch" } else { "single" };
+        if !wanted(&format!("u64 {kind}")) {
+            continue;
+        }
         let counter = || {
             let mut i = 0u64;
             move || {
@@ -248,26 +314,37 @@ fn bench(c: &mut Criterion) {
         bench_case(c, &n_ours, &mut otx, &mut orx, batch, &mut counter());
         bench_case(c, &n_rtrb, &mut rtx, &mut rrx, batch, &mut counter());
         bench_case(c, &n_aq, &mut Aq(&aq), &mut Aq(&aq), batch, &mut counter());
-        // The same three, taking turns, each round on fresh buffers at
-        // shifted heap addresses: single-item cross-thread figures on this
-        // machine swing by several times with placement alone (cache-line
-        // and 4 KiB aliasing between the threads' accesses), so the
-        // comparison is the median over rounds and placements.
+        // The same three in paired rounds, each round on fresh buffers at
+        // shifted heap addresses and in a rotated order: single-item
+        // cross-thread figures on this machine swing by several times with
+        // placement and with the moment, so the comparison is the median of
+        // the per-round ratios.
         for round in 0..ROUNDS {
             let _shift = vec![0u8; 64 + (round * 4160) % 65_536];
-            let mut slots: Vec<Slot<u64>> = (0..CAP).map(|_| Slot::new()).collect();
-            let ring = Box::new(BufferRing::new(&mut slots).unwrap());
-            let (tx, rx) = ring.split().unwrap();
-            let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
-            let e = transfer(&mut *tx, &mut *rx, ITEMS, batch, &mut counter());
-            record(&format!("{n_ours} [turns]"), 1, e);
-            let (tx, rx) = rtrb::RingBuffer::<u64>::new(CAP);
-            let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
-            let e = transfer(&mut *tx, &mut *rx, ITEMS, batch, &mut counter());
-            record(&format!("{n_rtrb} [turns]"), 1, e);
-            let q = ArrayQueue::<u64>::new(CAP);
-            let e = transfer(&mut Aq(&q), &mut Aq(&q), ITEMS, batch, &mut counter());
-            record(&format!("{n_aq} [turns]"), 1, e);
+            for k in 0..3 {
+                match (round + k) % 3 {
+                    0 => {
+                        let mut slots: Vec<Slot<u64>> = (0..CAP).map(|_| Slot::new()).collect();
+                        let ring = Box::new(BufferRing::new(&mut slots).unwrap());
+                        let (tx, rx) = ring.split().unwrap();
+                        let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
+                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut counter());
+                        record(&format!("{n_ours} [rounds]"), 1, e);
+                    }
+                    1 => {
+                        let (tx, rx) = rtrb::RingBuffer::<u64>::new(CAP);
+                        let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
+                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut counter());
+                        record(&format!("{n_rtrb} [rounds]"), 1, e);
+                    }
+                    _ => {
+                        let q = ArrayQueue::<u64>::new(CAP);
+                        let e =
+                            transfer(&mut Aq(&q), &mut Aq(&q), ROUND_ITEMS, batch, &mut counter());
+                        record(&format!("{n_aq} [rounds]"), 1, e);
+                    }
+                }
+            }
         }
     }
 
@@ -278,6 +355,9 @@ fn bench(c: &mut Criterion) {
     let mut acq = POOL.acquirer().unwrap();
     for batch in [false, true] {
         let kind = if batch { "batch" } else { "single" };
+        if !wanted(&format!("pool handle {kind}")) {
+            continue;
+        }
         let n_ours = format!("pool handle {kind}: ours");
         let n_rtrb = format!("pool handle {kind}: rtrb");
         let n_aq = format!("pool handle {kind}: crossbeam ArrayQueue");
@@ -305,45 +385,64 @@ fn bench(c: &mut Criterion) {
             batch,
             &mut handle_maker(&mut acq),
         );
+        // Each round has a pool of its own, shared by the three queues:
+        // the pool's placement and the order its free list has reached
+        // weigh as much as the queue here, and vary from round to round.
         for round in 0..ROUNDS {
             let _shift = vec![0u8; 64 + (round * 4160) % 65_536];
-            let mut slots: Vec<Slot<EventRef<'static>>> = (0..CAP).map(|_| Slot::new()).collect();
-            let ring = Box::new(BufferRing::new(&mut slots).unwrap());
-            let (mut tx, mut rx) = ring.split().unwrap();
-            let e = transfer(&mut tx, &mut rx, ITEMS, batch, &mut handle_maker(&mut acq));
-            record(&format!("{n_ours} [turns]"), 1, e);
-            let (mut tx, mut rx) = rtrb::RingBuffer::<EventRef<'static>>::new(CAP);
-            let e = transfer(&mut tx, &mut rx, ITEMS, batch, &mut handle_maker(&mut acq));
-            record(&format!("{n_rtrb} [turns]"), 1, e);
-            let q = ArrayQueue::<EventRef<'static>>::new(CAP);
-            let e = transfer(
-                &mut Aq(&q),
-                &mut Aq(&q),
-                ITEMS,
-                batch,
-                &mut handle_maker(&mut acq),
-            );
-            record(&format!("{n_aq} [turns]"), 1, e);
+            let mut meta: Vec<SlotMeta> = (0..4096).map(|_| SlotMeta::new()).collect();
+            let mut data = vec![0u8; 4096 * 64];
+            let pool = BufferPool::new(&mut meta, &mut data, 64).unwrap();
+            let mut acq = pool.acquirer().unwrap();
+            for k in 0..3 {
+                let mut make = handle_maker(&mut acq);
+                match (round + k) % 3 {
+                    0 => {
+                        let mut slots: Vec<Slot<EventRef<'_>>> =
+                            (0..CAP).map(|_| Slot::new()).collect();
+                        let ring = Box::new(BufferRing::new(&mut slots).unwrap());
+                        let (tx, rx) = ring.split().unwrap();
+                        let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
+                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut make);
+                        record(&format!("{n_ours} [rounds]"), 1, e);
+                    }
+                    1 => {
+                        let (tx, rx) = rtrb::RingBuffer::<EventRef<'_>>::new(CAP);
+                        let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
+                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut make);
+                        record(&format!("{n_rtrb} [rounds]"), 1, e);
+                    }
+                    _ => {
+                        let q = ArrayQueue::<EventRef<'_>>::new(CAP);
+                        let e = transfer(&mut Aq(&q), &mut Aq(&q), ROUND_ITEMS, batch, &mut make);
+                        record(&format!("{n_aq} [rounds]"), 1, e);
+                    }
+                }
+            }
         }
     }
 
     for item in ["u64", "pool handle"] {
         for kind in ["single", "batch"] {
-            for suffix in ["", " [turns]"] {
-                print_ratios(
-                    &format!("SPSC {item}, {kind}{suffix}"),
-                    ITEMS,
-                    &format!("{item} {kind}: ours{suffix}"),
-                    &[
-                        &format!("{item} {kind}: rtrb{suffix}"),
-                        &format!("{item} {kind}: crossbeam ArrayQueue{suffix}"),
-                    ],
-                );
-            }
+            let name = |peer: &str, suffix: &str| format!("{item} {kind}: {peer}{suffix}");
+            print_ratios(
+                &format!("SPSC {item}, {kind}"),
+                ITEMS,
+                &name("ours", ""),
+                &[&name("rtrb", ""), &name("crossbeam ArrayQueue", "")],
+            );
+            print_paired(
+                &format!("SPSC {item}, {kind} [rounds]"),
+                ROUND_ITEMS,
+                &name("ours", " [rounds]"),
+                &[
+                    &name("rtrb", " [rounds]"),
+                    &name("crossbeam ArrayQueue", " [rounds]"),
+                ],
+            );
         }
     }
 }
-
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));

@@ -54,5 +54,51 @@ pub fn print_ratios(title: &str, elements: u64, ours: &str, peers: &[&str]) {
     }
 }
 
+/// Prints paired rounds: `ours` and each peer recorded one sample per round,
+/// in the same rounds (close together in time, on the same machine state),
+/// so each round gives one ratio, peer time / our time. Prints the median
+/// ratio, its quartiles, and in how many rounds we were faster: on a noisy
+/// machine the median of paired ratios is steadier than a ratio of medians
+/// taken minutes apart.
+pub fn print_paired(title: &str, elements: u64, ours: &str, peers: &[&str]) {
+    let samples = SAMPLES.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(our) = samples.get(ours) else {
+        return;
+    };
+    println!(
+        "\n== {title}: {} paired rounds, {elements} element(s) each",
+        our.len()
+    );
+    let mut sorted = our.clone();
+    sorted.sort_by(f64::total_cmp);
+    let per = |ns: f64| ns / elements as f64;
+    println!(
+        "  {ours:<44} median {:>8.2} ns/elem",
+        per(sorted[sorted.len() / 2])
+    );
+    for peer in peers {
+        let Some(theirs) = samples.get(*peer) else {
+            continue;
+        };
+        let mut ratios: Vec<f64> = our.iter().zip(theirs).map(|(o, t)| t / o).collect();
+        if ratios.is_empty() {
+            continue;
+        }
+        let wins = ratios.iter().filter(|r| **r > 1.0).count();
+        ratios.sort_by(f64::total_cmp);
+        let q = |f: f64| ratios[((ratios.len() - 1) as f64 * f).round() as usize];
+        let mut t = theirs.clone();
+        t.sort_by(f64::total_cmp);
+        println!("  {peer:<44} median {:>8.2} ns/elem", per(t[t.len() / 2]));
+        println!(
+            "  ratio {ours} vs {peer}: median {:.2}x (quartiles {:.2}-{:.2}), faster in {wins} of {} rounds",
+            q(0.5),
+            q(0.25),
+            q(0.75),
+            ratios.len()
+        );
+    }
+}
+
 /// Deterministic pseudo-random u64s (splitmix64), for ids and values.
 pub use eventstream_core::splitmix::SplitMix64 as SplitMix;
