@@ -52,19 +52,34 @@ pub(crate) fn spin_wait() {
 /// waiting for another core or for memory. Only a hint: it never faults,
 /// whatever the address, and changes nothing; it does nothing on targets
 /// without prefetch instructions and under loom and miri.
+///
+/// A write prefetch is `prefetchw`, which asks for the line in exclusive
+/// state: a line another core holds is taken from it in one transfer, where
+/// a read prefetch would share it first and the write would then have to
+/// take it again. The intrinsic (`_MM_HINT_ET0`) emits `prefetchw` only when
+/// the crate is built with the `prfchw` feature and a plain `prefetcht0`
+/// otherwise, so it is written out: every x86-64 processor either runs it
+/// or executes its opcode as a no-op.
 #[inline(always)]
 pub(crate) fn prefetch<T>(p: *const T, write: bool) {
     #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
     {
-        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
-        // SAFETY: a prefetch instruction is a hint that cannot fault or
-        // change memory, for any address.
-        unsafe {
-            if write {
-                _mm_prefetch::<_MM_HINT_ET0>(p.cast());
-            } else {
-                _mm_prefetch::<_MM_HINT_T0>(p.cast());
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        if write {
+            // SAFETY: prefetchw is a hint: it reads no register but `p`,
+            // cannot fault for any address, writes no memory, flag or
+            // stack, and is a no-op where it is not implemented.
+            unsafe {
+                core::arch::asm!(
+                    "prefetchw [{p}]",
+                    p = in(reg) p,
+                    options(nostack, preserves_flags, readonly)
+                );
             }
+        } else {
+            // SAFETY: a prefetch instruction is a hint that cannot fault or
+            // change memory, for any address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
         }
     }
     #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
