@@ -170,6 +170,21 @@ fn pin(cpu: usize) {
     let _ = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
 }
 
+/// Runs `f` `depth` frames further down this thread's stack (each frame
+/// holds 64 bytes more), so that the rounds also vary where the two halves'
+/// stack variables sit relative to the buffers.
+#[inline(never)]
+fn deeper<R>(depth: usize, f: &mut dyn FnMut() -> R) -> R {
+    let pad = black_box([0u8; 64]);
+    let r = if depth == 0 {
+        f()
+    } else {
+        deeper(depth - 1, f)
+    };
+    black_box(&pad);
+    r
+}
+
 /// Moves `total` items made by `make` from `tx` to `rx`, each half on its
 /// own thread (pinned to two CPUs when it can); returns the time from when
 /// both halves are running until the consumer has taken the last item.
@@ -179,6 +194,7 @@ fn transfer<T: Send, P: Tx<T>, C: Rx<T>>(
     total: u64,
     batch: bool,
     make: &mut (impl FnMut() -> Option<T> + Send),
+    shift: usize,
 ) -> Duration {
     let cpus = cpus();
     let ready = std::sync::Barrier::new(2);
@@ -188,60 +204,64 @@ fn transfer<T: Send, P: Tx<T>, C: Rx<T>>(
                 pin(p);
             }
             ready.wait();
-            let mut sent = 0u64;
-            let mut pending: Option<T> = None;
-            while sent < total {
-                if batch {
-                    let want = BATCH.min((total - sent) as usize);
-                    let mut it = std::iter::from_fn(&mut *make);
-                    let n = tx.push_many(&mut it, want);
-                    sent += n as u64;
-                    if n == 0 {
-                        std::hint::spin_loop();
-                    }
-                } else {
-                    let v = match pending.take() {
-                        Some(v) => v,
-                        None => match make() {
-                            Some(v) => v,
-                            None => {
-                                std::hint::spin_loop();
-                                continue;
-                            }
-                        },
-                    };
-                    match tx.push_one(v) {
-                        Ok(()) => sent += 1,
-                        Err(v) => {
-                            pending = Some(v);
+            deeper(shift, &mut || {
+                let mut sent = 0u64;
+                let mut pending: Option<T> = None;
+                while sent < total {
+                    if batch {
+                        let want = BATCH.min((total - sent) as usize);
+                        let mut it = std::iter::from_fn(&mut *make);
+                        let n = tx.push_many(&mut it, want);
+                        sent += n as u64;
+                        if n == 0 {
                             std::hint::spin_loop();
+                        }
+                    } else {
+                        let v = match pending.take() {
+                            Some(v) => v,
+                            None => match make() {
+                                Some(v) => v,
+                                None => {
+                                    std::hint::spin_loop();
+                                    continue;
+                                }
+                            },
+                        };
+                        match tx.push_one(v) {
+                            Ok(()) => sent += 1,
+                            Err(v) => {
+                                pending = Some(v);
+                                std::hint::spin_loop();
+                            }
                         }
                     }
                 }
-            }
+            });
         });
         let consumer = s.spawn(|| {
             if let Some((_, c)) = cpus {
                 pin(c);
             }
             ready.wait();
-            let t = Instant::now();
-            let mut got = 0u64;
-            while got < total {
-                let n = if batch {
-                    rx.pop_many(BATCH, |v| drop(black_box(v)))
-                } else {
-                    rx.pop_one().map_or(0, |v| {
-                        drop(black_box(v));
-                        1
-                    })
-                };
-                if n == 0 {
-                    std::hint::spin_loop();
+            deeper(shift, &mut || {
+                let t = Instant::now();
+                let mut got = 0u64;
+                while got < total {
+                    let n = if batch {
+                        rx.pop_many(BATCH, consume)
+                    } else {
+                        rx.pop_one().map_or(0, |v| {
+                            consume(v);
+                            1
+                        })
+                    };
+                    if n == 0 {
+                        std::hint::spin_loop();
+                    }
+                    got += n as u64;
                 }
-                got += n as u64;
-            }
-            t.elapsed()
+                t.elapsed()
+            })
         });
         // The clock runs on the consumer: this thread is not pinned and may
         // wait for a CPU while the two halves spin.
@@ -256,15 +276,28 @@ fn transfer<T: Send, P: Tx<T>, C: Rx<T>>(
 /// placed: with a pool each, the gap followed the pools when swapped.
 static POOL: EventPool<4096, 64> = EventPool::new();
 
+/// Disposes of one item the consumer took (for a handle: its release to
+/// the pool). Not inlined, so every queue runs the same machine code for
+/// it, and the rows differ only in the queues' own code.
+#[inline(never)]
+fn consume<T>(v: T) {
+    drop(black_box(v));
+}
+
+/// A handle from the pool, or `None` when every slot is out. Not inlined,
+/// like `consume`.
+#[inline(never)]
+fn make_handle<'p>(acq: &mut Acquirer<'p>) -> Option<EventRef<'p>> {
+    acq.acquire().map(|mut s| {
+        s.buffer_mut()[0] = 1;
+        s.share(64)
+    })
+}
+
 fn handle_maker<'a, 'p: 'a>(
     acq: &'a mut Acquirer<'p>,
 ) -> impl FnMut() -> Option<EventRef<'p>> + Send + 'a {
-    move || {
-        acq.acquire().map(|mut s| {
-            s.buffer_mut()[0] = 1;
-            s.share(64)
-        })
-    }
+    move || make_handle(acq)
 }
 
 fn bench_case<T: Send, P: Tx<T>, C: Rx<T>, M: FnMut() -> Option<T> + Send>(
@@ -282,7 +315,7 @@ fn bench_case<T: Send, P: Tx<T>, C: Rx<T>, M: FnMut() -> Option<T> + Send>(
     }
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
-            let e = transfer(tx, rx, iters * ITEMS, batch, make);
+            let e = transfer(tx, rx, iters * ITEMS, batch, make, 0);
             record(name, iters, e);
             e
         })
@@ -328,19 +361,39 @@ fn bench(c: &mut Criterion) {
                         let ring = Box::new(BufferRing::new(&mut slots).unwrap());
                         let (tx, rx) = ring.split().unwrap();
                         let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
-                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut counter());
+                        let e = transfer(
+                            &mut *tx,
+                            &mut *rx,
+                            ROUND_ITEMS,
+                            batch,
+                            &mut counter(),
+                            round,
+                        );
                         record(&format!("{n_ours} [rounds]"), 1, e);
                     }
                     1 => {
                         let (tx, rx) = rtrb::RingBuffer::<u64>::new(CAP);
                         let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
-                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut counter());
+                        let e = transfer(
+                            &mut *tx,
+                            &mut *rx,
+                            ROUND_ITEMS,
+                            batch,
+                            &mut counter(),
+                            round,
+                        );
                         record(&format!("{n_rtrb} [rounds]"), 1, e);
                     }
                     _ => {
                         let q = ArrayQueue::<u64>::new(CAP);
-                        let e =
-                            transfer(&mut Aq(&q), &mut Aq(&q), ROUND_ITEMS, batch, &mut counter());
+                        let e = transfer(
+                            &mut Aq(&q),
+                            &mut Aq(&q),
+                            ROUND_ITEMS,
+                            batch,
+                            &mut counter(),
+                            round,
+                        );
                         record(&format!("{n_aq} [rounds]"), 1, e);
                     }
                 }
@@ -403,18 +456,25 @@ fn bench(c: &mut Criterion) {
                         let ring = Box::new(BufferRing::new(&mut slots).unwrap());
                         let (tx, rx) = ring.split().unwrap();
                         let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
-                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut make);
+                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut make, round);
                         record(&format!("{n_ours} [rounds]"), 1, e);
                     }
                     1 => {
                         let (tx, rx) = rtrb::RingBuffer::<EventRef<'_>>::new(CAP);
                         let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
-                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut make);
+                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut make, round);
                         record(&format!("{n_rtrb} [rounds]"), 1, e);
                     }
                     _ => {
                         let q = ArrayQueue::<EventRef<'_>>::new(CAP);
-                        let e = transfer(&mut Aq(&q), &mut Aq(&q), ROUND_ITEMS, batch, &mut make);
+                        let e = transfer(
+                            &mut Aq(&q),
+                            &mut Aq(&q),
+                            ROUND_ITEMS,
+                            batch,
+                            &mut make,
+                            round,
+                        );
                         record(&format!("{n_aq} [rounds]"), 1, e);
                     }
                 }
