@@ -4,11 +4,16 @@
 //! CPUs. (ArrayQueue has no batch API: its batch rows move items one at a
 //! time.)
 //!
+//! Cross-thread figures on this machine swing by several times with where
+//! the buffers and the two threads' stacks happen to lie, so every run (each
+//! criterion sample, and each round below) builds its queue, and for
+//! handles its pool, afresh, at a shifted heap address, with both halves at
+//! a varying stack depth. The pool work and the disposal of items run out
+//! of line, so every queue runs the same machine code for them. Our side
+//! runs `BufferRing`; `Ring<T, N>` runs the same code over an inline array.
+//!
 //! After criterion's runs, the three take turns for 31 paired rounds of
-//! 400,000 items each (rows marked `[rounds]`): each round on freshly
-//! allocated buffers at shifted addresses (and, for handles, a fresh pool),
-//! in a rotated order. Single-item cross-thread figures on this machine
-//! swing by several times with memory placement and with the moment, so the
+//! 400,000 items each (rows marked `[rounds]`), in a rotated order, and the
 //! comparison is the median of the per-round ratios, printed with its
 //! quartiles and the number of rounds we won.
 //!
@@ -22,8 +27,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
 use eventstream_benches::{print_paired, print_ratios, record};
-use eventstream_core::pool::{Acquirer, BufferPool, EventPool, EventRef, SlotMeta};
-use eventstream_core::ring::{BufferRing, Consumer, Producer, Ring, Slot};
+use eventstream_core::pool::{Acquirer, BufferPool, EventRef, SlotMeta};
+use eventstream_core::ring::{BufferRing, Consumer, Producer, Slot};
 
 const CAP: usize = 1024;
 const ITEMS: u64 = 100_000;
@@ -194,7 +199,7 @@ fn transfer<T: Send, P: Tx<T>, C: Rx<T>>(
     total: u64,
     batch: bool,
     make: &mut (impl FnMut() -> Option<T> + Send),
-    shift: usize,
+    depth: usize,
 ) -> Duration {
     let cpus = cpus();
     let ready = std::sync::Barrier::new(2);
@@ -204,7 +209,7 @@ fn transfer<T: Send, P: Tx<T>, C: Rx<T>>(
                 pin(p);
             }
             ready.wait();
-            deeper(shift, &mut || {
+            deeper(depth, &mut || {
                 let mut sent = 0u64;
                 let mut pending: Option<T> = None;
                 while sent < total {
@@ -243,7 +248,7 @@ fn transfer<T: Send, P: Tx<T>, C: Rx<T>>(
                 pin(c);
             }
             ready.wait();
-            deeper(shift, &mut || {
+            deeper(depth, &mut || {
                 let t = Instant::now();
                 let mut got = 0u64;
                 while got < total {
@@ -271,11 +276,6 @@ fn transfer<T: Send, P: Tx<T>, C: Rx<T>>(
     })
 }
 
-/// One pool feeds all three queues (they run one after another), so the
-/// handle rows compare the queues and not where each pool happened to be
-/// placed: with a pool each, the gap followed the pools when swapped.
-static POOL: EventPool<4096, 64> = EventPool::new();
-
 /// Disposes of one item the consumer took (for a handle: its release to
 /// the pool). Not inlined, so every queue runs the same machine code for
 /// it, and the rows differ only in the queues' own code.
@@ -294,189 +294,132 @@ fn make_handle<'p>(acq: &mut Acquirer<'p>) -> Option<EventRef<'p>> {
     })
 }
 
-fn handle_maker<'a, 'p: 'a>(
-    acq: &'a mut Acquirer<'p>,
-) -> impl FnMut() -> Option<EventRef<'p>> + Send + 'a {
-    move || make_handle(acq)
+/// The queues under test.
+#[derive(Clone, Copy)]
+enum Queue {
+    Ours,
+    Rtrb,
+    Crossbeam,
 }
 
-fn bench_case<T: Send, P: Tx<T>, C: Rx<T>, M: FnMut() -> Option<T> + Send>(
-    c: &mut Criterion,
-    name: &str,
-    tx: &mut P,
-    rx: &mut C,
-    batch: bool,
-    make: &mut M,
-) {
-    let mut g = c.benchmark_group("ring");
-    g.throughput(Throughput::Elements(ITEMS));
-    if std::env::var_os("RING_ROUNDS_ONLY").is_some() {
-        return;
+impl Queue {
+    const ALL: [Queue; 3] = [Queue::Ours, Queue::Rtrb, Queue::Crossbeam];
+
+    fn name(self) -> &'static str {
+        match self {
+            Queue::Ours => "ours",
+            Queue::Rtrb => "rtrb",
+            Queue::Crossbeam => "crossbeam ArrayQueue",
+        }
     }
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let e = transfer(tx, rx, iters * ITEMS, batch, make, 0);
-            record(name, iters, e);
-            e
-        })
-    });
-    g.finish();
+}
+
+/// What one run moves: counting u64s, or handles from a pool of 4,096
+/// slots of 64 bytes.
+#[derive(Clone, Copy)]
+enum Item {
+    U64,
+    Handle,
+}
+
+/// Moves `items` items through a queue of kind `q` built for this run alone
+/// (fresh buffers, and for handles a fresh pool, after `pad` bytes of heap
+/// so that runs land at varying addresses), with both halves `depth` frames
+/// down their stacks; returns the consumer's time.
+fn run(q: Queue, item: Item, items: u64, batch: bool, pad: usize, depth: usize) -> Duration {
+    let _pad = vec![0u8; 64 + pad % 65_536];
+    match item {
+        Item::U64 => {
+            let mut i = 0u64;
+            let mut make = move || {
+                i += 1;
+                Some(i)
+            };
+            through(q, items, batch, &mut make, depth)
+        }
+        Item::Handle => {
+            let mut meta: Vec<SlotMeta> = (0..4096).map(|_| SlotMeta::new()).collect();
+            let mut data = vec![0u8; 4096 * 64];
+            let Ok(pool) = BufferPool::new(&mut meta, &mut data, 64) else {
+                unreachable!("4,096 slots of 64 bytes fit their buffers");
+            };
+            let Some(mut acq) = pool.acquirer() else {
+                unreachable!("a new pool has its acquirer");
+            };
+            through(q, items, batch, &mut || make_handle(&mut acq), depth)
+        }
+    }
+}
+
+/// `run`'s queue part: a fresh queue of kind `q`, its halves on the heap.
+fn through<T: Send>(
+    q: Queue,
+    items: u64,
+    batch: bool,
+    make: &mut (impl FnMut() -> Option<T> + Send),
+    depth: usize,
+) -> Duration {
+    match q {
+        Queue::Ours => {
+            let mut slots: Vec<Slot<T>> = (0..CAP).map(|_| Slot::new()).collect();
+            let Ok(ring) = BufferRing::new(&mut slots) else {
+                unreachable!("CAP is a power of two");
+            };
+            let ring = Box::new(ring);
+            let Some((tx, rx)) = ring.split() else {
+                unreachable!("a new ring splits");
+            };
+            let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
+            transfer(&mut *tx, &mut *rx, items, batch, make, depth)
+        }
+        Queue::Rtrb => {
+            let (tx, rx) = rtrb::RingBuffer::<T>::new(CAP);
+            let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
+            transfer(&mut *tx, &mut *rx, items, batch, make, depth)
+        }
+        Queue::Crossbeam => {
+            let q = ArrayQueue::<T>::new(CAP);
+            transfer(&mut Aq(&q), &mut Aq(&q), items, batch, make, depth)
+        }
+    }
 }
 
 fn bench(c: &mut Criterion) {
-    // On the heap like the peers' buffers, away from this thread's stack.
-    let ours: Box<Ring<u64, CAP>> = Box::new(Ring::new());
-    let (mut otx, mut orx) = ours.split().unwrap();
-    let (mut rtx, mut rrx) = rtrb::RingBuffer::<u64>::new(CAP);
-    let aq = ArrayQueue::<u64>::new(CAP);
-    for batch in [false, true] {
-        let kind = if batch { "batch" } else { "single" };
-        if !wanted(&format!("u64 {kind}")) {
-            continue;
-        }
-        let counter = || {
-            let mut i = 0u64;
-            move || {
-                i += 1;
-                Some(i)
+    for (item, item_name) in [(Item::U64, "u64"), (Item::Handle, "pool handle")] {
+        for batch in [false, true] {
+            let kind = if batch { "batch" } else { "single" };
+            if !wanted(&format!("{item_name} {kind}")) {
+                continue;
             }
-        };
-        let n_ours = format!("u64 {kind}: ours");
-        let n_rtrb = format!("u64 {kind}: rtrb");
-        let n_aq = format!("u64 {kind}: crossbeam ArrayQueue");
-        bench_case(c, &n_ours, &mut otx, &mut orx, batch, &mut counter());
-        bench_case(c, &n_rtrb, &mut rtx, &mut rrx, batch, &mut counter());
-        bench_case(c, &n_aq, &mut Aq(&aq), &mut Aq(&aq), batch, &mut counter());
-        // The same three in paired rounds, each round on fresh buffers at
-        // shifted heap addresses and in a rotated order: single-item
-        // cross-thread figures on this machine swing by several times with
-        // placement and with the moment, so the comparison is the median of
-        // the per-round ratios.
-        for round in 0..ROUNDS {
-            let _shift = vec![0u8; 64 + (round * 4160) % 65_536];
-            for k in 0..3 {
-                match (round + k) % 3 {
-                    0 => {
-                        let mut slots: Vec<Slot<u64>> = (0..CAP).map(|_| Slot::new()).collect();
-                        let ring = Box::new(BufferRing::new(&mut slots).unwrap());
-                        let (tx, rx) = ring.split().unwrap();
-                        let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
-                        let e = transfer(
-                            &mut *tx,
-                            &mut *rx,
-                            ROUND_ITEMS,
-                            batch,
-                            &mut counter(),
-                            round,
-                        );
-                        record(&format!("{n_ours} [rounds]"), 1, e);
-                    }
-                    1 => {
-                        let (tx, rx) = rtrb::RingBuffer::<u64>::new(CAP);
-                        let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
-                        let e = transfer(
-                            &mut *tx,
-                            &mut *rx,
-                            ROUND_ITEMS,
-                            batch,
-                            &mut counter(),
-                            round,
-                        );
-                        record(&format!("{n_rtrb} [rounds]"), 1, e);
-                    }
-                    _ => {
-                        let q = ArrayQueue::<u64>::new(CAP);
-                        let e = transfer(
-                            &mut Aq(&q),
-                            &mut Aq(&q),
-                            ROUND_ITEMS,
-                            batch,
-                            &mut counter(),
-                            round,
-                        );
-                        record(&format!("{n_aq} [rounds]"), 1, e);
-                    }
+            let name = |q: Queue| format!("{item_name} {kind}: {}", q.name());
+            // Criterion's samples: each on a queue (and pool) of its own,
+            // at a varying depth, one queue after another.
+            if std::env::var_os("RING_ROUNDS_ONLY").is_none() {
+                let mut g = c.benchmark_group("ring");
+                g.throughput(Throughput::Elements(ITEMS));
+                for q in Queue::ALL {
+                    let n = name(q);
+                    let mut sample = 0usize;
+                    g.bench_function(&n, |b| {
+                        b.iter_custom(|iters| {
+                            sample += 1;
+                            let e = run(q, item, iters * ITEMS, batch, sample * 4160, sample % 32);
+                            record(&n, iters, e);
+                            e
+                        })
+                    });
                 }
+                g.finish();
             }
-        }
-    }
-
-    let hours: Box<Ring<EventRef<'static>, CAP>> = Box::new(Ring::new());
-    let (mut htx, mut hrx) = hours.split().unwrap();
-    let (mut hrtx, mut hrrx) = rtrb::RingBuffer::<EventRef<'static>>::new(CAP);
-    let haq = ArrayQueue::<EventRef<'static>>::new(CAP);
-    let mut acq = POOL.acquirer().unwrap();
-    for batch in [false, true] {
-        let kind = if batch { "batch" } else { "single" };
-        if !wanted(&format!("pool handle {kind}")) {
-            continue;
-        }
-        let n_ours = format!("pool handle {kind}: ours");
-        let n_rtrb = format!("pool handle {kind}: rtrb");
-        let n_aq = format!("pool handle {kind}: crossbeam ArrayQueue");
-        bench_case(
-            c,
-            &n_ours,
-            &mut htx,
-            &mut hrx,
-            batch,
-            &mut handle_maker(&mut acq),
-        );
-        bench_case(
-            c,
-            &n_rtrb,
-            &mut hrtx,
-            &mut hrrx,
-            batch,
-            &mut handle_maker(&mut acq),
-        );
-        bench_case(
-            c,
-            &n_aq,
-            &mut Aq(&haq),
-            &mut Aq(&haq),
-            batch,
-            &mut handle_maker(&mut acq),
-        );
-        // Each round has a pool of its own, shared by the three queues:
-        // the pool's placement and the order its free list has reached
-        // weigh as much as the queue here, and vary from round to round.
-        for round in 0..ROUNDS {
-            let _shift = vec![0u8; 64 + (round * 4160) % 65_536];
-            let mut meta: Vec<SlotMeta> = (0..4096).map(|_| SlotMeta::new()).collect();
-            let mut data = vec![0u8; 4096 * 64];
-            let pool = BufferPool::new(&mut meta, &mut data, 64).unwrap();
-            let mut acq = pool.acquirer().unwrap();
-            for k in 0..3 {
-                let mut make = handle_maker(&mut acq);
-                match (round + k) % 3 {
-                    0 => {
-                        let mut slots: Vec<Slot<EventRef<'_>>> =
-                            (0..CAP).map(|_| Slot::new()).collect();
-                        let ring = Box::new(BufferRing::new(&mut slots).unwrap());
-                        let (tx, rx) = ring.split().unwrap();
-                        let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
-                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut make, round);
-                        record(&format!("{n_ours} [rounds]"), 1, e);
-                    }
-                    1 => {
-                        let (tx, rx) = rtrb::RingBuffer::<EventRef<'_>>::new(CAP);
-                        let (mut tx, mut rx) = (Box::new(tx), Box::new(rx));
-                        let e = transfer(&mut *tx, &mut *rx, ROUND_ITEMS, batch, &mut make, round);
-                        record(&format!("{n_rtrb} [rounds]"), 1, e);
-                    }
-                    _ => {
-                        let q = ArrayQueue::<EventRef<'_>>::new(CAP);
-                        let e = transfer(
-                            &mut Aq(&q),
-                            &mut Aq(&q),
-                            ROUND_ITEMS,
-                            batch,
-                            &mut make,
-                            round,
-                        );
-                        record(&format!("{n_aq} [rounds]"), 1, e);
-                    }
+            // The same three in paired rounds, in a rotated order: single-item
+            // cross-thread figures on this machine swing by several times
+            // with placement and with the moment, so the comparison is the
+            // median of the per-round ratios.
+            for round in 0..ROUNDS {
+                for k in 0..3 {
+                    let q = Queue::ALL[(round + k) % 3];
+                    let e = run(q, item, ROUND_ITEMS, batch, round * 4160, round);
+                    record(&format!("{} [rounds]", name(q)), 1, e);
                 }
             }
         }
