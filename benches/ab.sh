@@ -27,8 +27,15 @@ for _ in $(seq "$ROUNDS"); do
         "$bin" serve --data "$WORK/data" --listen 127.0.0.1:0 --metrics 127.0.0.1:0 $flags \
             > "$WORK/out" 2> "$WORK/serve.err" &
         pid=$!
-        for _ in $(seq 100); do grep -q '^metrics on' "$WORK/out" 2>/dev/null && break; sleep 0.05; done
+        # Up to 30 s: a start right after a closed-loop run (gigabytes still
+        # being written back) once took longer than 5 s.
+        for _ in $(seq 600); do grep -q '^metrics on' "$WORK/out" 2>/dev/null && break; sleep 0.05; done
         addr=$(awk '/^listening on/ {print $3}' "$WORK/out")
+        if [ -z "$addr" ]; then
+            echo "$label: the server did not start within 30 s:" >&2
+            tail -5 "$WORK/serve.err" >&2
+            exit 1
+        fi
         rate=()
         [ -n "${RATE-100000}" ] && rate=(--rate "${RATE-100000}")
         if ! "$BIN" load --target "$addr" --duration "${SECS:-8}" "${rate[@]}" --connections 4 \

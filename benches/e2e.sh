@@ -27,8 +27,15 @@ serve() { # serve NAME FLAGS... -> sets PID, ADDR
     "$BIN" serve --data "$WORK/$name" --listen 127.0.0.1:0 --metrics 127.0.0.1:0 "$@" \
         > "$WORK/$name.out" 2> "$WORK/$name.err" &
     PID=$!
-    for _ in $(seq 100); do grep -q '^metrics on' "$WORK/$name.out" 2>/dev/null && break; sleep 0.05; done
+    # Up to 30 s: a start right after a closed-loop run (gigabytes still
+    # being written back) once took longer than 5 s.
+    for _ in $(seq 600); do grep -q '^metrics on' "$WORK/$name.out" 2>/dev/null && break; sleep 0.05; done
     ADDR=$(awk '/^listening on/ {print $3}' "$WORK/$name.out")
+    if [ -z "$ADDR" ]; then
+        echo "serve $name did not start within 30 s:" >&2
+        tail -5 "$WORK/$name.err" >&2
+        exit 1
+    fi
 }
 stop() { kill -TERM "$PID"; wait "$PID" || true; }
 # CPU time the hypervisor gave to other guests ("steal") between two
