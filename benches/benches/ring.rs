@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
-use eventstream_benches::{print_paired, print_ratios, record};
+use eventstream_benches::{median, print_paired, print_ratios, record};
 use eventstream_core::pool::{Acquirer, BufferPool, EventRef, SlotMeta};
 use eventstream_core::ring::{BufferRing, Consumer, Producer, Slot};
 
@@ -387,9 +387,9 @@ fn through<T: Send>(
 
 /// Median time of one cache-line round trip between the two CPUs the
 /// halves run on (two threads bouncing a counter, 11 runs of 20,000 trips),
-/// in ns. It tells how the hypervisor placed the two virtual CPUs at the
-/// time (on one physical core's two hyperthreads a trip is a few ns; on two
-/// cores, tens): the queues' figures move with it.
+/// in ns. It tells the state the machine is in: here it was 112-135 ns in
+/// runs where our ring led in every row, and 160-183 ns in a stretch where
+/// the one-at-a-time rows swung either way.
 fn round_trip_ns() -> f64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     const TRIPS: u64 = 20_000;
@@ -429,8 +429,7 @@ fn round_trip_ns() -> f64 {
             })
         })
         .collect();
-    runs.sort_by(f64::total_cmp);
-    runs[runs.len() / 2]
+    median(&mut runs)
 }
 
 fn bench(c: &mut Criterion) {

@@ -22,12 +22,27 @@ pub fn record(name: &str, iters: u64, elapsed: Duration) {
         .push(per_iter);
 }
 
+/// The median of `v` (the upper one of an even count), sorting it; `NaN`
+/// if it is empty.
+pub fn median(v: &mut [f64]) -> f64 {
+    quantile(v, 0.5)
+}
+
+/// The value at fraction `q` (0.0 to 1.0) of `v` sorted, the nearest rank
+/// (rounded half up: `q` = 0.5 with an even count gives the upper middle);
+/// `NaN` if it is empty.
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
 /// Median nanoseconds per iteration of `name`, if it ran.
 pub fn median_ns(name: &str) -> Option<f64> {
     let samples = SAMPLES.lock().unwrap_or_else(|e| e.into_inner());
-    let mut v = samples.get(name)?.clone();
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
+    Some(median(&mut samples.get(name)?.clone()))
 }
 
 /// Prints `ours` against each peer: median per element (an iteration moves
@@ -69,12 +84,10 @@ pub fn print_paired(title: &str, elements: u64, ours: &str, peers: &[&str]) {
         "\n== {title}: {} paired rounds, {elements} element(s) each",
         our.len()
     );
-    let mut sorted = our.clone();
-    sorted.sort_by(f64::total_cmp);
     let per = |ns: f64| ns / elements as f64;
     println!(
         "  {ours:<44} median {:>8.2} ns/elem",
-        per(sorted[sorted.len() / 2])
+        per(median(&mut our.clone()))
     );
     for peer in peers {
         let Some(theirs) = samples.get(*peer) else {
@@ -85,16 +98,17 @@ pub fn print_paired(title: &str, elements: u64, ours: &str, peers: &[&str]) {
             continue;
         }
         let wins = ratios.iter().filter(|r| **r > 1.0).count();
-        ratios.sort_by(f64::total_cmp);
-        let q = |f: f64| ratios[((ratios.len() - 1) as f64 * f).round() as usize];
-        let mut t = theirs.clone();
-        t.sort_by(f64::total_cmp);
-        println!("  {peer:<44} median {:>8.2} ns/elem", per(t[t.len() / 2]));
+        let (q1, q2, q3) = (
+            quantile(&mut ratios, 0.25),
+            quantile(&mut ratios, 0.5),
+            quantile(&mut ratios, 0.75),
+        );
         println!(
-            "  ratio {ours} vs {peer}: median {:.2}x (quartiles {:.2}-{:.2}), faster in {wins} of {} rounds",
-            q(0.5),
-            q(0.25),
-            q(0.75),
+            "  {peer:<44} median {:>8.2} ns/elem",
+            per(median(&mut theirs.clone()))
+        );
+        println!(
+            "  ratio {ours} vs {peer}: median {q2:.2}x (quartiles {q1:.2}-{q3:.2}), faster in {wins} of {} rounds",
             ratios.len()
         );
     }
