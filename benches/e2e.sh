@@ -95,10 +95,21 @@ done
 # 5. Disk bandwidth over a long run, against dd in the same run.
 dd_line=$(dd if=/dev/zero of="$WORK/dd.probe" bs=1M count=3000 conv=fdatasync 2>&1 | tail -1)
 rm -f "$WORK/dd.probe"
+# The device itself, past the page cache: what the disk could take if the
+# CPUs could feed it.
+direct_line=$(dd if=/dev/zero of="$WORK/dd.probe" bs=1M count=3000 oflag=direct 2>&1 | tail -1)
+rm -f "$WORK/dd.probe"
+# Where the two CPUs' time went during the disk run: user (server and
+# generator), kernel (TCP, page cache, writeback), idle, steal.
+cpu_split() { awk '/^cpu / {print $2 + $3, $4 + $7 + $8, $5 + $6, $9}' /proc/stat; }
 serve disk
+read -r cu0 cs0 ci0 cst0 < <(cpu_split)
 "$BIN" load --target "$ADDR" --duration "$((SECS * 6))" --connections 4 --payload 256 --ack --json \
     > "$WORK/disk.json"
+read -r cu1 cs1 ci1 cst1 < <(cpu_split)
 stop
+disk_cpu=$(awk -v u=$((cu1 - cu0)) -v s=$((cs1 - cs0)) -v i=$((ci1 - ci0)) -v st=$((cst1 - cst0)) \
+    'BEGIN {t = u + s + i + st; if (t == 0) t = 1; printf "user %.0f %%, kernel %.0f %%, idle %.0f %%, steal %.0f %%", 100 * u / t, 100 * s / t, 100 * i / t, 100 * st / t}')
 log_bytes=$(du -sb "$WORK/disk" | awk '{print $1}')
 disk_secs=$(field '["seconds"]' < "$WORK/disk.json")
 
@@ -113,3 +124,5 @@ echo "| --fsync always: max events/s; rt+tx p99 at 100k/s offered (us) | $(print
 echo "| this disk's fsync (ms, 4 KiB dsync write) | $(printf '%s\n' "${fsync_ms[@]}" | median) |"
 echo "| peak RSS of serve, default flags (MiB) | $(printf '%s\n' "${rss[@]}" | median) |"
 echo "| $((SECS * 6)) s run: log MB/s vs dd | $(awk -v b="$log_bytes" -v s="$disk_secs" 'BEGIN {printf "%.0f", b / s / 1e6}') vs dd: $dd_line |"
+echo "| same run: the device, dd oflag=direct | $direct_line |"
+echo "| same run: CPU time of both CPUs | $disk_cpu |"

@@ -34,6 +34,9 @@ use crate::sync::{fence, prefetch, spin_wait, AtomicBool, AtomicU32};
 /// Slots an insert or lookup examines from an id's home slot.
 pub const NEIGHBOURHOOD: usize = 64;
 
+/// State words in one 64-byte cache line.
+const STATES_PER_LINE: usize = 64 / core::mem::size_of::<DedupState>();
+
 /// Slots of the neighbourhood an insert into a full table looks at for the
 /// entry to evict (the oldest of them).
 const EVICT_SCAN: usize = 16;
@@ -434,16 +437,28 @@ impl<'t> DedupRef<'t> {
         }
     }
 
-    /// Asks the CPU to start loading the state word and slot where `id`'s
-    /// search begins, so that a `lookup`, `insert` or `set_offset` of it a
+    /// Asks the CPU to start loading the state words of `id`'s neighbourhood
+    /// and the slot where its search begins, so that a `lookup`, `insert` or `set_offset` of it a
     /// few events later finds them in cache (a large table misses the cache
     /// on nearly every operation). Only a hint: it changes nothing, and it
     /// does nothing on targets without a prefetch instruction.
     #[inline]
     pub fn prefetch(&self, id: u64) {
-        let home = self.probe(id).home;
-        if let (Some(state), Some(slot)) = (self.states.get(home), self.slots.get(home)) {
+        let p = self.probe(id);
+        // Every line of the neighbourhood's state words: a scan of a full
+        // table reads them all, and one miss after another costs more
+        // than asking for them together.
+        let mut i = 0;
+        while i < p.len {
+            if let Some(state) = self.states.get(p.at(i)) {
+                prefetch(state as *const DedupState, false);
+            }
+            i += STATES_PER_LINE;
+        }
+        if let Some(state) = self.states.get(p.at(p.len.saturating_sub(1))) {
             prefetch(state as *const DedupState, false);
+        }
+        if let Some(slot) = self.slots.get(p.home) {
             prefetch(slot as *const DedupSlot, false);
         }
     }
