@@ -438,10 +438,11 @@ impl<'t> DedupRef<'t> {
     }
 
     /// Asks the CPU to start loading the state words of `id`'s neighbourhood
-    /// and the slot where its search begins, so that a `lookup`, `insert` or `set_offset` of it a
-    /// few events later finds them in cache (a large table misses the cache
-    /// on nearly every operation). Only a hint: it changes nothing, and it
-    /// does nothing on targets without a prefetch instruction.
+    /// and the slot where its search begins, so that a `lookup`, `insert`
+    /// or `set_offset` of it a few events later finds them in cache (a
+    /// large table misses the cache on nearly every operation). Only a
+    /// hint: it changes nothing, and it does nothing on targets without a
+    /// prefetch instruction.
     #[inline]
     pub fn prefetch(&self, id: u64) {
         let p = self.probe(id);
