@@ -10,6 +10,7 @@
 //! queues are sized at start.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
@@ -24,7 +25,7 @@ use eventstream_core::Class;
 
 use crate::config::FsyncPolicy;
 use crate::shared::{Shared, STOP};
-use crate::storage::{start_writeback, Log, SyncTargets};
+use crate::storage::{drop_cached, start_writeback, Log, SyncTargets};
 use crate::sys::{monotonic_ns, Backoff};
 
 /// Bytes of records gathered before a write.
@@ -40,6 +41,10 @@ const RETENTION_EVERY_NS: u64 = 60_000_000_000;
 const PREFETCH_AHEAD: usize = 8;
 /// A failed log is tried again after this long.
 const RETRY_NS: u64 = 1_000_000_000;
+/// How far behind the newest writeback range the log's cached pages are
+/// dropped: the writeback of older ranges has finished by then (at 1 MiB
+/// per range, four ranges back).
+const DROP_LAG: u64 = 4 << 20;
 
 /// What to do for one item once its write's outcome is known.
 #[derive(Clone, Copy)]
@@ -736,6 +741,8 @@ pub fn run_sync(
     let mut done: u64 = 0;
     // The end of the last writeback range started.
     let mut kicked = 0;
+    // The active segment's cached pages below `dropped` were dropped.
+    let mut dropped: (Option<Arc<File>>, u64) = (None, 0);
     loop {
         if shared.phase() == STOP {
             return;
@@ -743,8 +750,19 @@ pub fn run_sync(
         let kick_to = shared.kick_to.load(Ordering::Acquire);
         if kick_to != kicked {
             let from = shared.kick_from.load(Ordering::Relaxed);
-            start_writeback(&targets.active(), from, kick_to);
+            let active = targets.active();
+            start_writeback(&active, from, kick_to);
             kicked = kick_to;
+            // Pages whose writeback started DROP_LAG bytes ago are clean
+            // by now: drop them from the page cache (`drop_cached`).
+            if !dropped.0.as_ref().is_some_and(|f| Arc::ptr_eq(f, &active)) {
+                dropped = (Some(active.clone()), 0);
+            }
+            let limit = from.saturating_sub(DROP_LAG);
+            if limit > dropped.1 {
+                drop_cached(&active, dropped.1, limit);
+                dropped.1 = limit;
+            }
         }
         let written = shared.written.load(Ordering::Acquire);
         let synced = shared.synced.load(Ordering::Acquire);

@@ -615,3 +615,65 @@ fn a_lone_batch_event_is_stored_when_its_window_ages_out() {
     let events = wait_for_events(&dir.data(), 3);
     assert_eq!(events.len(), 3);
 }
+
+/// Bytes of `path` in the page cache.
+fn resident_bytes(path: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: sysconf only reads its argument.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    // SAFETY: a read-only shared mapping of a file open for reading, of its
+    // current length; unmapped below and never dereferenced.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    let mut pages = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `pages` has one byte for each page of the mapping.
+    let rc = unsafe { libc::mincore(map, len, pages.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: the mapping made above, not used after this.
+    unsafe { libc::munmap(map, len) };
+    assert_eq!(rc, 0, "{err}");
+    pages.iter().filter(|&&p| p & 1 == 1).count() as u64 * page as u64
+}
+
+#[test]
+fn the_logs_written_pages_leave_the_page_cache() {
+    let dir = TempDir::new("dropcache");
+    let server = Server::start(&dir.data(), &["--max-frame", "4096"]);
+    let out = std::process::Command::new(BIN)
+        .args(["load", "--target", &server.addr.to_string()])
+        .args([
+            "--events",
+            "16000",
+            "--connections",
+            "2",
+            "--payload",
+            "3500",
+        ])
+        .args(["--ack", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let segs = segments(&dir.data());
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    let len = std::fs::metadata(&segs[0]).unwrap().len();
+    assert!(len > 50 << 20, "only {len} bytes written");
+    // Everything is acked, so written; all but the last few MiB were
+    // handed to writeback and then dropped behind it.
+    let resident = resident_bytes(&segs[0]);
+    assert!(resident < len / 2, "{resident} of {len} bytes still cached");
+}
