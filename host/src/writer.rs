@@ -42,8 +42,8 @@ const PREFETCH_AHEAD: usize = 8;
 /// A failed log is tried again after this long.
 const RETRY_NS: u64 = 1_000_000_000;
 /// How far behind the newest writeback range the log's cached pages are
-/// dropped: the writeback of older ranges has finished by then (at 1 MiB
-/// per range, four ranges back).
+/// dropped: four ranges back (1 MiB each), whose writeback has normally
+/// finished by then; a page still under writeback just stays cached.
 const DROP_LAG: u64 = 4 << 20;
 
 /// What to do for one item once its write's outcome is known.
@@ -754,7 +754,9 @@ pub fn run_sync(
             start_writeback(&active, from, kick_to);
             kicked = kick_to;
             // Pages whose writeback started DROP_LAG bytes ago are clean
-            // by now: drop them from the page cache (`drop_cached`).
+            // by now, normally: drop them from the page cache
+            // (`drop_cached`). The old segment's File is let go at the
+            // first kick after a roll.
             if !dropped.0.as_ref().is_some_and(|f| Arc::ptr_eq(f, &active)) {
                 dropped = (Some(active.clone()), 0);
             }
