@@ -38,10 +38,13 @@ serve() { # serve NAME FLAGS... -> sets PID, ADDR
     fi
 }
 stop() { kill -TERM "$PID"; wait "$PID" || true; }
+# Ticks of both CPUs since boot: user (with nice), kernel (with irq and
+# softirq), idle (with iowait), steal; and steal with the total.
+cpu_split() { awk '/^cpu / {print $2 + $3, $4 + $7 + $8, $5 + $6, $9}' /proc/stat; }
+ticks() { cpu_split | awk '{print $4, $1 + $2 + $3 + $4}'; }
 # CPU time the hypervisor gave to other guests ("steal") between two
 # readings of /proc/stat, in percent: runs taken while it is high measure the
 # neighbours, not us.
-ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t}' /proc/stat; }
 steal_since() { ticks | awk -v s0="$1" -v t0="$2" '{printf "%.0f", ($2 > t0) ? 100 * ($1 - s0) / ($2 - t0) : 0}'; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
 
@@ -101,7 +104,6 @@ direct_line=$(dd if=/dev/zero of="$WORK/dd.probe" bs=1M count=3000 oflag=direct 
 rm -f "$WORK/dd.probe"
 # Where the two CPUs' time went during the disk run: user (server and
 # generator), kernel (TCP, page cache, writeback), idle, steal.
-cpu_split() { awk '/^cpu / {print $2 + $3, $4 + $7 + $8, $5 + $6, $9}' /proc/stat; }
 serve disk
 read -r cu0 cs0 ci0 cst0 < <(cpu_split)
 "$BIN" load --target "$ADDR" --duration "$((SECS * 6))" --connections 4 --payload 256 --ack --json \
