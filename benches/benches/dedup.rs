@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use eventstream_benches::{print_ratios, record, SplitMix};
 use eventstream_core::dedup::{
-    BufferDedupTable, DedupConfig, DedupRef, DedupSlot, DedupState, FullPolicy, Insert,
+    BufferDedupTable, DedupConfig, DedupRef, DedupSlot, DedupStamp, DedupState, FullPolicy, Insert,
 };
 
 /// New ids inserted per measured iteration (then removed, untimed).
@@ -26,6 +26,7 @@ const CFG: DedupConfig = DedupConfig {
 
 struct Setup {
     states: Vec<DedupState>,
+    stamps: Vec<DedupStamp>,
     slots: Vec<DedupSlot>,
     resident: Vec<u64>,
     set: Mutex<HashSet<u64>>,
@@ -36,6 +37,7 @@ fn setup(capacity: usize) -> Setup {
     let set = Mutex::new(resident.iter().copied().collect());
     Setup {
         states: (0..capacity).map(|_| DedupState::new()).collect(),
+        stamps: (0..capacity).map(|_| DedupStamp::new()).collect(),
         slots: (0..capacity).map(|_| DedupSlot::new()).collect(),
         resident,
         set,
@@ -121,7 +123,7 @@ fn bench_size(c: &mut Criterion, capacity: usize, label: &str, fresh_table_per_i
     let mut g = c.benchmark_group(format!("dedup {label}"));
     g.throughput(Throughput::Elements(BATCH as u64));
     {
-        let table = BufferDedupTable::new(&mut s.states, &mut s.slots, CFG).unwrap();
+        let table = BufferDedupTable::new(&mut s.states, &mut s.stamps, &mut s.slots, CFG).unwrap();
         let d = table.table();
         fill(d, &s.resident);
         let name = format!("{label}: lookup, DedupTable");
@@ -163,7 +165,8 @@ fn bench_size(c: &mut Criterion, capacity: usize, label: &str, fresh_table_per_i
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         let table =
-                            BufferDedupTable::new(&mut s.states, &mut s.slots, CFG).unwrap();
+                            BufferDedupTable::new(&mut s.states, &mut s.stamps, &mut s.slots, CFG)
+                                .unwrap();
                         let d = table.table();
                         fill(d, &s.resident);
                         let fresh: Vec<u64> = fresh_ids.by_ref().take(BATCH).collect();
@@ -176,7 +179,8 @@ fn bench_size(c: &mut Criterion, capacity: usize, label: &str, fresh_table_per_i
         } else {
             // Too large to refill per iteration: insert, then remove and
             // sweep (untimed) to return to half full.
-            let table = BufferDedupTable::new(&mut s.states, &mut s.slots, CFG).unwrap();
+            let table =
+                BufferDedupTable::new(&mut s.states, &mut s.stamps, &mut s.slots, CFG).unwrap();
             let d = table.table();
             fill(d, &s.resident);
             g.bench_function(&name, |b| {
@@ -215,7 +219,9 @@ fn bench_size(c: &mut Criterion, capacity: usize, label: &str, fresh_table_per_i
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let table = BufferDedupTable::new(&mut s.states, &mut s.slots, CFG).unwrap();
+                    let table =
+                        BufferDedupTable::new(&mut s.states, &mut s.stamps, &mut s.slots, CFG)
+                            .unwrap();
                     let d = table.table();
                     fill(d, &s.resident);
                     let mut ins = d.inserter().unwrap();
@@ -227,7 +233,7 @@ fn bench_size(c: &mut Criterion, capacity: usize, label: &str, fresh_table_per_i
             })
         });
     } else {
-        let table = BufferDedupTable::new(&mut s.states, &mut s.slots, CFG).unwrap();
+        let table = BufferDedupTable::new(&mut s.states, &mut s.stamps, &mut s.slots, CFG).unwrap();
         let d = table.table();
         fill(d, &s.resident);
         let mut ins = d.inserter().unwrap();

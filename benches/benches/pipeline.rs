@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use eventstream_benches::{print_ratios, record};
 use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, WindowMeta};
-use eventstream_core::dedup::{BufferDedupTable, DedupConfig, DedupSlot, DedupState, FullPolicy};
+use eventstream_core::dedup::{
+    BufferDedupTable, DedupConfig, DedupSlot, DedupStamp, DedupState, FullPolicy,
+};
 use eventstream_core::metrics::Registry;
 use eventstream_core::pipeline::{Clock, Event, Parts, Pipeline, Sink, StorageFailed, WhenFull};
 use eventstream_core::pool::{BufferPool, SlotMeta};
@@ -90,9 +92,11 @@ fn bench(c: &mut Criterion) {
     let pool = BufferPool::new(&mut meta, &mut data, 512).unwrap();
     let class_rings: [Ring<Event<'_>, 1024>; 3] = [Ring::new(), Ring::new(), Ring::new()];
     let mut states: Vec<DedupState> = (0..65_536).map(|_| DedupState::new()).collect();
+    let mut stamps: Vec<DedupStamp> = (0..65_536).map(|_| DedupStamp::new()).collect();
     let mut slots: Vec<DedupSlot> = (0..65_536).map(|_| DedupSlot::new()).collect();
     let dedup = BufferDedupTable::new(
         &mut states,
+        &mut stamps,
         &mut slots,
         DedupConfig {
             window_ms: 1000,

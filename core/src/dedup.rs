@@ -1,7 +1,8 @@
 //! Fixed-capacity lock-free table of recently seen event ids, with expiry by
 //! time window; the engine's exactly-once memory.
 //!
-//! Costs: no allocation, no locks; 24 bytes per slot in six 32-bit atomics.
+//! Costs: no allocation, no locks; 24 bytes per slot in six 32-bit atomics,
+//! in three dense arrays: state words, insertion stamps, id and offset.
 //! Lookups never write. An insert scans at most [`NEIGHBOURHOOD`] slots from
 //! the id's home slot, claims one with a CAS (retrying until it either
 //! inserts or finds the id: it never gives up), and scans them once more.
@@ -105,13 +106,37 @@ impl Default for DedupState {
     }
 }
 
-/// The data of one slot: id, insertion time, offset. Public so callers can
-/// provide the buffers of a [`BufferDedupTable`].
+/// The insertion time of one slot's id, in milliseconds (wrapping). Kept in
+/// a dense array of its own, so that an insert into a full table compares
+/// the ages of the entries it may evict in one or two cache lines. Public so
+/// callers can provide the buffers of a [`BufferDedupTable`].
+pub struct DedupStamp(AtomicU32);
+
+impl DedupStamp {
+    /// An empty slot's stamp.
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        Self(AtomicU32::new(0))
+    }
+
+    /// An empty slot's stamp.
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        Self(AtomicU32::new(0))
+    }
+}
+
+impl Default for DedupStamp {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The data of one slot: id and offset. Public so callers can provide the
+/// buffers of a [`BufferDedupTable`].
 pub struct DedupSlot {
     id_lo: AtomicU32,
     id_hi: AtomicU32,
-    /// Insertion time, milliseconds (wrapping).
-    stamp: AtomicU32,
     off_lo: AtomicU32,
     off_hi: AtomicU32,
 }
@@ -123,7 +148,6 @@ impl DedupSlot {
         Self {
             id_lo: AtomicU32::new(0),
             id_hi: AtomicU32::new(0),
-            stamp: AtomicU32::new(0),
             off_lo: AtomicU32::new(0),
             off_hi: AtomicU32::new(0),
         }
@@ -135,30 +159,30 @@ impl DedupSlot {
         Self {
             id_lo: AtomicU32::new(0),
             id_hi: AtomicU32::new(0),
-            stamp: AtomicU32::new(0),
             off_lo: AtomicU32::new(0),
             off_hi: AtomicU32::new(0),
         }
     }
 }
 
-impl DedupSlot {
-    /// Writes the id and its stamp (the claimant owns the slot).
-    #[inline]
-    fn write_id(&self, id: u64, now: u32) {
-        self.id_lo.store(id as u32, Relaxed);
-        self.id_hi.store((id >> 32) as u32, Relaxed);
-        self.stamp.store(now, Relaxed);
-    }
-}
-
-/// The slot an insert will claim: where, its state word as seen, and the
-/// slot itself.
+/// The slot an insert will claim: where, its state word as seen, its stamp
+/// and data.
 struct Target<'t> {
     at: usize,
     seen: u32,
     state: &'t AtomicU32,
+    stamp: &'t AtomicU32,
     slot: &'t DedupSlot,
+}
+
+impl Target<'_> {
+    /// Writes the id and its stamp (the claimant owns the slot).
+    #[inline]
+    fn write_id(&self, id: u64, now: u32) {
+        self.slot.id_lo.store(id as u32, Relaxed);
+        self.slot.id_hi.store((id >> 32) as u32, Relaxed);
+        self.stamp.store(now, Relaxed);
+    }
 }
 
 impl Default for DedupSlot {
@@ -282,6 +306,7 @@ impl Header {
 pub struct DedupTable<const N: usize> {
     header: Header,
     states: [DedupState; N],
+    stamps: [DedupStamp; N],
     slots: [DedupSlot; N],
     config: DedupConfig,
 }
@@ -299,6 +324,7 @@ impl<const N: usize> DedupTable<N> {
         Self {
             header: Header::new(),
             states: [const { DedupState::new() }; N],
+            stamps: [const { DedupStamp::new() }; N],
             slots: [const { DedupSlot::new() }; N],
             config,
         }
@@ -311,6 +337,7 @@ impl<const N: usize> DedupTable<N> {
         Self {
             header: Header::new(),
             states: core::array::from_fn(|_| DedupState::new()),
+            stamps: core::array::from_fn(|_| DedupStamp::new()),
             slots: core::array::from_fn(|_| DedupSlot::new()),
             config,
         }
@@ -321,17 +348,19 @@ impl<const N: usize> DedupTable<N> {
         DedupRef {
             header: &self.header,
             states: &self.states,
+            stamps: &self.stamps,
             slots: &self.slots,
             config: self.config,
         }
     }
 }
 
-/// A table over caller-provided buffers of states and slots (equal lengths,
-/// a power of two).
+/// A table over caller-provided buffers of states, stamps and slots (equal
+/// lengths, a power of two).
 pub struct BufferDedupTable<'b> {
     header: Header,
     states: &'b [DedupState],
+    stamps: &'b [DedupStamp],
     slots: &'b [DedupSlot],
     config: DedupConfig,
 }
@@ -342,20 +371,25 @@ pub struct BufferDedupTable<'b> {
 pub struct BadCapacity;
 
 impl<'b> BufferDedupTable<'b> {
-    /// An empty table over `states` and `slots`; every slot is reset.
+    /// An empty table over `states`, `stamps` and `slots`; every slot is
+    /// reset.
     pub fn new(
         states: &'b mut [DedupState],
+        stamps: &'b mut [DedupStamp],
         slots: &'b mut [DedupSlot],
         config: DedupConfig,
     ) -> Result<Self, BadCapacity> {
-        if states.len() != slots.len() || !slots.len().is_power_of_two() || slots.len() > 1 << 31 {
+        let n = slots.len();
+        if states.len() != n || stamps.len() != n || !n.is_power_of_two() || n > 1 << 31 {
             return Err(BadCapacity);
         }
         states.iter_mut().for_each(|s| *s = DedupState::new());
+        stamps.iter_mut().for_each(|s| *s = DedupStamp::new());
         slots.iter_mut().for_each(|s| *s = DedupSlot::new());
         Ok(Self {
             header: Header::new(),
             states,
+            stamps,
             slots,
             config,
         })
@@ -366,6 +400,7 @@ impl<'b> BufferDedupTable<'b> {
         DedupRef {
             header: &self.header,
             states: self.states,
+            stamps: self.stamps,
             slots: self.slots,
             config: self.config,
         }
@@ -378,6 +413,7 @@ impl<'b> BufferDedupTable<'b> {
 pub struct DedupRef<'t> {
     header: &'t Header,
     states: &'t [DedupState],
+    stamps: &'t [DedupStamp],
     slots: &'t [DedupSlot],
     config: DedupConfig,
 }
@@ -464,6 +500,19 @@ impl<'t> DedupRef<'t> {
         }
     }
 
+    /// [`Self::prefetch`] for an id about to be inserted: also the stamps an
+    /// insert into a full table compares to choose the entry it evicts.
+    #[inline]
+    pub fn prefetch_insert(&self, id: u64) {
+        self.prefetch(id);
+        let p = self.probe(id);
+        for i in [0, p.len.min(EVICT_SCAN).saturating_sub(1)] {
+            if let Some(stamp) = self.stamps.get(p.at(i)) {
+                prefetch(stamp as *const DedupStamp, false);
+            }
+        }
+    }
+
     #[inline]
     fn state(&self, at: usize) -> Option<&'t AtomicU32> {
         self.states.get(at).map(|s| &s.0)
@@ -475,7 +524,7 @@ impl<'t> DedupRef<'t> {
     fn read(&self, at: usize, s1: u32) -> Option<Snapshot> {
         let d = self.slots.get(at)?;
         let id = d.id_lo.load(Relaxed) as u64 | (d.id_hi.load(Relaxed) as u64) << 32;
-        let stamp = d.stamp.load(Relaxed);
+        let stamp = self.stamps.get(at)?.0.load(Relaxed);
         let off = d.off_lo.load(Relaxed) as u64 | (d.off_hi.load(Relaxed) as u64) << 32;
         fence(Acquire);
         let s2 = self.state(at)?.load(Relaxed);
@@ -519,6 +568,31 @@ impl<'t> DedupRef<'t> {
                 _ => {
                     if let Some(snap) = self.read(at, s) {
                         return snap;
+                    }
+                }
+            }
+            spin_wait();
+        }
+    }
+
+    /// The settled state of slot `at` and, for an entry, its stamp: like
+    /// [`Self::settled`], without reading the id and offset words (an
+    /// evicting insert compares only ages).
+    #[inline]
+    fn settled_stamp(&self, at: usize) -> (u32, Option<u32>) {
+        let (Some(state), Some(stamp)) = (self.state(at), self.stamps.get(at)) else {
+            return (EMPTY, None);
+        };
+        loop {
+            let s = state.load(Acquire);
+            match kind(s) {
+                CLAIMED | OFFSETTING => {}
+                EMPTY | FREE => return (s, None),
+                _ => {
+                    let t = stamp.0.load(Relaxed);
+                    fence(Acquire);
+                    if state.load(Relaxed) == s {
+                        return (s, Some(t));
                     }
                 }
             }
@@ -597,11 +671,12 @@ impl<'t> DedupRef<'t> {
             Some(t) => t,
             None => self.expired_or_oldest(p, now, window).ok_or(Insert::Full)?,
         };
-        match (self.state(at), self.slots.get(at)) {
-            (Some(state), Some(slot)) => Ok(Target {
+        match (self.state(at), self.stamps.get(at), self.slots.get(at)) {
+            (Some(state), Some(stamp), Some(slot)) => Ok(Target {
                 at,
                 seen,
                 state,
+                stamp: &stamp.0,
                 slot,
             }),
             _ => Err(Insert::Full),
@@ -620,15 +695,11 @@ impl<'t> DedupRef<'t> {
         let p = self.probe(id);
         'retry: loop {
             // 1. Is the id here already? Where could it go?
-            let Target {
-                at,
-                seen,
-                state,
-                slot,
-            } = match self.prescan(&p, id, now, window) {
+            let target = match self.prescan(&p, id, now, window) {
                 Ok(t) => t,
                 Err(answer) => return answer,
             };
+            let (at, seen, state) = (target.at, target.seen, target.state);
             // 2. Claim it, write the id, publish PENDING.
             let claimed = claim_word(seen, p.tag);
             if state
@@ -645,7 +716,7 @@ impl<'t> DedupRef<'t> {
             // we never wait before publishing, so no two inserters wait on
             // each other here.
             fence(SeqCst);
-            slot.write_id(id, now);
+            target.write_id(id, now);
             state.store(with_kind(claimed, PENDING), Release);
             // 3. Scan again: a twin, or a hole in front of us?
             match self.validate(&p, at, id, now, window) {
@@ -722,16 +793,16 @@ impl<'t> DedupRef<'t> {
         };
         for i in 0..scan {
             let at = p.at(i);
-            let snap = self.settled(at);
-            match snap.kind() {
-                EMPTY | FREE => return Some((at, snap.state)),
-                LIVE | STORED => {
-                    let age = now.wrapping_sub(snap.stamp);
+            let (state, stamp) = self.settled_stamp(at);
+            match (kind(state), stamp) {
+                (EMPTY | FREE, _) => return Some((at, state)),
+                (LIVE | STORED, Some(stamp)) => {
+                    let age = now.wrapping_sub(stamp);
                     if age >= window {
-                        return Some((at, snap.state));
+                        return Some((at, state));
                     }
                     if oldest.is_none_or(|(_, _, a)| age > a) {
-                        oldest = Some((at, snap.state, age));
+                        oldest = Some((at, state, age));
                     }
                 }
                 _ => {}
@@ -965,17 +1036,16 @@ impl<'t> Inserter<'t> {
         let now = now_ms as u32;
         let window = t.config.window();
         let p = t.probe(id);
-        let Target {
-            seen, state, slot, ..
-        } = match t.prescan(&p, id, now, window) {
+        let target = match t.prescan(&p, id, now, window) {
             Ok(target) => target,
             Err(answer) => return answer,
         };
+        let (seen, state) = (target.seen, target.state);
         let claimed = claim_word(seen, p.tag);
         // Seqlock write: readers that see any new word see CLAIMED first.
         state.store(claimed, Relaxed);
         fence(Release);
-        slot.write_id(id, now);
+        target.write_id(id, now);
         state.store(with_kind(claimed, LIVE), Release);
         Insert::Inserted
     }
@@ -1155,14 +1225,20 @@ mod tests {
     #[test]
     fn buffer_table_works_like_the_static_one() {
         let mut states: std::vec::Vec<DedupState> = (0..8).map(|_| DedupState::new()).collect();
+        let mut stamps: std::vec::Vec<DedupStamp> = (0..8).map(|_| DedupStamp::new()).collect();
         let mut slots: std::vec::Vec<DedupSlot> = (0..8).map(|_| DedupSlot::new()).collect();
-        let t = BufferDedupTable::new(&mut states, &mut slots, CFG).unwrap();
+        let t = BufferDedupTable::new(&mut states, &mut stamps, &mut slots, CFG).unwrap();
         let d = t.table();
         assert_eq!(d.insert(u64::MAX, 0), Insert::Inserted);
         assert!(d.contains(u64::MAX, 1));
         let mut bad_states: std::vec::Vec<DedupState> = (0..6).map(|_| DedupState::new()).collect();
+        let mut bad_stamps: std::vec::Vec<DedupStamp> = (0..6).map(|_| DedupStamp::new()).collect();
         let mut bad: std::vec::Vec<DedupSlot> = (0..6).map(|_| DedupSlot::new()).collect();
-        assert!(BufferDedupTable::new(&mut bad_states, &mut bad, CFG).is_err());
+        assert!(BufferDedupTable::new(&mut bad_states, &mut bad_stamps, &mut bad, CFG).is_err());
+        // Lengths that differ.
+        let mut short_stamps: std::vec::Vec<DedupStamp> =
+            (0..4).map(|_| DedupStamp::new()).collect();
+        assert!(BufferDedupTable::new(&mut states, &mut short_stamps, &mut slots, CFG).is_err());
     }
 
     #[test]

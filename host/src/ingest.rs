@@ -999,11 +999,13 @@ impl Ingest {
                         continue;
                     }
                     let class = self.p.router.route(f.topic_bytes(), f.priority());
-                    if let (Dispatch::Inline(i), Class::Realtime | Class::Transactional) =
-                        (&self.p.dispatch, class)
-                    {
-                        // Its dedup slot loads while the frame is copied.
-                        i.dedup.prefetch(f.event_id());
+                    // Its dedup slot loads while the frame is copied.
+                    match (&self.p.dispatch, class) {
+                        (Dispatch::Inline(i), Class::Realtime) => i.dedup.prefetch(f.event_id()),
+                        (Dispatch::Inline(i), Class::Transactional) => {
+                            i.dedup.prefetch_insert(f.event_id())
+                        }
+                        _ => {}
                     }
                     let Some(mut slot) = self.spare.take() else {
                         continue;

@@ -106,7 +106,10 @@ pub fn run_singles(
         let mut moved = 0;
         for _ in 0..room {
             if let Some(f) = rx.peek(PREFETCH_AHEAD).and_then(Event::frame) {
-                dedup.prefetch(f.event_id());
+                match class {
+                    Class::Transactional => dedup.prefetch_insert(f.event_id()),
+                    _ => dedup.prefetch(f.event_id()),
+                }
             }
             let Some(ev) = rx.pop() else { break };
             let _ = tx.push(Work::decided(ev, |f| match &mut proc {

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, WindowMeta};
-use eventstream_core::dedup::{BufferDedupTable, DedupConfig, DedupSlot, DedupState, FullPolicy};
+use eventstream_core::dedup::{
+    BufferDedupTable, DedupConfig, DedupSlot, DedupStamp, DedupState, FullPolicy,
+};
 use eventstream_core::pipeline::{Event, Work};
 use eventstream_core::pool::{BufferPool, SlotMeta};
 use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
@@ -135,10 +137,12 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     );
     let acquirer = pool.acquirer().ok_or("pool acquirer taken")?;
     let dedup_states = leak_slice(cfg.dedup_capacity, DedupState::new);
+    let dedup_stamps = leak_slice(cfg.dedup_capacity, DedupStamp::new);
     let dedup_slots = leak_slice(cfg.dedup_capacity, DedupSlot::new);
     let table = leak(
         BufferDedupTable::new(
             dedup_states,
+            dedup_stamps,
             dedup_slots,
             DedupConfig {
                 window_ms,
