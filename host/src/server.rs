@@ -20,7 +20,7 @@ use eventstream_core::route::TopicTable;
 use eventstream_core::wire::{Ack, Limits};
 
 use crate::config::{
-    DedupFull, FsyncPolicy, ProcessorsArg, ServerConfig, StorageThreadArg, WhenFullArg, MAX_TOPICS,
+    DedupFull, ProcessorsArg, ServerConfig, StorageThreadArg, WhenFullArg, MAX_TOPICS,
 };
 use crate::ingest::{Dispatch, Ingest, IngestParts, Inline};
 use crate::processors::{run_batch, run_singles, Singles};
@@ -98,7 +98,6 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             retention_bytes: args.retention_bytes,
             retention_age: args.retention_age,
             repair: args.repair,
-            kick_writeback: args.fsync != FsyncPolicy::Always,
         },
     )?;
     for note in &opened.notes {

@@ -126,7 +126,6 @@ pub struct Log {
     active_len: u64,
     /// The active segment's bytes up to here have been handed to writeback.
     kicked: u64,
-    kick_writeback: bool,
     next_offset: u64,
     segment_bytes: u64,
     retention_bytes: Option<u64>,
@@ -150,10 +149,6 @@ pub struct LogOptions {
     pub retention_age: Option<Duration>,
     /// Repair a corrupt newest segment instead of refusing to start.
     pub repair: bool,
-    /// Hand every 8 MiB written to writeback at once (`sync_file_range`).
-    /// Off with group commit: an fdatasync would wait for that whole range
-    /// to reach the disk, and a fdatasync runs after every write anyway.
-    pub kick_writeback: bool,
 }
 
 /// Creates a segment and writes its header, without fsyncs: the caller
@@ -294,7 +289,6 @@ impl Log {
             kicked: active_len,
             next_offset,
             segment_bytes: opts.segment_bytes,
-            kick_writeback: opts.kick_writeback,
             retention_bytes: opts.retention_bytes,
             retention_age: opts.retention_age,
         };
@@ -337,8 +331,10 @@ impl Log {
     /// Appends `buf` (whole records holding `events` events) with one
     /// positional write; on failure the file is cut back to its previous
     /// length, so no partial record stays. Every `WRITEBACK_BYTES` it
-    /// returns the active segment's byte range due for writeback (see
-    /// `start_writeback`), for the sync thread to hand to the kernel.
+    /// returns the active segment's byte range due for writeback, for the
+    /// sync thread: it hands the range to the kernel (`start_writeback`;
+    /// not under `--fsync always`, whose fsyncs write everything back) and
+    /// drops the cached pages some ranges behind it (`drop_cached`).
     pub fn append(&mut self, buf: &[u8], events: u64) -> io::Result<Option<(u64, u64)>> {
         if let Err(e) = self.active.write_all_at(buf, self.active_len) {
             // Best effort: if the cut fails too, start-up recovery finds
@@ -353,7 +349,7 @@ impl Log {
             seg.size = self.active_len;
         }
         self.next_offset += events;
-        if self.kick_writeback && self.active_len - self.kicked >= WRITEBACK_BYTES {
+        if self.active_len - self.kicked >= WRITEBACK_BYTES {
             // Whole pages only: the page the next append continues must not
             // be under writeback (on devices with stable pages that append
             // would wait for it).

@@ -751,7 +751,12 @@ pub fn run_sync(
         if kick_to != kicked {
             let from = shared.kick_from.load(Ordering::Relaxed);
             let active = targets.active();
-            start_writeback(&active, from, kick_to);
+            // Under `always` the fsyncs write everything back (a kick would
+            // only make the next one wait for a whole range); there the
+            // kicks only pace the drop.
+            if policy != FsyncPolicy::Always {
+                start_writeback(&active, from, kick_to);
+            }
             kicked = kick_to;
             // Pages whose writeback started DROP_LAG bytes ago are clean
             // by now, normally: drop them from the page cache

@@ -648,8 +648,19 @@ fn resident_bytes(path: &Path) -> u64 {
 
 #[test]
 fn the_logs_written_pages_leave_the_page_cache() {
+    written_pages_leave_the_page_cache(&[]);
+}
+
+#[test]
+fn the_logs_written_pages_leave_the_page_cache_under_fsync_always() {
+    written_pages_leave_the_page_cache(&["--fsync", "always"]);
+}
+
+fn written_pages_leave_the_page_cache(flags: &[&str]) {
     let dir = TempDir::new("dropcache");
-    let server = Server::start(&dir.data(), &["--max-frame", "4096"]);
+    let mut args = vec!["--max-frame", "4096"];
+    args.extend_from_slice(flags);
+    let server = Server::start(&dir.data(), &args);
     let out = std::process::Command::new(BIN)
         .args(["load", "--target", &server.addr.to_string()])
         .args([
