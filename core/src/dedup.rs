@@ -239,6 +239,19 @@ pub enum Insert {
     Full,
 }
 
+/// Where an insert put an id: its distance from the id's home slot. Handed
+/// to [`DedupRef::set_offset_hinted`] with the stored event, it goes
+/// straight to the entry instead of searching the neighbourhood. Only a
+/// hint: one that no longer points at the id costs the search it saves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DedupHint(u8);
+
+impl DedupHint {
+    /// No hint: search.
+    pub const NONE: DedupHint = DedupHint(u8::MAX);
+}
+
 /// Result of [`DedupRef::lookup`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -840,11 +853,57 @@ impl<'t> DedupRef<'t> {
         None
     }
 
+    /// The slot `hint` points at, if it holds `id` (live or stored).
+    fn at_hint(&self, id: u64, hint: DedupHint) -> Option<(usize, u32)> {
+        let p = self.probe(id);
+        let distance = usize::from(hint.0);
+        if distance >= p.len {
+            return None;
+        }
+        let at = p.at(distance);
+        let s = self.state(at)?.load(Acquire);
+        if !matches!(kind(s), LIVE | STORED) || tag_of(s) != p.tag {
+            return None;
+        }
+        // An id has at most one copy in the table (an insert reuses its
+        // expired one), so this is the slot `find` would return. Only the
+        // id words are read (a seqlock read, as in `read`): the stamp's
+        // line is not needed, and a miss.
+        let d = self.slots.get(at)?;
+        let found = d.id_lo.load(Relaxed) as u64 | (d.id_hi.load(Relaxed) as u64) << 32;
+        fence(Acquire);
+        (found == id && self.state(at)?.load(Relaxed) == s).then_some((at, s))
+    }
+
+    /// [`Self::prefetch`] for a `set_offset_hinted` of `id` a few events
+    /// later: with a hint, only the state word and data of that slot.
+    #[inline]
+    pub fn prefetch_hinted(&self, id: u64, hint: DedupHint) {
+        let p = self.probe(id);
+        let distance = usize::from(hint.0);
+        if distance >= p.len {
+            self.prefetch(id);
+            return;
+        }
+        let at = p.at(distance);
+        if let (Some(state), Some(slot)) = (self.states.get(at), self.slots.get(at)) {
+            prefetch(state as *const DedupState, false);
+            prefetch(slot as *const DedupSlot, false);
+        }
+    }
+
     /// Records the log offset of the stored original of `id`, so duplicates
     /// can report it. Returns false if the id is not in the table.
     pub fn set_offset(&self, id: u64, offset: u64) -> bool {
+        self.set_offset_hinted(id, offset, DedupHint::NONE)
+    }
+
+    /// [`Self::set_offset`], looking first where `hint` (from
+    /// [`Inserter::insert_hinted`]) says the id went.
+    pub fn set_offset_hinted(&self, id: u64, offset: u64, hint: DedupHint) -> bool {
+        let mut hinted = self.at_hint(id, hint);
         loop {
-            let Some((at, seen)) = self.find(id) else {
+            let Some((at, seen)) = hinted.take().or_else(|| self.find(id)) else {
                 return false;
             };
             if kind(seen) == STORED {
@@ -1032,22 +1091,35 @@ impl<'t> Inserter<'t> {
     /// free or to offsetting, which a claim of an expired slot overrides and
     /// which then fails), and there is no twin to look for.
     pub fn insert(&mut self, id: u64, now_ms: u64) -> Insert {
+        self.insert_hinted(id, now_ms).0
+    }
+
+    /// [`Self::insert`], also saying where the id went (for
+    /// [`DedupRef::set_offset_hinted`]); [`DedupHint::NONE`] unless inserted.
+    pub fn insert_hinted(&mut self, id: u64, now_ms: u64) -> (Insert, DedupHint) {
         let t = &self.table;
         let now = now_ms as u32;
         let window = t.config.window();
         let p = t.probe(id);
         let target = match t.prescan(&p, id, now, window) {
             Ok(target) => target,
-            Err(answer) => return answer,
+            Err(answer) => return (answer, DedupHint::NONE),
         };
+        // Below NEIGHBOURHOOD (64), so it fits.
+        let hint = DedupHint((target.at.wrapping_sub(p.home) & p.mask) as u8);
         let (seen, state) = (target.seen, target.state);
         let claimed = claim_word(seen, p.tag);
         // Seqlock write: readers that see any new word see CLAIMED first.
-        state.store(claimed, Relaxed);
+        // A swap, though a store would do: a concurrent set_offset, remove
+        // or sweep may CAS this word (its previous value does not matter),
+        // and loom keeps a plain store out of the middle of a CAS only when
+        // both are read-modify-writes (tokio-rs/loom#254), which the model
+        // of that race needs. One locked instruction per insert.
+        state.swap(claimed, Relaxed);
         fence(Release);
         target.write_id(id, now);
         state.store(with_kind(claimed, LIVE), Release);
-        Insert::Inserted
+        (Insert::Inserted, hint)
     }
 
     /// [`DedupRef::sweep`], also turning tombstones at chain ends back into
@@ -1239,6 +1311,43 @@ mod tests {
         let mut short_stamps: std::vec::Vec<DedupStamp> =
             (0..4).map(|_| DedupStamp::new()).collect();
         assert!(BufferDedupTable::new(&mut states, &mut short_stamps, &mut slots, CFG).is_err());
+    }
+
+    #[test]
+    fn a_hint_leads_set_offset_to_the_entry_and_a_wrong_one_costs_only_a_search() {
+        // 8 slots: every neighbourhood is the whole table, so ids collide.
+        let t: DedupTable<8> = DedupTable::new(CFG);
+        let d = t.table();
+        let mut ins = d.inserter().unwrap();
+        let mut hints = [DedupHint::NONE; 8];
+        for (id, hint) in hints.iter_mut().enumerate() {
+            let (answer, h) = ins.insert_hinted(id as u64, 1);
+            assert_eq!(answer, Insert::Inserted);
+            assert_ne!(h, DedupHint::NONE);
+            assert_eq!(
+                d.at_hint(id as u64, h).map(|(at, _)| at),
+                d.find(id as u64).map(|(at, _)| at)
+            );
+            *hint = h;
+        }
+        assert_eq!(
+            ins.insert_hinted(3, 2),
+            (Insert::Duplicate(None), DedupHint::NONE)
+        );
+        // Its own hint.
+        assert!(d.set_offset_hinted(0, 100, hints[0]));
+        assert_eq!(d.lookup(0, 2), Lookup::Present(Some(100)));
+        // Another id's hint, no hint, a hint past the neighbourhood.
+        assert!(d.set_offset_hinted(1, 101, hints[2]));
+        assert!(d.set_offset_hinted(2, 102, DedupHint::NONE));
+        assert!(d.set_offset_hinted(3, 103, DedupHint(200)));
+        for id in 1..4 {
+            assert_eq!(d.lookup(id, 2), Lookup::Present(Some(100 + id)));
+        }
+        // An id no longer there: its old hint finds nothing.
+        assert!(d.remove(4));
+        assert!(!d.set_offset_hinted(4, 104, hints[4]));
+        assert!(!d.set_offset_hinted(99, 199, hints[5]));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! before the bytes it cannot place, and they are fed again later.
 
 use crate::batch::{Aggregate, BatchItem, BatchWindows, Closed};
-use crate::dedup::{DedupRef, Lookup};
+use crate::dedup::{DedupHint, DedupRef, Lookup};
 use crate::event::Class;
 use crate::metrics::{Counter, LocalMetrics, Registry, FINE};
 use crate::pool::{Acquirer, EventRef, SlotMut};
@@ -70,6 +70,9 @@ pub struct Event<'p> {
     pub recv_wall_ns: u64,
     /// Monotonic clock at ingest, ns.
     pub recv_mono_ns: u64,
+    /// Where the transactional processor put its id in the dedup table
+    /// (for the offset storage records there), else `DedupHint::NONE`.
+    pub dedup: DedupHint,
 }
 
 impl<'p> Event<'p> {
@@ -87,6 +90,7 @@ impl<'p> Event<'p> {
             class,
             recv_wall_ns,
             recv_mono_ns,
+            dedup: DedupHint::NONE,
         }
     }
 
@@ -557,9 +561,9 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
             }
             let Some(ev) = rx.pop() else { break };
             moved = true;
-            store.work(Work::decided(ev, |f| match class {
-                Class::Realtime => realtime.handle(f, now_ms, hook),
-                _ => transactional.handle(f, now_ms, hook),
+            store.work(Work::decided_hinted(ev, |f| match class {
+                Class::Realtime => (realtime.handle(f, now_ms, hook), DedupHint::NONE),
+                _ => transactional.handle_hinted(f, now_ms, hook),
             }));
         }
         moved
@@ -655,7 +659,7 @@ impl<'p, C: Clock, S: Sink, const B: usize> Store<'_, 'p, C, S, B> {
                 self.metrics
                     .add(Counter::BytesStored, f.bytes().len() as u64);
                 if deduped {
-                    self.dedup.set_offset(f.event_id(), offset);
+                    self.dedup.set_offset_hinted(f.event_id(), offset, ev.dedup);
                 }
                 if f.ack_requested() {
                     self.sink.ack(ev.conn, Ack::stored(f.event_id(), offset));
@@ -802,12 +806,29 @@ impl<'p> Work<'p> {
     /// is rejected BAD_LENGTH. A stored event keeps its frame; the others
     /// need only its id and ACK flag, read from the same parse.
     pub fn decided(ev: Event<'p>, decide: impl FnOnce(&Frame<'_>) -> Outcome) -> Work<'p> {
-        let (outcome, event_id, ack) = match ev.frame() {
+        Self::decided_hinted(ev, |f| (decide(f), DedupHint::NONE))
+    }
+
+    /// [`Self::decided`] with a processor that also says where the event's
+    /// id went in the dedup table (`TransactionalProcessor::handle_hinted`);
+    /// a stored event carries that hint to storage.
+    pub fn decided_hinted(
+        mut ev: Event<'p>,
+        decide: impl FnOnce(&Frame<'_>) -> (Outcome, DedupHint),
+    ) -> Work<'p> {
+        let ((outcome, hint), event_id, ack) = match ev.frame() {
             Some(f) => (decide(&f), f.event_id(), f.ack_requested()),
-            None => (Outcome::Rejected(Reason::BadLength), 0, false),
+            None => (
+                (Outcome::Rejected(Reason::BadLength), DedupHint::NONE),
+                0,
+                false,
+            ),
         };
         match outcome {
-            Outcome::Store | Outcome::Buffered => Work::Store(ev),
+            Outcome::Store | Outcome::Buffered => {
+                ev.dedup = hint;
+                Work::Store(ev)
+            }
             Outcome::Duplicate(offset) => Work::Duplicate {
                 conn: ev.conn,
                 event_id,

@@ -3,7 +3,7 @@
 //! table is the only shared state they touch.
 
 use crate::batch::{Aggregate, BatchItem, BatchWindows};
-use crate::dedup::{DedupRef, Insert, Inserter, Lookup};
+use crate::dedup::{DedupHint, DedupRef, Insert, Inserter, Lookup};
 use crate::event::Class;
 use crate::wire::{Frame, Reason};
 
@@ -87,15 +87,28 @@ impl<'t> TransactionalProcessor<'t> {
     /// Decides for one event at monotonic time `now_ms`. Legacy events are
     /// never deduplicated.
     pub fn handle(&mut self, frame: &Frame<'_>, now_ms: u64, hook: &mut impl EventHook) -> Outcome {
+        self.handle_hinted(frame, now_ms, hook).0
+    }
+
+    /// [`Self::handle`], also saying where the id went in the dedup table,
+    /// for the offset the log gives the event ([`DedupHint::NONE`] unless
+    /// inserted).
+    pub fn handle_hinted(
+        &mut self,
+        frame: &Frame<'_>,
+        now_ms: u64,
+        hook: &mut impl EventHook,
+    ) -> (Outcome, DedupHint) {
+        let mut hint = DedupHint::NONE;
         if !frame.is_legacy() {
-            match self.dedup.insert(frame.event_id(), now_ms) {
-                Insert::Inserted => {}
-                Insert::Duplicate(offset) => return Outcome::Duplicate(offset),
-                Insert::Full => return Outcome::Rejected(Reason::DedupFull),
+            match self.dedup.insert_hinted(frame.event_id(), now_ms) {
+                (Insert::Inserted, at) => hint = at,
+                (Insert::Duplicate(offset), _) => return (Outcome::Duplicate(offset), hint),
+                (Insert::Full, _) => return (Outcome::Rejected(Reason::DedupFull), hint),
             }
         }
         hook.on_event(Class::Transactional, frame);
-        Outcome::Store
+        (Outcome::Store, hint)
     }
 }
 

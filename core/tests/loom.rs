@@ -249,6 +249,36 @@ fn dedup_twins_in_different_slots_let_exactly_one_win() {
 }
 
 #[test]
+fn dedup_hinted_set_offset_never_lands_on_a_reused_slot() {
+    // The table is full of expired ids, so the inserter reuses one of their
+    // slots for id 9 (with plain stores) while the storage side sets each
+    // one's offset where the inserter's hint says it went: no offset lands
+    // on 9.
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(2);
+    model.check(|| {
+        let table: &'static DedupTable<4> = leak(DedupTable::new(LOOM_DEDUP));
+        let d = table.table();
+        let mut ins = d.inserter().unwrap();
+        let ids = [7u64, 8, 10, 11];
+        let hints = ids.map(|id| {
+            let (inserted, hint) = ins.insert_hinted(id, 0);
+            assert_eq!(inserted, Insert::Inserted);
+            hint
+        });
+        let storage = thread::spawn(move || {
+            for (id, hint) in ids.into_iter().zip(hints) {
+                d.set_offset_hinted(id, id * 10, hint);
+            }
+        });
+        assert_eq!(ins.insert(9, 150), Insert::Inserted);
+        storage.join().unwrap();
+        assert_eq!(d.lookup(9, 150), Lookup::Present(None));
+        assert_eq!(ins.insert(9, 150), Insert::Duplicate(None));
+    });
+}
+
+#[test]
 fn dedup_single_inserter_with_reader_remover_and_sweeper() {
     // The inserter reuses an expired slot with plain stores while a reader
     // looks, the storage side sets an offset and a sweeper frees: a reader

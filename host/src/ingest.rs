@@ -168,7 +168,7 @@ impl Inline {
             }
             Class::Realtime => Work::decided(ev, |f| self.realtime.handle(f, now_ms, &mut ())),
             Class::Transactional => {
-                Work::decided(ev, |f| self.transactional.handle(f, now_ms, &mut ()))
+                Work::decided_hinted(ev, |f| self.transactional.handle_hinted(f, now_ms, &mut ()))
             }
         };
         if let Some(out) = self.storage_tx.get_mut(class.index()) {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventstream_core::batch::BatchWindows;
-use eventstream_core::dedup::DedupRef;
+use eventstream_core::dedup::{DedupHint, DedupRef};
 use eventstream_core::pipeline::{Event, ToStorage, Work};
 use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
 use eventstream_core::ring::{Consumer, Producer};
@@ -112,9 +112,9 @@ pub fn run_singles(
                 }
             }
             let Some(ev) = rx.pop() else { break };
-            let _ = tx.push(Work::decided(ev, |f| match &mut proc {
-                Singles::Realtime(p) => p.handle(f, now_ms, &mut ()),
-                Singles::Transactional(p, _) => p.handle(f, now_ms, &mut ()),
+            let _ = tx.push(Work::decided_hinted(ev, |f| match &mut proc {
+                Singles::Realtime(p) => (p.handle(f, now_ms, &mut ()), DedupHint::NONE),
+                Singles::Transactional(p, _) => p.handle_hinted(f, now_ms, &mut ()),
             }));
             moved += 1;
         }

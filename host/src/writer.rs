@@ -15,7 +15,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
-use eventstream_core::dedup::{DedupRef, Lookup};
+use eventstream_core::dedup::{DedupHint, DedupRef, Lookup};
 use eventstream_core::metrics::{Counter, LocalMetrics};
 use eventstream_core::pipeline::{Event, Work};
 use eventstream_core::record::{RecordBuilder, RecordKind, RECORD_HEADER_LEN};
@@ -58,6 +58,8 @@ enum Pending {
         class: Class,
         recv_mono: u64,
         dedup: bool,
+        /// Where the id went in the dedup table.
+        hint: DedupHint,
         len: u32,
     },
     /// An answer that does not depend on the write.
@@ -575,10 +577,11 @@ impl Storage {
             if let Some(Pending::Stored {
                 event_id,
                 dedup: true,
+                hint,
                 ..
             }) = pending.get(i + PREFETCH_AHEAD)
             {
-                self.p.dedup.prefetch(*event_id);
+                self.p.dedup.prefetch_hinted(*event_id, *hint);
             }
             self.finished += 1;
             self.metrics.event();
@@ -591,13 +594,14 @@ impl Storage {
                     class,
                     recv_mono,
                     dedup,
+                    hint,
                     len,
                 } => {
                     if ok {
                         self.metrics.add(Counter::Stored(class), 1);
                         self.metrics.add(Counter::BytesStored, u64::from(len));
                         if dedup {
-                            self.p.dedup.set_offset(event_id, offset);
+                            self.p.dedup.set_offset_hinted(event_id, offset, hint);
                         }
                         let ack = ack.then(|| (conn, Ack::stored(event_id, offset)));
                         if self.p.fsync == FsyncPolicy::Always {
@@ -708,6 +712,7 @@ fn stored(ev: &Event<'_>, offset: u64) -> Pending {
         class: ev.class,
         recv_mono: ev.recv_mono_ns,
         dedup: ev.class == Class::Transactional && !legacy,
+        hint: ev.dedup,
         len: ev.bytes().len() as u32,
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use eventstream_core::dedup::{DedupConfig, DedupTable, FullPolicy, Insert, Lookup};
+use eventstream_core::dedup::{DedupConfig, DedupHint, DedupTable, FullPolicy, Insert, Lookup};
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -54,6 +54,9 @@ proptest! {
         // Both insert paths: any-thread `insert`, or the single inserter.
         let mut inserter = if single { d.inserter() } else { None };
         let mut model = Model::new();
+        // Where the single inserter said each id went; stale ones (the id
+        // removed, swept or moved since) must only cost a search.
+        let mut hints: HashMap<u64, DedupHint> = HashMap::new();
         let mut now = 0u64;
         for op in ops {
             match op {
@@ -66,7 +69,13 @@ proptest! {
                         }
                     };
                     let got = match inserter.as_mut() {
-                        Some(ins) => ins.insert(id, now),
+                        Some(ins) => {
+                            let (got, hint) = ins.insert_hinted(id, now);
+                            if got == Insert::Inserted {
+                                hints.insert(id, hint);
+                            }
+                            got
+                        }
                         None => d.insert(id, now),
                     };
                     prop_assert_eq!(got, want, "insert {} at {}", id, now);
@@ -80,7 +89,8 @@ proptest! {
                     // just inserted (still inside the window).
                     if let Some((at, None)) = model.get(&id).copied() {
                         if now - at < WINDOW {
-                            prop_assert!(d.set_offset(id, off));
+                            let hint = hints.get(&id).copied().unwrap_or(DedupHint::NONE);
+                            prop_assert!(d.set_offset_hinted(id, off, hint));
                             model.insert(id, (at, Some(off)));
                         }
                     }
