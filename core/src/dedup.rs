@@ -4,8 +4,9 @@
 //! Costs: no allocation, no locks; 24 bytes per slot in six 32-bit atomics,
 //! in three dense arrays: state words, insertion stamps, id and offset.
 //! Lookups never write. An insert scans at most [`NEIGHBOURHOOD`] slots from
-//! the id's home slot ([`EVICT_NEIGHBOURHOOD`] under [`FullPolicy::Evict`]), claims one with a CAS (retrying until it either
-//! inserts or finds the id: it never gives up), and scans them once more.
+//! the id's home slot ([`EVICT_NEIGHBOURHOOD`] under [`FullPolicy::Evict`]),
+//! claims one with a CAS (retrying until it either inserts or finds the id:
+//! it never gives up), and scans them once more.
 //!
 //! Slot-state protocol: each slot has a state word (kind, a 13-bit tag of
 //! the id's hash, a version) in a dense array, so scans skip other ids
@@ -41,7 +42,7 @@ pub const NEIGHBOURHOOD: usize = 64;
 /// the table is full, which evict allows and sustained traffic soon makes
 /// it, no empty slot ends a scan early: every lookup and insert reads its
 /// whole neighbourhood, two cache lines of state words instead of five.
-/// Once full, the table forgets the same entries either way: in a
+/// Full, the table forgets the same entries either way: in a
 /// simulation of 16,384 slots (five seeds), the youngest entry evicted was
 /// 0.41 capacity old against 0.39 with 64 slots, the median 0.99 in both.
 /// While it fills, the first evictions come sooner (after 0.46 capacity
@@ -1068,8 +1069,8 @@ impl<'t> DedupRef<'t> {
 
 impl<'t> DedupRef<'t> {
     /// The table's single inserter, for the common case of one inserting
-    /// thread (the transactional processor): its inserts claim with plain
-    /// stores and skip the twin scan, about half the cost of [`insert`].
+    /// thread (the transactional processor): its inserts claim without a
+    /// CAS and skip the twin scan, about half the cost of [`insert`].
     /// One per table (`None` after the first call); from then on
     /// [`DedupRef::insert`] answers `Full` and only the inserter reclaims
     /// tombstones. Lookups, `set_offset`, `remove` and `sweep` stay open to
@@ -1103,8 +1104,8 @@ impl<'t> Inserter<'t> {
     /// Inserts `id` at time `now_ms` unless present inside the window.
     ///
     /// No other thread claims slots or turns tombstones into empty slots, so
-    /// the claim is a plain store (others only ever CAS a slot from live to
-    /// free or to offsetting, which a claim of an expired slot overrides and
+    /// the claim needs no CAS (others only ever CAS a slot from live to free
+    /// or to offsetting, which a claim of an expired slot overrides and
     /// which then fails), and there is no twin to look for.
     pub fn insert(&mut self, id: u64, now_ms: u64) -> Insert {
         self.insert_hinted(id, now_ms).0
