@@ -512,7 +512,12 @@ impl<'t> DedupRef<'t> {
     /// prefetch instruction.
     #[inline]
     pub fn prefetch(&self, id: u64) {
-        let p = self.probe(id);
+        self.prefetch_probe(&self.probe(id));
+    }
+
+    /// [`Self::prefetch`] of the neighbourhood `p`.
+    #[inline]
+    fn prefetch_probe(&self, p: &Probe) {
         // Every line of the neighbourhood's state words: a scan of a full
         // table reads them all, and one miss after another costs more
         // than asking for them together.
@@ -535,8 +540,8 @@ impl<'t> DedupRef<'t> {
     /// insert into a full table compares to choose the entry it evicts.
     #[inline]
     pub fn prefetch_insert(&self, id: u64) {
-        self.prefetch(id);
         let p = self.probe(id);
+        self.prefetch_probe(&p);
         for i in [0, p.len.min(EVICT_SCAN).saturating_sub(1)] {
             if let Some(stamp) = self.stamps.get(p.at(i)) {
                 prefetch(stamp as *const DedupStamp, false);
@@ -870,14 +875,17 @@ impl<'t> DedupRef<'t> {
         None
     }
 
+    /// The slot `hint` points at in the neighbourhood `p`, if it is one.
+    #[inline]
+    fn hinted(p: &Probe, hint: DedupHint) -> Option<usize> {
+        let distance = usize::from(hint.0);
+        (distance < p.len).then(|| p.at(distance))
+    }
+
     /// The slot `hint` points at, if it holds `id` (live or stored).
     fn at_hint(&self, id: u64, hint: DedupHint) -> Option<(usize, u32)> {
         let p = self.probe(id);
-        let distance = usize::from(hint.0);
-        if distance >= p.len {
-            return None;
-        }
-        let at = p.at(distance);
+        let at = Self::hinted(&p, hint)?;
         let s = self.state(at)?.load(Acquire);
         if !matches!(kind(s), LIVE | STORED) || tag_of(s) != p.tag {
             return None;
@@ -897,12 +905,10 @@ impl<'t> DedupRef<'t> {
     #[inline]
     pub fn prefetch_hinted(&self, id: u64, hint: DedupHint) {
         let p = self.probe(id);
-        let distance = usize::from(hint.0);
-        if distance >= p.len {
-            self.prefetch(id);
+        let Some(at) = Self::hinted(&p, hint) else {
+            self.prefetch_probe(&p);
             return;
-        }
-        let at = p.at(distance);
+        };
         if let (Some(state), Some(slot)) = (self.states.get(at), self.slots.get(at)) {
             prefetch(state as *const DedupState, false);
             prefetch(slot as *const DedupSlot, false);

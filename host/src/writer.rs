@@ -57,9 +57,8 @@ enum Pending {
         offset: u64,
         class: Class,
         recv_mono: u64,
-        dedup: bool,
-        /// Where the id went in the dedup table.
-        hint: DedupHint,
+        /// For an id in the dedup table: where it went there.
+        dedup: Option<DedupHint>,
         len: u32,
     },
     /// An answer that does not depend on the write.
@@ -576,8 +575,7 @@ impl Storage {
         for (i, p) in pending.iter().enumerate() {
             if let Some(Pending::Stored {
                 event_id,
-                dedup: true,
-                hint,
+                dedup: Some(hint),
                 ..
             }) = pending.get(i + PREFETCH_AHEAD)
             {
@@ -594,13 +592,12 @@ impl Storage {
                     class,
                     recv_mono,
                     dedup,
-                    hint,
                     len,
                 } => {
                     if ok {
                         self.metrics.add(Counter::Stored(class), 1);
                         self.metrics.add(Counter::BytesStored, u64::from(len));
-                        if dedup {
+                        if let Some(hint) = dedup {
                             self.p.dedup.set_offset_hinted(event_id, offset, hint);
                         }
                         let ack = ack.then(|| (conn, Ack::stored(event_id, offset)));
@@ -623,7 +620,7 @@ impl Storage {
                     } else {
                         self.metrics
                             .add(Counter::Rejected(Reason::StorageFailed), 1);
-                        if dedup {
+                        if dedup.is_some() {
                             self.p.dedup.remove(event_id);
                         }
                         if ack {
@@ -711,8 +708,7 @@ fn stored(ev: &Event<'_>, offset: u64) -> Pending {
         offset,
         class: ev.class,
         recv_mono: ev.recv_mono_ns,
-        dedup: ev.class == Class::Transactional && !legacy,
-        hint: ev.dedup,
+        dedup: (ev.class == Class::Transactional && !legacy).then_some(ev.dedup),
         len: ev.bytes().len() as u32,
     }
 }
