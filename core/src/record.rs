@@ -360,6 +360,18 @@ pub fn recover(segment: &[u8], base: u64) -> Recovery {
     if pos == segment.len() {
         return Recovery::Clean { next_offset: next };
     }
+    // Zeros only (the unused end of a segment made ahead of use): no
+    // record can start in them, so the byte-by-byte search below would
+    // find none.
+    if segment
+        .get(pos..)
+        .is_some_and(|rest| rest.iter().all(|&b| b == 0))
+    {
+        return Recovery::Truncate {
+            to: pos,
+            next_offset: next,
+        };
+    }
     let mut found: Option<(usize, u64)> = None;
     let mut q = pos;
     while q < segment.len() {

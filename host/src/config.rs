@@ -103,6 +103,12 @@ pub struct ServeArgs {
     /// Roll to a new segment past this size (e.g. 128MiB).
     #[arg(long, default_value = "128MiB", value_parser = parse_size)]
     pub segment_bytes: u64,
+    /// With `--fsync always`, do not make each next segment ahead of use
+    /// (zero-filled to --segment-bytes and fsynced, so that the group
+    /// commits' fsyncs write data only). Making them writes every segment
+    /// twice; turn it off on disks where that costs more than it saves.
+    #[arg(long)]
+    pub no_segment_prefill: bool,
     /// Delete the oldest segments while the log is bigger than this.
     #[arg(long, value_parser = parse_size)]
     pub retention_bytes: Option<u64>,

@@ -20,7 +20,7 @@ use eventstream_core::route::TopicTable;
 use eventstream_core::wire::{Ack, Limits};
 
 use crate::config::{
-    DedupFull, ProcessorsArg, ServerConfig, StorageThreadArg, WhenFullArg, MAX_TOPICS,
+    DedupFull, FsyncPolicy, ProcessorsArg, ServerConfig, StorageThreadArg, WhenFullArg, MAX_TOPICS,
 };
 use crate::ingest::{Dispatch, Ingest, IngestParts, Inline};
 use crate::processors::{run_batch, run_singles, Singles};
@@ -30,7 +30,7 @@ use crate::sys::{
     ignore_signal, monotonic_ns, online_cpus, pin_to_cpu, raise_nofile_limit, set_nonblocking,
     wall_ns,
 };
-use crate::writer::{run_sync, Storage, StorageMode, StorageParts};
+use crate::writer::{run_prefill, run_sync, Storage, StorageMode, StorageParts};
 
 /// Batch windows open at once.
 const BATCH_WINDOWS: usize = 1024;
@@ -91,7 +91,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     }
     let limits = Limits::new(args.max_frame, args.max_topic)
         .map_err(|e| format!("bad frame limits: {e:?}"))?;
-    let (log, opened) = Log::open(
+    let (mut log, opened) = Log::open(
         &args.data,
         LogOptions {
             segment_bytes: args.segment_bytes,
@@ -239,6 +239,8 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     }
 
     let sync_targets = log.sync_targets();
+    let prefill = (args.fsync == FsyncPolicy::Always && !args.no_segment_prefill)
+        .then(|| log.enable_prefill());
     let storage = Storage::new(StorageParts {
         log,
         rx: [srt_rx, stx_rx, sb_rx],
@@ -354,6 +356,17 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             Ok(())
         }),
     )?;
+    if let Some(prefill) = prefill {
+        let s = shared.clone();
+        spawn(
+            "prefill",
+            1,
+            Box::new(move || {
+                run_prefill(prefill, s);
+                Ok(())
+            }),
+        )?;
+    }
     let s = shared.clone();
     spawn(
         "housekeeping",

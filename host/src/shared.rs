@@ -53,6 +53,9 @@ pub struct Shared {
     pub storage: Parker,
     /// The sync thread's parking spot.
     pub sync: Parker,
+    /// The prefill thread (`--fsync always`) sleeps while a segment made
+    /// ahead of use waits for a roll; a roll wakes it.
+    pub prefill: Parker,
     /// The sync thread sleeps until the next write (storage wakes it).
     pub sync_idle: AtomicBool,
     /// The active segment's bytes `kick_from..kick_to` are due for
@@ -116,6 +119,7 @@ impl Shared {
             batch: Parker::new(),
             storage: Parker::new(),
             sync: Parker::new(),
+            prefill: Parker::new(),
             sync_idle: AtomicBool::new(false),
             kick_from: AtomicU64::new(0),
             kick_to: AtomicU64::new(0),
@@ -158,6 +162,7 @@ impl Shared {
         self.batch.wake();
         self.storage.wake();
         self.sync.wake();
+        self.prefill.wake();
         self.ingest.wake_always();
     }
 

@@ -114,6 +114,145 @@ pub fn drop_cached(file: &File, from: u64, to: u64) {
     }
 }
 
+/// The segment file being made ahead of use, in the data directory.
+pub const PREFILL_NAME: &str = "next-segment.prefill";
+/// Zeros written at a time while a segment is made ahead of use.
+const PREFILL_CHUNK: usize = 256 << 10;
+
+/// Segments made ahead of use, for `--fsync always`: the prefill thread
+/// writes a segment header and zeros up to the segment size, makes them
+/// durable, and leaves the file here; a roll renames it to the new
+/// segment's name. Appends to such a segment overwrite blocks that are
+/// already allocated, inside the file's size, so each group-commit
+/// `fdatasync` writes data only: no journal commit for new blocks or a
+/// new file size. This halves the fsync tail on this machine's ext4 and
+/// costs the disk one extra write of every segment. The zeros after the
+/// last record are cut off when the segment closes (roll, shutdown) and by
+/// start-up recovery after a crash.
+pub struct Prefill {
+    dir: PathBuf,
+    bytes: u64,
+    /// A made segment waiting for a roll.
+    ready: Mutex<Option<File>>,
+    /// Set when making one failed (e.g. the disk is full): rolls go on
+    /// with plain segments.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Prefill {
+    /// Whether a made segment waits for a roll (or making them failed, so
+    /// none will come).
+    pub fn idle(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed) || locked(&self.ready).is_some()
+    }
+
+    /// Makes one segment ahead of use unless one is waiting; the thread's
+    /// whole job. `stop` is polled between chunks. On failure the partial
+    /// file is removed, `failed` is set and the error returned.
+    pub fn make_one(&self, stop: impl Fn() -> bool) -> io::Result<()> {
+        if self.idle() {
+            return Ok(());
+        }
+        let path = self.dir.join(PREFILL_NAME);
+        let result = (|| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)?;
+            file.write_all_at(&SEGMENT_HEADER, 0)?;
+            let zeros = vec![0u8; PREFILL_CHUNK];
+            let mut pos = SEGMENT_HEADER_LEN as u64;
+            while pos < self.bytes {
+                if stop() {
+                    return Ok(None);
+                }
+                let n = (self.bytes - pos).min(PREFILL_CHUNK as u64) as usize;
+                file.write_all_at(&zeros[..n], pos)?;
+                // Written back chunk by chunk and waited for, so the log's
+                // own fsyncs never queue behind more than one chunk of
+                // zeros.
+                syscall!(sync_file_range(
+                    file.as_raw_fd(),
+                    pos as libc::off64_t,
+                    n as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER
+                ))?;
+                pos += n as u64;
+            }
+            // The blocks and the size, durable before any append relies
+            // on them.
+            file.sync_all()?;
+            Ok(Some(file))
+        })();
+        match result {
+            Ok(Some(file)) => {
+                *locked(&self.ready) = Some(file);
+                Ok(())
+            }
+            Ok(None) => {
+                let _ = fs::remove_file(&path);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                self.failed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the made segment, if one waits (at shutdown: the next
+    /// start would remove it anyway).
+    pub fn discard(&self) {
+        let mut ready = locked(&self.ready);
+        if ready.take().is_some() {
+            if let Err(e) = fs::remove_file(self.dir.join(PREFILL_NAME)) {
+                eprintln!("eventstream: cannot remove {PREFILL_NAME}: {e}");
+            }
+        }
+    }
+
+    /// Takes the made segment, if one waits, renamed to `path` (never over
+    /// an existing file).
+    fn take(&self, path: &Path) -> io::Result<Option<File>> {
+        // The lock is held across the rename, so the prefill thread starts
+        // the next file only after this one left its name.
+        let mut ready = locked(&self.ready);
+        let Some(file) = ready.take() else {
+            return Ok(None);
+        };
+        let from = path_cstr(&self.dir.join(PREFILL_NAME))?;
+        let to = path_cstr(path)?;
+        // SAFETY: both paths are NUL-terminated strings that outlive the
+        // call; renameat2 only reads them.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc != 0 {
+            // Left where it is (removed by the next make_one or start-up).
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Some(file))
+    }
+}
+
+fn path_cstr(path: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
 /// The open log: the active segment and what came before it.
 pub struct Log {
     dir: PathBuf,
@@ -124,12 +263,16 @@ pub struct Log {
     /// a delete left to fsync.
     sync: Arc<SyncTargets>,
     active_len: u64,
+    /// The active segment file's size: `active_len`, or more for a segment
+    /// made ahead of use (zeros after `active_len`).
+    active_size: u64,
     /// The active segment's bytes up to here have been handed to writeback.
     kicked: u64,
     next_offset: u64,
     segment_bytes: u64,
     retention_bytes: Option<u64>,
     retention_age: Option<Duration>,
+    prefill: Option<Arc<Prefill>>,
 }
 
 /// What start-up found and did.
@@ -206,8 +349,9 @@ impl SyncTargets {
     /// the directory).
     pub fn sync_owed(&self) -> io::Result<()> {
         let owed = std::mem::take(&mut *locked(&self.owed));
+        // The file size too: a roll may have cut a made segment's zeros.
         for f in &owed.closed {
-            f.sync_data()?;
+            f.sync_all()?;
         }
         if owed.dir {
             self.dir.sync_all()?;
@@ -253,6 +397,14 @@ impl Log {
         }
         let dir_file =
             File::open(dir).map_err(|e| format!("cannot open data dir {}: {e}", dir.display()))?;
+        // A segment made ahead of use by the last run: possibly partial,
+        // never holding records.
+        match fs::remove_file(dir.join(PREFILL_NAME)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(format!("cannot remove {PREFILL_NAME}: {e}"));
+            }
+            _ => {}
+        }
         let mut segments =
             list_segments(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         let mut opened = Opened::default();
@@ -286,13 +438,45 @@ impl Log {
             active,
             segments,
             active_len,
+            active_size: active_len,
             kicked: active_len,
             next_offset,
             segment_bytes: opts.segment_bytes,
             retention_bytes: opts.retention_bytes,
             retention_age: opts.retention_age,
+            prefill: None,
         };
         Ok((log, opened))
+    }
+
+    /// Has segments made ahead of use from now on (see [`Prefill`]);
+    /// the returned handle is the prefill thread's.
+    pub fn enable_prefill(&mut self) -> Arc<Prefill> {
+        let prefill = Arc::new(Prefill {
+            dir: self.dir.clone(),
+            bytes: self.segment_bytes,
+            ready: Mutex::new(None),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        });
+        self.prefill = Some(prefill.clone());
+        prefill
+    }
+
+    /// Cuts the zeros after the active segment's last record, if it was
+    /// made ahead of use (a closed segment ends with its last record), and
+    /// with `sync` fsyncs the new size; a roll leaves that fsync owed to the
+    /// sync thread. After a crash, start-up recovery cuts them instead.
+    /// Returns whether it cut.
+    pub fn cut_tail(&mut self, sync: bool) -> io::Result<bool> {
+        if self.active_size <= self.active_len {
+            return Ok(false);
+        }
+        self.active.set_len(self.active_len)?;
+        self.active_size = self.active_len;
+        if sync {
+            self.active.sync_all()?;
+        }
+        Ok(true)
     }
 
     /// Offset of the next event.
@@ -339,12 +523,14 @@ impl Log {
         if let Err(e) = self.active.write_all_at(buf, self.active_len) {
             // Best effort: if the cut fails too, start-up recovery finds
             // the torn tail.
-            if let Err(t) = self.active.set_len(self.active_len) {
-                eprintln!("eventstream: cannot cut back a failed write: {t}");
+            match self.active.set_len(self.active_len) {
+                Ok(()) => self.active_size = self.active_len,
+                Err(t) => eprintln!("eventstream: cannot cut back a failed write: {t}"),
             }
             return Err(e);
         }
         self.active_len += buf.len() as u64;
+        self.active_size = self.active_size.max(self.active_len);
         if let Some(seg) = self.segments.last_mut() {
             seg.size = self.active_len;
         }
@@ -365,7 +551,29 @@ impl Log {
     /// are left to the sync thread (`SyncTargets::sync`), which makes them
     /// before it reports anything after the roll as synced.
     pub fn roll(&mut self, sync_old: bool) -> io::Result<()> {
-        let (file, path) = create_segment(&self.dir, self.next_offset)?;
+        // The closed segment's zeros go first: on a journaling file system
+        // the cut then commits no later than the new segment's name.
+        let cut = self.cut_tail(false)?;
+        let path = self.dir.join(segment_name(self.next_offset).as_str());
+        let made = match &self.prefill {
+            Some(p) => p.take(&path).unwrap_or_else(|e| {
+                eprintln!(
+                    "eventstream: cannot use {PREFILL_NAME}: {e}; rolling to a plain segment"
+                );
+                None
+            }),
+            None => None,
+        };
+        let (file, path, size) = match made {
+            Some(file) => {
+                let size = file.metadata()?.len();
+                (file, path, size)
+            }
+            None => {
+                let (file, path) = create_segment(&self.dir, self.next_offset)?;
+                (file, path, SEGMENT_HEADER_LEN as u64)
+            }
+        };
         self.segments.push(Segment {
             base: self.next_offset,
             path,
@@ -373,10 +581,11 @@ impl Log {
         });
         let old = std::mem::replace(&mut self.active, Arc::new(file));
         self.active_len = SEGMENT_HEADER_LEN as u64;
+        self.active_size = size;
         self.kicked = self.active_len;
         // Owed before the swap and before any byte goes to the new file:
         // a sync that sees the new file sees the old one owed.
-        self.sync.owe(sync_old.then_some(old), true);
+        self.sync.owe((sync_old || cut).then_some(old), true);
         *locked(&self.sync.active) = self.active.clone();
         self.apply_retention();
         Ok(())
@@ -526,8 +735,13 @@ fn recover_segment(
         }
         Recovery::Truncate { to, next_offset } => {
             truncate(&file, to)?;
+            let what = if bytes.get(to..).is_some_and(|r| r.iter().all(|&b| b == 0)) {
+                "zero-filled tail (unwritten space of a segment made ahead of use, or a torn write)"
+            } else {
+                "torn tail"
+            };
             opened.notes.push(format!(
-                "{name}: torn tail of {} bytes at position {to} truncated; next offset {next_offset}",
+                "{name}: {what} of {} bytes at position {to} truncated; next offset {next_offset}",
                 bytes.len() - to
             ));
             (to, next_offset)

@@ -25,7 +25,7 @@ use eventstream_core::Class;
 
 use crate::config::FsyncPolicy;
 use crate::shared::{Shared, STOP};
-use crate::storage::{drop_cached, start_writeback, Log, SyncTargets};
+use crate::storage::{drop_cached, start_writeback, Log, Prefill, SyncTargets};
 use crate::sys::{monotonic_ns, Backoff};
 
 /// Bytes of records gathered before a write.
@@ -297,6 +297,11 @@ impl Storage {
             let written = self.p.shared.written.load(Ordering::Acquire);
             self.p.shared.synced.store(written, Ordering::Release);
             self.final_synced = true;
+            // A segment made ahead of use ends with its last record on a
+            // clean stop (start-up would cut the zeros otherwise).
+            if let Err(e) = self.p.log.cut_tail(true) {
+                eprintln!("eventstream: cannot cut the log's unused tail at shutdown: {e}");
+            }
         }
         self.release_held();
         if !self.held.is_empty() {
@@ -516,8 +521,10 @@ impl Storage {
                 return false;
             }
             // Under `never` the sync thread sleeps until told: the new
-            // segment's directory entry is owed to it.
+            // segment's directory entry is owed to it. The prefill thread
+            // makes the next segment.
             self.p.shared.sync.wake();
+            self.p.shared.prefill.wake();
         }
         match self.p.log.append(&self.buf[..len], events) {
             Ok(kick) => {
@@ -710,6 +717,30 @@ fn stored(ev: &Event<'_>, offset: u64) -> Pending {
         recv_mono: ev.recv_mono_ns,
         dedup: (ev.class == Class::Transactional && !legacy).then_some(ev.dedup),
         len: ev.bytes().len() as u32,
+    }
+}
+
+/// Runs the prefill thread (`--fsync always`): keeps one segment made
+/// ahead of use ready for the next roll (see [`Prefill`]). After a failure
+/// (one log line) rolls go on with plain segments.
+pub fn run_prefill(prefill: Arc<Prefill>, shared: Arc<Shared>) {
+    loop {
+        if shared.phase() == STOP {
+            prefill.discard();
+            return;
+        }
+        if prefill.idle() {
+            shared
+                .prefill
+                .park(None, || !prefill.idle() || shared.phase() == STOP);
+            continue;
+        }
+        if let Err(e) = prefill.make_one(|| shared.phase() == STOP) {
+            eprintln!(
+                "eventstream: cannot make a segment ahead of use: {e}; rolling to plain segments from now on"
+            );
+            return;
+        }
     }
 }
 

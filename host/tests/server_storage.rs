@@ -344,6 +344,100 @@ fn segments_roll_under_group_commit_and_every_ack_survives_a_kill() {
     assert_eq!(inspect_events(&dir.data()).len(), acked);
 }
 
+/// Waits (at most 10 s) until the prefill thread has the next segment
+/// ready; returns whether it came.
+fn prefill_ready(data: &Path) -> bool {
+    let file = data.join("next-segment.prefill");
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        // Made to its full size and left for the next roll.
+        if std::fs::metadata(&file).is_ok_and(|m| m.len() == 64 * 1024) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+#[test]
+fn under_fsync_always_segments_are_made_ahead_and_end_with_their_last_record() {
+    let dir = TempDir::new("prefill");
+    let data = dir.data();
+    let flags = ["--segment-bytes", "64KiB", "--fsync", "always"];
+    let server = Server::start(&data, &flags);
+    let mut c = server.connect();
+    // 50 events of about 260 bytes a round: a roll every five rounds,
+    // each onto a segment made ahead of use (waited for here; a roll with
+    // none ready takes a plain segment).
+    let mut acked = 0;
+    for round in 0..24 {
+        assert!(
+            prefill_ready(&data),
+            "no segment made ahead of round {round}"
+        );
+        let bytes: Vec<u8> = (0..50).flat_map(|i| tx(round * 100 + i)).collect();
+        c.send(&bytes);
+        assert_stored(&c.acks(50));
+        acked += 50;
+    }
+    let segs = segments(&data);
+    assert!(segs.len() >= 4, "{segs:?}");
+    // The active segment has its full size (zeros after the records); the
+    // closed ones were cut to their records, which `--verify` checks.
+    let newest = segs.last().unwrap();
+    assert_eq!(std::fs::metadata(newest).unwrap().len(), 64 * 1024);
+    let (ok, out, err) = inspect(&data, &["--verify"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("space made ahead of use"), "{out}");
+    // A crash leaves the zeros: start-up cuts them, says so, and every
+    // acked event is there.
+    server.kill();
+    let server = Server::start(&data, &flags);
+    assert!(
+        server.stderr().contains("zero-filled tail"),
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(inspect_events(&data).len(), acked);
+    // Rolls onto a made segment again, then a clean stop: it cuts the
+    // zeros and removes the segment made for the next roll.
+    let mut c = server.connect();
+    let before = segments(&data).len();
+    for round in 100..106 {
+        assert!(
+            prefill_ready(&data),
+            "no segment made ahead of round {round}"
+        );
+        let bytes: Vec<u8> = (0..50).flat_map(|i| tx(round * 100 + i)).collect();
+        c.send(&bytes);
+        assert_stored(&c.acks(50));
+        acked += 50;
+    }
+    assert!(segments(&data).len() > before);
+    let newest = segments(&data).pop().unwrap();
+    assert_eq!(std::fs::metadata(&newest).unwrap().len(), 64 * 1024);
+    let _ = server.terminate();
+    assert!(std::fs::metadata(&newest).unwrap().len() < 64 * 1024);
+    assert!(!data.join("next-segment.prefill").exists());
+    let (ok, out, err) = inspect(&data, &["--verify"]);
+    assert!(ok, "{err}");
+    assert!(!out.contains("made ahead"), "{out}");
+    assert_eq!(inspect_events(&data).len(), acked);
+
+    // Off: no file is made, and an always segment grows by appends.
+    let dir = TempDir::new("noprefill");
+    let data = dir.data();
+    let server = Server::start(&data, &[&flags[..], &["--no-segment-prefill"]].concat());
+    let mut c = server.connect();
+    for id in 0..5 {
+        store_one(&mut c, id);
+    }
+    assert!(!data.join("next-segment.prefill").exists());
+    let newest = segments(&data).pop().unwrap();
+    assert!(std::fs::metadata(newest).unwrap().len() < 4096);
+    let _ = server.terminate();
+}
+
 #[test]
 fn a_full_dedup_table_with_reject_answers_dedup_full() {
     let dir = TempDir::new("dedupfull");

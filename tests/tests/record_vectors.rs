@@ -273,3 +273,52 @@ proptest::proptest! {
         proptest::prop_assert!(clean);
     }
 }
+
+#[test]
+fn zeros_after_the_last_record_are_cut_and_a_record_after_them_is_not_hidden() {
+    // The unused end of a segment made ahead of use (`--fsync always`).
+    use eventstream_core::record::{recover, Recovery};
+    let mut seen = 0;
+    for line in vector_lines("log_records.jsonl") {
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["type"] != "recovery" || v["expect"]["action"] != "none" {
+            continue;
+        }
+        seen += 1;
+        let base: u64 = v["segment_name"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches(".log")
+            .parse()
+            .unwrap();
+        let seg = unhex(v["segment_hex"].as_str().unwrap());
+        let Recovery::Clean { next_offset } = recover(&seg, base) else {
+            panic!("{line}");
+        };
+        for zeros in [1, 4095, 100_000] {
+            let mut padded = seg.clone();
+            padded.resize(seg.len() + zeros, 0);
+            assert_eq!(
+                recover(&padded, base),
+                Recovery::Truncate {
+                    to: seg.len(),
+                    next_offset
+                },
+                "{zeros} zeros"
+            );
+        }
+        // Zeros with the records after them: refused, as for any other bad
+        // stretch before valid records.
+        if seg.len() > SEGMENT_HEADER.len() {
+            let mut later = SEGMENT_HEADER.to_vec();
+            later.resize(SEGMENT_HEADER.len() + 4096, 0);
+            later.extend_from_slice(&seg[SEGMENT_HEADER.len()..]);
+            assert!(
+                matches!(recover(&later, base), Recovery::Refuse { bad_at, valid_at, .. }
+                    if bad_at == SEGMENT_HEADER.len() && valid_at == bad_at + 4096),
+                "{line}"
+            );
+        }
+    }
+    assert!(seen >= 1);
+}
