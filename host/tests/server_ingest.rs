@@ -275,6 +275,49 @@ fn cpu_ticks(pid: i32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
+fn smaps_kib(pid: i32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn the_dedup_table_and_the_pool_sit_in_huge_pages() {
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.is_empty() || thp.contains("[never]") {
+        eprintln!("skipped: transparent huge pages are off on this machine ({thp:?})");
+        return;
+    }
+    let dir = TempDir::new("huge");
+    // The default sizes: 2,097,152 dedup ids (40 MiB of state words,
+    // stamps and slots, every page written at start), 65,536 pool slots.
+    let server = Server::start(
+        &dir.data(),
+        &["--dedup-capacity", "2097152", "--pool-events", "65536"],
+    );
+    let at_start = smaps_kib(server.pid(), "AnonHugePages:");
+    assert!(at_start >= 40 << 10, "{at_start} KiB in huge pages");
+    // Events touch the pool's slots (32 MiB of frame bytes, mapped lazily).
+    let mut c = server.connect();
+    let mut rng = Rng(7);
+    for round in 0..20 {
+        let (bytes, _) = mixed_frames(500, round * 1000, &mut rng);
+        c.send(&bytes);
+        let _ = c.acks(500);
+    }
+    let after = smaps_kib(server.pid(), "AnonHugePages:");
+    assert!(
+        after > at_start,
+        "{after} KiB in huge pages after 10,000 events"
+    );
+    let _ = server.terminate();
+}
+
 #[test]
 fn an_idle_server_uses_under_two_percent_of_a_core() {
     let dir = TempDir::new("idle");
