@@ -359,6 +359,24 @@ fn prefill_ready(data: &Path) -> bool {
     false
 }
 
+/// Sends `rounds` of 50 transactional events, each round once a segment
+/// made ahead of use is ready for the next roll, and each after the last
+/// one's acks; returns how many were stored.
+fn rounds_onto_made_segments(c: &mut Client, data: &Path, rounds: std::ops::Range<u64>) -> usize {
+    let mut stored = 0;
+    for round in rounds {
+        assert!(
+            prefill_ready(data),
+            "no segment made ahead of round {round}"
+        );
+        let bytes: Vec<u8> = (0..50).flat_map(|i| tx(round * 100 + i)).collect();
+        c.send(&bytes);
+        assert_stored(&c.acks(50));
+        stored += 50;
+    }
+    stored
+}
+
 #[test]
 fn under_fsync_always_segments_are_made_ahead_and_end_with_their_last_record() {
     let dir = TempDir::new("prefill");
@@ -369,17 +387,7 @@ fn under_fsync_always_segments_are_made_ahead_and_end_with_their_last_record() {
     // 50 events of about 260 bytes a round: a roll every five rounds,
     // each onto a segment made ahead of use (waited for here; a roll with
     // none ready takes a plain segment).
-    let mut acked = 0;
-    for round in 0..24 {
-        assert!(
-            prefill_ready(&data),
-            "no segment made ahead of round {round}"
-        );
-        let bytes: Vec<u8> = (0..50).flat_map(|i| tx(round * 100 + i)).collect();
-        c.send(&bytes);
-        assert_stored(&c.acks(50));
-        acked += 50;
-    }
+    let mut acked = rounds_onto_made_segments(&mut c, &data, 0..24);
     let segs = segments(&data);
     assert!(segs.len() >= 4, "{segs:?}");
     // The active segment has its full size (zeros after the records); the
@@ -403,16 +411,7 @@ fn under_fsync_always_segments_are_made_ahead_and_end_with_their_last_record() {
     // zeros and removes the segment made for the next roll.
     let mut c = server.connect();
     let before = segments(&data).len();
-    for round in 100..106 {
-        assert!(
-            prefill_ready(&data),
-            "no segment made ahead of round {round}"
-        );
-        let bytes: Vec<u8> = (0..50).flat_map(|i| tx(round * 100 + i)).collect();
-        c.send(&bytes);
-        assert_stored(&c.acks(50));
-        acked += 50;
-    }
+    acked += rounds_onto_made_segments(&mut c, &data, 100..106);
     assert!(segments(&data).len() > before);
     let newest = segments(&data).pop().unwrap();
     assert_eq!(std::fs::metadata(&newest).unwrap().len(), 64 * 1024);

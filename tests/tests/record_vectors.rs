@@ -194,6 +194,16 @@ fn the_default_aggregate_builds_the_vectors_batch_records() {
     assert!(seen >= 2);
 }
 
+/// The base offset a recovery vector's segment name gives.
+fn segment_base(v: &Value) -> u64 {
+    v["segment_name"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches(".log")
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn recovery_does_what_every_vector_says() {
     use eventstream_core::record::{recover, Recovery};
@@ -205,12 +215,7 @@ fn recovery_does_what_every_vector_says() {
         }
         seen += 1;
         let name = v["name"].as_str().unwrap();
-        let base: u64 = v["segment_name"]
-            .as_str()
-            .unwrap()
-            .trim_end_matches(".log")
-            .parse()
-            .unwrap();
+        let base = segment_base(&v);
         let seg = unhex(v["segment_hex"].as_str().unwrap());
         let e = &v["expect"];
         let got = recover(&seg, base);
@@ -285,12 +290,7 @@ fn zeros_after_the_last_record_are_cut_and_a_record_after_them_is_not_hidden() {
             continue;
         }
         seen += 1;
-        let base: u64 = v["segment_name"]
-            .as_str()
-            .unwrap()
-            .trim_end_matches(".log")
-            .parse()
-            .unwrap();
+        let base = segment_base(&v);
         let seg = unhex(v["segment_hex"].as_str().unwrap());
         let Recovery::Clean { next_offset } = recover(&seg, base) else {
             panic!("{line}");
