@@ -337,6 +337,14 @@ fn record_at(bytes: &[u8], wanted: impl Fn(u64) -> bool) -> Option<Record<'_>> {
     Record::parse(bytes).ok()
 }
 
+/// Whether `rest` of a segment is zeros only: the unused end of a segment
+/// made ahead of use (or a torn write that left zeros), where no record
+/// starts. Recovery cuts it like any torn tail; readers of a newest
+/// segment may take it as the end of the log.
+pub fn unused_tail(rest: &[u8]) -> bool {
+    rest.iter().all(|&b| b == 0)
+}
+
 /// Recovery of the newest segment whose first event has offset `base`:
 /// valid records from the start; at the first invalid position, a search of
 /// every later byte position for a valid record with an offset at or past
@@ -360,13 +368,9 @@ pub fn recover(segment: &[u8], base: u64) -> Recovery {
     if pos == segment.len() {
         return Recovery::Clean { next_offset: next };
     }
-    // Zeros only (the unused end of a segment made ahead of use): no
-    // record can start in them, so the byte-by-byte search below would
-    // find none.
-    if segment
-        .get(pos..)
-        .is_some_and(|rest| rest.iter().all(|&b| b == 0))
-    {
+    // No record can start in zeros, so the byte-by-byte search below
+    // would find none.
+    if segment.get(pos..).is_some_and(unused_tail) {
         return Recovery::Truncate {
             to: pos,
             next_offset: next,

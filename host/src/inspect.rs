@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::io::{self, BufWriter, Write};
 
-use eventstream_core::record::Record;
+use eventstream_core::record::{unused_tail, Record};
 use eventstream_core::wire::Frame;
 use eventstream_core::Class;
 
@@ -144,9 +144,7 @@ pub fn run(args: &InspectArgs) -> Result<(), String> {
             Ok(next) => expected = Some(next),
             // The unused end of a newest segment made ahead of use (the
             // server cuts it when the segment closes): the log ends there.
-            Err((pos, _))
-                if newest && bytes.get(pos..).is_some_and(|r| r.iter().all(|&b| b == 0)) =>
-            {
+            Err((pos, _)) if newest && bytes.get(pos..).is_some_and(unused_tail) => {
                 if !args.json {
                     let _ = writeln!(
                         out,

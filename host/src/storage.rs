@@ -16,7 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use eventstream_core::dedup::Inserter;
 use eventstream_core::record::{
-    recover, segment_name, Record, RecordKind, Recovery, SEGMENT_HEADER, SEGMENT_HEADER_LEN,
+    recover, segment_name, unused_tail, Record, RecordKind, Recovery, SEGMENT_HEADER,
+    SEGMENT_HEADER_LEN,
 };
 use eventstream_core::Class;
 
@@ -217,8 +218,10 @@ impl Prefill {
         }
     }
 
-    /// Takes the made segment, if one waits, renamed to `path` (never over
-    /// an existing file).
+    /// Takes the made segment, if one waits, renamed to `path`, never over
+    /// an existing file (the data dir is locked, and only the log's writer
+    /// creates segments, so nothing can appear between the check and the
+    /// rename).
     fn take(&self, path: &Path) -> io::Result<Option<File>> {
         // The lock is held across the rename, so the prefill thread starts
         // the next file only after this one left its name.
@@ -226,31 +229,17 @@ impl Prefill {
         let Some(file) = ready.take() else {
             return Ok(None);
         };
-        let from = path_cstr(&self.dir.join(PREFILL_NAME))?;
-        let to = path_cstr(path)?;
-        // SAFETY: both paths are NUL-terminated strings that outlive the
-        // call; renameat2 only reads them.
-        let rc = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                from.as_ptr(),
-                libc::AT_FDCWD,
-                to.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
-        if rc != 0 {
-            // Left where it is (removed by the next make_one or start-up).
-            return Err(io::Error::last_os_error());
+        // On failure the file stays under its old name (made again by the
+        // next make_one, or removed at start-up).
+        if fs::symlink_metadata(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists", path.display()),
+            ));
         }
+        fs::rename(self.dir.join(PREFILL_NAME), path)?;
         Ok(Some(file))
     }
-}
-
-fn path_cstr(path: &Path) -> io::Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
 /// The open log: the active segment and what came before it.
@@ -735,7 +724,7 @@ fn recover_segment(
         }
         Recovery::Truncate { to, next_offset } => {
             truncate(&file, to)?;
-            let what = if bytes.get(to..).is_some_and(|r| r.iter().all(|&b| b == 0)) {
+            let what = if bytes.get(to..).is_some_and(unused_tail) {
                 "zero-filled tail (unwritten space of a segment made ahead of use, or a torn write)"
             } else {
                 "torn tail"
