@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
 SECS="${2:-10}"
 cargo build --release -q -p eventstream-host
+cargo build --release -q -p eventstream-benches --bin cpu_probe
 BIN="$PWD/target/release/eventstream"
+PROBE="$PWD/target/release/cpu_probe"
 WORK="$(mktemp -d /tmp/es-e2e.XXXXXX)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
@@ -48,7 +50,7 @@ ticks() { cpu_split | awk '{print $4, $1 + $2 + $3 + $4}'; }
 steal_since() { ticks | awk -v s0="$1" -v t0="$2" '{printf "%.0f", ($2 > t0) ? 100 * ($1 - s0) / ($2 - t0) : 0}'; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
 
-declare -a tput lat50 lat99 bat99 always always99 fsync_ms rss ratio
+declare -a tput lat50 lat99 bat99 always always99 fsync_ms rss ratio slow_ms
 for run in $(seq "$RUNS"); do
     read -r steal0 total0 < <(ticks)
     # 1. Max throughput, closed loop.
@@ -58,11 +60,17 @@ for run in $(seq "$RUNS"); do
     rss+=("$(awk '/VmHWM/ {print $2/1024}' /proc/$PID/status)")
     stop
     tput+=("$(field '["events_per_sec"]' < "$WORK/tput.json")")
-    # 2. Latency at 100,000 events/s offered.
+    # 2. Latency at 100,000 events/s offered, with cpu_probe beside it: the
+    # milliseconds in which this VM's CPUs ran over 4 times slower than
+    # their median (host episodes that steal time does not show).
     serve lat
+    "$PROBE" "$SECS" > "$WORK/probe.json" &
+    PROBE_PID=$!
     "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 --payload 256 \
         --ack --json > "$WORK/lat.json"
+    wait "$PROBE_PID"
     stop
+    slow_ms+=("$(field '["slow_ms"]' < "$WORK/probe.json")")
     lat50+=("$(field '["latency_us"]["p50"]' < "$WORK/lat.json")")
     lat99+=("$(field '["latency_us"]["p99"]' < "$WORK/lat.json")")
     bat99+=("$(field '["latency_us_by_class"]["batch"]["p99"]' < "$WORK/lat.json")")
@@ -92,7 +100,7 @@ for run in $(seq "$RUNS"); do
         ratio+=("$(awk -v a="${tput[-1]}" -v b="$rps" 'BEGIN {print a / b}')")
         echo "run $run: redis XADD ${rps}/s"
     fi
-    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us; always ${always[-1]} ev/s p99 ${always99[-1]} us (fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB; steal $(steal_since "$steal0" "$total0") %"
+    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us (CPUs slow ${slow_ms[-1]} ms); always ${always[-1]} ev/s p99 ${always99[-1]} us (fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB; steal $(steal_since "$steal0" "$total0") %"
 done
 
 # 5. Disk bandwidth over a long run, against dd in the same run.
@@ -121,6 +129,7 @@ echo "|---|---|"
 echo "| max throughput (events/s stored and acked) | $(printf '%s\n' "${tput[@]}" | median) |"
 [ ${#ratio[@]} -gt 0 ] && echo "| ratio to Redis XADD (pipelined) | $(printf '%s\n' "${ratio[@]}" | median)x |"
 echo "| 100k/s offered: rt+tx ack p50 / p99 (us) | $(printf '%s\n' "${lat50[@]}" | median) / $(printf '%s\n' "${lat99[@]}" | median) |"
+echo "| same runs: ms with the CPUs over 4x slower (cpu_probe) | $(printf '%s\n' "${slow_ms[@]}" | median) |"
 echo "| 100k/s offered: batch ack p99 (us) | $(printf '%s\n' "${bat99[@]}" | median) |"
 echo "| --fsync always: max events/s; rt+tx p99 at 100k/s offered (us) | $(printf '%s\n' "${always[@]}" | median), $(printf '%s\n' "${always99[@]}" | median) |"
 echo "| this disk's fsync (ms, 4 KiB dsync write) | $(printf '%s\n' "${fsync_ms[@]}" | median) |"
