@@ -50,7 +50,7 @@ ticks() { cpu_split | awk '{print $4, $1 + $2 + $3 + $4}'; }
 steal_since() { ticks | awk -v s0="$1" -v t0="$2" '{printf "%.0f", ($2 > t0) ? 100 * ($1 - s0) / ($2 - t0) : 0}'; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
 
-declare -a tput lat50 lat99 bat99 always always99 fsync_ms rss ratio slow_ms
+declare -a tput lat50 lat99 bat99 always always99 fsync_ms rss ratio slow_ms always_slow
 for run in $(seq "$RUNS"); do
     read -r steal0 total0 < <(ticks)
     # 1. Max throughput, closed loop.
@@ -78,9 +78,13 @@ for run in $(seq "$RUNS"); do
     serve always --fsync always
     "$BIN" load --target "$ADDR" --duration "$SECS" --connections 4 --payload 256 --ack --json \
         > "$WORK/always.json"
+    "$PROBE" "$SECS" > "$WORK/probe.json" &
+    PROBE_PID=$!
     "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 --payload 256 \
         --ack --json > "$WORK/always-rate.json"
+    wait "$PROBE_PID"
     stop
+    always_slow+=("$(field '["slow_ms"]' < "$WORK/probe.json")")
     always+=("$(field '["events_per_sec"]' < "$WORK/always.json")")
     always99+=("$(field '["latency_us"]["p99"]' < "$WORK/always-rate.json")")
     # This disk's fsync latency: 4 KiB writes, each fdatasynced.
@@ -100,7 +104,7 @@ for run in $(seq "$RUNS"); do
         ratio+=("$(awk -v a="${tput[-1]}" -v b="$rps" 'BEGIN {print a / b}')")
         echo "run $run: redis XADD ${rps}/s"
     fi
-    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us (CPUs slow ${slow_ms[-1]} ms); always ${always[-1]} ev/s p99 ${always99[-1]} us (fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB; steal $(steal_since "$steal0" "$total0") %"
+    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us (CPUs slow ${slow_ms[-1]} ms); always ${always[-1]} ev/s p99 ${always99[-1]} us (CPUs slow ${always_slow[-1]} ms; fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB; steal $(steal_since "$steal0" "$total0") %"
 done
 
 # 5. Disk bandwidth over a long run, against dd in the same run.
@@ -132,6 +136,7 @@ echo "| 100k/s offered: rt+tx ack p50 / p99 (us) | $(printf '%s\n' "${lat50[@]}"
 echo "| same runs: ms with the CPUs over 4x slower (cpu_probe) | $(printf '%s\n' "${slow_ms[@]}" | median) |"
 echo "| 100k/s offered: batch ack p99 (us) | $(printf '%s\n' "${bat99[@]}" | median) |"
 echo "| --fsync always: max events/s; rt+tx p99 at 100k/s offered (us) | $(printf '%s\n' "${always[@]}" | median), $(printf '%s\n' "${always99[@]}" | median) |"
+echo "| same runs: ms with the CPUs over 4x slower (cpu_probe) | $(printf '%s\n' "${always_slow[@]}" | median) |"
 echo "| this disk's fsync (ms, 4 KiB dsync write) | $(printf '%s\n' "${fsync_ms[@]}" | median) |"
 echo "| peak RSS of serve, default flags (MiB) | $(printf '%s\n' "${rss[@]}" | median) |"
 echo "| $((SECS * 6)) s run: log MB/s vs dd | $(awk -v b="$log_bytes" -v s="$disk_secs" 'BEGIN {printf "%.0f", b / s / 1e6}') vs dd: $dd_line |"
