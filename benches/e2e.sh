@@ -9,7 +9,9 @@
 # Rows: closed-loop max throughput (mix 40/40/20, 256 B, --ack, default
 # fsync), open-loop latency at 100,000 events/s, --fsync always with this
 # disk's fsync latency beside it, the sequential write bandwidth dd measures
-# and the log bytes/s, and the server's peak RSS. Prints medians.
+# and the log bytes/s, and the server's peak RSS; beside both 100,000/s
+# runs, cpu_probe counts the milliseconds the CPUs ran over 4x slow.
+# Prints medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
