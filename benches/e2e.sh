@@ -50,6 +50,13 @@ ticks() { cpu_split | awk '{print $4, $1 + $2 + $3 + $4}'; }
 # readings of /proc/stat, in percent: runs taken while it is high measure the
 # neighbours, not us.
 steal_since() { ticks | awk -v s0="$1" -v t0="$2" '{printf "%.0f", ($2 > t0) ? 100 * ($1 - s0) / ($2 - t0) : 0}'; }
+# Runs "$@" with cpu_probe beside it for $SECS; its JSON goes to probe.json.
+probed() {
+    "$PROBE" "$SECS" > "$WORK/probe.json" &
+    local probe=$!
+    "$@"
+    wait "$probe"
+}
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
 
 declare -a tput lat50 lat99 bat99 always always99 fsync_ms rss ratio slow_ms always_slow
@@ -66,11 +73,8 @@ for run in $(seq "$RUNS"); do
     # milliseconds in which this VM's CPUs ran over 4 times slower than
     # their median (host episodes that steal time does not show).
     serve lat
-    "$PROBE" "$SECS" > "$WORK/probe.json" &
-    PROBE_PID=$!
-    "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 --payload 256 \
-        --ack --json > "$WORK/lat.json"
-    wait "$PROBE_PID"
+    probed "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 \
+        --payload 256 --ack --json > "$WORK/lat.json"
     stop
     slow_ms+=("$(field '["slow_ms"]' < "$WORK/probe.json")")
     lat50+=("$(field '["latency_us"]["p50"]' < "$WORK/lat.json")")
@@ -80,11 +84,8 @@ for run in $(seq "$RUNS"); do
     serve always --fsync always
     "$BIN" load --target "$ADDR" --duration "$SECS" --connections 4 --payload 256 --ack --json \
         > "$WORK/always.json"
-    "$PROBE" "$SECS" > "$WORK/probe.json" &
-    PROBE_PID=$!
-    "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 --payload 256 \
-        --ack --json > "$WORK/always-rate.json"
-    wait "$PROBE_PID"
+    probed "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 \
+        --payload 256 --ack --json > "$WORK/always-rate.json"
     stop
     always_slow+=("$(field '["slow_ms"]' < "$WORK/probe.json")")
     always+=("$(field '["events_per_sec"]' < "$WORK/always.json")")

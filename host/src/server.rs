@@ -76,39 +76,6 @@ fn advise_huge_pages(ptr: *const u8, len: usize) {
     }
 }
 
-/// Maps `buf`'s pages now, so that no event pays for a first touch. The
-/// pool hands out its never-used slots in order, so without this the first
-/// pass over the pool's 32 MiB (at 100,000 events/s, its first 0.65 s) met
-/// a page fault every 2 MiB of slots; in this VM a fault that zeroes a
-/// huge page held ingest for 2-3 ms each time. `MADV_POPULATE_WRITE`
-/// (Linux 5.14) maps the whole pages inside `buf` in one call; where it is
-/// refused, one write per page does the same.
-fn populate(buf: &mut [u8]) {
-    const PAGE: usize = 4096;
-    if buf.is_empty() {
-        return;
-    }
-    let addr = buf.as_ptr() as usize;
-    let start = addr.next_multiple_of(PAGE);
-    let end = (addr + buf.len()) & !(PAGE - 1);
-    let mapped = end > start
-        // SAFETY: `start..end` is inside `buf`, our live allocation; the
-        // advice maps its pages zero-filled (as they read) and writes none.
-        && unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE)
-        } == 0;
-    // The partial pages at both ends (or, without the advice, every page)
-    // get one write each: a volatile one, since a plain store of a zero
-    // over known zeros could be dropped.
-    let last = buf.len() - 1;
-    let stride = if mapped { last.max(1) } else { PAGE };
-    for at in (0..buf.len()).step_by(stride).chain([last]) {
-        let byte: *mut u8 = &mut buf[at];
-        // SAFETY: `byte` points into `buf`, live and borrowed mutably.
-        unsafe { std::ptr::write_volatile(byte, 0) };
-    }
-}
-
 fn ring<T: Send>(capacity: usize) -> Result<(Producer<'static, T>, Consumer<'static, T>), String> {
     let slots = leak_slice(capacity, Slot::new);
     let ring = leak(BufferRing::new(slots).map_err(|_| "ring capacity must be a power of two")?);
@@ -192,12 +159,12 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         .map_err(|e| format!("eventfd: {e}"))?,
     );
     let pool_meta = leak_slice(args.pool_events as usize, SlotMeta::new);
-    // Zeroed by the allocator, not byte by byte; mapped at once below.
-    let pool_data: &'static mut [u8] = Box::leak(
-        vec![0u8; args.pool_events as usize * args.max_frame as usize].into_boxed_slice(),
-    );
-    advise_huge_pages(pool_data.as_ptr(), pool_data.len());
-    populate(pool_data);
+    // Written at start, like every other buffer here, so that no event pays
+    // for a first touch: the pool hands out its never-used slots in order,
+    // and left to the allocator's lazy zero pages the first pass over the
+    // 32 MiB (0.65 s at 100,000 events/s) met a page fault every 2 MiB of
+    // slots, each of which held ingest 2-3 ms in this VM.
+    let pool_data = leak_slice(args.pool_events as usize * args.max_frame as usize, || 0u8);
     let pool = leak(
         BufferPool::new(pool_meta, pool_data, args.max_frame as usize)
             .map_err(|e| format!("pool: {e:?}"))?,
