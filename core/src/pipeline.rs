@@ -99,6 +99,13 @@ impl<'p> Event<'p> {
         self.data.bytes()
     }
 
+    /// Starts loading the frame's bytes into this core's cache (a hint;
+    /// see [`EventRef::prefetch`]).
+    #[inline]
+    pub fn prefetch(&self) {
+        self.data.prefetch();
+    }
+
     /// The frame (validated at ingest).
     pub fn frame(&self) -> Option<Frame<'_>> {
         wire::trusted_frame(self.data.bytes())

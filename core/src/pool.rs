@@ -434,6 +434,22 @@ impl EventRef<'_> {
         unsafe { core::slice::from_raw_parts(self.view.slot_ptr(self.index), self.len as usize) }
     }
 
+    /// Starts loading the shared bytes, and the slot's count that the last
+    /// drop writes, into this core's cache, so that a read of them a little
+    /// later does not wait for memory or for the core that wrote them. A
+    /// consumer calls it a few items ahead of the one it is working on.
+    /// Only a hint: it changes nothing.
+    #[inline]
+    pub fn prefetch(&self) {
+        let data = self.view.slot_ptr(self.index);
+        for at in (0..self.len as usize).step_by(CACHE_LINE) {
+            prefetch(data.wrapping_add(at), false);
+        }
+        if let Some(meta) = self.view.meta.get(self.index as usize) {
+            prefetch(meta as *const SlotMeta, true);
+        }
+    }
+
     /// Slot index, `0..capacity`.
     pub fn index(&self) -> u32 {
         self.index

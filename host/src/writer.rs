@@ -36,8 +36,9 @@ const MAX_PENDING: usize = 16 * 1024;
 const MAX_DEFERRED: usize = 4096;
 /// How often retention runs between rolls (for `--retention-age`).
 const RETENTION_EVERY_NS: u64 = 60_000_000_000;
-/// How many answers ahead storage prefetches the dedup slots it sets
-/// offsets in.
+/// How many items ahead storage asks the CPU to start loading what it
+/// reads next: the frame bytes it copies (ring items), the dedup slots it
+/// sets offsets in (answers).
 const PREFETCH_AHEAD: usize = 8;
 /// A failed log is tried again after this long.
 const RETRY_NS: u64 = 1_000_000_000;
@@ -382,6 +383,12 @@ impl Storage {
         };
         let mut recv_ns = None;
         for i in 0..count as u64 {
+            // Under load the frames have waited in the pool long enough to
+            // leave the caches; without this hint each copy below would
+            // start with a wait for memory.
+            if let Some(Work::Store(ahead)) = rx.peek(PREFETCH_AHEAD) {
+                ahead.prefetch();
+            }
             let Some(Work::Store(ev)) = rx.pop() else {
                 continue;
             };
