@@ -866,6 +866,43 @@ fn check_legacy<'a>(raw: &'a [u8], limits: &Limits) -> Result<LegacyEvent<'a>, L
     })
 }
 
+/// What [`peek_v1`] read off the head of a v1 frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peeked<'a> {
+    /// Bytes from this frame's start to the next frame's.
+    pub len: usize,
+    /// The `event_id` field.
+    pub event_id: EventId,
+    /// The `priority` field.
+    pub priority: Priority,
+    /// The topic bytes (not checked for UTF-8).
+    pub topic: &'a [u8],
+}
+
+/// Reads the head of the v1 frame that `input` starts with, without
+/// checking its CRC or the rest of the validation: a hint for work that may
+/// start early (prefetching a frame's dedup slots while earlier frames are
+/// handled), never a decision. `None` when `input` does not start with the
+/// v1 magic, the length is outside `40..=MAX_FRAME_LIMIT`, or the frame is
+/// not all there.
+#[inline]
+pub fn peek_v1(input: &[u8]) -> Option<Peeked<'_>> {
+    if input.get(..4)? != MAGIC {
+        return None;
+    }
+    let len = le_u32(input, 4) as usize;
+    if !(OVERHEAD..=MAX_FRAME_LIMIT as usize).contains(&len) || input.len() < len {
+        return None;
+    }
+    let topic_len = usize::from(*input.get(11)?);
+    Some(Peeked {
+        len,
+        event_id: le_u64(input, 16),
+        priority: Priority::from_u8(*input.get(9)?)?,
+        topic: input.get(HEADER_LEN..(HEADER_LEN + topic_len).min(len - 4))?,
+    })
+}
+
 /// The dialect a connection speaks, chosen by its first four bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]

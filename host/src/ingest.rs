@@ -25,7 +25,7 @@ use eventstream_core::pool::{Acquirer, SlotMut};
 use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
 use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::route::TopicTable;
-use eventstream_core::wire::{Ack, Decoded, Limits, StreamDecoder, ACK_LEN};
+use eventstream_core::wire::{peek_v1, Ack, Decoded, Limits, StreamDecoder, ACK_LEN};
 use eventstream_core::Class;
 
 use crate::config::MAX_TOPICS;
@@ -51,6 +51,9 @@ const DRAIN_MIN_NS: u64 = 100_000_000;
 /// most this many events of one loop itself; more wake the storage thread,
 /// so under load the two threads split the work.
 const INGEST_WRITE_MAX: usize = 256;
+/// How far ahead of the frame being handled ingest prefetches dedup slots
+/// (about seven 256-byte events).
+const DEDUP_AHEAD_BYTES: usize = 2048;
 /// How long accepting pauses when no descriptor is left at all.
 const ACCEPT_PAUSE_NS: u64 = 100_000_000;
 
@@ -963,12 +966,14 @@ impl Ingest {
         let credit = self.p.ack_credit;
         let id = c.id;
         let mut stop = Stop::Done;
+        let mut scan = 0;
         while pos < input.len() {
             if c.dec.is_closed() {
                 pos = input.len();
                 stop = Stop::Closed;
                 break;
             }
+            self.prefetch_ahead(input, pos, &mut scan);
             if c.inflight + c.unsent_acks() + 1 > credit {
                 stop = Stop::Credit;
                 break;
@@ -999,14 +1004,6 @@ impl Ingest {
                         continue;
                     }
                     let class = self.p.router.route(f.topic_bytes(), f.priority());
-                    // Its dedup slot loads while the frame is copied.
-                    match (&self.p.dispatch, class) {
-                        (Dispatch::Inline(i), Class::Realtime) => i.dedup.prefetch(f.event_id()),
-                        (Dispatch::Inline(i), Class::Transactional) => {
-                            i.dedup.prefetch_insert(f.event_id())
-                        }
-                        _ => {}
-                    }
                     let Some(mut slot) = self.spare.take() else {
                         continue;
                     };
@@ -1069,6 +1066,35 @@ impl Ingest {
         }
         self.metrics.add(Counter::BytesReceived, pos as u64);
         (pos, stop)
+    }
+
+    /// With the processors inline: asks the CPU to start loading the
+    /// dedup slots of the frames that start in `input[*scan..pos +
+    /// DEDUP_AHEAD_BYTES]` (`*scan` moves past them), so that each lookup or
+    /// insert finds its slots in cache instead of waiting for memory, as it
+    /// would with a prefetch issued just before it. The frames' heads are
+    /// read unchecked (`peek_v1`): the hint may be wrong, never the answer.
+    /// `*scan` starts at a frame boundary (0, or `pos` once `pos` passed
+    /// it); it stops at the first thing that is not a whole v1 frame.
+    #[inline]
+    fn prefetch_ahead(&self, input: &[u8], pos: usize, scan: &mut usize) {
+        let Dispatch::Inline(i) = &self.p.dispatch else {
+            return;
+        };
+        if *scan < pos {
+            *scan = pos;
+        }
+        while *scan < pos + DEDUP_AHEAD_BYTES {
+            let Some(head) = input.get(*scan..).and_then(peek_v1) else {
+                break;
+            };
+            match self.p.router.route(head.topic, head.priority) {
+                Class::Realtime => i.dedup.prefetch(head.event_id),
+                Class::Transactional => i.dedup.prefetch_insert(head.event_id),
+                Class::Batch => {}
+            }
+            *scan += head.len;
+        }
     }
 
     fn push(&mut self, class: Class, ev: Event<'static>, now: u64) {

@@ -2,7 +2,9 @@
 //! invalid frames gives exactly the expected results however it is split,
 //! and arbitrary bytes never panic and give split-independent results.
 
-use eventstream_core::wire::{seal, FrameRepr, LegacyRule, Limits, Reason, FLAG_ACK, FLAG_LEGACY};
+use eventstream_core::wire::{
+    peek_v1, seal, FrameRepr, LegacyRule, Limits, Reason, FLAG_ACK, FLAG_LEGACY,
+};
 use eventstream_core::Priority;
 use eventstream_tests::decode::{decode_chunks, Item};
 use proptest::prelude::*;
@@ -243,5 +245,51 @@ proptest! {
         let whole = decode_chunks(limits, [&stream[..]]);
         let split = decode_chunks(limits, cuts_to_chunks(&stream, cuts));
         prop_assert_eq!(whole, split);
+    }
+
+    #[test]
+    fn peek_v1_reads_the_heads_of_the_frames_the_decoder_finds(
+        frames in prop::collection::vec((v1_kind(), any::<bool>(), 0u8..5, 1usize..40, 0usize..300), 1..20),
+    ) {
+        // Ingest reads frames' heads ahead of the decoder to prefetch their
+        // dedup slots: every head it reads must be the frame the decoder
+        // finds there, and it must stop (None) rather than guess.
+        let mut stream = Vec::new();
+        let mut heads = Vec::new();
+        for (i, (kind, ack, prio, tl, pl)) in frames.into_iter().enumerate() {
+            let start = stream.len();
+            let (bytes, _) = v1_frame(kind, i as u64 + 1, ack, prio, tl, pl);
+            stream.extend_from_slice(&bytes);
+            heads.push((start, stream.len(), i as u64 + 1, prio, kind));
+        }
+        for (start, end, id, prio, kind) in heads {
+            // A frame not all there is never read.
+            prop_assert!(peek_v1(&stream[start..end - 1]).is_none());
+            match peek_v1(&stream[start..]) {
+                Some(h) => {
+                    prop_assert_eq!(start + h.len, end);
+                    prop_assert_eq!(h.event_id, id);
+                    prop_assert_eq!(h.priority.code(), prio);
+                }
+                None => {
+                    // Only a priority above 4 stops it inside the stream.
+                    prop_assert!(matches!(kind, V1Kind::BadPriority), "stopped at a {:?} frame", kind);
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn peek_v1_never_panics_and_never_reads_past_its_input(
+        prefix in prop_oneof![Just(b"ESC1".to_vec()), Just(Vec::new())],
+        bytes in prop::collection::vec(any::<u8>(), 0..700),
+    ) {
+        let mut input = prefix;
+        input.extend_from_slice(&bytes);
+        if let Some(h) = peek_v1(&input) {
+            prop_assert!((40..=input.len()).contains(&h.len));
+            prop_assert!(h.topic.len() <= h.len - 40);
+        }
     }
 }
