@@ -10,8 +10,10 @@
 # fsync), open-loop latency at 100,000 events/s, --fsync always with this
 # disk's fsync latency beside it, the sequential write bandwidth dd measures
 # and the log bytes/s, and the server's peak RSS; beside both 100,000/s
-# runs, cpu_probe counts the milliseconds the CPUs ran over 4x slow.
-# Prints medians.
+# runs, cpu_probe counts the milliseconds the CPUs ran over 4x slow, and
+# the steal time (CPU time the hypervisor took) is printed; the 100,000/s
+# row runs once more with the log on tmpfs (/dev/shm), to show what writing
+# to the disk adds. Prints medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
@@ -21,14 +23,19 @@ cargo build --release -q -p eventstream-benches --bin cpu_probe
 BIN="$PWD/target/release/eventstream"
 PROBE="$PWD/target/release/cpu_probe"
 WORK="$(mktemp -d /tmp/es-e2e.XXXXXX)"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+# The 100,000/s row once more with the log in memory (tmpfs), when there
+# is one: what the disk adds to the latency in the same run.
+SHM=""
+if [ -d /dev/shm ] && [ -w /dev/shm ]; then SHM="$(mktemp -d /dev/shm/es-e2e.XXXXXX)"; fi
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK" ${SHM:+"$SHM"}' EXIT
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-serve() { # serve NAME FLAGS... -> sets PID, ADDR
+serve() { # serve NAME FLAGS... -> sets PID, ADDR; the log in $DATA or $WORK/NAME
     local name="$1"; shift
-    rm -rf "$WORK/$name"
-    "$BIN" serve --data "$WORK/$name" --listen 127.0.0.1:0 --metrics 127.0.0.1:0 "$@" \
+    local data="${DATA:-$WORK/$name}"
+    rm -rf "$data"
+    "$BIN" serve --data "$data" --listen 127.0.0.1:0 --metrics 127.0.0.1:0 "$@" \
         > "$WORK/$name.out" 2> "$WORK/$name.err" &
     PID=$!
     # Up to 30 s: a start right after a closed-loop run (gigabytes still
@@ -59,6 +66,7 @@ probed() {
 }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
 
+declare -a lat_steal mem50 mem99 mem_steal
 declare -a tput lat50 lat99 bat99 always always99 fsync_ms rss ratio slow_ms always_slow
 for run in $(seq "$RUNS"); do
     read -r steal0 total0 < <(ticks)
@@ -73,9 +81,24 @@ for run in $(seq "$RUNS"); do
     # milliseconds in which this VM's CPUs ran over 4 times slower than
     # their median (host episodes that steal time does not show).
     serve lat
+    read -r s0 t0 < <(ticks)
     probed "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 \
         --payload 256 --ack --json > "$WORK/lat.json"
+    lat_steal+=("$(steal_since "$s0" "$t0")")
     stop
+    mem_note=""
+    if [ -n "$SHM" ]; then
+        DATA="$SHM/d" serve mem
+        read -r s0 t0 < <(ticks)
+        "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 \
+            --payload 256 --ack --json > "$WORK/mem.json"
+        mem_steal+=("$(steal_since "$s0" "$t0")")
+        stop
+        rm -rf "$SHM/d"
+        mem50+=("$(field '["latency_us"]["p50"]' < "$WORK/mem.json")")
+        mem99+=("$(field '["latency_us"]["p99"]' < "$WORK/mem.json")")
+        mem_note="; log on tmpfs: p50 ${mem50[-1]} us p99 ${mem99[-1]} us, steal ${mem_steal[-1]} %"
+    fi
     slow_ms+=("$(field '["slow_ms"]' < "$WORK/probe.json")")
     lat50+=("$(field '["latency_us"]["p50"]' < "$WORK/lat.json")")
     lat99+=("$(field '["latency_us"]["p99"]' < "$WORK/lat.json")")
@@ -107,7 +130,7 @@ for run in $(seq "$RUNS"); do
         ratio+=("$(awk -v a="${tput[-1]}" -v b="$rps" 'BEGIN {print a / b}')")
         echo "run $run: redis XADD ${rps}/s"
     fi
-    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us (CPUs slow ${slow_ms[-1]} ms); always ${always[-1]} ev/s p99 ${always99[-1]} us (CPUs slow ${always_slow[-1]} ms; fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB; steal $(steal_since "$steal0" "$total0") %"
+    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us (CPUs slow ${slow_ms[-1]} ms; steal ${lat_steal[-1]} %${mem_note}); always ${always[-1]} ev/s p99 ${always99[-1]} us (CPUs slow ${always_slow[-1]} ms; fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB; steal $(steal_since "$steal0" "$total0") %"
 done
 
 # 5. Disk bandwidth over a long run, against dd in the same run.
@@ -137,6 +160,10 @@ echo "| max throughput (events/s stored and acked) | $(printf '%s\n' "${tput[@]}
 [ ${#ratio[@]} -gt 0 ] && echo "| ratio to Redis XADD (pipelined) | $(printf '%s\n' "${ratio[@]}" | median)x |"
 echo "| 100k/s offered: rt+tx ack p50 / p99 (us) | $(printf '%s\n' "${lat50[@]}" | median) / $(printf '%s\n' "${lat99[@]}" | median) |"
 echo "| same runs: ms with the CPUs over 4x slower (cpu_probe) | $(printf '%s\n' "${slow_ms[@]}" | median) |"
+echo "| same runs: steal, % of both CPUs' time | $(printf '%s\n' "${lat_steal[@]}" | median) |"
+if [ ${#mem50[@]} -gt 0 ]; then
+    echo "| 100k/s offered, the log on tmpfs: rt+tx ack p50 / p99 (us); steal % | $(printf '%s\n' "${mem50[@]}" | median) / $(printf '%s\n' "${mem99[@]}" | median); $(printf '%s\n' "${mem_steal[@]}" | median) |"
+fi
 echo "| 100k/s offered: batch ack p99 (us) | $(printf '%s\n' "${bat99[@]}" | median) |"
 echo "| --fsync always: max events/s; rt+tx p99 at 100k/s offered (us) | $(printf '%s\n' "${always[@]}" | median), $(printf '%s\n' "${always99[@]}" | median) |"
 echo "| same runs: ms with the CPUs over 4x slower (cpu_probe) | $(printf '%s\n' "${always_slow[@]}" | median) |"
