@@ -64,6 +64,11 @@ probed() {
     "$@"
     wait "$probe"
 }
+# The open-loop run at 100,000 events/s against $ADDR; its JSON to stdout.
+load_100k() {
+    "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 \
+        --payload 256 --ack --json
+}
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
 
 declare -a lat_steal mem50 mem99 mem_steal
@@ -82,16 +87,14 @@ for run in $(seq "$RUNS"); do
     # their median (host episodes that steal time does not show).
     serve lat
     read -r s0 t0 < <(ticks)
-    probed "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 \
-        --payload 256 --ack --json > "$WORK/lat.json"
+    probed load_100k > "$WORK/lat.json"
     lat_steal+=("$(steal_since "$s0" "$t0")")
     stop
     mem_note=""
     if [ -n "$SHM" ]; then
         DATA="$SHM/d" serve mem
         read -r s0 t0 < <(ticks)
-        "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 \
-            --payload 256 --ack --json > "$WORK/mem.json"
+        load_100k > "$WORK/mem.json"
         mem_steal+=("$(steal_since "$s0" "$t0")")
         stop
         rm -rf "$SHM/d"
@@ -107,8 +110,7 @@ for run in $(seq "$RUNS"); do
     serve always --fsync always
     "$BIN" load --target "$ADDR" --duration "$SECS" --connections 4 --payload 256 --ack --json \
         > "$WORK/always.json"
-    probed "$BIN" load --target "$ADDR" --duration "$SECS" --rate 100000 --connections 4 \
-        --payload 256 --ack --json > "$WORK/always-rate.json"
+    probed load_100k > "$WORK/always-rate.json"
     stop
     always_slow+=("$(field '["slow_ms"]' < "$WORK/probe.json")")
     always+=("$(field '["events_per_sec"]' < "$WORK/always.json")")

@@ -30,12 +30,13 @@ apt_install() {
     if ((${#missing[@]})); then
         local sudo=""
         [ "$(id -u)" -eq 0 ] || sudo="sudo"
-        local apt=($sudo env DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o DPkg::Lock::Timeout=600)
+        local as_root=($sudo env DEBIAN_FRONTEND=noninteractive)
+        local apt=("${as_root[@]}" apt-get -y -qq -o DPkg::Lock::Timeout=600)
         # An install that was cut short (a killed run) leaves dpkg half-done,
         # and apt then refuses every install until it is finished: finish it.
         if [ -n "$(dpkg --audit 2>/dev/null)" ]; then
             echo "dpkg was interrupted earlier; finishing its configuration"
-            $sudo env DEBIAN_FRONTEND=noninteractive dpkg --force-confdef --force-confold --configure -a
+            "${as_root[@]}" dpkg --force-confdef --force-confold --configure -a
             "${apt[@]}" --fix-broken install
         fi
         "${apt[@]}" update

@@ -887,18 +887,18 @@ pub struct Peeked<'a> {
 /// not all there.
 #[inline]
 pub fn peek_v1(input: &[u8]) -> Option<Peeked<'_>> {
-    if input.get(..4)? != MAGIC {
+    if input.get(..MAGIC.len())? != MAGIC {
         return None;
     }
-    let len = le_u32(input, 4) as usize;
+    let len = declared_length(input)? as usize;
     if !(OVERHEAD..=MAX_FRAME_LIMIT as usize).contains(&len) || input.len() < len {
         return None;
     }
-    let topic_len = usize::from(*input.get(11)?);
+    let topic_len = usize::from(byte(input, field::TOPIC_LEN));
     Some(Peeked {
         len,
-        event_id: le_u64(input, 16),
-        priority: Priority::from_u8(*input.get(9)?)?,
+        event_id: le_u64(input, field::EVENT_ID),
+        priority: Priority::from_u8(byte(input, field::PRIORITY))?,
         topic: input.get(HEADER_LEN..(HEADER_LEN + topic_len).min(len - 4))?,
     })
 }
