@@ -13,15 +13,20 @@
 # runs, cpu_probe counts the milliseconds the CPUs ran over 4x slow, and
 # the steal time (CPU time the hypervisor took) is printed; the 100,000/s
 # row runs once more with the log on tmpfs (/dev/shm), to show what writing
-# to the disk adds. Prints medians.
+# to the disk adds, and beside it echo_floor (benches/src/bin/echo_floor.rs):
+# the same traffic against a bare epoll server that only appends what it
+# reads to a file on the same disk (same fsync policy) and answers, and
+# once more without the file: the least any engine could show here.
+# Prints medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
 SECS="${2:-10}"
 cargo build --release -q -p eventstream-host
-cargo build --release -q -p eventstream-benches --bin cpu_probe
+cargo build --release -q -p eventstream-benches --bin cpu_probe --bin echo_floor
 BIN="$PWD/target/release/eventstream"
 PROBE="$PWD/target/release/cpu_probe"
+FLOOR="$PWD/target/release/echo_floor"
 WORK="$(mktemp -d /tmp/es-e2e.XXXXXX)"
 # The 100,000/s row once more with the log in memory (tmpfs), when there
 # is one: what the disk adds to the latency in the same run.
@@ -71,7 +76,7 @@ load_100k() {
 }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
 
-declare -a lat_steal mem50 mem99 mem_steal
+declare -a lat_steal mem50 mem99 mem_steal floor50 floor99 bare50 bare99
 declare -a tput lat50 lat99 bat99 always always99 fsync_ms rss ratio slow_ms always_slow
 for run in $(seq "$RUNS"); do
     read -r steal0 total0 < <(ticks)
@@ -102,6 +107,16 @@ for run in $(seq "$RUNS"); do
         mem99+=("$(field '["latency_us"]["p99"]' < "$WORK/mem.json")")
         mem_note="; log on tmpfs: p50 ${mem50[-1]} us p99 ${mem99[-1]} us, steal ${mem_steal[-1]} %"
     fi
+    # The floor, same traffic: a bare server appending to a file on the
+    # same disk, then the same without the file.
+    "$FLOOR" "$SECS" "$WORK/floor" > "$WORK/floor.json"
+    rm -rf "$WORK/floor"
+    "$FLOOR" "$SECS" "$WORK/floor" --no-log > "$WORK/bare.json"
+    floor50+=("$(field '["latency_us"]["p50"]' < "$WORK/floor.json")")
+    floor99+=("$(field '["latency_us"]["p99"]' < "$WORK/floor.json")")
+    bare50+=("$(field '["latency_us"]["p50"]' < "$WORK/bare.json")")
+    bare99+=("$(field '["latency_us"]["p99"]' < "$WORK/bare.json")")
+    floor_note="; floor p50 ${floor50[-1]} us p99 ${floor99[-1]} us, without the file p50 ${bare50[-1]} us p99 ${bare99[-1]} us"
     slow_ms+=("$(field '["slow_ms"]' < "$WORK/probe.json")")
     lat50+=("$(field '["latency_us"]["p50"]' < "$WORK/lat.json")")
     lat99+=("$(field '["latency_us"]["p99"]' < "$WORK/lat.json")")
@@ -132,7 +147,7 @@ for run in $(seq "$RUNS"); do
         ratio+=("$(awk -v a="${tput[-1]}" -v b="$rps" 'BEGIN {print a / b}')")
         echo "run $run: redis XADD ${rps}/s"
     fi
-    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us (CPUs slow ${slow_ms[-1]} ms; steal ${lat_steal[-1]} %${mem_note}); always ${always[-1]} ev/s p99 ${always99[-1]} us (CPUs slow ${always_slow[-1]} ms; fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB; steal $(steal_since "$steal0" "$total0") %"
+    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us (CPUs slow ${slow_ms[-1]} ms; steal ${lat_steal[-1]} %${mem_note}${floor_note}); always ${always[-1]} ev/s p99 ${always99[-1]} us (CPUs slow ${always_slow[-1]} ms; fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB; steal $(steal_since "$steal0" "$total0") %"
 done
 
 # 5. Disk bandwidth over a long run, against dd in the same run.
@@ -166,6 +181,8 @@ echo "| same runs: steal, % of both CPUs' time | $(printf '%s\n' "${lat_steal[@]
 if [ ${#mem50[@]} -gt 0 ]; then
     echo "| 100k/s offered, the log on tmpfs: rt+tx ack p50 / p99 (us); steal % | $(printf '%s\n' "${mem50[@]}" | median) / $(printf '%s\n' "${mem99[@]}" | median); $(printf '%s\n' "${mem_steal[@]}" | median) |"
 fi
+echo "| same traffic, echo_floor (bare server, appends to a file on this disk): p50 / p99 (us) | $(printf '%s\n' "${floor50[@]}" | median) / $(printf '%s\n' "${floor99[@]}" | median) |"
+echo "| same traffic, echo_floor --no-log (loopback and wake-ups only): p50 / p99 (us) | $(printf '%s\n' "${bare50[@]}" | median) / $(printf '%s\n' "${bare99[@]}" | median) |"
 echo "| 100k/s offered: batch ack p99 (us) | $(printf '%s\n' "${bat99[@]}" | median) |"
 echo "| --fsync always: max events/s; rt+tx p99 at 100k/s offered (us) | $(printf '%s\n' "${always[@]}" | median), $(printf '%s\n' "${always99[@]}" | median) |"
 echo "| same runs: ms with the CPUs over 4x slower (cpu_probe) | $(printf '%s\n' "${always_slow[@]}" | median) |"
