@@ -30,7 +30,7 @@ use crate::sys::{
     ignore_signal, monotonic_ns, online_cpus, pin_to_cpu, raise_nofile_limit, set_nonblocking,
     wall_ns,
 };
-use crate::writer::{run_prefill, run_sync, Storage, StorageMode, StorageParts};
+use crate::writer::{drop_min_rate, run_prefill, run_sync, Storage, StorageMode, StorageParts};
 
 /// Batch windows open at once.
 const BATCH_WINDOWS: usize = 1024;
@@ -377,6 +377,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     let s = shared.clone();
     let policy = args.fsync;
     let commit_delay = args.group_commit_delay;
+    let drop_rate = drop_min_rate(args.drop_written_pages);
     spawn(
         "sync",
         0,
@@ -384,6 +385,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             run_sync(
                 policy,
                 commit_delay,
+                drop_rate,
                 storage_mode != StorageMode::Thread,
                 sync_targets,
                 s,

@@ -23,7 +23,7 @@ use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::wire::{Ack, Reason};
 use eventstream_core::Class;
 
-use crate::config::FsyncPolicy;
+use crate::config::{DropPagesArg, FsyncPolicy};
 use crate::shared::{Shared, STOP};
 use crate::storage::{drop_cached, start_writeback, Log, Prefill, SyncTargets};
 use crate::sys::{monotonic_ns, Backoff};
@@ -46,6 +46,15 @@ const RETRY_NS: u64 = 1_000_000_000;
 /// dropped: four ranges back (1 MiB each), whose writeback has normally
 /// finished by then; a page still under writeback just stays cached.
 const DROP_LAG: u64 = 4 << 20;
+/// The log's pages are dropped only while appends run at least this fast
+/// (bytes per second, measured between writeback kicks; the default of
+/// `--drop-written-pages`). There dropped pages come back warm for the
+/// next appends within milliseconds: in closed loops the server used 12.4 s
+/// of CPU against 14.1 s without the drop. Below it (at 100,000 events/s
+/// the log grows about 30 MB/s) dropping raised the ack p99 (4.6-6.2 ms
+/// against 1.4-4.3 ms), so those pages are left to the kernel, which frees
+/// the oldest when it needs the memory.
+const DROP_MIN_RATE: u64 = 96 << 20;
 
 /// What to do for one item once its write's outcome is known.
 #[derive(Clone, Copy)]
@@ -751,15 +760,34 @@ pub fn run_prefill(prefill: Arc<Prefill>, shared: Arc<Shared>) {
     }
 }
 
+/// Whether `bytes` appended in `ns` nanoseconds run at `min_rate` bytes
+/// per second or faster.
+fn appends_fast(bytes: u64, ns: u64, min_rate: u64) -> bool {
+    u128::from(bytes) * 1_000_000_000 >= u128::from(min_rate) * u128::from(ns)
+}
+
+/// The least append rate (bytes per second) at which the sync thread drops
+/// written-back pages from the page cache, per `--drop-written-pages`;
+/// `None`: never.
+pub fn drop_min_rate(arg: DropPagesArg) -> Option<u64> {
+    match arg {
+        DropPagesArg::Auto => Some(DROP_MIN_RATE),
+        DropPagesArg::Always => Some(0),
+        DropPagesArg::Never => None,
+    }
+}
+
 /// Runs the sync thread: fsyncs the log per the policy (under `always`,
 /// starting two fsyncs at least `commit_delay` apart) and publishes how far
 /// it is synced, waking whichever thread runs storage (`wake_ingest`:
 /// ingest, which then steps storage itself or leaves it to a running
-/// storage thread). Under `never` it fsyncs only the directory after a
-/// roll or a delete. A failed fsync ends the process.
+/// storage thread), and drops written-back pages from the page cache while
+/// appends run at `drop_min_rate` or faster. Under `never` it fsyncs only
+/// the directory after a roll or a delete. A failed fsync ends the process.
 pub fn run_sync(
     policy: FsyncPolicy,
     commit_delay: Duration,
+    drop_min_rate: Option<u64>,
     wake_ingest: bool,
     targets: Arc<SyncTargets>,
     shared: Arc<Shared>,
@@ -778,8 +806,9 @@ pub fn run_sync(
         );
     }
     let mut done: u64 = 0;
-    // The end of the last writeback range started.
+    // The end of the last writeback range started, and when.
     let mut kicked = 0;
+    let mut kicked_at = monotonic_ns();
     // The active segment's cached pages below `dropped` were dropped.
     let mut dropped: (Option<Arc<File>>, u64) = (None, 0);
     loop {
@@ -796,17 +825,31 @@ pub fn run_sync(
             if policy != FsyncPolicy::Always {
                 start_writeback(&active, from, kick_to);
             }
+            let now = monotonic_ns();
+            // Bytes appended since the last kick seen (after a roll, this
+            // range's).
+            let bytes = if kick_to > kicked {
+                kick_to - kicked
+            } else {
+                kick_to.saturating_sub(from)
+            };
+            let drop = drop_min_rate
+                .is_some_and(|r| appends_fast(bytes, now.saturating_sub(kicked_at), r));
             kicked = kick_to;
+            kicked_at = now;
             // Pages whose writeback started DROP_LAG bytes ago are clean
             // by now, normally: drop them from the page cache
-            // (`drop_cached`). The old segment's File is let go at the
-            // first kick after a roll.
+            // (`drop_cached`) while appends are fast; when slow, they are
+            // passed over for good. The old segment's File is let go at
+            // the first kick after a roll.
             if !dropped.0.as_ref().is_some_and(|f| Arc::ptr_eq(f, &active)) {
                 dropped = (Some(active.clone()), 0);
             }
             let limit = from.saturating_sub(DROP_LAG);
             if limit > dropped.1 {
-                drop_cached(&active, dropped.1, limit);
+                if drop {
+                    drop_cached(&active, dropped.1, limit);
+                }
                 dropped.1 = limit;
             }
         }
@@ -884,5 +927,40 @@ pub fn run_sync(
         } else {
             shared.storage.wake();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_are_fast_from_the_least_rate_up() {
+        let r = DROP_MIN_RATE;
+        // Exactly the rate, over one second and over 1 ms.
+        assert!(appends_fast(r, 1_000_000_000, r));
+        assert!(appends_fast(r / 1000 + 1, 1_000_000, r));
+        // Just under it.
+        assert!(!appends_fast(r - 1, 1_000_000_000, r));
+        // 1 MiB every 33 ms (the log at 100,000 events/s): slow.
+        assert!(!appends_fast(1 << 20, 33_000_000, r));
+        // 1 MiB every 3 ms (a closed loop): fast.
+        assert!(appends_fast(1 << 20, 3_000_000, r));
+        // No time passed: fast; no bytes: slow unless the rate is 0.
+        assert!(appends_fast(1, 0, r));
+        assert!(!appends_fast(0, 1, r));
+        assert!(appends_fast(0, 1, 0));
+        // No overflow at the extremes.
+        assert!(appends_fast(u64::MAX, u64::MAX, 1_000_000_000));
+        assert!(!appends_fast(u64::MAX - 1, u64::MAX, 1_000_000_000));
+        assert!(!appends_fast(u64::MAX, u64::MAX, u64::MAX));
+        assert!(appends_fast(u64::MAX, 1, u64::MAX));
+    }
+
+    #[test]
+    fn the_flag_maps_to_the_least_rate() {
+        assert_eq!(drop_min_rate(DropPagesArg::Auto), Some(DROP_MIN_RATE));
+        assert_eq!(drop_min_rate(DropPagesArg::Always), Some(0));
+        assert_eq!(drop_min_rate(DropPagesArg::Never), None);
     }
 }

@@ -741,21 +741,43 @@ fn resident_bytes(path: &Path) -> u64 {
 
 #[test]
 fn the_logs_written_pages_leave_the_page_cache() {
-    written_pages_leave_the_page_cache(&[]);
+    let (cached, len) = written_pages(&["--drop-written-pages", "always"], None);
+    assert!(cached < len / 2, "{cached} of {len} bytes still cached");
 }
 
 #[test]
 fn the_logs_written_pages_leave_the_page_cache_under_fsync_always() {
-    written_pages_leave_the_page_cache(&["--fsync", "always"]);
+    let (cached, len) = written_pages(
+        &["--drop-written-pages", "always", "--fsync", "always"],
+        None,
+    );
+    assert!(cached < len / 2, "{cached} of {len} bytes still cached");
 }
 
-fn written_pages_leave_the_page_cache(flags: &[&str]) {
+#[test]
+fn the_logs_written_pages_stay_cached_with_drop_never() {
+    let (cached, len) = written_pages(&["--drop-written-pages", "never"], None);
+    assert!(cached > len / 2, "only {cached} of {len} bytes cached");
+}
+
+#[test]
+fn slow_appends_keep_their_pages_by_default() {
+    // 6,000 events/s of 3.5 KB: about 21 MB/s, under the 96 MiB/s from
+    // which the default (`auto`) drops pages.
+    let (cached, len) = written_pages(&[], Some("6000"));
+    assert!(cached > len / 2, "only {cached} of {len} bytes cached");
+}
+
+/// Runs 16,000 acked events of 3.5 KB through a server with `flags`
+/// (closed loop, or open loop at `rate` events/s) and returns how many
+/// bytes of the log are in the page cache, and the log's length.
+fn written_pages(flags: &[&str], rate: Option<&str>) -> (u64, u64) {
     let dir = TempDir::new("dropcache");
     let mut args = vec!["--max-frame", "4096"];
     args.extend_from_slice(flags);
     let server = Server::start(&dir.data(), &args);
-    let out = std::process::Command::new(BIN)
-        .args(["load", "--target", &server.addr.to_string()])
+    let mut load = std::process::Command::new(BIN);
+    load.args(["load", "--target", &server.addr.to_string()])
         .args([
             "--events",
             "16000",
@@ -764,9 +786,11 @@ fn written_pages_leave_the_page_cache(flags: &[&str]) {
             "--payload",
             "3500",
         ])
-        .args(["--ack", "--json"])
-        .output()
-        .unwrap();
+        .args(["--ack", "--json"]);
+    if let Some(r) = rate {
+        load.args(["--rate", r]);
+    }
+    let out = load.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -776,8 +800,7 @@ fn written_pages_leave_the_page_cache(flags: &[&str]) {
     assert_eq!(segs.len(), 1, "{segs:?}");
     let len = std::fs::metadata(&segs[0]).unwrap().len();
     assert!(len > 50 << 20, "only {len} bytes written");
-    // Everything is acked, so written; all but the last few MiB were
-    // handed to writeback and then dropped behind it.
-    let resident = resident_bytes(&segs[0]);
-    assert!(resident < len / 2, "{resident} of {len} bytes still cached");
+    // Everything is acked, so written; with the drop, all but the last few
+    // MiB were handed to writeback and then dropped behind it.
+    (resident_bytes(&segs[0]), len)
 }
