@@ -16,7 +16,8 @@
 # to the disk adds, and beside it echo_floor (benches/src/bin/echo_floor.rs):
 # the same traffic against a bare epoll server that only appends what it
 # reads to a file on the same disk (same fsync policy) and answers, and
-# once more without the file: the least any engine could show here.
+# once more without the file, and beside the --fsync always row with an
+# fdatasync per append: the least any engine could show here.
 # Prints medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +77,7 @@ load_100k() {
 }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d'+sys.argv[1]))" "$1"; }
 
-declare -a lat_steal mem50 mem99 mem_steal floor50 floor99 bare50 bare99
+declare -a lat_steal mem50 mem99 mem_steal floor50 floor99 bare50 bare99 afloor99
 declare -a tput lat50 lat99 bat99 always always99 fsync_ms rss ratio slow_ms always_slow
 for run in $(seq "$RUNS"); do
     read -r steal0 total0 < <(ticks)
@@ -128,6 +129,10 @@ for run in $(seq "$RUNS"); do
     probed load_100k > "$WORK/always-rate.json"
     stop
     always_slow+=("$(field '["slow_ms"]' < "$WORK/probe.json")")
+    # Its floor: the bare server fdatasyncing each append before answering.
+    "$FLOOR" "$SECS" "$WORK/floor" --fsync-always > "$WORK/afloor.json"
+    rm -rf "$WORK/floor"
+    afloor99+=("$(field '["latency_us"]["p99"]' < "$WORK/afloor.json")")
     always+=("$(field '["events_per_sec"]' < "$WORK/always.json")")
     always99+=("$(field '["latency_us"]["p99"]' < "$WORK/always-rate.json")")
     # This disk's fsync latency: 4 KiB writes, each fdatasynced.
@@ -147,7 +152,7 @@ for run in $(seq "$RUNS"); do
         ratio+=("$(awk -v a="${tput[-1]}" -v b="$rps" 'BEGIN {print a / b}')")
         echo "run $run: redis XADD ${rps}/s"
     fi
-    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us (CPUs slow ${slow_ms[-1]} ms; steal ${lat_steal[-1]} %${mem_note}${floor_note}); always ${always[-1]} ev/s p99 ${always99[-1]} us (CPUs slow ${always_slow[-1]} ms; fsync ${fsync_ms[-1]} ms); rss ${rss[-1]} MiB; steal $(steal_since "$steal0" "$total0") %"
+    echo "run $run: ${tput[-1]} ev/s; 100k/s p50 ${lat50[-1]} us p99 ${lat99[-1]} us (CPUs slow ${slow_ms[-1]} ms; steal ${lat_steal[-1]} %${mem_note}${floor_note}); always ${always[-1]} ev/s p99 ${always99[-1]} us (CPUs slow ${always_slow[-1]} ms; fsync ${fsync_ms[-1]} ms; floor p99 ${afloor99[-1]} us); rss ${rss[-1]} MiB; steal $(steal_since "$steal0" "$total0") %"
 done
 
 # 5. Disk bandwidth over a long run, against dd in the same run.
@@ -186,6 +191,7 @@ echo "| same traffic, echo_floor --no-log (loopback and wake-ups only): p50 / p9
 echo "| 100k/s offered: batch ack p99 (us) | $(printf '%s\n' "${bat99[@]}" | median) |"
 echo "| --fsync always: max events/s; rt+tx p99 at 100k/s offered (us) | $(printf '%s\n' "${always[@]}" | median), $(printf '%s\n' "${always99[@]}" | median) |"
 echo "| same runs: ms with the CPUs over 4x slower (cpu_probe) | $(printf '%s\n' "${always_slow[@]}" | median) |"
+echo "| same traffic, echo_floor --fsync-always (bare server, fdatasync per append): p99 (us) | $(printf '%s\n' "${afloor99[@]}" | median) |"
 echo "| this disk's fsync (ms, 4 KiB dsync write) | $(printf '%s\n' "${fsync_ms[@]}" | median) |"
 echo "| peak RSS of serve, default flags (MiB) | $(printf '%s\n' "${rss[@]}" | median) |"
 echo "| $((SECS * 6)) s run: log MB/s vs dd | $(awk -v b="$log_bytes" -v s="$disk_secs" 'BEGIN {printf "%.0f", b / s / 1e6}') vs dd: $dd_line |"

@@ -3,7 +3,7 @@
 //! `eventstream load --rate`'s open-loop latency row, measured in the same
 //! run as that row.
 //!
-//!   echo_floor SECONDS DIR [--no-log]
+//!   echo_floor SECONDS DIR [--no-log | --fsync-always]
 //!
 //! One process, the same traffic shape as `eventstream load --rate 100000
 //! --connections 4 --payload 256 --ack` with its default 100 us tick: four
@@ -16,7 +16,10 @@
 //! message in one `write`. A second server thread follows serve's default
 //! `--fsync interval:1000`: `fdatasync` once a second, and writeback started
 //! (`sync_file_range`) for each MiB written. `--no-log` leaves out the file
-//! and the sync thread (loopback and wake-ups only). A message's latency runs
+//! and the sync thread (loopback and wake-ups only). `--fsync-always`
+//! follows `--fsync always` instead: the server `fdatasync`s after each
+//! append and answers after it (a group commit of whatever one read
+//! brought), with no sync thread. A message's latency runs
 //! from its write's planned start (its tick) to the arrival of its answer,
 //! read by one thread that polls every connection, as `load`'s receiver
 //! does. Prints one JSON object: messages answered, latency p50/p99/p99.9/max
@@ -62,7 +65,12 @@ fn check(rc: libc::c_int, what: &str) -> libc::c_int {
 
 /// The server: one epoll thread; per read, one pwrite of the bytes read to
 /// the log, then one write of an answer per whole message.
-fn serve(conns: Vec<TcpStream>, log: Option<(File, Arc<AtomicU64>)>, stop: &AtomicBool) {
+fn serve(
+    conns: Vec<TcpStream>,
+    log: Option<(File, Arc<AtomicU64>)>,
+    always: bool,
+    stop: &AtomicBool,
+) {
     // SAFETY: epoll_create1 takes no pointers; the result is checked.
     let rc = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     let epfd = check(rc, "epoll_create1");
@@ -103,6 +111,9 @@ fn serve(conns: Vec<TcpStream>, log: Option<(File, Arc<AtomicU64>)>, stop: &Atom
                     .unwrap_or_else(|e| fail("pwrite", e));
                 at += got as u64;
                 written.store(at, Ordering::Release);
+                if always {
+                    file.sync_data().unwrap_or_else(|e| fail("fdatasync", e));
+                }
             }
             let whole = (partial[i] + got) / MSG;
             partial[i] = (partial[i] + got) % MSG;
@@ -153,13 +164,14 @@ fn main() {
     let (secs, dir) = match (args.get(1).map(|s| s.parse::<f64>()), args.get(2)) {
         (Some(Ok(s)), Some(d)) if s > 0.0 => (s, PathBuf::from(d)),
         _ => {
-            eprintln!("usage: echo_floor SECONDS DIR [--no-log]");
+            eprintln!("usage: echo_floor SECONDS DIR [--no-log | --fsync-always]");
             std::process::exit(2);
         }
     };
-    let with_log = match args.get(3).map(String::as_str) {
-        None => true,
-        Some("--no-log") => false,
+    let (with_log, always) = match args.get(3).map(String::as_str) {
+        None => (true, false),
+        Some("--no-log") => (false, false),
+        Some("--fsync-always") => (true, true),
         Some(other) => {
             eprintln!("echo_floor: unknown option {other}");
             std::process::exit(2);
@@ -190,14 +202,14 @@ fn main() {
             .unwrap_or_else(|e| fail("open log", e));
         (file, Arc::new(AtomicU64::new(0)))
     });
-    let syncer = log.as_ref().map(|(file, written)| {
+    let syncer = log.as_ref().filter(|_| !always).map(|(file, written)| {
         let file = file.try_clone().unwrap_or_else(|e| fail("dup", e));
         let (written, stop) = (written.clone(), stop.clone());
         std::thread::spawn(move || sync_loop(&file, &written, &stop))
     });
     let server = {
         let stop = stop.clone();
-        std::thread::spawn(move || serve(served, log, &stop))
+        std::thread::spawn(move || serve(served, log, always, &stop))
     };
     let origin = Instant::now();
     // The planned start of each connection's writes, in order: the
@@ -248,7 +260,7 @@ fn main() {
     }
     let us = |v: u64| v as f64 / 1e3;
     println!(
-        "{{\"messages\":{},\"log\":{with_log},\"latency_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"p999\":{:.1},\"max\":{:.1}}},\"send_lateness_us\":{{\"p50\":{:.1},\"p99\":{:.1}}}}}",
+        "{{\"messages\":{},\"log\":{with_log},\"fsync_always\":{always},\"latency_us\":{{\"p50\":{:.1},\"p99\":{:.1},\"p999\":{:.1},\"max\":{:.1}}},\"send_lateness_us\":{{\"p50\":{:.1},\"p99\":{:.1}}}}}",
         latency.count(),
         us(latency.quantile(0.5)),
         us(latency.quantile(0.99)),
