@@ -51,9 +51,9 @@ const DROP_LAG: u64 = 4 << 20;
 /// `--drop-written-pages`). There dropped pages come back warm for the
 /// next appends within milliseconds: in closed loops the server used 12.4 s
 /// of CPU against 14.1 s without the drop. Below it (at 100,000 events/s
-/// the log grows about 30 MB/s) dropping raised the ack p99 (4.6-6.2 ms
-/// against 1.4-4.3 ms), so those pages are left to the kernel, which frees
-/// the oldest when it needs the memory.
+/// the log grows about 30 MB/s) dropping raised the ack p99 (4.6-6.2 ms,
+/// once 34.6 ms, against 1.4-4.3 ms), so those pages are left to the
+/// kernel, which frees the oldest when it needs the memory.
 const DROP_MIN_RATE: u64 = 96 << 20;
 
 /// What to do for one item once its write's outcome is known.
