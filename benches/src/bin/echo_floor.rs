@@ -74,9 +74,9 @@ fn serve(
     // SAFETY: epoll_create1 takes no pointers; the result is checked.
     let rc = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     let epfd = check(rc, "epoll_create1");
+    // The sockets stay blocking: a read only follows readiness, and an
+    // answer that finds the client's buffer full waits for room.
     for (i, c) in conns.iter().enumerate() {
-        c.set_nonblocking(true)
-            .unwrap_or_else(|e| fail("nonblocking", e));
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: i as u64,
@@ -103,7 +103,7 @@ fn serve(
             let got = match conns[i].read(&mut buf) {
                 Ok(0) => return,
                 Ok(got) => got,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => fail("server read", e),
             };
             if let Some((file, written)) = &log {
