@@ -212,37 +212,25 @@ fn main() {
         std::thread::spawn(move || serve(served, log, always, &stop))
     };
     let origin = Instant::now();
-    // The planned start of each connection's writes, in order: the
-    // receiver reads them as the answers come (a connection's answers
-    // arrive in the order of its messages).
     let total_ticks = (secs * 1e6 / TICK.as_micros() as f64) as u64;
     let per_conn = (total_ticks / CONNECTIONS as u64) as usize;
-    let planned: Arc<Vec<Vec<AtomicU64>>> = Arc::new(
-        (0..CONNECTIONS)
-            .map(|_| (0..per_conn).map(|_| AtomicU64::new(0)).collect())
-            .collect(),
-    );
+    let start = now_ns(origin) + 1_000_000;
     let readers: Vec<TcpStream> = clients
         .iter()
         .map(|c| c.try_clone().unwrap_or_else(|e| fail("dup", e)))
         .collect();
-    let receiver = {
-        let planned = planned.clone();
-        std::thread::spawn(move || receive(readers, &planned, per_conn, origin))
-    };
+    let receiver = std::thread::spawn(move || receive(readers, start, per_conn, origin));
     // SAFETY: prctl with integer arguments; a failure only costs precision.
     let _ = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
     let message = vec![0x5au8; MSG * PER_WRITE];
-    let start = now_ns(origin) + 1_000_000;
     let mut lateness = Histogram::new();
     for k in 0..per_conn {
         for (c, client) in clients.iter_mut().enumerate() {
-            let tick = start + ((k * CONNECTIONS + c) as u64) * TICK.as_nanos() as u64;
+            let tick = planned(start, k, c);
             let now = now_ns(origin);
             if tick > now {
                 std::thread::sleep(Duration::from_nanos(tick - now));
             }
-            planned[c][k].store(tick, Ordering::Release);
             client
                 .write_all(&message)
                 .unwrap_or_else(|e| fail("client write", e));
@@ -271,21 +259,24 @@ fn main() {
     );
 }
 
+/// The planned start of connection `c`'s `k`-th write: the connections
+/// write in turn, one per tick from `start`.
+fn planned(start: u64, k: usize, c: usize) -> u64 {
+    start + ((k * CONNECTIONS + c) as u64) * TICK.as_nanos() as u64
+}
+
 /// Reads every connection's answers (poll, then one read per ready
 /// connection) until each has answered its `per_conn` writes, recording
-/// each message's latency from its write's planned start.
-fn receive(
-    mut conns: Vec<TcpStream>,
-    planned: &[Vec<AtomicU64>],
-    per_conn: usize,
-    origin: Instant,
-) -> Histogram {
+/// each message's latency from its write's planned start (a connection's
+/// answers arrive in the order of its messages).
+fn receive(mut conns: Vec<TcpStream>, start: u64, per_conn: usize, origin: Instant) -> Histogram {
     let mut latency = Histogram::new();
     let mut answered = vec![0usize; conns.len()];
     let mut held = vec![0usize; conns.len()];
     let mut buf = vec![0u8; 64 << 10];
     let want = per_conn * PER_WRITE;
-    let deadline = Instant::now() + Duration::from_secs(60) + TICK * (per_conn * 4) as u32;
+    let deadline =
+        Instant::now() + Duration::from_secs(60) + TICK * (per_conn * CONNECTIONS) as u32;
     let mut fds: Vec<libc::pollfd> = conns
         .iter()
         .map(|c| libc::pollfd {
@@ -318,7 +309,7 @@ fn receive(
             held[i] += got;
             while held[i] >= ANSWER && answered[i] < want {
                 held[i] -= ANSWER;
-                let tick = planned[i][answered[i] / PER_WRITE].load(Ordering::Acquire);
+                let tick = planned(start, answered[i] / PER_WRITE, i);
                 latency.record(now.saturating_sub(tick));
                 answered[i] += 1;
             }
