@@ -73,6 +73,10 @@ struct Conn {
     readable: bool,
     writable: bool,
     eof: bool,
+    /// epoll reported RDHUP, HUP or ERR: the peer closed (or reset) its
+    /// side, so reads go on until one returns 0 or an error, short ones
+    /// included (no further edge will come).
+    hup: bool,
     /// FATAL to send once every earlier acked event is answered.
     fatal: Option<Ack>,
     /// Close once the acks are written.
@@ -688,6 +692,7 @@ impl Ingest {
             readable: false,
             writable: true,
             eof: false,
+            hup: false,
             fatal: None,
             closing: false,
             queued: false,
@@ -724,6 +729,9 @@ impl Ingest {
         if flags & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
         {
             c.readable = true;
+        }
+        if flags & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+            c.hup = true;
         }
         if flags & libc::EPOLLOUT as u32 != 0 {
             c.writable = true;
@@ -941,7 +949,10 @@ impl Ingest {
         // wait). Bytes that arrive from then on raise a new edge-triggered
         // event, so the connection waits for epoll instead of paying one
         // more read (and one more loop) for EAGAIN after every wake-up.
-        if n < self.read_buf.len() {
+        // Not so once the peer hung up: its FIN or RST came on the edge
+        // that carried this data, no edge follows, and only the read that
+        // returns 0 (or the reset) tells the connection is gone.
+        if n < self.read_buf.len() && !c.hup {
             c.readable = false;
         }
         let buf = std::mem::take(&mut self.read_buf);

@@ -1,0 +1,134 @@
+//! Connections that end right behind their last bytes (FIN or RST on the
+//! same edge as the data) are seen closed and give back their slot.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use common::*;
+use eventstream_core::wire::Status;
+use eventstream_core::Priority;
+
+/// Makes the next close of `s` send RST instead of FIN.
+fn reset_on_close(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket with a valid linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+/// Polls the connection gauge until it reads `want` or `limit` passes.
+fn connections_settle(server: &Server, want: f64, limit: Duration) -> f64 {
+    let until = Instant::now() + limit;
+    loop {
+        let v = server.metric("eventstream_connections");
+        if v == want || Instant::now() >= until {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Frames without ACK, written in one call.
+fn unacked(base: u64, n: u64) -> Vec<u8> {
+    (0..n)
+        .flat_map(|i| frame(base + i, Priority::Medium, "orders/eu", &[7u8; 200], false))
+        .collect()
+}
+
+#[test]
+fn a_close_right_behind_the_last_data_frees_the_connection() {
+    let dir = TempDir::new("close-fin");
+    // A frame timeout far beyond the test: only seeing the close frees them.
+    let server = Server::start(&dir.data(), &["--frame-timeout", "60s"]);
+    let mut stored = 0u64;
+    // v1 frames without ACK, then FIN.
+    for c in 0..50u64 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.write_all(&unacked(c << 20, 5)).unwrap();
+        stored += 5;
+        drop(s);
+    }
+    // The same, then RST.
+    for c in 50..100u64 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.write_all(&unacked(c << 20, 5)).unwrap();
+        reset_on_close(&s);
+        drop(s);
+    }
+    // Legacy frames, then FIN.
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        let bytes: Vec<u8> = (0..3)
+            .flat_map(|_| legacy_frame(2, "legacy", b"hello"))
+            .collect();
+        s.write_all(&bytes).unwrap();
+        stored += 3;
+        drop(s);
+    }
+    // Half a frame, then RST.
+    for c in 0..20u64 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        let f = frame(1 << 40 | c, Priority::High, "alerts", b"x", true);
+        s.write_all(&f[..20]).unwrap();
+        reset_on_close(&s);
+        drop(s);
+    }
+    let open = connections_settle(&server, 0.0, Duration::from_secs(5));
+    assert_eq!(
+        open, 0.0,
+        "connections left open after their clients closed"
+    );
+    // The FIN clients' frames were all stored (the RST ones may lose what
+    // the reset discarded from the server's receive queue).
+    let events = inspect_events_after_stop(server, &dir);
+    assert!(
+        events >= stored,
+        "{events} events stored, {stored} sent before FIN"
+    );
+}
+
+#[test]
+fn clients_that_close_at_once_do_not_lock_others_out() {
+    let dir = TempDir::new("close-slots");
+    let server = Server::start(
+        &dir.data(),
+        &["--max-connections", "10", "--frame-timeout", "60s"],
+    );
+    for round in 0..5u64 {
+        for c in 0..10u64 {
+            let mut s = TcpStream::connect(server.addr).unwrap();
+            s.write_all(&unacked(round << 30 | c << 20, 3)).unwrap();
+            drop(s);
+        }
+        assert_eq!(
+            connections_settle(&server, 0.0, Duration::from_secs(5)),
+            0.0,
+            "round {round}: closed clients still hold their slots"
+        );
+    }
+    let mut c = server.connect();
+    c.send(&frame(1 << 50, Priority::High, "alerts", b"after", true));
+    assert_eq!(c.acks(1)[0].status, Status::Stored);
+}
+
+/// Stops the server cleanly and counts the events in its log.
+fn inspect_events_after_stop(server: Server, dir: &TempDir) -> u64 {
+    let (status, _) = server.terminate();
+    assert!(status.success(), "server exit: {status}");
+    inspect_events(&dir.data()).len() as u64
+}
