@@ -3,6 +3,7 @@
 //! Prometheus endpoint, and the log inspector.
 
 pub mod config;
+pub mod endpoint;
 pub mod ingest;
 pub mod inspect;
 pub mod load;

@@ -1,11 +1,10 @@
-//! The housekeeping thread: the Prometheus `/metrics` endpoint, the
-//! one-line summary on stderr every second, and the dedup window gauge.
+//! The housekeeping thread: the Prometheus `/metrics` endpoint (see
+//! `endpoint`), the one-line summary on stderr every second, and the dedup
+//! window gauge.
 //! It is off the hot path and may allocate (a bounded amount per second).
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +14,9 @@ use eventstream_core::metrics::{Counter, Histogram, Snapshot};
 use eventstream_core::wire::Reason;
 use eventstream_core::Class;
 
+use crate::endpoint::{Endpoint, HttpStats, MAX_ANSWERS_PER_SEC, STATUSES};
 use crate::shared::{Shared, RING_NAMES, STOP};
-use crate::sys::{monotonic_ns, syscall};
+use crate::sys::monotonic_ns;
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -43,7 +43,7 @@ fn summary(out: &mut String, name: &str, labels: &str, h: &Histogram, scale: f64
 }
 
 /// The Prometheus text of everything the server counts.
-pub fn render(shared: &Shared, snap: &Snapshot) -> String {
+pub fn render(shared: &Shared, snap: &Snapshot, http: &HttpStats) -> String {
     let mut o = String::with_capacity(8192);
     let per_class = |o: &mut String, name: &str, help: &str, f: fn(Class) -> Counter| {
         header(o, name, "counter", help);
@@ -178,7 +178,7 @@ pub fn render(shared: &Shared, snap: &Snapshot) -> String {
         ),
         (
             "eventstream_dedup_entries",
-            "Ids in the dedup table (counted at each scrape).",
+            "Ids in the dedup table (counted at most once a second, when scraped).",
             shared.dedup_entries.load(Ordering::Relaxed) as f64,
         ),
         (
@@ -231,6 +231,53 @@ pub fn render(shared: &Shared, snap: &Snapshot) -> String {
             1e-9,
         );
     }
+    header(
+        &mut o,
+        "eventstream_metrics_requests_total",
+        "counter",
+        "Requests the /metrics endpoint answered, per status code.",
+    );
+    for (code, n) in STATUSES.iter().zip(http.answers) {
+        let _ = writeln!(
+            o,
+            "eventstream_metrics_requests_total{{code=\"{code}\"}} {n}"
+        );
+    }
+    header(
+        &mut o,
+        "eventstream_metrics_requests_throttled_total",
+        "counter",
+        &format!(
+            "Requests that waited because the endpoint answers at most {MAX_ANSWERS_PER_SEC} per second."
+        ),
+    );
+    let _ = writeln!(
+        o,
+        "eventstream_metrics_requests_throttled_total {}",
+        http.throttled
+    );
+    header(
+        &mut o,
+        "eventstream_metrics_connections_closed_total",
+        "counter",
+        "Metric connections the endpoint closed: a request or answer past its deadline or an idle keep-alive (deadline), or the longest waiter when all were taken (evicted).",
+    );
+    for (reason, n) in [
+        ("deadline", http.deadline_closes),
+        ("evicted", http.evictions),
+    ] {
+        let _ = writeln!(
+            o,
+            "eventstream_metrics_connections_closed_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    header(
+        &mut o,
+        "eventstream_metrics_connections",
+        "gauge",
+        "Open connections to the /metrics endpoint.",
+    );
+    let _ = writeln!(o, "eventstream_metrics_connections {}", http.open);
     o
 }
 
@@ -276,35 +323,51 @@ pub fn summary_line(shared: &Shared, snap: &Snapshot, prev: &Snapshot, secs: f64
     )
 }
 
-/// Runs housekeeping until shutdown.
+/// Runs housekeeping until shutdown: the `/metrics` endpoint (which never
+/// waits on a client), and once a second the summary line, the effective
+/// dedup window and its warning.
 pub fn run_housekeeping(listener: TcpListener, dedup: DedupRef<'static>, shared: Arc<Shared>) {
+    let mut endpoint = match Endpoint::new(listener) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            eprintln!("eventstream: metrics endpoint failed, serving no metrics: {e}");
+            None
+        }
+    };
     let mut prev = shared.registry.snapshot();
     let mut prev_line_at = monotonic_ns();
-    let mut last_printed_counters = String::new();
+    let mut last_printed = None;
     let mut last_warning = 0u64;
+    // When the dedup occupancy was last counted: the count walks the whole
+    // table, so scrapes reuse it for up to a second.
+    let mut occupancy_at: Option<u64> = None;
     let window_ms = dedup.window_ms();
+    let mut render_now = |http: &HttpStats| {
+        let now = monotonic_ns();
+        if occupancy_at.is_none_or(|at| now.saturating_sub(at) >= OCCUPANCY_TTL_NS) {
+            occupancy_at = Some(now);
+            shared
+                .dedup_entries
+                .store(dedup.occupied() as u64, Ordering::Relaxed);
+        }
+        render(&shared, &shared.registry.snapshot(), http)
+    };
     loop {
         if shared.phase() == STOP {
             return;
         }
         let now = monotonic_ns();
         let next = prev_line_at + 1_000_000_000;
-        let wait_ms = (next.saturating_sub(now) / 1_000_000).min(1000) as i32;
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ready = syscall!(poll(&mut pfd, 1, wait_ms.max(1))).unwrap_or(0);
-        if ready > 0 {
-            if let Ok((stream, _)) = listener.accept() {
-                // Counting the table walks all of it (milliseconds at the
-                // default 2M ids): done per scrape, not every second.
-                shared
-                    .dedup_entries
-                    .store(dedup.occupied() as u64, Ordering::Relaxed);
-                serve_http(stream, &shared);
-            }
+        // Wake for the next line, the endpoint's next deadline, and at
+        // least every 100 ms to see a shutdown.
+        let until = endpoint
+            .as_ref()
+            .and_then(Endpoint::next_deadline)
+            .map_or(next, |d| d.min(next));
+        let wait_ms = (until.saturating_sub(now).div_ceil(1_000_000)).clamp(1, 100) as i32;
+        match endpoint.as_mut() {
+            Some(e) => e.poll(wait_ms, monotonic_ns, &mut render_now),
+            None => std::thread::sleep(Duration::from_millis(wait_ms as u64)),
         }
         let now = monotonic_ns();
         if now < next {
@@ -325,58 +388,31 @@ pub fn run_housekeeping(listener: TcpListener, dedup: DedupRef<'static>, shared:
             );
         }
         let snap = shared.registry.snapshot();
-        let line = summary_line(&shared, &snap, &prev, secs);
-        // Print while anything moves; an idle server prints its last
-        // state once.
-        let key = line.split('|').next().unwrap_or("").to_string()
-            + &shared.connections.load(Ordering::Relaxed).to_string();
-        if key != last_printed_counters {
-            eprintln!("{line}");
-            last_printed_counters = key;
+        // Print each second in which anything moved (an event, an answer,
+        // a connection); an idle server prints its last state once.
+        let key = activity(&shared, &snap);
+        if last_printed != Some(key) {
+            eprintln!("{}", summary_line(&shared, &snap, &prev, secs));
+            last_printed = Some(key);
         }
         prev = snap;
     }
 }
 
-fn serve_http(mut stream: std::net::TcpStream, shared: &Shared) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-    let mut req = [0u8; 2048];
-    let mut got = 0;
-    while got < req.len() {
-        match stream.read(&mut req[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                got += n;
-                if req[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-        }
-    }
-    let line = req[..got].split(|&b| b == b'\n').next().unwrap_or(&[]);
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) =
-        if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-            let snap = shared.registry.snapshot();
-            (
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                render(shared, &snap),
-            )
-        } else {
-            (
-                "404 Not Found",
-                "text/plain; charset=utf-8",
-                "not found; try GET /metrics\n".to_string(),
-            )
-        };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(body.as_bytes());
+/// How long a counted dedup occupancy serves scrapes.
+const OCCUPANCY_TTL_NS: u64 = 1_000_000_000;
+
+/// The cumulative counts the summary line moves with.
+fn activity(shared: &Shared, snap: &Snapshot) -> [u64; 4] {
+    let sum = |f: fn(Class) -> Counter| -> u64 { Class::ALL.iter().map(|&c| snap.get(f(c))).sum() };
+    let rejected: u64 = Reason::errors()
+        .iter()
+        .map(|&r| snap.get(Counter::Rejected(r)))
+        .sum();
+    [
+        sum(Counter::Received) + rejected,
+        sum(Counter::Stored) + sum(Counter::Duplicate),
+        shared.connections_total.load(Ordering::Relaxed),
+        shared.connections.load(Ordering::Relaxed),
+    ]
 }

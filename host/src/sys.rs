@@ -128,6 +128,59 @@ pub fn ignore_signal(sig: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// An epoll instance. Registrations name a descriptor by a `u64` token,
+/// which [`Epoll::wait`] hands back with the ready flags.
+pub struct Epoll(OwnedFd);
+
+impl Epoll {
+    /// A new epoll instance (close-on-exec).
+    pub fn new() -> io::Result<Self> {
+        let fd = syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?;
+        // SAFETY: epoll_create1 returned a fresh descriptor that nothing
+        // else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Watches `fd` for `events` (`libc::EPOLL*` flags), reported as
+    /// `token`.
+    pub fn add(&self, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        syscall!(epoll_ctl(self.raw(), libc::EPOLL_CTL_ADD, fd, &mut ev))?;
+        Ok(())
+    }
+
+    /// Stops watching `fd` (closing it does so too, once no other
+    /// descriptor refers to the same file).
+    pub fn delete(&self, fd: RawFd) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        syscall!(epoll_ctl(self.raw(), libc::EPOLL_CTL_DEL, fd, &mut ev))?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` (-1: without end) for ready descriptors and
+    /// fills `events` with them; returns how many. A signal that cuts the
+    /// wait short returns 0.
+    pub fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
+        let max = events.len().min(libc::c_int::MAX as usize) as libc::c_int;
+        match syscall!(epoll_wait(self.raw(), events.as_mut_ptr(), max, timeout_ms)) {
+            Ok(n) => Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The descriptor.
+    pub fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// The token and flags of one ready descriptor, read out of the kernel's
+/// packed `epoll_event`.
+pub fn epoll_ready(ev: &libc::epoll_event) -> (u64, u32) {
+    (ev.u64, ev.events)
+}
+
 /// A non-blocking eventfd: a counter one thread adds to and another waits on
 /// in epoll.
 pub struct EventFd(OwnedFd);

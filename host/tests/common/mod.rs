@@ -196,7 +196,7 @@ impl Server {
     pub fn metrics_text(&self) -> String {
         let mut s = TcpStream::connect(self.metrics).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).unwrap();
