@@ -345,6 +345,122 @@ pub fn unused_tail(rest: &[u8]) -> bool {
     rest.iter().all(|&b| b == 0)
 }
 
+/// One piece of a closed segment as [`salvage`] reads it, in offset order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Piece {
+    /// Valid records back to back at bytes `at..at + len` of the segment,
+    /// holding the events `first..next`.
+    Run {
+        /// Position of the first record.
+        at: usize,
+        /// Bytes of records.
+        len: usize,
+        /// Offset of the first event.
+        first: u64,
+        /// Offset after the last event.
+        next: u64,
+    },
+    /// Events `first..end` (end exclusive) are lost; the `bytes` bytes of
+    /// the segment from position `at` held what is left of them (none for
+    /// offsets missing at its end).
+    Lost {
+        /// First lost offset.
+        first: u64,
+        /// Offset after the lost range.
+        end: u64,
+        /// Position of the damage.
+        at: usize,
+        /// Damaged bytes.
+        bytes: usize,
+    },
+}
+
+/// Reads a closed segment (PROTOCOL.md section 6: never truncated) whose
+/// first event has offset `base` and whose successor starts at `end`, and
+/// calls `each` with its runs of valid records and the ranges lost between
+/// them, in offset order: what `--repair` keeps and reports. A bad record is
+/// skipped up to the next position where a record is valid with an offset
+/// past the last one kept and below `end`; zeros after the last record are
+/// unused space, not damage. A clean segment gives one run (or none, when
+/// empty) and no loss. Returns whether anything was lost.
+pub fn salvage(segment: &[u8], base: u64, end: u64, mut each: impl FnMut(Piece)) -> bool {
+    let mut lost = false;
+    let header_ok = segment.get(..SEGMENT_HEADER_LEN) == Some(&SEGMENT_HEADER[..]);
+    let mut pos = SEGMENT_HEADER_LEN.min(segment.len());
+    let mut next = base;
+    // The damaged stretch before the current run, if any.
+    let mut damaged_from = (!header_ok).then_some(0usize);
+    let mut run: Option<(usize, u64)> = None;
+    loop {
+        if damaged_from.is_none() {
+            if let Some(rec) = segment
+                .get(pos..)
+                .and_then(|rest| record_at(rest, |off| off == next && off < end))
+            {
+                run.get_or_insert((pos, next));
+                pos += rec.size();
+                next = rec.next_offset();
+                continue;
+            }
+        }
+        if let Some((at, first)) = run.take() {
+            each(Piece::Run {
+                at,
+                len: pos - at,
+                first,
+                next,
+            });
+        }
+        let rest = segment.get(pos..).unwrap_or(&[]);
+        if damaged_from.is_none() && unused_tail(rest) {
+            break;
+        }
+        let from = damaged_from.take().unwrap_or(pos);
+        // The next position where a record is valid past what is kept.
+        let found = (pos + usize::from(from == pos && pos < segment.len())..segment.len())
+            .find_map(|q| {
+                record_at(&segment[q..], |off| off >= next && off < end).map(|r| (q, r.offset()))
+            });
+        match found {
+            Some((q, offset)) => {
+                lost = true;
+                each(Piece::Lost {
+                    first: next,
+                    end: offset,
+                    at: from,
+                    bytes: q - from,
+                });
+                pos = q;
+                next = offset;
+            }
+            None => {
+                let bytes = segment.len() - from;
+                if bytes > 0 || next < end {
+                    lost = true;
+                    each(Piece::Lost {
+                        first: next,
+                        end: end.max(next),
+                        at: from,
+                        bytes,
+                    });
+                }
+                return lost;
+            }
+        }
+    }
+    if next < end {
+        lost = true;
+        each(Piece::Lost {
+            first: next,
+            end,
+            at: segment.len(),
+            bytes: 0,
+        });
+    }
+    lost
+}
+
 /// Recovery of the newest segment whose first event has offset `base`:
 /// valid records from the start; at the first invalid position, a search of
 /// every later byte position for a valid record with an offset at or past

@@ -10,6 +10,7 @@ use eventstream_core::wire::Frame;
 use eventstream_core::Class;
 
 use crate::config::InspectArgs;
+use crate::repair::{Gaps, DAMAGED_DIR, REPORT};
 use crate::storage::{list_segments, read_records};
 
 /// A JSON string literal of `s`.
@@ -80,6 +81,9 @@ pub fn run(args: &InspectArgs) -> Result<(), String> {
     let limit = args.limit.unwrap_or(u64::MAX);
     let mut expected: Option<u64> = None;
     let mut write_err: Option<io::Error> = None;
+    // Gaps a repair listed are accepted (and reported); any other is not.
+    let listed = Gaps::read(dir)?;
+    let mut gaps: Vec<(u64, u64)> = Vec::new();
     for (i, seg) in segments.iter().enumerate() {
         let newest = i + 1 == segments.len();
         if args.json && printed >= limit {
@@ -96,15 +100,21 @@ pub fn run(args: &InspectArgs) -> Result<(), String> {
         let bytes = std::fs::read(&seg.path)
             .map_err(|e| format!("cannot read {}: {e}", seg.path.display()))?;
         totals.bytes += bytes.len() as u64;
-        if args.verify {
-            if let Some(exp) = expected {
-                if seg.base != exp {
-                    return Err(format!(
-                        "{}: segment base {} where offset {exp} was expected (offset gap)",
-                        seg.path.display(),
+        if let Some(exp) = expected.filter(|&exp| exp != seg.base) {
+            if exp < seg.base && listed.covers(exp, seg.base) {
+                gaps.push((exp, seg.base));
+                if args.json {
+                    eprintln!(
+                        "inspect: gap {exp}..{} (lost to --repair, listed in {DAMAGED_DIR}/{REPORT})",
                         seg.base
-                    ));
+                    );
                 }
+            } else if args.verify {
+                return Err(format!(
+                    "{}: segment base {} where offset {exp} was expected (offset gap not listed in {DAMAGED_DIR}/{REPORT})",
+                    seg.path.display(),
+                    seg.base
+                ));
             }
         }
         let result = read_records(&bytes, seg.base, |rec| {
@@ -178,13 +188,25 @@ pub fn run(args: &InspectArgs) -> Result<(), String> {
     }
     let events: u64 = totals.per_class.iter().sum();
     let mut s = String::new();
+    for (a, b) in &gaps {
+        let _ = writeln!(
+            s,
+            "gap:       {a}..{b} ({} offsets lost to --repair, listed in {DAMAGED_DIR}/{REPORT})",
+            b - a
+        );
+    }
     if args.verify {
         let _ = writeln!(
             s,
-            "ok: {} segments, {} records, {} events, every crc and offset checks",
+            "ok: {} segments, {} records, {} events, every crc and offset checks{}",
             segments.len(),
             totals.records,
-            events
+            events,
+            if gaps.is_empty() {
+                String::new()
+            } else {
+                format!(" but for {} listed gaps", gaps.len())
+            }
         );
     } else {
         let _ = writeln!(s, "data dir:  {}", dir.display());

@@ -8,6 +8,7 @@ pub mod ingest;
 pub mod inspect;
 pub mod load;
 pub mod processors;
+pub mod repair;
 pub mod report;
 pub mod server;
 pub mod shared;

@@ -145,7 +145,7 @@ pub fn render(shared: &Shared, snap: &Snapshot, http: &HttpStats) -> String {
         header(&mut o, name, "counter", help);
         let _ = writeln!(o, "{name} {v}");
     }
-    let gauges: [(&str, &str, f64); 8] = [
+    let gauges: [(&str, &str, f64); 9] = [
         (
             "eventstream_connections",
             "Open producer connections.",
@@ -170,6 +170,11 @@ pub fn render(shared: &Shared, snap: &Snapshot, http: &HttpStats) -> String {
             "eventstream_log_bytes",
             "Bytes in all log segments.",
             shared.log_bytes.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "eventstream_log_lost_offsets",
+            "Offsets lost to --repair (damaged records or missing segments), as damaged/report lists them.",
+            shared.log_lost_offsets.load(Ordering::Relaxed) as f64,
         ),
         (
             "eventstream_storage_failed",

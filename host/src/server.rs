@@ -131,10 +131,28 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             retention_bytes: args.retention_bytes,
             retention_age: args.retention_age,
             repair: args.repair,
+            check_window: args.dedup_window,
         },
     )?;
     for note in &opened.notes {
         eprintln!("eventstream: recovery: {note}");
+    }
+    if !opened.gaps.ranges().is_empty() {
+        let list: Vec<String> = opened
+            .gaps
+            .ranges()
+            .iter()
+            .map(|(a, b)| format!("{a}..{b}"))
+            .collect();
+        eprintln!(
+            "eventstream: the log has {} gaps lost to --repair ({} offsets, listed in {}/{}/{}): {}",
+            list.len(),
+            opened.gaps.lost_offsets(),
+            args.data.display(),
+            crate::repair::DAMAGED_DIR,
+            crate::repair::REPORT,
+            list.join(", ")
+        );
     }
     let listener = TcpListener::bind(args.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -158,6 +176,9 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         )
         .map_err(|e| format!("eventfd: {e}"))?,
     );
+    shared
+        .log_lost_offsets
+        .store(opened.gaps.lost_offsets(), Ordering::Relaxed);
     let pool_meta = leak_slice(args.pool_events as usize, SlotMeta::new);
     // Written at start, like every other buffer here, so that no event pays
     // for a first touch: the pool hands out its never-used slots in order,

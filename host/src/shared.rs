@@ -89,6 +89,8 @@ pub struct Shared {
     pub next_offset: AtomicU64,
     /// Bytes in all segments.
     pub log_bytes: AtomicU64,
+    /// Offsets lost to `--repair`, as `damaged/report` lists them.
+    pub log_lost_offsets: AtomicU64,
     /// Storage is in its failed state (retrying once a second).
     pub storage_failed: AtomicBool,
     /// Storage write failures since start.
@@ -135,6 +137,7 @@ impl Shared {
             fsync_latency: Mutex::new(Histogram::new()),
             next_offset: AtomicU64::new(0),
             log_bytes: AtomicU64::new(0),
+            log_lost_offsets: AtomicU64::new(0),
             storage_failed: AtomicBool::new(false),
             storage_failures: AtomicU64::new(0),
             dedup_entries: AtomicU64::new(0),

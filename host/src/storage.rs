@@ -21,6 +21,7 @@ use eventstream_core::record::{
 };
 use eventstream_core::Class;
 
+use crate::repair::{check_closed, Gaps};
 use crate::sys::syscall;
 
 /// Page size assumed for writeback ranges (a multiple of the real one is
@@ -269,6 +270,8 @@ pub struct Log {
 pub struct Opened {
     /// Lines for the operator (truncations, repairs).
     pub notes: Vec<String>,
+    /// Offset ranges lost to `--repair` (listed in `damaged/report`).
+    pub gaps: Gaps,
 }
 
 /// Settings of [`Log::open`].
@@ -279,8 +282,12 @@ pub struct LogOptions {
     pub retention_bytes: Option<u64>,
     /// Delete segments last written longer ago than this.
     pub retention_age: Option<Duration>,
-    /// Repair a corrupt newest segment instead of refusing to start.
+    /// Repair a corrupt segment or list an offset gap instead of refusing
+    /// to start.
     pub repair: bool,
+    /// Closed segments last written within this long are checked record by
+    /// record at start (the dedup window: the rebuild relies on them).
+    pub check_window: Duration,
 }
 
 /// Creates a segment and writes its header, without fsyncs: the caller
@@ -397,6 +404,13 @@ impl Log {
         let mut segments =
             list_segments(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         let mut opened = Opened::default();
+        opened.gaps = check_closed(
+            dir,
+            &mut segments,
+            opts.check_window,
+            opts.repair,
+            &mut opened.notes,
+        )?;
         let (active, active_len, next_offset) = match segments.last_mut() {
             None => {
                 let (file, path) = create_segment(dir, 0)

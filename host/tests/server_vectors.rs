@@ -382,3 +382,176 @@ fn every_recovery_vector_behaves_at_start_up() {
         }
     }
 }
+
+/// The non-comment lines of `damaged/report`.
+fn report_lines(data: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(data.join("damaged").join("report"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The segment files of a data dir, by name, with their bytes.
+fn segment_files(data: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(data)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().into_string().ok()?;
+            name.ends_with(".log")
+                .then(|| (name, std::fs::read(e.path()).unwrap()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn files_of(list: &Value) -> Vec<(String, Vec<u8>)> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                unhex(s["hex"].as_str().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// Starts on `data`, checks the next offset and the lost-offsets gauge,
+/// and that `inspect --verify` accepts the gaps.
+fn starts_with(data: &std::path::Path, name: &str, next: u64, lost: u64, gaps: &[(u64, u64)]) {
+    let server = Server::start(data, &[]);
+    assert_eq!(
+        server.metric("eventstream_log_lost_offsets"),
+        lost as f64,
+        "{name}"
+    );
+    let mut c = server.connect();
+    c.send(&frame(1 << 60, Priority::High, "probe", b"x", true));
+    let a = c.acks(1)[0];
+    assert_eq!((a.status, a.offset), (Status::Stored, next), "{name}");
+    drop(server);
+    let (ok, out, err) = inspect(data, &["--verify"]);
+    assert!(ok, "{name}: inspect --verify: {err}");
+    for (a, b) in gaps {
+        assert!(
+            out.contains(&format!("gap:       {a}..{b}")),
+            "{name}: {out}"
+        );
+    }
+}
+
+#[test]
+fn every_repair_vector_behaves_at_start_up() {
+    let mut seen = 0;
+    for v in vectors("repair.jsonl") {
+        seen += 1;
+        let name = v["name"].as_str().unwrap();
+        let dir = TempDir::new("repair");
+        let data = dir.data();
+        std::fs::create_dir_all(&data).unwrap();
+        for (file, bytes) in files_of(&v["segments"]) {
+            std::fs::write(data.join(file), bytes).unwrap();
+        }
+        if let Some(report) = v["report"].as_str() {
+            std::fs::create_dir_all(data.join("damaged")).unwrap();
+            std::fs::write(data.join("damaged").join("report"), report).unwrap();
+        }
+        let start = &v["start"];
+        if start["result"] == "ok" {
+            let gaps: Vec<(u64, u64)> = start["gaps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| (g[0].as_u64().unwrap(), g[1].as_u64().unwrap()))
+                .collect();
+            let lost = gaps.iter().map(|g| g.1 - g.0).sum();
+            starts_with(
+                &data,
+                name,
+                start["next_offset"].as_u64().unwrap(),
+                lost,
+                &gaps,
+            );
+            continue;
+        }
+        let before = segment_files(&data);
+        let err = Server::try_start(&data, &[]).err().expect(name);
+        assert!(!err.status.success(), "{name}");
+        let line = err
+            .stderr
+            .lines()
+            .find(|l| l.contains("refusing to start"))
+            .unwrap_or_else(|| panic!("{name}: {}", err.stderr));
+        for want in start["error_contains"].as_array().unwrap() {
+            assert!(line.contains(want.as_str().unwrap()), "{name}: {line}");
+        }
+        assert_eq!(
+            segment_files(&data),
+            before,
+            "{name}: a refused start changed files"
+        );
+        let repair = &v["repair"];
+        let listed_before = report_lines(&data);
+        let server = Server::start(&data, &["--repair"]);
+        assert!(server.stderr().contains("--repair: lost"), "{name}");
+        drop(server);
+        assert_eq!(
+            segment_files(&data),
+            files_of(&repair["segments"]),
+            "{name}: segment files after the repair"
+        );
+        for moved in repair["damaged"].as_array().unwrap() {
+            let moved = moved.as_str().unwrap();
+            let original = before.iter().find(|(n, _)| n == moved).unwrap();
+            assert_eq!(
+                std::fs::read(data.join("damaged").join(moved)).unwrap(),
+                original.1,
+                "{name}: the damaged file is kept as it was"
+            );
+        }
+        let added: Vec<String> = report_lines(&data)[listed_before.len()..].to_vec();
+        let want: Vec<String> = repair["report_lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(added, want, "{name}");
+        // From now on the listed gaps are accepted without --repair; the
+        // ones inside the log show in inspect (one before the first
+        // retained offset is like retention's).
+        let files = files_of(&repair["segments"]);
+        let first_base: u64 = files[0].0.trim_end_matches(".log").parse().unwrap();
+        let listed: Vec<(u64, u64)> = want
+            .iter()
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                (f[1].parse().unwrap(), f[2].parse().unwrap())
+            })
+            .collect();
+        // Each offset counts once, however often a repair listed it.
+        let mut all: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+        for l in listed_before.iter().chain(&want) {
+            let f: Vec<&str> = l.split(' ').collect();
+            all.extend(f[1].parse::<u64>().unwrap()..f[2].parse::<u64>().unwrap());
+        }
+        let lost = all.len() as u64;
+        let inside: Vec<(u64, u64)> = listed
+            .into_iter()
+            .filter(|g| g.0 < g.1 && g.0 >= first_base)
+            .collect();
+        starts_with(
+            &data,
+            name,
+            repair["next_offset"].as_u64().unwrap(),
+            lost,
+            &inside,
+        );
+    }
+    assert_eq!(seen, 7);
+}
