@@ -102,9 +102,13 @@ step "cargo test --workspace" cargo test --workspace
 # The server tests once more in the other processor and storage modes (the
 # run above has the defaults: on at most 2 CPUs, the processors inline and
 # storage shared between ingest and its thread).
-step "server tests with --processors threads" env ES_TEST_PROCESSORS=threads cargo test -p eventstream-host --tests
-step "server tests with --processors inline --storage-thread on" env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=on cargo test -p eventstream-host --tests
-step "server tests with --processors inline --storage-thread off" env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=off cargo test -p eventstream-host --tests
+# The suites that exercise the engine's paths; the endpoint, repair and
+# hostile-client suites run once, above (their subject is the same in every
+# layout).
+LAYOUT_SUITES=(--lib --test server_ingest --test server_storage --test server_vectors --test server_close --test load)
+step "server tests with --processors threads" env ES_TEST_PROCESSORS=threads cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
+step "server tests with --processors inline --storage-thread on" env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=on cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
+step "server tests with --processors inline --storage-thread off" env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=off cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
 step "no_std build for thumbv7em-none-eabihf (with and without defmt)" no_std_builds
 step "loom models of ring, pool and dedup" loom_models
 step "miri on the core's unsafe code" miri_core

@@ -171,6 +171,10 @@ pub struct ServeArgs {
     /// Close a connection whose frame stays half-received this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub frame_timeout: Duration,
+    /// Close a producer connection with nothing in flight and nothing
+    /// received for this long (0: never).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// Per-connection ack buffer: bounds in-flight acked events plus unsent acks.
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub ack_buffer: u64,

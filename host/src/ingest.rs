@@ -36,6 +36,10 @@ use crate::writer::{Storage, StorageMode};
 
 /// Bytes read per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
+/// Spare ack and input buffers kept for connections that need one; more
+/// are freed (connections take a buffer while they have acks to write or
+/// input held back, and give it back when they go quiet).
+const SPARE_BUFFERS: usize = 256;
 /// Low bits of a connection id: its slot; high bits: the slot's generation.
 const SLOT_BITS: u32 = 20;
 const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
@@ -87,6 +91,23 @@ struct Conn {
     in_dirty: bool,
     /// Monotonic ns since a frame has been half-received.
     mid_since: Option<u64>,
+    /// Monotonic ns of the last read that brought bytes (or the accept).
+    last_active: u64,
+}
+
+/// Gives `c` an ack buffer if it has none (from `spare` when one is kept).
+fn ensure_out(c: &mut Conn, spare: &mut Vec<Vec<u8>>, capacity: usize) {
+    if c.out.capacity() == 0 {
+        c.out = spare.pop().unwrap_or_else(|| Vec::with_capacity(capacity));
+    }
+}
+
+/// Keeps `buf` for another connection, or frees it when enough are kept.
+fn give_back(spare: &mut Vec<Vec<u8>>, mut buf: Vec<u8>) {
+    if buf.capacity() > 0 && spare.len() < SPARE_BUFFERS {
+        buf.clear();
+        spare.push(buf);
+    }
 }
 
 impl Conn {
@@ -234,6 +255,9 @@ pub struct IngestParts {
     pub max_connections: u32,
     /// Half-received frame limit.
     pub frame_timeout: Duration,
+    /// Close a connection with nothing in flight and nothing received for
+    /// this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
     /// Reject with OVERLOADED instead of backpressure.
     pub reject_when_full: bool,
     /// Storage, when ingest may step it (`StorageMode::Ingest` or
@@ -267,6 +291,12 @@ pub struct Ingest {
     pushed_events: usize,
     mid_frames: usize,
     next_timeout_scan: u64,
+    /// When the next connection may pass `--idle-timeout`.
+    next_idle_scan: u64,
+    /// Ack buffers of connections that have none in use.
+    spare_out: Vec<Vec<u8>>,
+    /// Input stashes likewise.
+    spare_stash: Vec<Vec<u8>>,
     shutting_down: bool,
     /// Monotonic ns when the graceful shutdown began.
     shutdown_began: Option<u64>,
@@ -316,6 +346,9 @@ impl Ingest {
             pushed_events: 0,
             mid_frames: 0,
             next_timeout_scan: 0,
+            next_idle_scan: 0,
+            spare_out: Vec::with_capacity(SPARE_BUFFERS),
+            spare_stash: Vec::with_capacity(SPARE_BUFFERS),
             shutting_down: false,
             shutdown_began: None,
             accept_paused_until: None,
@@ -418,7 +451,12 @@ impl Ingest {
             ms = if ms < 0 { left } else { ms.min(left) };
         }
         if self.mid_frames > 0 {
-            ms = (self.next_timeout_scan.saturating_sub(now) / 1_000_000) as i64 + 1;
+            let left = (self.next_timeout_scan.saturating_sub(now) / 1_000_000) as i64 + 1;
+            ms = if ms < 0 { left } else { ms.min(left) };
+        }
+        if self.p.idle_timeout.is_some() && self.conns.len() > self.free_slots.len() {
+            let left = (self.next_idle_scan.saturating_sub(now) / 1_000_000) as i64 + 1;
+            ms = if ms < 0 { left } else { ms.min(left) };
         }
         if let Some(until) = self.accept_paused_until {
             let left = (until.saturating_sub(now) / 1_000_000) as i64 + 1;
@@ -473,6 +511,46 @@ impl Ingest {
         if self.mid_frames > 0 && now >= self.next_timeout_scan {
             self.scan_frame_timeouts(now);
         }
+        if self.p.idle_timeout.is_some() && now >= self.next_idle_scan {
+            self.scan_idle(now);
+        }
+    }
+
+    /// Closes connections with nothing in flight (no acks owed or unsent,
+    /// no input held back) and nothing received for `--idle-timeout`, and
+    /// sets when the next one could expire.
+    fn scan_idle(&mut self, now: u64) {
+        let Some(limit) = self.p.idle_timeout.map(|d| d.as_nanos() as u64) else {
+            return;
+        };
+        let mut next = now + limit;
+        // A connection past the limit but not quiet (acks owed) is looked
+        // at again a second later (or one limit, if shorter).
+        let floor = now + limit.min(1_000_000_000);
+        let mut expired = Vec::new();
+        for c in self.conns.iter().flatten() {
+            let quiet = c.inflight == 0 && c.out_pos >= c.out.len() && c.stash.is_empty();
+            let expiry = c.last_active + limit;
+            if quiet && expiry <= now {
+                expired.push(c.id);
+            } else {
+                next = next.min(expiry.max(floor));
+            }
+        }
+        if !expired.is_empty() {
+            eprintln!(
+                "eventstream: closed {} connections idle past --idle-timeout",
+                expired.len()
+            );
+            self.p
+                .shared
+                .idle_closed
+                .fetch_add(expired.len() as u64, Ordering::Relaxed);
+        }
+        for id in expired {
+            self.close(id);
+        }
+        self.next_idle_scan = next;
     }
 
     /// Whether ingest steps storage now: always with `StorageMode::Ingest`;
@@ -683,11 +761,12 @@ impl Ingest {
             fd,
             id,
             dec,
-            out: Vec::with_capacity((self.p.ack_credit as usize + 1) * ACK_LEN),
+            // Taken when needed (see ensure_out): an idle connection holds
+            // no buffer but its decoder's.
+            out: Vec::new(),
             out_pos: 0,
             inflight: 0,
-            // It only ever holds the rest of one read: it never grows.
-            stash: Vec::with_capacity(READ_CHUNK),
+            stash: Vec::new(),
             stash_pos: 0,
             readable: false,
             writable: true,
@@ -698,6 +777,7 @@ impl Ingest {
             queued: false,
             in_dirty: false,
             mid_since: None,
+            last_active: monotonic_ns(),
         });
         self.p.shared.connections.fetch_add(1, Ordering::Relaxed);
         self.p
@@ -705,6 +785,11 @@ impl Ingest {
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The size of a connection's ack buffer: its credit and one FATAL.
+    fn out_capacity(&self) -> usize {
+        (self.p.ack_credit as usize + 1) * ACK_LEN
     }
 
     /// Queues `id` for an ack write (once, however many acks it has).
@@ -752,9 +837,16 @@ impl Ingest {
     /// Moves acks from storage into their connections' buffers.
     fn deliver_acks(&mut self) {
         let mut got = 0usize;
+        let capacity = self.out_capacity();
         while let Some((id, ack)) = self.p.ack_rx.pop() {
             got += 1;
-            let Some(c) = self.conn_mut(id) else { continue };
+            let Some(c) = self.conns[(id & SLOT_MASK) as usize]
+                .as_mut()
+                .filter(|c| c.id == id)
+            else {
+                continue;
+            };
+            ensure_out(c, &mut self.spare_out, capacity);
             c.inflight = c.inflight.saturating_sub(1);
             c.push_ack(&ack);
             self.mark_dirty(id);
@@ -766,11 +858,18 @@ impl Ingest {
 
     /// Writes every connection's queued acks (one write each).
     fn flush_dirty(&mut self) {
+        let capacity = self.out_capacity();
         while let Some(id) = self.dirty.pop() {
-            let Some(c) = self.conn_mut(id) else { continue };
+            let Some(c) = self.conns[(id & SLOT_MASK) as usize]
+                .as_mut()
+                .filter(|c| c.id == id)
+            else {
+                continue;
+            };
             c.in_dirty = false;
             if c.fatal.is_some() && c.inflight == 0 {
                 if let Some(f) = c.fatal.take() {
+                    ensure_out(c, &mut self.spare_out, capacity);
                     c.push_ack(&f);
                     c.closing = true;
                 }
@@ -796,6 +895,10 @@ impl Ingest {
             if c.out_pos == c.out.len() {
                 c.out.clear();
                 c.out_pos = 0;
+                if c.inflight == 0 {
+                    // Quiet: the buffer goes back until acks come again.
+                    give_back(&mut self.spare_out, std::mem::take(&mut c.out));
+                }
             }
             let idle = c.inflight == 0 && c.out.is_empty();
             if close || (idle && (c.closing || c.eof)) {
@@ -817,7 +920,8 @@ impl Ingest {
             if c.mid_since.is_some() {
                 self.mid_frames = self.mid_frames.saturating_sub(1);
             }
-            drop(c);
+            give_back(&mut self.spare_out, c.out);
+            give_back(&mut self.spare_stash, c.stash);
             self.gens[slot] = (self.gens[slot] + 1) & (u32::MAX >> SLOT_BITS);
             self.free_slots.push(slot as u32);
             self.p.shared.connections.fetch_sub(1, Ordering::Relaxed);
@@ -905,8 +1009,8 @@ impl Ingest {
             c.stash = stash;
             c.stash_pos += used;
             if c.stash_pos == c.stash.len() {
-                c.stash.clear();
                 c.stash_pos = 0;
+                give_back(&mut self.spare_stash, std::mem::take(&mut c.stash));
             }
             match stop {
                 Stop::Done => {}
@@ -930,7 +1034,10 @@ impl Ingest {
                 c.readable = false;
                 return false;
             }
-            Ok(n) => n as usize,
+            Ok(n) => {
+                c.last_active = now;
+                n as usize
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 c.readable = false;
                 return false;
@@ -958,6 +1065,13 @@ impl Ingest {
         let buf = std::mem::take(&mut self.read_buf);
         let (used, stop) = self.decode(c, &buf[..n], now, wall);
         if used < n {
+            if c.stash.capacity() == 0 {
+                // It only ever holds the rest of one read: it never grows.
+                c.stash = self
+                    .spare_stash
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(READ_CHUNK));
+            }
             c.stash.extend_from_slice(&buf[used..n]);
         }
         self.read_buf = buf;
@@ -1010,6 +1124,11 @@ impl Ingest {
                     if let Some(reason) = refusal(self.shutting_down, room) {
                         self.metrics.add(Counter::Rejected(reason), 1);
                         if ack {
+                            if out.capacity() == 0 {
+                                *out = self.spare_out.pop().unwrap_or_else(|| {
+                                    Vec::with_capacity((credit as usize + 1) * ACK_LEN)
+                                });
+                            }
                             out.extend_from_slice(&Ack::rejected(f.event_id(), reason).encode());
                         }
                         continue;
@@ -1051,6 +1170,11 @@ impl Ingest {
                 } => {
                     self.metrics.add(Counter::Rejected(reason), 1);
                     if ack {
+                        if out.capacity() == 0 {
+                            *out = self.spare_out.pop().unwrap_or_else(|| {
+                                Vec::with_capacity((credit as usize + 1) * ACK_LEN)
+                            });
+                        }
                         out.extend_from_slice(&Ack::rejected(event_id, reason).encode());
                     }
                 }

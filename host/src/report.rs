@@ -114,7 +114,12 @@ pub fn render(shared: &Shared, snap: &Snapshot, http: &HttpStats) -> String {
         header(&mut o, name, "counter", help);
         let _ = writeln!(o, "{name} {v}");
     }
-    let counters: [(&str, &str, u64); 5] = [
+    let counters: [(&str, &str, u64); 6] = [
+        (
+            "eventstream_idle_closed_total",
+            "Producer connections closed after --idle-timeout with nothing in flight.",
+            shared.idle_closed.load(Ordering::Relaxed),
+        ),
         (
             "eventstream_connections_accepted_total",
             "Producer connections accepted.",

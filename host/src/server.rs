@@ -328,6 +328,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         ack_credit: cfg.ack_credit,
         max_connections: args.max_connections,
         frame_timeout: args.frame_timeout,
+        idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
         reject_when_full: args.when_full == WhenFullArg::Reject,
         storage: (storage_mode != StorageMode::Thread).then(|| storage.clone()),
         storage_mode,

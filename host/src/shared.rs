@@ -79,6 +79,8 @@ pub struct Shared {
     pub connections_refused: AtomicU64,
     /// Connections closed for a half-received frame past --frame-timeout.
     pub frame_timeouts: AtomicU64,
+    /// Connections closed after --idle-timeout with nothing in flight.
+    pub idle_closed: AtomicU64,
     /// Ring depths, as last seen by each consumer.
     pub ring_depth: [AtomicU64; 7],
     /// fsyncs done.
@@ -132,6 +134,7 @@ impl Shared {
             connections_total: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
             frame_timeouts: AtomicU64::new(0),
+            idle_closed: AtomicU64::new(0),
             ring_depth: Default::default(),
             fsyncs: AtomicU64::new(0),
             fsync_latency: Mutex::new(Histogram::new()),
