@@ -804,3 +804,92 @@ fn written_pages(flags: &[&str], rate: Option<&str>) -> (u64, u64) {
     // MiB were handed to writeback and then dropped behind it.
     (resident_bytes(&segs[0]), len)
 }
+
+/// A small tmpfs mounted for one test (root only), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_answers_storage_failed_and_resumes_when_space_returns() {
+    let dir = TempDir::new("diskfull");
+    let Some(fs) = Tmpfs::mount(&dir.path().join("mnt"), "4m") else {
+        eprintln!("not root or no mount: the RLIMIT_FSIZE test covers write failures");
+        return;
+    };
+    let data = fs.0.join("data");
+    // Room taken by another file, to be given back later.
+    std::fs::write(fs.0.join("filler"), vec![7u8; 1 << 20]).unwrap();
+    let server = Server::start(&data, &["--segment-bytes", "1MiB"]);
+    let mut c = server.connect();
+    let mut stored: Vec<(u64, u64)> = Vec::new();
+    let mut failed = None;
+    let mut id = 1;
+    while failed.is_none() {
+        assert!(id < 100_000, "the disk never filled");
+        let bytes: Vec<u8> = (id..id + 50).flat_map(tx).collect();
+        c.send(&bytes);
+        for (a, want) in c.acks(50).iter().zip(id..) {
+            match (a.status, a.reason) {
+                (Status::Stored, _) => stored.push((want, a.offset)),
+                (Status::Rejected, Reason::StorageFailed) => {
+                    failed.get_or_insert(want);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        id += 50;
+    }
+    assert!(stored.len() > 1000, "{} stored", stored.len());
+    assert_eq!(server.metric("eventstream_storage_failed"), 1.0);
+    // Space comes back.
+    std::fs::remove_file(fs.0.join("filler")).unwrap();
+    let mut recovered = false;
+    for _ in 0..50 {
+        c.send(&tx(failed.unwrap()));
+        let a = c.acks(1)[0];
+        if a.status == Status::Stored {
+            stored.push((failed.unwrap(), a.offset));
+            recovered = true;
+            break;
+        }
+        assert_eq!(a.reason, Reason::StorageFailed);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(recovered, "the server never resumed");
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    // Nothing half-written, and every STORED ack is in the log.
+    let (ok, _, err) = inspect(&data, &["--verify"]);
+    assert!(ok, "{err}");
+    let events = inspect_events(&data);
+    let at: std::collections::HashMap<u64, u64> =
+        events.iter().map(|e| (e.offset, e.event_id)).collect();
+    for (id, offset) in &stored {
+        assert_eq!(at.get(offset), Some(id), "acked id {id} at {offset}");
+    }
+    drop(fs);
+}
