@@ -50,6 +50,7 @@ install_toolchains() {
     rustup toolchain install nightly --profile minimal --component miri,rust-src
     cargo +nightly miri setup
     command -v defmt-print >/dev/null || cargo install defmt-print --locked --version 1.2.0
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
 }
 
 core_never_links_alloc() {
@@ -93,6 +94,27 @@ miri_core() {
     MIRIFLAGS="-Zmiri-strict-provenance" cargo +nightly miri test -p eventstream-core --lib
 }
 
+fuzz_targets() {
+    # Each target for FUZZ_SECONDS (20 by default) from the committed seed
+    # corpus (tests/fuzz/make_corpus.py); new inputs go to a temp dir. For
+    # hours: cargo +nightly fuzz run --fuzz-dir tests/fuzz TARGET -- -max_total_time=14400
+    cargo fmt --manifest-path tests/fuzz/Cargo.toml -- --check
+    cargo +nightly fuzz build --fuzz-dir tests/fuzz
+    local t tmp log
+    for t in frame stream legacy record recover; do
+        tmp=$(mktemp -d)
+        log="$tmp/log"
+        if ! cargo +nightly fuzz run --fuzz-dir tests/fuzz "$t" "$tmp" "tests/fuzz/corpus/$t" \
+            -- -max_total_time="${FUZZ_SECONDS:-20}" -print_final_stats=1 > "$log" 2>&1; then
+            tail -40 "$log" >&2
+            echo "fuzz target $t failed" >&2
+            return 1
+        fi
+        echo "fuzz $t: $(awk '/stat::number_of_executed_runs/ {print $2}' "$log") executions, 0 crashes"
+        rm -rf "$tmp"
+    done
+}
+
 step "install Debian packages (prometheus for promtool)" apt_install
 step "install toolchains, targets and components" install_toolchains
 step "cargo fmt --check" cargo fmt --all -- --check
@@ -112,6 +134,7 @@ step "server tests with --processors inline --storage-thread off" env ES_TEST_PR
 step "no_std build for thumbv7em-none-eabihf (with and without defmt)" no_std_builds
 step "loom models of ring, pool and dedup" loom_models
 step "miri on the core's unsafe code" miri_core
+step "fuzz targets, 20 s each (cargo fuzz)" fuzz_targets
 step "core never links alloc (sources, firmware symbols)" core_never_links_alloc
 step "firmware image under QEMU mps2-an386 (cargo firmware)" firmware_under_qemu
 
