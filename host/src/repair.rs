@@ -18,7 +18,9 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use eventstream_core::record::{salvage, segment_name, Piece, SEGMENT_HEADER, SEGMENT_HEADER_LEN};
+use eventstream_core::record::{
+    recover, salvage, segment_name, Piece, Recovery, SEGMENT_HEADER, SEGMENT_HEADER_LEN,
+};
 
 use crate::storage::Segment;
 
@@ -132,6 +134,8 @@ pub fn check_closed(
 ) -> Result<Gaps, String> {
     finish_interrupted(dir, notes)?;
     let mut gaps = Gaps::read(dir)?;
+    // The names a crashed run made, durable before anything new is added.
+    sync_dir(dir).map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
     let cutoff = SystemTime::now()
         .checked_sub(window)
         .unwrap_or(SystemTime::UNIX_EPOCH);
@@ -154,6 +158,10 @@ pub fn check_closed(
         let Some(damage) = check_one(seg, end, i >= whole_from, &gaps)? else {
             continue;
         };
+        if let Some(cut) = torn_end(segments, i)? {
+            cut_torn_end(dir, segments, i, cut, notes)?;
+            break;
+        }
         if !repair {
             return Err(damage.line);
         }
@@ -197,6 +205,11 @@ fn check_one(seg: &Segment, end: u64, whole: bool, gaps: &Gaps) -> Result<Option
         }
         return check_one(seg, end, true, gaps);
     }
+    // What a crashed run wrote may still sit in the page cache only: made
+    // durable now, before this run adds anything after it (else a power
+    // cut could take those bytes and keep newer ones).
+    file.sync_data()
+        .map_err(|e| format!("cannot fsync {name}: {e}"))?;
     let mut pieces = Vec::new();
     salvage(&bytes, seg.base, end, |p| pieces.push(p));
     for p in &pieces {
@@ -230,6 +243,74 @@ fn check_one(seg: &Segment, end: u64, whole: bool, gaps: &Gaps) -> Result<Option
         }
     }
     Ok(None)
+}
+
+/// Where the log really ends, if closed segment `i` ends in a torn tail
+/// (its records are valid up to a point and nothing valid follows in it)
+/// and no later segment holds a valid record: a power cut took the rest, a
+/// roll having made the next segment's name durable before this one's
+/// last bytes. Returns the length to cut segment `i` to. Anything else (a
+/// later segment with records after the tear) is damage, not a tear.
+fn torn_end(segments: &[Segment], i: usize) -> Result<Option<u64>, String> {
+    let read = |seg: &Segment| {
+        fs::read(&seg.path).map_err(|e| format!("cannot read {}: {e}", seg.path.display()))
+    };
+    let seg = &segments[i];
+    let bytes = read(seg)?;
+    let cut = match recover(&bytes, seg.base) {
+        Recovery::Clean { next_offset } if next_offset < segments[i + 1].base => bytes.len(),
+        Recovery::Truncate { to, .. } => to,
+        // Not even its header is left: it becomes the newest segment,
+        // rewritten empty.
+        Recovery::RewriteEmpty { .. } => bytes.len(),
+        _ => return Ok(None),
+    };
+    for later in &segments[i + 1..] {
+        let mut records = false;
+        salvage(&read(later)?, later.base, u64::MAX, |p| {
+            records |= matches!(p, Piece::Run { .. });
+        });
+        if records {
+            return Ok(None);
+        }
+    }
+    Ok(Some(cut as u64))
+}
+
+/// Cuts segment `i` at `cut` and removes every later segment (none holds
+/// a record): the log goes on from the end of `i`, as after a torn tail of
+/// the newest segment.
+fn cut_torn_end(
+    dir: &Path,
+    segments: &mut Vec<Segment>,
+    i: usize,
+    cut: u64,
+    notes: &mut Vec<String>,
+) -> Result<(), String> {
+    let seg = &segments[i];
+    let name = seg.path.display().to_string();
+    let file = OpenOptions::new()
+        .write(true)
+        .open(&seg.path)
+        .map_err(|e| format!("cannot open {name}: {e}"))?;
+    if file.metadata().map(|m| m.len()).unwrap_or(cut) > cut {
+        file.set_len(cut)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| format!("cannot truncate {name}: {e}"))?;
+    }
+    let mut removed = Vec::new();
+    for later in segments.drain(i + 1..) {
+        fs::remove_file(&later.path)
+            .map_err(|e| format!("cannot remove {}: {e}", later.path.display()))?;
+        removed.push(later.path.display().to_string());
+    }
+    sync_dir(dir).map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+    segments[i].size = cut;
+    notes.push(format!(
+        "{name}: the log ends at position {cut} (a torn tail left by a crash: nothing valid after it, here or in a later segment); removed the later segments without records: {}",
+        removed.join(", ")
+    ));
+    Ok(())
 }
 
 /// Repairs one damaged closed segment (see the module doc for the order).

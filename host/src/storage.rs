@@ -371,8 +371,20 @@ impl SyncTargets {
 impl Log {
     /// Creates (if missing), locks and recovers the data directory.
     pub fn open(dir: &Path, opts: LogOptions) -> Result<(Log, Opened), String> {
+        let existed = dir.is_dir();
         fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
+        if !existed {
+            // The new directory's name is durable only once its parent is
+            // synced.
+            let parent = dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            File::open(parent).and_then(|p| p.sync_all()).map_err(|e| {
+                format!("cannot sync the parent of data dir {}: {e}", dir.display())
+            })?;
+        }
         let lock_path = dir.join("LOCK");
         let lock = OpenOptions::new()
             .read(true)
@@ -714,7 +726,13 @@ fn recover_segment(
             .map_err(|e| format!("cannot truncate {name}: {e}"))
     };
     let (len, next) = match recover(&bytes, seg.base) {
-        Recovery::Clean { next_offset } => (bytes.len(), next_offset),
+        Recovery::Clean { next_offset } => {
+            // Made durable before this run appends after it: a crashed
+            // run's last writes may be in the page cache only.
+            file.sync_data()
+                .map_err(|e| format!("cannot fsync {name}: {e}"))?;
+            (bytes.len(), next_offset)
+        }
         Recovery::RewriteEmpty { next_offset } => {
             rewrite_empty(&file)?;
             opened.notes.push(format!(

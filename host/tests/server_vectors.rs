@@ -470,6 +470,10 @@ fn every_repair_vector_behaves_at_start_up() {
                 .map(|g| (g[0].as_u64().unwrap(), g[1].as_u64().unwrap()))
                 .collect();
             let lost = gaps.iter().map(|g| g.1 - g.0).sum();
+            if let Some(after) = start.get("segments_after") {
+                drop(Server::start(&data, &[]));
+                assert_eq!(segment_files(&data), files_of(after), "{name}");
+            }
             starts_with(
                 &data,
                 name,
@@ -553,5 +557,5 @@ fn every_repair_vector_behaves_at_start_up() {
             &inside,
         );
     }
-    assert_eq!(seen, 7);
+    assert_eq!(seen, 9);
 }

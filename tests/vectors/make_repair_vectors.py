@@ -169,6 +169,28 @@ def cases():
             "next_offset": 8,
         },
     })
+    # 8. A power cut after a roll: the closed segment's last record torn,
+    # the newest segment (its name durable, its header not) empty. The log
+    # ends at the tear: the closed segment is cut there and the empty one
+    # removed.
+    a = [0, 1, 2, 3]
+    torn = segment(0, a)[: pos_of(a, 3) + 20]
+    out.append({
+        "name": "repair/a torn closed segment before empty ones ends the log",
+        "segments": [seg(0, torn), {"name": seg_name(4), "hex": ""}],
+        "report": None,
+        "start": {"result": "ok", "next_offset": 3, "gaps": [],
+                  "segments_after": [seg(0, segment(0, [0, 1, 2]))]},
+    })
+    # 9. Every byte of the closed segment after its header lost, two empty
+    # segments after it.
+    out.append({
+        "name": "repair/a closed segment left header-only by a power cut",
+        "segments": [seg(0, SEG_HEADER), seg(5, SEG_HEADER), {"name": seg_name(9), "hex": ""}],
+        "report": None,
+        "start": {"result": "ok", "next_offset": 0, "gaps": [],
+                  "segments_after": [seg(0, SEG_HEADER)]},
+    })
     # 7. A clean directory of three segments.
     out.append({
         "name": "repair/clean closed segments start as they are",
