@@ -110,7 +110,7 @@ fuzz_targets() {
             echo "fuzz target $t failed" >&2
             return 1
         fi
-        echo "fuzz $t: $(awk '/stat::number_of_executed_runs/ {print $2}' "$log") executions, 0 crashes"
+        echo "fuzz $t: $(awk '/stat::number_of_executed_units/ {print $2}' "$log") executions, 0 crashes"
         rm -rf "$tmp"
     done
 }

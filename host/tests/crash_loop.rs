@@ -12,14 +12,13 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use eventstream_core::wire::{Ack, Status};
+use eventstream_core::wire::Status;
 use eventstream_core::Priority;
 
 /// One acked event: its id, priority and offset.
@@ -41,7 +40,6 @@ fn produce(addr: std::net::SocketAddr, base: u64, stop: Arc<AtomicBool>) -> Vec<
     let mut rng = Rng(base | 1);
     let mut next = base;
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
         let mut sent = HashMap::new();
         let mut bytes = Vec::new();
@@ -64,29 +62,20 @@ fn produce(addr: std::net::SocketAddr, base: u64, stop: Arc<AtomicBool>) -> Vec<
         if std::io::Write::write_all(&mut s, &bytes).is_err() {
             break;
         }
-        let mut got = 0;
-        while got < 64 {
-            while buf.len() >= 24 && got < 64 {
-                let a = Ack::decode(&buf[..24]).expect("valid ack");
-                buf.drain(..24);
-                got += 1;
-                match a.status {
-                    Status::Stored => acked.push(Acked {
-                        id: a.event_id,
-                        transactional: sent[&a.event_id],
-                        offset: a.offset,
-                    }),
-                    Status::Rejected => {}
-                    other => panic!("event {}: {other:?}", a.event_id),
-                }
+        let acks = read_acks(&mut s, &mut buf, 64);
+        for a in &acks {
+            match a.status {
+                Status::Stored => acked.push(Acked {
+                    id: a.event_id,
+                    transactional: sent[&a.event_id],
+                    offset: a.offset,
+                }),
+                Status::Rejected => {}
+                other => panic!("event {}: {other:?}", a.event_id),
             }
-            if got == 64 {
-                break;
-            }
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return acked,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        }
+        if acks.len() < 64 {
+            break;
         }
     }
     acked

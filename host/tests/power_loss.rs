@@ -17,7 +17,6 @@ mod common;
 mod lazyfs;
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use eventstream_core::wire::{Ack, Status};
+use eventstream_core::wire::Status;
 use eventstream_core::Priority;
 use lazyfs::{LazyFs, Mounted};
 
@@ -62,7 +61,6 @@ fn produce(
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let mut next = base;
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
         let bytes: Vec<u8> = (next..next + 32)
             .flat_map(|id| frame(id, Priority::Medium, "power/cut", &[id as u8; 200], true))
@@ -71,26 +69,17 @@ fn produce(
         if std::io::Write::write_all(&mut s, &bytes).is_err() {
             break;
         }
-        let mut got = 0;
-        while got < 32 {
-            while buf.len() >= 24 && got < 32 {
-                let a = Ack::decode(&buf[..24]).expect("valid ack");
-                buf.drain(..24);
-                got += 1;
-                assert_eq!(a.status, Status::Stored, "event {}", a.event_id);
-                acked.push(Acked {
-                    id: a.event_id,
-                    offset: a.offset,
-                    at: Instant::now(),
-                });
-            }
-            if got == 32 {
-                break;
-            }
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return acked,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        let acks = read_acks(&mut s, &mut buf, 32);
+        for a in &acks {
+            assert_eq!(a.status, Status::Stored, "event {}", a.event_id);
+            acked.push(Acked {
+                id: a.event_id,
+                offset: a.offset,
+                at: Instant::now(),
+            });
+        }
+        if acks.len() < 32 {
+            break;
         }
         std::thread::sleep(pause);
     }

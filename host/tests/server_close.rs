@@ -5,43 +5,11 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use eventstream_core::wire::Status;
 use eventstream_core::Priority;
-
-/// Makes the next close of `s` send RST instead of FIN.
-fn reset_on_close(s: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on an open socket with a valid linger struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-}
-
-/// Polls the connection gauge until it reads `want` or `limit` passes.
-fn connections_settle(server: &Server, want: f64, limit: Duration) -> f64 {
-    let until = Instant::now() + limit;
-    loop {
-        let v = server.metric("eventstream_connections");
-        if v == want || Instant::now() >= until {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Frames without ACK, written in one call.
 fn unacked(base: u64, n: u64) -> Vec<u8> {

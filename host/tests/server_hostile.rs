@@ -8,7 +8,6 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,35 +40,6 @@ fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
-fn reset_on_close(s: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on an open socket with a valid linger struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
-}
-
-fn gauge_settles(server: &Server, want: f64) -> f64 {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = server.metric("eventstream_connections");
-        if v == want || Instant::now() >= until {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn ten_thousand_idle_connections_cost_little_memory_and_give_it_back() {
     let limit = raise_nofile();
@@ -100,10 +70,16 @@ fn ten_thousand_idle_connections_cost_little_memory_and_give_it_back() {
     let idle: Vec<TcpStream> = (0..n)
         .map(|_| TcpStream::connect(server.addr).unwrap())
         .collect();
-    assert_eq!(gauge_settles(&server, (n + 1) as f64), (n + 1) as f64);
+    assert_eq!(
+        connections_settle(&server, (n + 1) as f64, Duration::from_secs(10)),
+        (n + 1) as f64
+    );
     let with_idle = rss_kib(server.pid());
     drop(idle);
-    assert_eq!(gauge_settles(&server, 1.0), 1.0);
+    assert_eq!(
+        connections_settle(&server, 1.0, Duration::from_secs(10)),
+        1.0
+    );
     std::thread::sleep(Duration::from_millis(300));
     let after = rss_kib(server.pid());
     eprintln!(
@@ -281,7 +257,10 @@ fn a_well_behaved_client_gets_every_ack_beside_hostile_ones() {
     );
     // Every hostile connection is gone once closed (the slowloris ones by
     // their close, the others by theirs or by the frame timeout).
-    assert_eq!(gauge_settles(&server, 0.0), 0.0);
+    assert_eq!(
+        connections_settle(&server, 0.0, Duration::from_secs(10)),
+        0.0
+    );
     assert!(
         during_rss <= start_rss + 64 * 1024,
         "RSS grew from {start_rss} to {during_rss} KiB"

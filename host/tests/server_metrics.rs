@@ -88,26 +88,6 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
         || matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
 }
 
-fn promtool_accepts(text: &[u8]) {
-    let out = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut p| {
-            p.stdin.take().unwrap().write_all(text)?;
-            p.wait_with_output()
-        })
-        .expect("promtool (Debian package prometheus; scripts/test-all.sh installs it)");
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 const GET: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
 
 #[test]

@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -15,16 +15,6 @@ use eventstream_core::wire::Status;
 use eventstream_core::Priority;
 
 const N: u64 = 1000;
-
-fn segments(data: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(data)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    v.sort();
-    v
-}
 
 fn tx(id: u64) -> Vec<u8> {
     frame(id, Priority::Medium, "orders/eu", &[id as u8; 100], true)

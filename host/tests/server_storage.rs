@@ -14,16 +14,6 @@ use common::*;
 use eventstream_core::wire::{Reason, Status};
 use eventstream_core::Priority;
 
-fn segments(data: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(data)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .collect();
-    v.sort();
-    v
-}
-
 fn tx(id: u64) -> Vec<u8> {
     frame(id, Priority::Medium, "orders/eu", &[9u8; 200], true)
 }

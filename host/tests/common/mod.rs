@@ -443,3 +443,87 @@ pub fn assert_stored(acks: &[Ack]) {
 /// A small deterministic generator (splitmix64).
 #[allow(unused_imports)]
 pub use eventstream_core::splitmix::SplitMix64 as Rng;
+
+/// Makes the next close of `s` send RST instead of FIN.
+pub fn reset_on_close(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket with a valid linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+/// Polls the connection gauge until it reads `want` or `limit` passes;
+/// returns the last value.
+pub fn connections_settle(server: &Server, want: f64, limit: Duration) -> f64 {
+    let until = Instant::now() + limit;
+    loop {
+        let v = server.metric("eventstream_connections");
+        if v == want || Instant::now() >= until {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The segment files of a data dir, oldest first.
+pub fn segments(data: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Asserts that `promtool check metrics` accepts `text`.
+pub fn promtool_accepts(text: &[u8]) {
+    let out = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut p| {
+            p.stdin.take().unwrap().write_all(text)?;
+            p.wait_with_output()
+        })
+        .expect("promtool (Debian package prometheus; scripts/test-all.sh installs it)");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Reads up to `n` acks from `s` (bytes past them stay in `buf`); fewer
+/// if the connection ends first (a killed server).
+pub fn read_acks(s: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> Vec<Ack> {
+    let mut chunk = [0u8; 4096];
+    while buf.len() < n * 24 {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    }
+    let whole = (buf.len() / 24).min(n) * 24;
+    let acks = buf[..whole]
+        .chunks(24)
+        .map(|c| Ack::decode(c).expect("valid ack"))
+        .collect();
+    buf.drain(..whole);
+    acks
+}

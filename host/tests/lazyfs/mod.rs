@@ -114,6 +114,24 @@ impl LazyFs {
     }
 }
 
+impl LazyFs {
+    /// An fsync of a file or a directory: what it holds now is durable.
+    fn make_durable(&self, ino: INodeNo, dir: bool, reply: ReplyEmpty) {
+        let mut m = self.model();
+        if dir {
+            m.dir_syncs += 1;
+        } else {
+            m.file_syncs += 1;
+        }
+        match m.nodes.get_mut(&ino.0) {
+            Some(Node::File { data, durable, .. }) => durable.clone_from(data),
+            Some(Node::Dir { entries, durable }) => durable.clone_from(entries),
+            None => return reply.error(Errno::ENOENT),
+        }
+        reply.ok();
+    }
+}
+
 fn attr(ino: u64, node: &Node) -> FileAttr {
     let (kind, size, perm, mtime) = match node {
         Node::File { data, mtime, .. } => (FileType::RegularFile, data.len() as u64, 0o644, *mtime),
@@ -344,19 +362,7 @@ impl Filesystem for LazyFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let mut m = self.model();
-        m.file_syncs += 1;
-        match m.nodes.get_mut(&ino.0) {
-            Some(Node::File { data, durable, .. }) => {
-                durable.clone_from(data);
-                reply.ok();
-            }
-            Some(Node::Dir { entries, durable }) => {
-                durable.clone_from(entries);
-                reply.ok();
-            }
-            None => reply.error(Errno::ENOENT),
-        }
+        self.make_durable(ino, false, reply);
     }
 
     fn fsyncdir(
@@ -367,15 +373,7 @@ impl Filesystem for LazyFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let mut m = self.model();
-        m.dir_syncs += 1;
-        match m.nodes.get_mut(&ino.0) {
-            Some(Node::Dir { entries, durable }) => {
-                durable.clone_from(entries);
-                reply.ok();
-            }
-            _ => reply.error(Errno::ENOTDIR),
-        }
+        self.make_durable(ino, true, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
