@@ -8,18 +8,25 @@ export CARGO_TERM_COLOR=never
 export PROPTEST_CASES="${PROPTEST_CASES:-256}"
 suite_start=$(date +%s)
 declare -a summary=()
+budget_total=0
 
+# step NAME BUDGET COMMAND...: runs COMMAND and prints its time against
+# BUDGET seconds (the whole run must stay under 30 minutes; a step over its
+# budget is named at the end).
 step() {
-    local name="$1"
-    shift
+    local name="$1" budget="$2"
+    shift 2
+    budget_total=$((budget_total + budget))
     echo
-    echo "==> $name"
+    echo "==> $name (budget ${budget}s)"
     local t0
     t0=$(date +%s)
     "$@"
     local dt=$(($(date +%s) - t0))
-    summary+=("$(printf '%5ss  %s' "$dt" "$name")")
-    echo "<== $name: ${dt}s"
+    local over=""
+    ((dt <= budget)) || over="  OVER BUDGET"
+    summary+=("$(printf '%5ss of %5ss  %s%s' "$dt" "$budget" "$name" "$over")")
+    echo "<== $name: ${dt}s of ${budget}s${over}"
 }
 
 apt_install() {
@@ -115,12 +122,12 @@ fuzz_targets() {
     done
 }
 
-step "install Debian packages (prometheus for promtool)" apt_install
-step "install toolchains, targets and components" install_toolchains
-step "cargo fmt --check" cargo fmt --all -- --check
-step "cargo clippy --workspace --all-targets -D warnings" cargo clippy --workspace --all-targets -- -D warnings
-step "cargo clippy core (thumbv7em, defmt) -D warnings" cargo clippy -p eventstream-core --target thumbv7em-none-eabihf --features defmt -- -D warnings
-step "cargo test --workspace" cargo test --workspace
+step "install Debian packages (prometheus for promtool)" 90 apt_install
+step "install toolchains, targets and components" 360 install_toolchains
+step "cargo fmt --check" 20 cargo fmt --all -- --check
+step "cargo clippy --workspace --all-targets -D warnings" 160 cargo clippy --workspace --all-targets -- -D warnings
+step "cargo clippy core (thumbv7em, defmt) -D warnings" 60 cargo clippy -p eventstream-core --target thumbv7em-none-eabihf --features defmt -- -D warnings
+step "cargo test --workspace" 330 cargo test --workspace
 # The server tests once more in the other processor and storage modes (the
 # run above has the defaults: on at most 2 CPUs, the processors inline and
 # storage shared between ingest and its thread).
@@ -128,17 +135,17 @@ step "cargo test --workspace" cargo test --workspace
 # hostile-client suites run once, above (their subject is the same in every
 # layout).
 LAYOUT_SUITES=(--lib --test server_ingest --test server_storage --test server_vectors --test server_close --test load)
-step "server tests with --processors threads" env ES_TEST_PROCESSORS=threads cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
-step "server tests with --processors inline --storage-thread on" env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=on cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
-step "server tests with --processors inline --storage-thread off" env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=off cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
-step "no_std build for thumbv7em-none-eabihf (with and without defmt)" no_std_builds
-step "loom models of ring, pool and dedup" loom_models
-step "miri on the core's unsafe code" miri_core
-step "fuzz targets, 20 s each (cargo fuzz)" fuzz_targets
-step "core never links alloc (sources, firmware symbols)" core_never_links_alloc
-step "firmware image under QEMU mps2-an386 (cargo firmware)" firmware_under_qemu
+step "server tests with --processors threads" 60 env ES_TEST_PROCESSORS=threads cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
+step "server tests with --processors inline --storage-thread on" 60 env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=on cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
+step "server tests with --processors inline --storage-thread off" 60 env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=off cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
+step "no_std build for thumbv7em-none-eabihf (with and without defmt)" 45 no_std_builds
+step "loom models of ring, pool and dedup" 90 loom_models
+step "miri on the core's unsafe code" 150 miri_core
+step "fuzz targets, 20 s each (cargo fuzz)" 180 fuzz_targets
+step "core never links alloc (sources, firmware symbols)" 45 core_never_links_alloc
+step "firmware image under QEMU mps2-an386 (cargo firmware)" 90 firmware_under_qemu
 
 echo
 echo "==> step times"
 printf '%s\n' "${summary[@]}"
-echo "total: $(($(date +%s) - suite_start))s"
+echo "total: $(($(date +%s) - suite_start))s of ${budget_total}s budgeted (at most 1800s)"
