@@ -330,6 +330,21 @@ impl Header {
 
 /// A table of `N` slots (a power of two) stored in the value; `new` is
 /// `const`, so a table can be a `static`. All operations are on [`DedupRef`].
+///
+/// ```
+/// use eventstream_core::dedup::{DedupConfig, DedupTable, Insert, Lookup};
+///
+/// static TABLE: DedupTable<1024> = DedupTable::new(DedupConfig::DEFAULT);
+/// let t = TABLE.table();
+/// let now_ms = 1_000;
+/// assert_eq!(t.insert(42, now_ms), Insert::Inserted);
+/// // Until the original is stored, a duplicate has no offset to answer.
+/// assert_eq!(t.insert(42, now_ms), Insert::Duplicate(None));
+/// assert!(t.set_offset(42, 7));
+/// assert_eq!(t.lookup(42, now_ms), Lookup::Present(Some(7)));
+/// // Past the window (one hour by default) the id is new again.
+/// assert_eq!(t.lookup(42, now_ms + 3_600_000), Lookup::Absent);
+/// ```
 pub struct DedupTable<const N: usize> {
     header: Header,
     states: [DedupState; N],

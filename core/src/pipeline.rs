@@ -263,6 +263,85 @@ struct Store<'a, 'p, C, S, const B: usize> {
 }
 
 /// The whole engine on one thread.
+///
+/// ```
+/// use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, WindowMeta};
+/// use eventstream_core::dedup::{DedupConfig, DedupTable};
+/// use eventstream_core::metrics::Registry;
+/// use eventstream_core::pipeline::{Clock, Event, Parts, Pipeline, Sink, StorageFailed, WhenFull};
+/// use eventstream_core::pool::EventPool;
+/// use eventstream_core::ring::Ring;
+/// use eventstream_core::route::TopicTable;
+/// use eventstream_core::wire::{Ack, FrameRepr, Limits, Status, StreamDecoder, FLAG_ACK};
+/// use eventstream_core::Priority;
+///
+/// struct Clk;
+/// impl Clock for Clk {
+///     fn monotonic_ns(&self) -> u64 { 1_000_000 }
+///     fn wall_ns(&self) -> u64 { 1_764_253_200_000_000_000 }
+/// }
+/// /// A log in memory: records and acks.
+/// #[derive(Default)]
+/// struct Mem { next: u64, records: usize, acks: Vec<Ack> }
+/// impl Sink for Mem {
+///     fn next_offset(&self) -> u64 { self.next }
+///     fn append(&mut self, _record: &[u8], events: u16) -> Result<(), StorageFailed> {
+///         self.records += 1;
+///         self.next += u64::from(events);
+///         Ok(())
+///     }
+///     fn ack(&mut self, _conn: u32, ack: Ack) { self.acks.push(ack) }
+/// }
+///
+/// static POOL: EventPool<16, 512> = EventPool::new();
+/// static DEDUP: DedupTable<64> = DedupTable::new(DedupConfig::DEFAULT);
+/// let rings: [Ring<Event<'static>, 8>; 3] = [Ring::new(), Ring::new(), Ring::new()];
+/// let mut meta = [WindowMeta::new(); 2];
+/// let mut arena: Vec<Entry<Event<'static>>> = (0..16).map(|_| Entry::new()).collect();
+/// let windows = BatchWindows::new(&mut meta, &mut arena, BatchConfig::DEFAULT).unwrap();
+/// let mut record_buf = vec![0u8; 28 + 64 * 512];
+/// let registry = Registry::new();
+/// let topics: TopicTable<2> = TopicTable::new();
+/// let [a, b, c] = &rings;
+/// let mut p = Pipeline::new(Parts {
+///     limits: Limits::DEFAULT,
+///     router: &topics,
+///     acquirer: POOL.acquirer().unwrap(),
+///     class_rings: [a.split().unwrap(), b.split().unwrap(), c.split().unwrap()],
+///     dedup: DEDUP.table(),
+///     windows,
+///     record_buf: &mut record_buf,
+///     registry: &registry,
+///     clock: Clk,
+///     sink: Mem::default(),
+///     hook: (),
+///     when_full: WhenFull::Backpressure,
+/// })
+/// .unwrap();
+///
+/// // A transactional event, sent twice on connection 7.
+/// let repr = FrameRepr {
+///     priority: Priority::Medium,
+///     flags: FLAG_ACK,
+///     partition: 0,
+///     event_id: 99,
+///     timestamp_ns: 0,
+///     topic: b"orders",
+///     payload: b"paid",
+/// };
+/// let mut frame = vec![0u8; repr.encoded_len()];
+/// repr.encode(&mut frame).unwrap();
+/// let mut dec = StreamDecoder::new([0u8; 512], Limits::DEFAULT).unwrap();
+/// for _ in 0..2 {
+///     let fed = p.feed(7, &mut dec, &frame);
+///     assert_eq!(fed.consumed, frame.len());
+///     while p.poll() {}
+/// }
+/// let acks = &p.sink().acks;
+/// assert_eq!((acks[0].status, acks[0].offset), (Status::Stored, 0));
+/// assert_eq!((acks[1].status, acks[1].offset), (Status::Duplicate, 0));
+/// assert_eq!(p.sink().records, 1);
+/// ```
 pub struct Pipeline<'a, 'r, 'p, R, C, S, H, const B: usize = FINE> {
     limits: Limits,
     router: &'a R,

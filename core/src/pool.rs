@@ -161,6 +161,21 @@ impl<'p> View<'p> {
 
 /// A pool of `N` slots of `SLOT` bytes whose storage is part of the value;
 /// `new` is `const`, so a pool can be a `static` (firmware).
+///
+/// ```
+/// use eventstream_core::pool::EventPool;
+///
+/// static POOL: EventPool<4, 64> = EventPool::new();
+/// let mut acquirer = POOL.acquirer().unwrap();
+/// let mut slot = acquirer.acquire().unwrap();
+/// slot.buffer_mut()[..5].copy_from_slice(b"hello");
+/// // Shared read-only from here on; the last handle dropped frees the slot.
+/// let event = slot.share(5);
+/// let copy = event.clone();
+/// assert_eq!(copy.bytes(), b"hello");
+/// assert_eq!(event.ref_count(), 2);
+/// drop((event, copy));
+/// ```
 pub struct EventPool<const N: usize, const SLOT: usize> {
     shared: CachePadded<Shared>,
     meta: [SlotMeta; N],

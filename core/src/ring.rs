@@ -127,6 +127,21 @@ impl Indices {
 
 /// A ring whose capacity `N` (a power of two) is a const generic; `Ring::new`
 /// is `const`, so a ring can be a `static`.
+///
+/// ```
+/// use eventstream_core::ring::Ring;
+///
+/// static RING: Ring<u32, 8> = Ring::new();
+/// let (mut tx, mut rx) = RING.split().unwrap();
+/// assert!(RING.split().is_none(), "one producer and one consumer only");
+/// tx.push(1).unwrap();
+/// assert_eq!(tx.push_slice(&[2, 3]), 2);
+/// assert_eq!(rx.len(), 3);
+/// assert_eq!(rx.pop(), Some(1));
+/// let mut got = Vec::new();
+/// rx.pop_batch(8, |v| got.push(v));
+/// assert_eq!(got, [2, 3]);
+/// ```
 pub struct Ring<T, const N: usize> {
     indices: Indices,
     slots: [Slot<T>; N],

@@ -275,6 +275,28 @@ fn put(out: &mut [u8], at: usize, bytes: &[u8]) {
 
 /// A v1 frame that passed every check of PROTOCOL.md section 2: a zero-copy
 /// view whose accessors cannot fail.
+///
+/// ```
+/// use eventstream_core::wire::{Frame, FrameRepr, Limits, FLAG_ACK};
+/// use eventstream_core::Priority;
+///
+/// let repr = FrameRepr {
+///     priority: Priority::High,
+///     flags: FLAG_ACK,
+///     partition: 3,
+///     event_id: 42,
+///     timestamp_ns: 1_764_253_200_000_000_000,
+///     topic: b"orders/eu",
+///     payload: b"hello",
+/// };
+/// let mut buf = [0u8; 128];
+/// let n = repr.encode(&mut buf).unwrap();
+/// let f = Frame::parse(&buf[..n], &Limits::DEFAULT).unwrap();
+/// assert_eq!((f.event_id(), f.topic(), f.payload()), (42, "orders/eu", &b"hello"[..]));
+/// assert!(f.ack_requested());
+/// buf[n - 1] ^= 1; // the CRC no longer matches
+/// assert!(Frame::parse(&buf[..n], &Limits::DEFAULT).is_err());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Frame<'a> {
     bytes: &'a [u8],
@@ -527,6 +549,26 @@ pub fn declared_length(head: &[u8]) -> Option<u32> {
 }
 
 /// Everything needed to build a v1 frame.
+///
+/// ```
+/// use eventstream_core::wire::{FrameRepr, MAGIC};
+/// use eventstream_core::Priority;
+///
+/// let repr = FrameRepr {
+///     priority: Priority::Low,
+///     flags: 0,
+///     partition: 0,
+///     event_id: 1,
+///     timestamp_ns: 0,
+///     topic: b"t",
+///     payload: &[7; 10],
+/// };
+/// let mut out = vec![0u8; repr.encoded_len()];
+/// assert_eq!(repr.encode(&mut out), Ok(out.len()));
+/// assert_eq!(&out[..4], &MAGIC[..]);
+/// // Too small a buffer is an error, not a panic.
+/// assert!(repr.encode(&mut [0u8; 8]).is_err());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameRepr<'a> {
     /// `priority`.
@@ -959,6 +1001,43 @@ pub struct StashTooSmall;
 /// (zero-copy); only a frame split across chunks is copied, once, into the
 /// stash, a buffer of at least `max_frame` bytes: `[u8; N]` or a caller's
 /// `&mut [u8]`. The results are identical for every way of splitting the stream.
+///
+/// ```
+/// use eventstream_core::wire::{Decoded, FrameRepr, Limits, StreamDecoder};
+/// use eventstream_core::Priority;
+///
+/// let mut stream = Vec::new();
+/// for id in 1..=3 {
+///     let repr = FrameRepr {
+///         priority: Priority::Medium,
+///         flags: 0,
+///         partition: 0,
+///         event_id: id,
+///         timestamp_ns: 0,
+///         topic: b"t",
+///         payload: b"x",
+///     };
+///     let mut f = vec![0u8; repr.encoded_len()];
+///     repr.encode(&mut f).unwrap();
+///     stream.extend(f);
+/// }
+/// let mut dec = StreamDecoder::new([0u8; 512], Limits::DEFAULT).unwrap();
+/// let mut ids = Vec::new();
+/// // Chunks of 7 bytes: frames split across chunks come out the same.
+/// for chunk in stream.chunks(7) {
+///     let mut pos = 0;
+///     loop {
+///         let (used, item) = dec.next(&chunk[pos..]);
+///         pos += used;
+///         match item {
+///             Some(Decoded::Frame(f)) => ids.push(f.event_id()),
+///             Some(other) => panic!("{other:?}"),
+///             None => break,
+///         }
+///     }
+/// }
+/// assert_eq!(ids, [1, 2, 3]);
+/// ```
 pub struct StreamDecoder<S> {
     stash: S,
     held: usize,

@@ -2,6 +2,9 @@
 //! its SPSC rings, an epoll ingest loop, the segmented storage log, the
 //! Prometheus endpoint, and the log inspector.
 
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod config;
 pub mod endpoint;
 pub mod ingest;

@@ -1,3 +1,9 @@
+//! `eventstream`: the server (`serve`), the load generator (`load`) and the
+//! log inspector (`inspect`); see docs/operations.md.
+
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
