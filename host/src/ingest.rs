@@ -30,7 +30,7 @@ use eventstream_core::Class;
 
 use crate::config::MAX_TOPICS;
 use crate::processors::Sweeper;
-use crate::shared::{Shared, DRAIN, RUN, STOP};
+use crate::shared::{Phase, RingGauge, Shared};
 use crate::sys::{monotonic_ns, syscall, wall_ns};
 use crate::writer::{Storage, StorageMode};
 
@@ -418,7 +418,7 @@ impl Ingest {
         if let Some(storage) = &self.p.storage {
             let shared = &self.p.shared;
             let finishing = self.p.storage_mode == StorageMode::Ingest
-                && shared.phase() == STOP
+                && shared.phase() == Phase::Stop
                 && !shared.storage_done.load(Ordering::Acquire);
             if finishing
                 || (self.ingest_writes() && storage.try_lock().is_ok_and(|mut s| s.has_work()))
@@ -479,7 +479,7 @@ impl Ingest {
             .accepted
             .store(self.accepted, Ordering::Release);
         if let Dispatch::Inline(i) = &mut self.p.dispatch {
-            let draining = self.p.shared.phase() >= DRAIN;
+            let draining = self.p.shared.phase() >= Phase::Drain;
             let starved = self.p.shared.pool_starved.load(Ordering::Relaxed);
             if i.tick(now, draining, starved) {
                 // A closed window: at most a batch of events.
@@ -562,7 +562,7 @@ impl Ingest {
             StorageMode::Thread => false,
             StorageMode::Ingest => true,
             StorageMode::Shared => {
-                self.p.shared.storage.is_parked() && self.p.shared.phase() != STOP
+                self.p.shared.storage.is_parked() && self.p.shared.phase() != Phase::Stop
             }
         }
     }
@@ -852,7 +852,7 @@ impl Ingest {
             self.mark_dirty(id);
         }
         if got > 0 {
-            self.p.shared.set_depth(6, 0);
+            self.p.shared.set_depth(RingGauge::Acks, 0);
         }
     }
 
@@ -1292,8 +1292,8 @@ impl Ingest {
             self.shutting_down = true;
             self.listener = None;
             self.shutdown_began = Some(now);
-            if shared.phase() == RUN {
-                shared.set_phase(DRAIN);
+            if shared.phase() == Phase::Run {
+                shared.set_phase(Phase::Drain);
             }
             // Input waiting for room is answered now.
             let waiting = std::mem::take(&mut self.waiting_room);
@@ -1307,7 +1307,7 @@ impl Ingest {
             }
         }
         let past_deadline = self.shutdown_deadline().is_some_and(|d| now >= d);
-        if shared.phase() == DRAIN {
+        if shared.phase() == Phase::Drain {
             // Input already waiting in the sockets is read and answered
             // SHUTTING_DOWN (for up to DRAIN_READ), so producers learn
             // which frames were not stored.
@@ -1325,10 +1325,10 @@ impl Ingest {
             let read_out = quiet || now >= begun + DRAIN_READ_NS;
             let answered = shared.finished.load(Ordering::Acquire) >= self.accepted;
             if (answered && read_out && now > begun) || past_deadline {
-                shared.set_phase(STOP);
+                shared.set_phase(Phase::Stop);
             }
         }
-        if shared.phase() == STOP && !shared.storage_done.load(Ordering::Acquire) {
+        if shared.phase() == Phase::Stop && !shared.storage_done.load(Ordering::Acquire) {
             if let (Some(storage), StorageMode::Ingest) = (&self.p.storage, self.p.storage_mode) {
                 // Storage has no thread: its final fsync and held acks.
                 let finished = match storage.try_lock() {
@@ -1341,7 +1341,7 @@ impl Ingest {
                 }
             }
         }
-        if shared.phase() == STOP && shared.storage_done.load(Ordering::Acquire) {
+        if shared.phase() == Phase::Stop && shared.storage_done.load(Ordering::Acquire) {
             self.deliver_acks();
             let pending = self.conns.iter().flatten().any(|c| c.out_pos < c.out.len());
             if !pending || past_deadline {

@@ -15,7 +15,7 @@ use eventstream_core::process::{BatchProcessor, RealtimeProcessor, Transactional
 use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::Class;
 
-use crate::shared::{Shared, DRAIN, STOP};
+use crate::shared::{Phase, RingGauge, Shared};
 use crate::sys::{monotonic_ns, Backoff, Parker};
 
 /// Items a processor moves per step.
@@ -122,22 +122,22 @@ pub fn run_singles(
             sw.step(p, now);
         }
         if moved > 0 {
-            shared.set_depth(class.index(), rx.len());
+            shared.set_depth(RingGauge::Class(class), rx.len());
             shared.storage.wake();
             shared.ingest.wake_for_room();
             backoff.reset();
             continue;
         }
-        if shared.phase() == STOP && rx.is_empty() {
+        if shared.phase() == Phase::Stop && rx.is_empty() {
             return;
         }
         if backoff.idle() {
-            shared.set_depth(class.index(), rx.len());
+            shared.set_depth(RingGauge::Class(class), rx.len());
             let timeout = sweeper
                 .as_ref()
                 .map(|sw| Duration::from_nanos(sw.next_deadline().saturating_sub(monotonic_ns())));
             me.park(timeout, || {
-                (!rx.is_empty() && tx.has_room(1)) || shared.phase() == STOP
+                (!rx.is_empty() && tx.has_room(1)) || shared.phase() == Phase::Stop
             });
             backoff.reset();
         }
@@ -169,23 +169,23 @@ pub fn run_batch(
         if tx.has_room(need) {
             moved |= proc.windows().poll(now, &mut ToStorage { out: &mut tx });
         }
-        let draining = shared.phase() >= DRAIN;
+        let draining = shared.phase() >= Phase::Drain;
         let starved = shared.pool_starved.load(Ordering::Relaxed);
         if (draining || starved) && proc.windows().held() > 0 && tx.has_room(need) {
             moved |= proc.windows().flush_oldest(&mut ToStorage { out: &mut tx });
         }
         if moved {
-            shared.set_depth(2, rx.len());
+            shared.set_depth(RingGauge::Class(Class::Batch), rx.len());
             shared.storage.wake();
             shared.ingest.wake_for_room();
             backoff.reset();
             continue;
         }
-        if shared.phase() == STOP && rx.is_empty() && proc.windows().held() == 0 {
+        if shared.phase() == Phase::Stop && rx.is_empty() && proc.windows().held() == 0 {
             return;
         }
         if backoff.idle() {
-            shared.set_depth(2, rx.len());
+            shared.set_depth(RingGauge::Class(Class::Batch), rx.len());
             let timeout = proc
                 .windows()
                 .next_deadline()
@@ -193,10 +193,10 @@ pub fn run_batch(
             let held = proc.windows().held();
             shared.batch.park(timeout, || {
                 (!rx.is_empty() && tx.has_room(need))
-                    || shared.phase() == STOP
+                    || shared.phase() == Phase::Stop
                     || (held > 0
                         && tx.has_room(need)
-                        && (shared.phase() >= DRAIN || shared.pool_starved.load(Ordering::Relaxed)))
+                        && (shared.phase() >= Phase::Drain || shared.pool_starved.load(Ordering::Relaxed)))
             });
             backoff.reset();
         }

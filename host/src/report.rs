@@ -15,7 +15,7 @@ use eventstream_core::wire::Reason;
 use eventstream_core::Class;
 
 use crate::endpoint::{Endpoint, HttpStats, MAX_ANSWERS_PER_SEC, STATUSES};
-use crate::shared::{Shared, RING_NAMES, STOP};
+use crate::shared::{Phase, RingGauge, Shared};
 use crate::sys::monotonic_ns;
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -207,11 +207,12 @@ pub fn render(shared: &Shared, snap: &Snapshot, http: &HttpStats) -> String {
         "gauge",
         "Items waiting in each ring.",
     );
-    for (i, name) in RING_NAMES.iter().enumerate() {
+    for ring in RingGauge::ALL {
         let _ = writeln!(
             o,
-            "eventstream_ring_depth{{ring=\"{name}\"}} {}",
-            shared.ring_depth[i].load(Ordering::Relaxed)
+            "eventstream_ring_depth{{ring=\"{}\"}} {}",
+            ring.name(),
+            shared.depth(ring)
         );
     }
     header(
@@ -314,7 +315,7 @@ pub fn summary_line(shared: &Shared, snap: &Snapshot, prev: &Snapshot, secs: f64
     for c in Class::ALL {
         lat.merge(snap.latency(c));
     }
-    let depth = |i: usize| shared.ring_depth[i].load(Ordering::Relaxed);
+    let depth = |i: usize| shared.depth(RingGauge::ALL[i]);
     format!(
         "eventstream: in {:.0}/s stored {:.0}/s dup {} rej {} | p50 {} p99 {} p99.9 {} | rings rt {} tx {} b {} st {} | pool free {} | conns {}",
         rate(sum(snap, Counter::Received), sum(prev, Counter::Received)),
@@ -363,7 +364,7 @@ pub fn run_housekeeping(listener: TcpListener, dedup: DedupRef<'static>, shared:
         render(&shared, &shared.registry.snapshot(), http)
     };
     loop {
-        if shared.phase() == STOP {
+        if shared.phase() == Phase::Stop {
             return;
         }
         let now = monotonic_ns();

@@ -5,32 +5,83 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use eventstream_core::metrics::{Histogram, Registry};
+use eventstream_core::Class;
 
 use crate::sys::{IngestWaker, Parker};
 
-/// Serving.
-pub const RUN: u32 = 0;
-/// A graceful shutdown began: no accepts, new frames are answered
-/// SHUTTING_DOWN, batch windows flush.
-pub const DRAIN: u32 = 1;
-/// Everything accepted is answered: threads finish and exit.
-pub const STOP: u32 = 2;
+/// Where the server is in its life; it only moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum Phase {
+    /// Serving.
+    Run = 0,
+    /// A graceful shutdown began: no accepts, new frames are answered
+    /// SHUTTING_DOWN, batch windows flush.
+    Drain = 1,
+    /// Everything accepted is answered: threads finish and exit.
+    Stop = 2,
+}
 
-/// Input ring depths, for the gauges.
-pub const RING_NAMES: [&str; 7] = [
-    "realtime",
-    "transactional",
-    "batch",
-    "storage_realtime",
-    "storage_transactional",
-    "storage_batch",
-    "acks",
-];
+impl Phase {
+    fn from_u32(v: u32) -> Phase {
+        match v {
+            0 => Phase::Run,
+            1 => Phase::Drain,
+            _ => Phase::Stop,
+        }
+    }
+}
+
+/// The rings whose depths the gauges publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingGauge {
+    /// Ingest to a processor, by class.
+    Class(Class),
+    /// A processor to storage, by class.
+    Storage(Class),
+    /// Storage's acks back to ingest.
+    Acks,
+}
+
+impl RingGauge {
+    /// Every ring, in the gauges' order.
+    pub const ALL: [RingGauge; 7] = [
+        RingGauge::Class(Class::Realtime),
+        RingGauge::Class(Class::Transactional),
+        RingGauge::Class(Class::Batch),
+        RingGauge::Storage(Class::Realtime),
+        RingGauge::Storage(Class::Transactional),
+        RingGauge::Storage(Class::Batch),
+        RingGauge::Acks,
+    ];
+
+    /// The gauge's index.
+    pub fn index(self) -> usize {
+        match self {
+            RingGauge::Class(c) => c.index(),
+            RingGauge::Storage(c) => 3 + c.index(),
+            RingGauge::Acks => 6,
+        }
+    }
+
+    /// The `ring` label of the gauge.
+    pub fn name(self) -> &'static str {
+        match self {
+            RingGauge::Class(Class::Realtime) => "realtime",
+            RingGauge::Class(Class::Transactional) => "transactional",
+            RingGauge::Class(Class::Batch) => "batch",
+            RingGauge::Storage(Class::Realtime) => "storage_realtime",
+            RingGauge::Storage(Class::Transactional) => "storage_transactional",
+            RingGauge::Storage(Class::Batch) => "storage_batch",
+            RingGauge::Acks => "acks",
+        }
+    }
+}
 
 /// Shared by all threads of one server.
 pub struct Shared {
-    /// RUN, DRAIN or STOP.
-    pub phase: AtomicU32,
+    /// The [`Phase`], as its `u32`.
+    phase: AtomicU32,
     /// A shutdown was asked for (signal or API).
     pub shutdown_requested: AtomicBool,
     /// Events ingest moved into the class rings.
@@ -81,8 +132,8 @@ pub struct Shared {
     pub frame_timeouts: AtomicU64,
     /// Connections closed after --idle-timeout with nothing in flight.
     pub idle_closed: AtomicU64,
-    /// Ring depths, as last seen by each consumer.
-    pub ring_depth: [AtomicU64; 7],
+    /// Ring depths, as last seen by each consumer (by [`RingGauge`]).
+    ring_depth: [AtomicU64; 7],
     /// fsyncs done.
     pub fsyncs: AtomicU64,
     /// fsync latency, ns.
@@ -111,7 +162,7 @@ impl Shared {
     /// Fresh state for a pool of `pool_slots`.
     pub fn new(pool_slots: u64, window_ms: u32, idle_spin_ns: u64) -> std::io::Result<Self> {
         Ok(Self {
-            phase: AtomicU32::new(RUN),
+            phase: AtomicU32::new(Phase::Run as u32),
             shutdown_requested: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
             finished: AtomicU64::new(0),
@@ -151,13 +202,13 @@ impl Shared {
     }
 
     /// The current phase.
-    pub fn phase(&self) -> u32 {
-        self.phase.load(Ordering::Acquire)
+    pub fn phase(&self) -> Phase {
+        Phase::from_u32(self.phase.load(Ordering::Acquire))
     }
 
     /// Sets the phase and wakes every thread so each sees it.
-    pub fn set_phase(&self, phase: u32) {
-        self.phase.store(phase, Ordering::Release);
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u32, Ordering::Release);
         self.wake_all();
     }
 
@@ -179,10 +230,17 @@ impl Shared {
     }
 
     /// Publishes a ring's depth.
-    pub fn set_depth(&self, ring: usize, depth: usize) {
-        if let Some(g) = self.ring_depth.get(ring) {
+    pub fn set_depth(&self, ring: RingGauge, depth: usize) {
+        if let Some(g) = self.ring_depth.get(ring.index()) {
             g.store(depth as u64, Ordering::Relaxed);
         }
+    }
+
+    /// A ring's last published depth.
+    pub fn depth(&self, ring: RingGauge) -> u64 {
+        self.ring_depth
+            .get(ring.index())
+            .map_or(0, |g| g.load(Ordering::Relaxed))
     }
 
     /// Pool slots not held by an event in flight (events accepted and not

@@ -24,7 +24,7 @@ use eventstream_core::wire::{Ack, Reason};
 use eventstream_core::Class;
 
 use crate::config::{DropPagesArg, FsyncPolicy};
-use crate::shared::{Shared, STOP};
+use crate::shared::{Phase, RingGauge, Shared};
 use crate::storage::{drop_cached, start_writeback, Log, Prefill, SyncTargets};
 use crate::sys::{monotonic_ns, Backoff};
 
@@ -205,14 +205,14 @@ impl Storage {
                 let timeout = match storage.try_lock() {
                     Ok(mut s) => {
                         for (i, rx) in s.p.rx.iter_mut().enumerate() {
-                            shared.set_depth(3 + i, rx.len());
+                            shared.set_depth(RingGauge::Storage(Class::ALL[i]), rx.len());
                         }
                         s.timeout(monotonic_ns())
                     }
                     Err(_) => Some(Duration::from_millis(1)),
                 };
                 shared.storage.park(timeout, || {
-                    shared.phase() == STOP || storage.try_lock().is_ok_and(|mut s| s.has_work())
+                    shared.phase() == Phase::Stop || storage.try_lock().is_ok_and(|mut s| s.has_work())
                 });
                 backoff.reset();
             }
@@ -288,7 +288,7 @@ impl Storage {
     /// Whether the shutdown has reached storage and nothing is left for it:
     /// time for `finish`.
     pub fn done(&mut self) -> bool {
-        self.p.shared.phase() == STOP && self.inputs_empty() && self.deferred.is_empty()
+        self.p.shared.phase() == Phase::Stop && self.inputs_empty() && self.deferred.is_empty()
     }
 
     fn inputs_empty(&mut self) -> bool {
@@ -741,17 +741,17 @@ fn stored(ev: &Event<'_>, offset: u64) -> Pending {
 /// (one log line) rolls go on with plain segments.
 pub fn run_prefill(prefill: Arc<Prefill>, shared: Arc<Shared>) {
     loop {
-        if shared.phase() == STOP {
+        if shared.phase() == Phase::Stop {
             prefill.discard();
             return;
         }
         if prefill.idle() {
             shared
                 .prefill
-                .park(None, || !prefill.idle() || shared.phase() == STOP);
+                .park(None, || !prefill.idle() || shared.phase() == Phase::Stop);
             continue;
         }
-        if let Err(e) = prefill.make_one(|| shared.phase() == STOP) {
+        if let Err(e) = prefill.make_one(|| shared.phase() == Phase::Stop) {
             eprintln!(
                 "eventstream: cannot make a segment ahead of use: {e}; rolling to plain segments from now on"
             );
@@ -812,7 +812,7 @@ pub fn run_sync(
     // The active segment's cached pages below `dropped` were dropped.
     let mut dropped: (Option<Arc<File>>, u64) = (None, 0);
     loop {
-        if shared.phase() == STOP {
+        if shared.phase() == Phase::Stop {
             return;
         }
         let kick_to = shared.kick_to.load(Ordering::Acquire);
@@ -861,13 +861,13 @@ pub fn run_sync(
                     eprintln!("eventstream: fatal: fsync of the data dir failed: {e}; exiting");
                     std::process::exit(1);
                 }
-                shared.sync.park(None, || shared.phase() == STOP);
+                shared.sync.park(None, || shared.phase() == Phase::Stop);
                 continue;
             }
             FsyncPolicy::Always => {
                 if written == synced {
                     shared.sync.park(None, || {
-                        shared.written.load(Ordering::Acquire) != synced || shared.phase() == STOP
+                        shared.written.load(Ordering::Acquire) != synced || shared.phase() == Phase::Stop
                     });
                     continue;
                 }
@@ -875,7 +875,7 @@ pub fn run_sync(
                 let now = monotonic_ns();
                 if now < due {
                     shared.sync.park(Some(Duration::from_nanos(due - now)), || {
-                        shared.phase() == STOP
+                        shared.phase() == Phase::Stop
                     });
                     continue;
                 }
@@ -884,7 +884,7 @@ pub fn run_sync(
                 if written == synced {
                     shared.sync_idle.store(true, Ordering::Relaxed);
                     shared.sync.park(None, || {
-                        shared.written.load(Ordering::Acquire) != synced || shared.phase() == STOP
+                        shared.written.load(Ordering::Acquire) != synced || shared.phase() == Phase::Stop
                     });
                     shared.sync_idle.store(false, Ordering::Relaxed);
                     continue;
@@ -893,7 +893,7 @@ pub fn run_sync(
                 let now = monotonic_ns();
                 if now < due {
                     shared.sync.park(Some(Duration::from_nanos(due - now)), || {
-                        shared.phase() == STOP
+                        shared.phase() == Phase::Stop
                     });
                     continue;
                 }
