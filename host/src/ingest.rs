@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +31,7 @@ use eventstream_core::Class;
 use crate::config::MAX_TOPICS;
 use crate::processors::Sweeper;
 use crate::shared::{Phase, RingGauge, Shared};
-use crate::sys::{monotonic_ns, syscall, wall_ns};
+use crate::sys::{self, monotonic_ns, wall_ns, Epoll};
 use crate::writer::{Storage, StorageMode};
 
 /// Bytes read per `read` call.
@@ -274,7 +274,7 @@ pub struct IngestParts {
 pub struct Ingest {
     p: IngestParts,
     listener: Option<TcpListener>,
-    epfd: OwnedFd,
+    epoll: Epoll,
     spare_fd: Option<File>,
     conns: Vec<Option<Conn>>,
     gens: Vec<u32>,
@@ -303,34 +303,16 @@ pub struct Ingest {
     accept_paused_until: Option<u64>,
 }
 
-fn epoll_add(epfd: RawFd, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: token };
-    syscall!(epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev))?;
-    Ok(())
-}
-
 impl Ingest {
     /// Sets up epoll over the listener and the waker.
     pub fn new(p: IngestParts) -> io::Result<Self> {
-        let epfd = syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?;
-        // SAFETY: epoll_create1 returned a fresh descriptor we now own.
-        let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
-        epoll_add(
-            epfd.as_raw_fd(),
-            p.listener.as_raw_fd(),
-            TOKEN_LISTENER,
-            libc::EPOLLIN as u32,
-        )?;
-        epoll_add(
-            epfd.as_raw_fd(),
-            p.shared.ingest.raw_fd(),
-            TOKEN_WAKER,
-            libc::EPOLLIN as u32,
-        )?;
+        let epoll = Epoll::new()?;
+        epoll.add(p.listener.as_raw_fd(), TOKEN_LISTENER, libc::EPOLLIN as u32)?;
+        epoll.add(p.shared.ingest.raw_fd(), TOKEN_WAKER, libc::EPOLLIN as u32)?;
         let listener = p.listener.try_clone()?;
         Ok(Self {
             listener: Some(listener),
-            epfd,
+            epoll,
             spare_fd: File::open("/dev/null").ok(),
             conns: Vec::new(),
             gens: Vec::new(),
@@ -381,16 +363,7 @@ impl Ingest {
                     continue;
                 }
             }
-            let n = match syscall!(epoll_wait(
-                self.epfd.as_raw_fd(),
-                events.as_mut_ptr(),
-                events.len() as i32,
-                timeout
-            )) {
-                Ok(n) => n as usize,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                Err(e) => return Err(e),
-            };
+            let n = self.epoll.wait(&mut events, timeout)?;
             if !busy {
                 self.p.shared.ingest.unpark();
             }
@@ -623,13 +596,7 @@ impl Ingest {
             let Some(listener) = &self.listener else {
                 return;
             };
-            let fd = syscall!(accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC
-            ));
-            let fd = match fd {
+            let fd = match sys::accept(listener.as_raw_fd()) {
                 Ok(fd) => fd,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -644,15 +611,8 @@ impl Ingest {
                         self.pause_accepting();
                         return;
                     }
-                    let pending = syscall!(accept(
-                        listener.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut()
-                    ));
-                    if let Ok(fd) = pending {
-                        // SAFETY: accept returned a fresh descriptor we own.
-                        drop(unsafe { OwnedFd::from_raw_fd(fd) });
-                    }
+                    // Accepted and closed at once.
+                    let pending = sys::accept(listener.as_raw_fd()).map(drop);
                     self.spare_fd = File::open("/dev/null").ok();
                     if pending.is_err() {
                         return;
@@ -669,8 +629,6 @@ impl Ingest {
                     return;
                 }
             };
-            // SAFETY: accept4 returned a fresh descriptor we now own.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             let open = self.conns.len() - self.free_slots.len();
             if open >= self.p.max_connections as usize {
                 self.p
@@ -691,13 +649,7 @@ impl Ingest {
             return;
         }
         if let Some(l) = &self.listener {
-            let mut ev = libc::epoll_event { events: 0, u64: 0 };
-            if let Err(e) = syscall!(epoll_ctl(
-                self.epfd.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                l.as_raw_fd(),
-                &mut ev
-            )) {
+            if let Err(e) = self.epoll.delete(l.as_raw_fd()) {
                 eprintln!("eventstream: cannot pause accepting: {e}");
                 return;
             }
@@ -718,26 +670,17 @@ impl Ingest {
             self.spare_fd = File::open("/dev/null").ok();
         }
         if let Some(l) = &self.listener {
-            if let Err(e) = epoll_add(
-                self.epfd.as_raw_fd(),
-                l.as_raw_fd(),
-                TOKEN_LISTENER,
-                libc::EPOLLIN as u32,
-            ) {
+            if let Err(e) = self
+                .epoll
+                .add(l.as_raw_fd(), TOKEN_LISTENER, libc::EPOLLIN as u32)
+            {
                 eprintln!("eventstream: cannot resume accepting: {e}");
             }
         }
     }
 
     fn register(&mut self, fd: OwnedFd) -> io::Result<()> {
-        let one: libc::c_int = 1;
-        syscall!(setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t
-        ))?;
+        sys::set_nodelay(fd.as_raw_fd())?;
         let slot = match self.free_slots.pop() {
             Some(s) => s,
             None => {
@@ -751,8 +694,7 @@ impl Ingest {
         let stash = vec![0u8; self.p.limits.max_frame() as usize].into_boxed_slice();
         let dec = StreamDecoder::new(stash, self.p.limits)
             .map_err(|_| io::Error::other("decoder stash too small"))?;
-        epoll_add(
-            self.epfd.as_raw_fd(),
+        self.epoll.add(
             fd.as_raw_fd(),
             u64::from(id),
             (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
@@ -877,13 +819,8 @@ impl Ingest {
             let mut close = false;
             while c.writable && c.out_pos < c.out.len() {
                 let rest = &c.out[c.out_pos..];
-                match syscall!(send(
-                    c.fd.as_raw_fd(),
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    libc::MSG_NOSIGNAL
-                )) {
-                    Ok(n) => c.out_pos += n as usize,
+                match sys::send(c.fd.as_raw_fd(), rest) {
+                    Ok(n) => c.out_pos += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => {
@@ -1024,11 +961,7 @@ impl Ingest {
         if !c.readable || c.eof {
             return false;
         }
-        let n = match syscall!(read(
-            c.fd.as_raw_fd(),
-            self.read_buf.as_mut_ptr().cast(),
-            self.read_buf.len()
-        )) {
+        let n = match sys::read(c.fd.as_raw_fd(), &mut self.read_buf) {
             Ok(0) => {
                 c.eof = true;
                 c.readable = false;
@@ -1036,7 +969,7 @@ impl Ingest {
             }
             Ok(n) => {
                 c.last_active = now;
-                n as usize
+                n
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 c.readable = false;

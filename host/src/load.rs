@@ -803,7 +803,7 @@ fn recv_all(mut readers: Vec<Reader>, shared: &Shared, t: &mut Tally) {
             f.fd = if r.open { r.stream.as_raw_fd() } else { -1 };
             f.revents = 0;
         }
-        match crate::sys::syscall!(poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100)) {
+        match crate::sys::poll(&mut fds, 100) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {

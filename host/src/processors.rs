@@ -196,7 +196,8 @@ pub fn run_batch(
                     || shared.phase() == Phase::Stop
                     || (held > 0
                         && tx.has_room(need)
-                        && (shared.phase() >= Phase::Drain || shared.pool_starved.load(Ordering::Relaxed)))
+                        && (shared.phase() >= Phase::Drain
+                            || shared.pool_starved.load(Ordering::Relaxed)))
             });
             backoff.reset();
         }

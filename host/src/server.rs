@@ -476,12 +476,8 @@ pub fn install_signal_handlers(running: &Running) -> Result<(), String> {
     let _ = SIGNAL_SHARED.set(running.shared.clone());
     SIGNAL_TARGET.store(running.shared.ingest.raw_fd(), Ordering::Relaxed);
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: sigaction is plain data; all-zero is a valid start, and
-        // the handler only does async-signal-safe work.
-        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-        sa.sa_sigaction = on_signal as *const () as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        crate::sys::syscall!(sigaction(sig, &sa, std::ptr::null_mut()))
+        // The handler only does async-signal-safe work (an eventfd write).
+        crate::sys::on_signal(sig, on_signal)
             .map_err(|e| format!("cannot install the signal handler: {e}"))?;
     }
     Ok(())

@@ -128,6 +128,17 @@ pub fn ignore_signal(sig: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// Runs `handler` on signal `sig` (restarting interrupted calls). The
+/// handler may only do async-signal-safe work.
+pub fn on_signal(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) -> io::Result<()> {
+    // SAFETY: sigaction is plain data; all-zero is a valid start.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = handler as *const () as usize;
+    sa.sa_flags = libc::SA_RESTART;
+    syscall!(sigaction(sig, &sa, std::ptr::null_mut()))?;
+    Ok(())
+}
+
 /// An epoll instance. Registrations name a descriptor by a `u64` token,
 /// which [`Epoll::wait`] hands back with the ready flags.
 pub struct Epoll(OwnedFd);
@@ -173,6 +184,52 @@ impl Epoll {
     pub fn raw(&self) -> RawFd {
         self.0.as_raw_fd()
     }
+}
+
+/// `read(2)` into `buf`; returns the bytes read (0 at end of stream).
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    syscall!(read(fd, buf.as_mut_ptr().cast(), buf.len())).map(|n| n as usize)
+}
+
+/// `send(2)` of `buf` without SIGPIPE; returns the bytes sent.
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    syscall!(send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)).map(|n| n as usize)
+}
+
+/// Accepts a pending connection of `listener`, non-blocking and
+/// close-on-exec (`accept4(2)`), without its peer address.
+pub fn accept(listener: RawFd) -> io::Result<OwnedFd> {
+    let fd = syscall!(accept4(
+        listener,
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC
+    ))?;
+    // SAFETY: accept4 returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Turns Nagle's algorithm off on a TCP socket.
+pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    syscall!(setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        (&one as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>() as libc::socklen_t
+    ))?;
+    Ok(())
+}
+
+/// `poll(2)` over `fds` for up to `timeout_ms`; returns how many are ready.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    syscall!(poll(
+        fds.as_mut_ptr(),
+        fds.len() as libc::nfds_t,
+        timeout_ms
+    ))
+    .map(|n| n as usize)
 }
 
 /// The token and flags of one ready descriptor, read out of the kernel's

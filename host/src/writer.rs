@@ -212,7 +212,8 @@ impl Storage {
                     Err(_) => Some(Duration::from_millis(1)),
                 };
                 shared.storage.park(timeout, || {
-                    shared.phase() == Phase::Stop || storage.try_lock().is_ok_and(|mut s| s.has_work())
+                    shared.phase() == Phase::Stop
+                        || storage.try_lock().is_ok_and(|mut s| s.has_work())
                 });
                 backoff.reset();
             }
@@ -867,7 +868,8 @@ pub fn run_sync(
             FsyncPolicy::Always => {
                 if written == synced {
                     shared.sync.park(None, || {
-                        shared.written.load(Ordering::Acquire) != synced || shared.phase() == Phase::Stop
+                        shared.written.load(Ordering::Acquire) != synced
+                            || shared.phase() == Phase::Stop
                     });
                     continue;
                 }
@@ -884,7 +886,8 @@ pub fn run_sync(
                 if written == synced {
                     shared.sync_idle.store(true, Ordering::Relaxed);
                     shared.sync.park(None, || {
-                        shared.written.load(Ordering::Acquire) != synced || shared.phase() == Phase::Stop
+                        shared.written.load(Ordering::Acquire) != synced
+                            || shared.phase() == Phase::Stop
                     });
                     shared.sync_idle.store(false, Ordering::Relaxed);
                     continue;
