@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use eventstream_core::route::parse_topic_line;
-use eventstream_core::Priority;
 
 /// EventStreamCore: event ingest and processing engine.
 #[derive(Parser, Debug)]
@@ -28,16 +27,10 @@ pub enum Command {
     Inspect(InspectArgs),
 }
 
-/// When the log is fsynced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FsyncPolicy {
-    /// Never (the page cache and the OS decide).
-    Never,
-    /// Every this many milliseconds while there are unsynced writes.
-    Interval(u64),
-    /// Group commit: STORED acks wait for an fsync covering their record.
-    Always,
-}
+use crate::settings::{DropPages, Processors, StorageThread};
+pub use crate::settings::{FsyncPolicy, ServerConfig, MAX_TOPICS};
+use eventstream_core::dedup::FullPolicy;
+use eventstream_core::pipeline::WhenFull;
 
 /// Dedup policy when the table is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -202,7 +195,7 @@ pub struct ServeArgs {
     /// once they are written back (only clean pages; durability does not
     /// change). Dropped pages come back warm for the next appends, which
     /// saves CPU at high rates; at low rates keeping them gave a lower ack
-    /// tail on this project's test machine (README).
+    /// tail on this project's test machine (docs/decisions.md).
     #[arg(long, value_enum, default_value = "auto")]
     pub drop_written_pages: DropPagesArg,
 }
@@ -304,27 +297,9 @@ pub fn parse_duration_us(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// The topic table's capacity.
-pub const MAX_TOPICS: usize = 1024;
-
-/// Checked server settings.
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    /// The flags.
-    pub args: ServeArgs,
-    /// Topic priority floors from the flags and the topics file.
-    pub topics: Vec<(String, Priority)>,
-    /// Ring slots (a power of two).
-    pub ring_capacity: usize,
-    /// Dedup slots (a power of two).
-    pub dedup_capacity: usize,
-    /// Acks one connection may have in flight or unsent.
-    pub ack_credit: u32,
-}
-
 impl ServerConfig {
     /// Checks the flags and reads the topics file.
-    pub fn from_args(args: ServeArgs) -> Result<Self, String> {
+    pub fn from_args(args: ServeArgs) -> Result<ServerConfig, String> {
         if !(40..=65536).contains(&args.max_frame) {
             return Err(format!(
                 "--max-frame {} is outside 40..=65536",
@@ -407,12 +382,56 @@ impl ServerConfig {
         {
             return Err(format!("topic {t:?} is longer than --max-topic"));
         }
-        Ok(Self {
+        Ok(ServerConfig {
+            listen: args.listen,
+            data: args.data,
+            metrics: args.metrics,
+            fsync: args.fsync,
+            group_commit_delay: args.group_commit_delay,
+            segment_bytes: args.segment_bytes,
+            segment_prefill: !args.no_segment_prefill,
+            retention_bytes: args.retention_bytes,
+            retention_age: args.retention_age,
+            repair: args.repair,
+            max_frame: args.max_frame,
+            max_topic: args.max_topic,
+            pool_events: args.pool_events,
+            dedup_window: args.dedup_window,
             dedup_capacity: (args.dedup_capacity as usize).next_power_of_two(),
-            ack_credit: ack_credit.min(u64::from(u32::MAX)) as u32,
+            dedup_full: match args.dedup_full {
+                DedupFull::Evict => FullPolicy::Evict,
+                DedupFull::Reject => FullPolicy::Reject,
+            },
+            dedup_sweep: args.dedup_sweep,
             ring_capacity,
+            batch_max_events: args.batch_max_events,
+            batch_max_age: args.batch_max_age,
             topics,
-            args,
+            max_connections: args.max_connections,
+            frame_timeout: args.frame_timeout,
+            idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
+            ack_credit: ack_credit.min(u64::from(u32::MAX)) as u32,
+            when_full: match args.when_full {
+                WhenFullArg::Backpressure => WhenFull::Backpressure,
+                WhenFullArg::Reject => WhenFull::Reject,
+            },
+            pin: args.pin,
+            processors: match args.processors {
+                ProcessorsArg::Auto => Processors::Auto,
+                ProcessorsArg::Threads => Processors::Threads,
+                ProcessorsArg::Inline => Processors::Inline,
+            },
+            storage_thread: match args.storage_thread {
+                StorageThreadArg::Auto => StorageThread::Auto,
+                StorageThreadArg::On => StorageThread::On,
+                StorageThreadArg::Off => StorageThread::Off,
+            },
+            idle_spin: args.idle_spin,
+            drop_written_pages: match args.drop_written_pages {
+                DropPagesArg::Auto => DropPages::Auto,
+                DropPagesArg::Always => DropPages::Always,
+                DropPagesArg::Never => DropPages::Never,
+            },
         })
     }
 }

@@ -28,8 +28,8 @@ use eventstream_core::route::TopicTable;
 use eventstream_core::wire::{peek_v1, Ack, Decoded, Limits, StreamDecoder, ACK_LEN};
 use eventstream_core::Class;
 
-use crate::config::MAX_TOPICS;
 use crate::processors::Sweeper;
+use crate::settings::MAX_TOPICS;
 use crate::shared::{Phase, RingGauge, Shared};
 use crate::sys::{self, monotonic_ns, wall_ns, Epoll};
 use crate::writer::{Storage, StorageMode};

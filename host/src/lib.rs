@@ -14,6 +14,7 @@ pub mod processors;
 pub mod repair;
 pub mod report;
 pub mod server;
+pub mod settings;
 pub mod shared;
 pub mod storage;
 pub mod sys;

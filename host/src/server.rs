@@ -1,6 +1,6 @@
 //! `eventstream serve`: builds the engine from the flags (every buffer is
 //! allocated here, once), recovers the log, rebuilds the dedup table and
-//! runs the threads of DESIGN.md until a graceful shutdown.
+//! runs the threads of docs/architecture.md until a graceful shutdown.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, WindowMeta};
-use eventstream_core::dedup::{
-    BufferDedupTable, DedupConfig, DedupSlot, DedupStamp, DedupState, FullPolicy,
-};
+use eventstream_core::dedup::{BufferDedupTable, DedupConfig, DedupSlot, DedupStamp, DedupState};
 use eventstream_core::pipeline::{Event, Work};
 use eventstream_core::pool::{BufferPool, SlotMeta};
 use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
@@ -19,11 +17,10 @@ use eventstream_core::ring::{BufferRing, Consumer, Producer, Slot};
 use eventstream_core::route::TopicTable;
 use eventstream_core::wire::{Ack, Limits};
 
-use crate::config::{
-    DedupFull, FsyncPolicy, ProcessorsArg, ServerConfig, StorageThreadArg, WhenFullArg, MAX_TOPICS,
-};
 use crate::ingest::{Dispatch, Ingest, IngestParts, Inline};
 use crate::processors::{run_batch, run_singles, Singles};
+use crate::settings::MAX_TOPICS;
+use crate::settings::{FsyncPolicy, Processors, ServerConfig, StorageThread};
 use crate::shared::Shared;
 use crate::storage::{Log, LogOptions};
 use crate::sys::{
@@ -116,7 +113,7 @@ impl Running {
 
 /// Builds and starts the server; errors are one line for the operator.
 pub fn start(cfg: ServerConfig) -> Result<Running, String> {
-    let args = &cfg.args;
+    let args = &cfg;
     ignore_signal(libc::SIGPIPE).map_err(|e| format!("cannot ignore SIGPIPE: {e}"))?;
     ignore_signal(libc::SIGXFSZ).map_err(|e| format!("cannot ignore SIGXFSZ: {e}"))?;
     if let Err(e) = raise_nofile_limit() {
@@ -201,10 +198,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             dedup_slots,
             DedupConfig {
                 window_ms,
-                when_full: match args.dedup_full {
-                    DedupFull::Evict => FullPolicy::Evict,
-                    DedupFull::Reject => FullPolicy::Reject,
-                },
+                when_full: args.dedup_full,
             },
         )
         .map_err(|_| "dedup capacity must be a power of two")?,
@@ -241,20 +235,20 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     .map_err(|_| "batch windows: bad buffers")?;
 
     let inline = match args.processors {
-        ProcessorsArg::Inline => true,
-        ProcessorsArg::Threads => false,
-        ProcessorsArg::Auto => online_cpus() <= 2,
+        Processors::Inline => true,
+        Processors::Threads => false,
+        Processors::Auto => online_cpus() <= 2,
     };
     let storage_mode = match args.storage_thread {
-        StorageThreadArg::On => StorageMode::Thread,
-        StorageThreadArg::Off if !inline => {
+        StorageThread::On => StorageMode::Thread,
+        StorageThread::Off if !inline => {
             return Err(
                 "--storage-thread off needs the processors inline (--processors inline)".into(),
             )
         }
-        StorageThreadArg::Off => StorageMode::Ingest,
-        StorageThreadArg::Auto if inline => StorageMode::Shared,
-        StorageThreadArg::Auto => StorageMode::Thread,
+        StorageThread::Off => StorageMode::Ingest,
+        StorageThread::Auto if inline => StorageMode::Shared,
+        StorageThread::Auto => StorageMode::Thread,
     };
     let rc = cfg.ring_capacity;
     let (srt_tx, srt_rx) = ring::<Work<'static>>(rc)?;
@@ -295,8 +289,8 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     }
 
     let sync_targets = log.sync_targets();
-    let prefill = (args.fsync == FsyncPolicy::Always && !args.no_segment_prefill)
-        .then(|| log.enable_prefill());
+    let prefill =
+        (args.fsync == FsyncPolicy::Always && args.segment_prefill).then(|| log.enable_prefill());
     let storage = Storage::new(StorageParts {
         log,
         rx: [srt_rx, stx_rx, sb_rx],
@@ -328,8 +322,8 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         ack_credit: cfg.ack_credit,
         max_connections: args.max_connections,
         frame_timeout: args.frame_timeout,
-        idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
-        reject_when_full: args.when_full == WhenFullArg::Reject,
+        idle_timeout: args.idle_timeout,
+        reject_when_full: args.when_full == eventstream_core::pipeline::WhenFull::Reject,
         storage: (storage_mode != StorageMode::Thread).then(|| storage.clone()),
         storage_mode,
         shared: shared.clone(),

@@ -128,7 +128,7 @@ const PREFILL_CHUNK: usize = 256 << 10;
 /// already allocated, inside the file's size, so each group-commit
 /// `fdatasync` writes data only: no journal commit for new blocks or a
 /// new file size. On this machine's ext4 it halved the `always` ack p99
-/// at 100,000 events/s (README); it costs the disk one extra write of
+/// at 100,000 events/s (docs/decisions.md); it costs the disk one extra write of
 /// every segment. The zeros after the last record are cut off when the
 /// segment closes (roll, shutdown) and by start-up recovery after a crash.
 pub struct Prefill {

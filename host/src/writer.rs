@@ -23,7 +23,7 @@ use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::wire::{Ack, Reason};
 use eventstream_core::Class;
 
-use crate::config::{DropPagesArg, FsyncPolicy};
+use crate::settings::{DropPages, FsyncPolicy};
 use crate::shared::{Phase, RingGauge, Shared};
 use crate::storage::{drop_cached, start_writeback, Log, Prefill, SyncTargets};
 use crate::sys::{monotonic_ns, Backoff};
@@ -770,11 +770,11 @@ fn appends_fast(bytes: u64, ns: u64, min_rate: u64) -> bool {
 /// The least append rate (bytes per second) at which the sync thread drops
 /// written-back pages from the page cache, per `--drop-written-pages`;
 /// `None`: never.
-pub fn drop_min_rate(arg: DropPagesArg) -> Option<u64> {
+pub fn drop_min_rate(arg: DropPages) -> Option<u64> {
     match arg {
-        DropPagesArg::Auto => Some(DROP_MIN_RATE),
-        DropPagesArg::Always => Some(0),
-        DropPagesArg::Never => None,
+        DropPages::Auto => Some(DROP_MIN_RATE),
+        DropPages::Always => Some(0),
+        DropPages::Never => None,
     }
 }
 
@@ -962,8 +962,8 @@ mod tests {
 
     #[test]
     fn the_flag_maps_to_the_least_rate() {
-        assert_eq!(drop_min_rate(DropPagesArg::Auto), Some(DROP_MIN_RATE));
-        assert_eq!(drop_min_rate(DropPagesArg::Always), Some(0));
-        assert_eq!(drop_min_rate(DropPagesArg::Never), None);
+        assert_eq!(drop_min_rate(DropPages::Auto), Some(DROP_MIN_RATE));
+        assert_eq!(drop_min_rate(DropPages::Always), Some(0));
+        assert_eq!(drop_min_rate(DropPages::Never), None);
     }
 }
