@@ -6,7 +6,8 @@
 //!
 //! - `--fsync always`: no acked event is ever lost, over 50 cuts.
 //! - The default policy (`interval:1000`): only events acked within the
-//!   last interval before the cut may be lost, start-up recovers on its own,
+//!   last interval (and the time its fsync takes, 1 s allowed) before the
+//!   cut may be lost, start-up recovers on its own,
 //!   and the dedup table matches the log (a resent acked id is DUPLICATE
 //!   exactly when the log still holds it).
 //!
@@ -282,12 +283,13 @@ fn power_cuts_under_the_default_policy_lose_only_the_last_interval() {
         .unwrap_or(8);
     let mut rig = Rig::new("power-default");
     let flags = ["--segment-bytes", "64KiB"];
-    // The policy's interval, plus the time its fsync may take.
-    let allowed = Duration::from_millis(1000 + 500);
+    // The policy's interval, plus the time its fsync may take on a loaded
+    // test machine (the file system runs in this debug-built process).
+    let allowed = Duration::from_millis(1000 + 1000);
     let mut rng = Rng(0xDEFA);
     let (mut total, mut lost_total, mut dup_total) = (0usize, 0usize, 0usize);
     for cut in 0..cuts {
-        let (acked, cut_at) = cycle(&mut rig, &flags, (cut + 1) << 32, 1500 + rng.below(1500));
+        let (acked, cut_at) = cycle(&mut rig, &flags, (cut + 1) << 32, 2500 + rng.below(2000));
         // Start-up recovers on its own (no --repair) ...
         let server = match Server::try_start(&rig.data(), &flags) {
             Ok(s) => s,
