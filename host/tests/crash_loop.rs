@@ -8,6 +8,9 @@
 //! The test command runs 20 cycles; for more:
 //!
 //!   ES_CRASH_CYCLES=100 cargo test --release -p eventstream-host --test crash_loop -- --nocapture
+//!
+//! (`ES_CRASH_PAUSE_MS`, 2 by default, is the producers' pause between
+//! bursts; 0 runs them at full speed.)
 
 mod common;
 
@@ -29,9 +32,14 @@ struct Acked {
     offset: u64,
 }
 
-/// Sends bursts of 64 acked events on one connection until the server
-/// dies or `stop`; returns what was acked.
-fn produce(addr: std::net::SocketAddr, base: u64, stop: Arc<AtomicBool>) -> Vec<Acked> {
+/// Sends bursts of 64 acked events, `pause` apart, on one connection until
+/// the server dies or `stop`; returns what was acked.
+fn produce(
+    addr: std::net::SocketAddr,
+    base: u64,
+    pause: Duration,
+    stop: Arc<AtomicBool>,
+) -> Vec<Acked> {
     let mut acked = Vec::new();
     let Ok(mut s) = TcpStream::connect(addr) else {
         return acked;
@@ -77,6 +85,7 @@ fn produce(addr: std::net::SocketAddr, base: u64, stop: Arc<AtomicBool>) -> Vec<
         if acks.len() < 64 {
             break;
         }
+        std::thread::sleep(pause);
     }
     acked
 }
@@ -87,6 +96,14 @@ fn acked_events_survive_kill_9_at_random_points() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    // A pause between bursts keeps the log (and the writeback it leaves
+    // for the tests after this one) moderate; 0 for full speed.
+    let pause = Duration::from_millis(
+        std::env::var("ES_CRASH_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2),
+    );
     let dir = TempDir::new("crash-loop");
     let mut rng = Rng(0xC0FFEE);
     let all: Arc<Mutex<Vec<Acked>>> = Arc::default();
@@ -131,7 +148,7 @@ fn acked_events_survive_kill_9_at_random_points() {
             .map(|p| {
                 let (addr, stop) = (server.addr, stop.clone());
                 let base = (cycle + 1) << 32 | p << 28;
-                std::thread::spawn(move || produce(addr, base, stop))
+                std::thread::spawn(move || produce(addr, base, pause, stop))
             })
             .collect();
         std::thread::sleep(Duration::from_millis(50 + rng.below(400)));
