@@ -819,14 +819,27 @@ fn recv_all(mut readers: Vec<Reader>, shared: &Shared, t: &mut Tally) {
     }
 }
 
+/// The quantiles every latency report gives, with their JSON keys.
+const QUANTILES: [(&str, Option<f64>); 4] = [
+    ("p50", Some(0.5)),
+    ("p99", Some(0.99)),
+    ("p999", Some(0.999)),
+    ("max", None),
+];
+
+/// `h`'s p50, p99, p99.9 and max in microseconds.
+fn quantiles_us(h: &Histogram) -> [f64; 4] {
+    QUANTILES.map(|(_, q)| q.map_or(h.max(), |q| h.quantile(q)) as f64 / 1e3)
+}
+
 fn lat_json(h: &Histogram) -> String {
-    format!(
-        "{{\"p50\":{:.1},\"p99\":{:.1},\"p999\":{:.1},\"max\":{:.1}}}",
-        h.quantile(0.5) as f64 / 1e3,
-        h.quantile(0.99) as f64 / 1e3,
-        h.quantile(0.999) as f64 / 1e3,
-        h.max() as f64 / 1e3
-    )
+    let mut o = String::from("{");
+    for (i, ((key, _), v)) in QUANTILES.iter().zip(quantiles_us(h)).enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(o, "{sep}\"{key}\":{v:.1}");
+    }
+    o.push('}');
+    o
 }
 
 impl Report {
@@ -898,14 +911,11 @@ impl Report {
         let _ = writeln!(o, "events/s        {:.0}", self.events_per_sec(ack));
         // One row of quantiles, in microseconds.
         let row = |o: &mut String, name: &str, h: &Histogram| {
-            let _ = writeln!(
-                o,
-                "{name:<18} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
-                h.quantile(0.5) as f64 / 1e3,
-                h.quantile(0.99) as f64 / 1e3,
-                h.quantile(0.999) as f64 / 1e3,
-                h.max() as f64 / 1e3
-            );
+            let _ = write!(o, "{name:<18}");
+            for v in quantiles_us(h) {
+                let _ = write!(o, " {v:>8.1}");
+            }
+            o.push('\n');
         };
         if ack {
             let _ = writeln!(o, "ack latency (us)        p50      p99    p99.9      max");

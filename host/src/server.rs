@@ -205,14 +205,14 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     );
     let dedup = table.table();
     let mut inserter = dedup.inserter().ok_or("dedup inserter taken")?;
-    let rebuilt = log
-        .rebuild_dedup(
-            &mut inserter,
-            args.dedup_window,
-            wall_ns(),
-            monotonic_ns() / 1_000_000,
-        )
-        .map_err(|e| format!("cannot rebuild the dedup table from the log: {e}"))?;
+    let rebuilt = crate::rebuild::rebuild_dedup(
+        log.segments(),
+        &mut inserter,
+        args.dedup_window,
+        wall_ns(),
+        monotonic_ns() / 1_000_000,
+    )
+    .map_err(|e| format!("cannot rebuild the dedup table from the log: {e}"))?;
     if rebuilt > 0 {
         eprintln!("eventstream: dedup table rebuilt with {rebuilt} transactional ids from the log");
     }

@@ -1,7 +1,8 @@
 //! The segmented log of PROTOCOL.md section 6 on disk: the locked data
 //! directory, start-up recovery of the newest segment, appends (one `pwrite`
 //! for many records, cut back on failure so nothing half-written stays),
-//! segment roll, retention, and the dedup rebuild.
+//! segment roll and retention. The dedup rebuild from the log is
+//! start-up's (`rebuild`).
 //!
 //! Costs: the append path makes one syscall per buffer of records and
 //! allocates nothing; opening, rolling and retention allocate and fsync.
@@ -14,12 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use eventstream_core::dedup::Inserter;
 use eventstream_core::record::{
-    recover, segment_name, unused_tail, Record, RecordKind, Recovery, SEGMENT_HEADER,
-    SEGMENT_HEADER_LEN,
+    recover, segment_name, unused_tail, Record, Recovery, SEGMENT_HEADER, SEGMENT_HEADER_LEN,
 };
-use eventstream_core::Class;
 
 use crate::repair::{check_closed, Gaps};
 use crate::sys::syscall;
@@ -494,6 +492,11 @@ impl Log {
         Ok(true)
     }
 
+    /// The segments, oldest first (the newest is the active one).
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
     /// Offset of the next event.
     pub fn next_offset(&self) -> u64 {
         self.next_offset
@@ -645,58 +648,6 @@ impl Log {
             self.sync.owe(None, true);
         }
         deleted
-    }
-
-    /// Puts the transactional ids stored inside the window back into the
-    /// dedup table, stamped with their age, with their offsets. Returns how
-    /// many.
-    pub fn rebuild_dedup(
-        &self,
-        inserter: &mut Inserter<'_>,
-        window: Duration,
-        wall_now_ns: u64,
-        mono_now_ms: u64,
-    ) -> io::Result<usize> {
-        let window_ns = window.as_nanos().min(u128::from(u64::MAX)) as u64;
-        let since = wall_now_ns.saturating_sub(window_ns);
-        let cutoff = SystemTime::now()
-            .checked_sub(window)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let mut n = 0;
-        let table = inserter.table();
-        for (i, seg) in self.segments.iter().enumerate() {
-            // A closed segment last written before the window holds nothing
-            // inside it.
-            let newest = i + 1 == self.segments.len();
-            if !newest {
-                let modified = fs::metadata(&seg.path)?.modified()?;
-                if modified < cutoff {
-                    continue;
-                }
-            }
-            let bytes = fs::read(&seg.path)?;
-            let mut pos = SEGMENT_HEADER_LEN;
-            while let Some(rest) = bytes.get(pos..) {
-                let Ok(rec) = Record::parse(rest) else { break };
-                pos += rec.size();
-                if rec.kind() != RecordKind::Single
-                    || rec.class() != Class::Transactional
-                    || rec.recv_ns() < since
-                {
-                    continue;
-                }
-                for (offset, frame) in rec.frames() {
-                    if frame.is_legacy() {
-                        continue;
-                    }
-                    let age_ms = wall_now_ns.saturating_sub(rec.recv_ns()) / 1_000_000;
-                    let _ = inserter.insert(frame.event_id(), mono_now_ms.saturating_sub(age_ms));
-                    table.set_offset(frame.event_id(), offset);
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
     }
 }
 
