@@ -40,6 +40,10 @@ const READ_CHUNK: usize = 64 * 1024;
 /// are freed (connections take a buffer while they have acks to write or
 /// input held back, and give it back when they go quiet).
 const SPARE_BUFFERS: usize = 256;
+/// Spares made at start, so the first connections to need a buffer take
+/// one without allocating on the hot path (untouched, they cost address
+/// space, not memory).
+const SPARE_AT_START: usize = 16;
 /// Low bits of a connection id: its slot; high bits: the slot's generation.
 const SLOT_BITS: u32 = 20;
 const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
@@ -100,6 +104,13 @@ fn ensure_out(c: &mut Conn, spare: &mut Vec<Vec<u8>>, capacity: usize) {
     if c.out.capacity() == 0 {
         c.out = spare.pop().unwrap_or_else(|| Vec::with_capacity(capacity));
     }
+}
+
+/// The spare list of buffers of `capacity` bytes, with its first ones made.
+fn spares(capacity: usize) -> Vec<Vec<u8>> {
+    let mut v = Vec::with_capacity(SPARE_BUFFERS);
+    v.extend((0..SPARE_AT_START).map(|_| Vec::with_capacity(capacity)));
+    v
 }
 
 /// Keeps `buf` for another connection, or frees it when enough are kept.
@@ -329,8 +340,8 @@ impl Ingest {
             mid_frames: 0,
             next_timeout_scan: 0,
             next_idle_scan: 0,
-            spare_out: Vec::with_capacity(SPARE_BUFFERS),
-            spare_stash: Vec::with_capacity(SPARE_BUFFERS),
+            spare_out: spares((p.ack_credit as usize + 1) * ACK_LEN),
+            spare_stash: spares(READ_CHUNK),
             shutting_down: false,
             shutdown_began: None,
             accept_paused_until: None,
