@@ -4,6 +4,10 @@
 //! segment roll and retention. The dedup rebuild from the log is
 //! start-up's (`rebuild`).
 //!
+//! Submodules: `recovery` (the newest segment at start, and the record
+//! reader), `prefill` (segments made ahead of use), `cache` (writeback and
+//! the page cache). Closed segments are checked by `crate::repair`.
+//!
 //! Costs: the append path makes one syscall per buffer of records and
 //! allocates nothing; opening, rolling and retention allocate and fsync.
 
@@ -15,12 +19,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use eventstream_core::record::{
-    recover, segment_name, unused_tail, Record, Recovery, SEGMENT_HEADER, SEGMENT_HEADER_LEN,
-};
+use eventstream_core::record::{segment_name, SEGMENT_HEADER, SEGMENT_HEADER_LEN};
 
 use crate::repair::{check_closed, Gaps};
 use crate::sys::syscall;
+
+mod cache;
+mod prefill;
+mod recovery;
+
+pub use cache::{drop_cached, start_writeback};
+pub use prefill::{Prefill, PREFILL_NAME};
+pub use recovery::read_records;
+use recovery::recover_segment;
 
 /// Page size assumed for writeback ranges (a multiple of the real one is
 /// also fine: it only keeps the kicked range off the page being appended).
@@ -63,182 +74,6 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<Segment>> {
     }
     out.sort_by_key(|s| s.base);
     Ok(out)
-}
-
-/// Starts writeback of `file`'s bytes `from..to` without waiting for it, so
-/// dirty pages never pile up into a long fsync or into the kernel
-/// throttling the writer. The call itself can take milliseconds, so the
-/// sync thread makes it, not the thread that writes. Only a hint: a range
-/// past the end of the file, or of a newer segment after a roll, is
-/// harmless.
-pub fn start_writeback(file: &File, from: u64, to: u64) {
-    if to <= from {
-        return;
-    }
-    if let Err(e) = syscall!(sync_file_range(
-        file.as_raw_fd(),
-        from as libc::off64_t,
-        (to - from) as libc::off64_t,
-        libc::SYNC_FILE_RANGE_WRITE
-    )) {
-        eprintln!("eventstream: sync_file_range: {e}");
-    }
-}
-
-/// Asks the kernel to drop `file`'s cached pages in `from..to` (whole pages
-/// only). Only clean pages go: a page still dirty or under writeback stays
-/// (the caller passes a range whose writeback started a while ago), so no
-/// data is lost and the log's durability does not change. The log
-/// is written once and not read back while the server runs, so keeping
-/// its pages cached only makes every new page the kernel allocates for the
-/// next appends a fresh one; dropped pages are reused while still warm.
-pub fn drop_cached(file: &File, from: u64, to: u64) {
-    if to <= from {
-        return;
-    }
-    // SAFETY: posix_fadvise reads only its integer arguments; a descriptor
-    // that is not open gives EBADF, which is reported below.
-    let rc = unsafe {
-        libc::posix_fadvise(
-            file.as_raw_fd(),
-            from as libc::off_t,
-            (to - from) as libc::off_t,
-            libc::POSIX_FADV_DONTNEED,
-        )
-    };
-    if rc != 0 {
-        eprintln!(
-            "eventstream: posix_fadvise: {}",
-            io::Error::from_raw_os_error(rc)
-        );
-    }
-}
-
-/// The segment file being made ahead of use, in the data directory.
-pub const PREFILL_NAME: &str = "next-segment.prefill";
-/// Zeros written at a time while a segment is made ahead of use.
-const PREFILL_CHUNK: usize = 256 << 10;
-
-/// Segments made ahead of use, for `--fsync always`: the prefill thread
-/// writes a segment header and zeros up to the segment size, makes them
-/// durable, and leaves the file here; a roll renames it to the new
-/// segment's name. Appends to such a segment overwrite blocks that are
-/// already allocated, inside the file's size, so each group-commit
-/// `fdatasync` writes data only: no journal commit for new blocks or a
-/// new file size. On this machine's ext4 it halved the `always` ack p99
-/// at 100,000 events/s (docs/decisions.md); it costs the disk one extra write of
-/// every segment. The zeros after the last record are cut off when the
-/// segment closes (roll, shutdown) and by start-up recovery after a crash.
-pub struct Prefill {
-    dir: PathBuf,
-    bytes: u64,
-    /// A made segment waiting for a roll.
-    ready: Mutex<Option<File>>,
-    /// Set when making one failed (e.g. the disk is full): rolls go on
-    /// with plain segments.
-    failed: std::sync::atomic::AtomicBool,
-}
-
-impl Prefill {
-    /// Whether a made segment waits for a roll (or making them failed, so
-    /// none will come).
-    pub fn idle(&self) -> bool {
-        self.failed.load(std::sync::atomic::Ordering::Relaxed) || locked(&self.ready).is_some()
-    }
-
-    /// Makes one segment ahead of use unless one is waiting; the thread's
-    /// whole job. `stop` is polled between chunks. On failure the partial
-    /// file is removed, `failed` is set and the error returned.
-    pub fn make_one(&self, stop: impl Fn() -> bool) -> io::Result<()> {
-        if self.idle() {
-            return Ok(());
-        }
-        let path = self.dir.join(PREFILL_NAME);
-        let result = (|| {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)?;
-            file.write_all_at(&SEGMENT_HEADER, 0)?;
-            let zeros = vec![0u8; PREFILL_CHUNK];
-            let mut pos = SEGMENT_HEADER_LEN as u64;
-            while pos < self.bytes {
-                if stop() {
-                    return Ok(None);
-                }
-                let n = (self.bytes - pos).min(PREFILL_CHUNK as u64) as usize;
-                file.write_all_at(&zeros[..n], pos)?;
-                // Written back chunk by chunk and waited for, so the log's
-                // own fsyncs never queue behind more than one chunk of
-                // zeros.
-                syscall!(sync_file_range(
-                    file.as_raw_fd(),
-                    pos as libc::off64_t,
-                    n as libc::off64_t,
-                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                        | libc::SYNC_FILE_RANGE_WRITE
-                        | libc::SYNC_FILE_RANGE_WAIT_AFTER
-                ))?;
-                pos += n as u64;
-            }
-            // The blocks and the size, durable before any append relies
-            // on them.
-            file.sync_all()?;
-            Ok(Some(file))
-        })();
-        match result {
-            Ok(Some(file)) => {
-                *locked(&self.ready) = Some(file);
-                Ok(())
-            }
-            Ok(None) => {
-                let _ = fs::remove_file(&path);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&path);
-                self.failed
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                Err(e)
-            }
-        }
-    }
-
-    /// Removes the made segment, if one waits (at shutdown: the next
-    /// start would remove it anyway).
-    pub fn discard(&self) {
-        let mut ready = locked(&self.ready);
-        if ready.take().is_some() {
-            if let Err(e) = fs::remove_file(self.dir.join(PREFILL_NAME)) {
-                eprintln!("eventstream: cannot remove {PREFILL_NAME}: {e}");
-            }
-        }
-    }
-
-    /// Takes the made segment, if one waits, renamed to `path`, never over
-    /// an existing file (the data dir is locked, and only the log's writer
-    /// creates segments, so nothing can appear between the check and the
-    /// rename).
-    fn take(&self, path: &Path) -> io::Result<Option<File>> {
-        // The lock is held across the rename, so the prefill thread starts
-        // the next file only after this one left its name.
-        let mut ready = locked(&self.ready);
-        let Some(file) = ready.take() else {
-            return Ok(None);
-        };
-        // On failure the file stays under its old name (made again by the
-        // next make_one, or removed at start-up).
-        if fs::symlink_metadata(path).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists", path.display()),
-            ));
-        }
-        fs::rename(self.dir.join(PREFILL_NAME), path)?;
-        Ok(Some(file))
-    }
 }
 
 /// The open log: the active segment and what came before it.
@@ -323,7 +158,7 @@ struct Owed {
 /// `m`'s guard, also after a panic elsewhere poisoned it: what these
 /// locks hold (a file handle, a to-do list) is whole between any two
 /// statements.
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -465,12 +300,7 @@ impl Log {
     /// Has segments made ahead of use from now on (see [`Prefill`]);
     /// the returned handle is the prefill thread's.
     pub fn enable_prefill(&mut self) -> Arc<Prefill> {
-        let prefill = Arc::new(Prefill {
-            dir: self.dir.clone(),
-            bytes: self.segment_bytes,
-            ready: Mutex::new(None),
-            failed: std::sync::atomic::AtomicBool::new(false),
-        });
+        let prefill = Arc::new(Prefill::new(self.dir.clone(), self.segment_bytes));
         self.prefill = Some(prefill.clone());
         prefill
     }
@@ -649,125 +479,4 @@ impl Log {
         }
         deleted
     }
-}
-
-/// Recovers the newest segment per PROTOCOL.md section 6; returns the file
-/// opened for appends, its length and the next offset.
-fn recover_segment(
-    seg: &mut Segment,
-    repair: bool,
-    opened: &mut Opened,
-) -> Result<(File, u64, u64), String> {
-    let name = seg.path.display().to_string();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&seg.path)
-        .map_err(|e| format!("cannot open {name}: {e}"))?;
-    let bytes = fs::read(&seg.path).map_err(|e| format!("cannot read {name}: {e}"))?;
-    let rewrite_empty = |file: &File| -> Result<(), String> {
-        file.set_len(0)
-            .and_then(|()| file.write_all_at(&SEGMENT_HEADER, 0))
-            .and_then(|()| file.sync_all())
-            .map_err(|e| format!("cannot rewrite {name}: {e}"))
-    };
-    let truncate = |file: &File, to: usize| -> Result<(), String> {
-        file.set_len(to as u64)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| format!("cannot truncate {name}: {e}"))
-    };
-    let (len, next) = match recover(&bytes, seg.base) {
-        Recovery::Clean { next_offset } => {
-            // Made durable before this run appends after it: a crashed
-            // run's last writes may be in the page cache only.
-            file.sync_data()
-                .map_err(|e| format!("cannot fsync {name}: {e}"))?;
-            (bytes.len(), next_offset)
-        }
-        Recovery::RewriteEmpty { next_offset } => {
-            rewrite_empty(&file)?;
-            opened.notes.push(format!(
-                "{name}: shorter than its header ({} bytes); rewritten as an empty segment",
-                bytes.len()
-            ));
-            (SEGMENT_HEADER_LEN, next_offset)
-        }
-        Recovery::BadHeader => {
-            if !repair {
-                return Err(format!(
-                    "{name}: bad segment header; start with --repair to rewrite it as an empty segment"
-                ));
-            }
-            rewrite_empty(&file)?;
-            opened.notes.push(format!(
-                "{name}: bad header; --repair rewrote it as an empty segment, dropping {} bytes",
-                bytes.len()
-            ));
-            (SEGMENT_HEADER_LEN, seg.base)
-        }
-        Recovery::Truncate { to, next_offset } => {
-            truncate(&file, to)?;
-            let what = if bytes.get(to..).is_some_and(unused_tail) {
-                "zero-filled tail (unwritten space of a segment made ahead of use, or a torn write)"
-            } else {
-                "torn tail"
-            };
-            opened.notes.push(format!(
-                "{name}: {what} of {} bytes at position {to} truncated; next offset {next_offset}",
-                bytes.len() - to
-            ));
-            (to, next_offset)
-        }
-        Recovery::Refuse {
-            bad_at,
-            valid_at,
-            next_offset,
-            dropped_bytes,
-            dropped_offsets,
-        } => {
-            if !repair {
-                return Err(format!(
-                    "{name}: bad record at position {bad_at} followed by a valid record at {valid_at}; refusing to start (--repair truncates at {bad_at})"
-                ));
-            }
-            truncate(&file, bad_at)?;
-            opened.notes.push(format!(
-                "{name}: --repair truncated at position {bad_at}: dropped {dropped_bytes} bytes, offsets {}..{}; next offset {next_offset}",
-                dropped_offsets.0, dropped_offsets.1
-            ));
-            (bad_at, next_offset)
-        }
-    };
-    seg.size = len as u64;
-    Ok((file, len as u64, next))
-}
-
-/// Reads every record of one segment; stops at the first invalid position
-/// and returns it with the reason.
-pub fn read_records(
-    bytes: &[u8],
-    base: u64,
-    mut each: impl FnMut(&Record<'_>),
-) -> Result<u64, (usize, String)> {
-    if bytes.get(..SEGMENT_HEADER_LEN) != Some(&SEGMENT_HEADER[..]) {
-        return Err((0, "bad segment header".into()));
-    }
-    let mut pos = SEGMENT_HEADER_LEN;
-    let mut next = base;
-    while pos < bytes.len() {
-        let rec = match Record::parse(&bytes[pos..]) {
-            Ok(r) => r,
-            Err(e) => return Err((pos, format!("invalid record: {e:?}"))),
-        };
-        if rec.offset() != next {
-            return Err((
-                pos,
-                format!("record offset {} where {next} was expected", rec.offset()),
-            ));
-        }
-        each(&rec);
-        next = rec.next_offset();
-        pos += rec.size();
-    }
-    Ok(next)
 }
