@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 
-use crate::sys::{epoll_ready, Epoll};
+use crate::sys::Epoll;
 
 /// Metric connections open at once; the one waiting longest is closed to
 /// make room for a new one.
@@ -167,7 +167,7 @@ impl Endpoint {
         let t = now();
         let mut accept = std::mem::take(&mut self.accept_retry);
         for i in 0..n {
-            let (token, _) = epoll_ready(&self.events[i]);
+            let token = self.events[i].u64;
             if token == TOKEN_LISTENER {
                 accept = true;
                 continue;

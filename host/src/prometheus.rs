@@ -60,6 +60,9 @@ fn relaxed(a: &std::sync::atomic::AtomicU64) -> f64 {
     a.load(Ordering::Relaxed) as f64
 }
 
+// The throttled counter's help states the endpoint's answer rate.
+const _: () = assert!(MAX_ANSWERS_PER_SEC == 1000);
+
 /// Every family `/metrics` serves, in order.
 static FAMILIES: &[Family] = &[
     Family {
@@ -265,7 +268,7 @@ static FAMILIES: &[Family] = &[
     Family {
         name: "eventstream_metrics_requests_throttled_total",
         kind: Kind::Counter,
-        help: "Requests that waited because the endpoint answers at most MAX_ANSWERS_PER_SEC per second.",
+        help: "Requests that waited because the endpoint answers at most 1000 per second.",
         samples: Samples::One(|c| c.http.throttled as f64),
     },
     Family {
@@ -315,10 +318,7 @@ pub fn render(ctx: &Ctx) -> String {
             Kind::Gauge => "gauge",
             Kind::Summary => "summary",
         };
-        let help = f
-            .help
-            .replace("MAX_ANSWERS_PER_SEC", &MAX_ANSWERS_PER_SEC.to_string());
-        let _ = writeln!(o, "# HELP {} {help}", f.name);
+        let _ = writeln!(o, "# HELP {} {}", f.name, f.help);
         let _ = writeln!(o, "# TYPE {} {kind}", f.name);
         let name = f.name;
         match &f.samples {

@@ -232,12 +232,6 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
     .map(|n| n as usize)
 }
 
-/// The token and flags of one ready descriptor, read out of the kernel's
-/// packed `epoll_event`.
-pub fn epoll_ready(ev: &libc::epoll_event) -> (u64, u32) {
-    (ev.u64, ev.events)
-}
-
 /// A non-blocking eventfd: a counter one thread adds to and another waits on
 /// in epoll.
 pub struct EventFd(OwnedFd);
