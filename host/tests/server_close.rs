@@ -56,6 +56,9 @@ fn a_close_right_behind_the_last_data_frees_the_connection() {
         reset_on_close(&s);
         drop(s);
     }
+    // All 140 accepted (none still in the listen backlog), then none open.
+    let key = "eventstream_connections_accepted_total";
+    assert_eq!(settles(140.0, || server.metric(key)), 140.0);
     let open = connections_settle(&server, 0.0, Duration::from_secs(5));
     assert_eq!(
         open, 0.0,
@@ -83,6 +86,11 @@ fn clients_that_close_at_once_do_not_lock_others_out() {
             s.write_all(&unacked(round << 30 | c << 20, 3)).unwrap();
             drop(s);
         }
+        // The round's connections are all accepted (not still waiting in
+        // the listen backlog) before the gauge's 0 says anything.
+        let accepted = ((round + 1) * 10) as f64;
+        let key = "eventstream_connections_accepted_total";
+        assert_eq!(settles(accepted, || server.metric(key)), accepted);
         assert_eq!(
             connections_settle(&server, 0.0, Duration::from_secs(5)),
             0.0,
