@@ -16,6 +16,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod answer;
 pub mod batch;
 pub mod crc32c;
 pub mod dedup;

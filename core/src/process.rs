@@ -143,4 +143,75 @@ impl<'b, T: BatchItem> BatchProcessor<'b, T> {
     pub fn windows(&mut self) -> &mut BatchWindows<'b, T> {
         &mut self.windows
     }
+
+    /// The processor's timed work at monotonic `now_ns`, the one rule every
+    /// embedder runs: closes the oldest window past its age and, when
+    /// `flush` (a drain, or no pool slot left for new events), the oldest
+    /// window as well. At most two windows close, so `agg` needs room for
+    /// two. Returns whether any closed.
+    pub fn tick(&mut self, now_ns: u64, flush: bool, agg: &mut impl Aggregate<T>) -> bool {
+        let mut moved = self.windows.poll(now_ns, agg);
+        if flush && self.windows.held() > 0 {
+            moved |= self.windows.flush_oldest(agg);
+        }
+        moved
+    }
+
+    /// When [`tick`](Self::tick) has work next: the oldest window's age
+    /// deadline (monotonic ns), if a window is open.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.windows.next_deadline()
+    }
+
+    /// Events waiting in windows.
+    pub fn held(&self) -> usize {
+        self.windows.held()
+    }
+}
+
+/// The periodic dedup sweep, spread over steps: every period, one pass
+/// over the table, a slice per step, so a sweep never stops its thread for
+/// a whole table. Whoever holds the transactional processor runs it.
+pub struct Sweeper {
+    every_ns: u64,
+    slice: usize,
+    next: u64,
+    /// The pass under way: its cursor and what it freed so far.
+    pass: Option<(usize, usize)>,
+}
+
+impl Sweeper {
+    /// A pass every `every_ns`, the first at `now_ns + every_ns`, walking
+    /// `slice` slots per step.
+    pub const fn new(now_ns: u64, every_ns: u64, slice: usize) -> Self {
+        Self {
+            every_ns,
+            slice,
+            next: now_ns.saturating_add(every_ns),
+            pass: None,
+        }
+    }
+
+    /// Sweeps one slice if a pass is due or under way; returns how many
+    /// ids the pass freed when it ends in this step.
+    pub fn step(&mut self, p: &mut TransactionalProcessor<'_>, now_ns: u64) -> Option<usize> {
+        if self.pass.is_none() && now_ns >= self.next {
+            self.pass = Some((0, 0));
+            self.next = now_ns.saturating_add(self.every_ns);
+        }
+        let (mut cursor, mut freed) = self.pass?;
+        freed += p.sweep_slice(now_ns / 1_000_000, &mut cursor, self.slice);
+        self.pass = (cursor != 0).then_some((cursor, freed));
+        (cursor == 0).then_some(freed)
+    }
+
+    /// When [`step`](Self::step) has work next (monotonic ns; 0 while a
+    /// pass is under way).
+    pub fn next_deadline(&self) -> u64 {
+        if self.pass.is_some() {
+            0
+        } else {
+            self.next
+        }
+    }
 }

@@ -22,13 +22,15 @@ use eventstream_core::dedup::DedupRef;
 use eventstream_core::metrics::{Counter, LocalMetrics};
 use eventstream_core::pipeline::{refusal, Event, ToStorage, Work};
 use eventstream_core::pool::{Acquirer, SlotMut};
-use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
+use eventstream_core::process::{
+    BatchProcessor, RealtimeProcessor, Sweeper, TransactionalProcessor,
+};
 use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::route::TopicTable;
 use eventstream_core::wire::{peek_v1, Ack, Decoded, Limits, StreamDecoder, ACK_LEN};
 use eventstream_core::Class;
 
-use crate::processors::Sweeper;
+use crate::processors::{sweep_step, sweeper};
 use crate::settings::MAX_TOPICS;
 use crate::shared::{Phase, RingGauge, Shared};
 use crate::sys::{self, monotonic_ns, wall_ns, Epoll};
@@ -186,7 +188,7 @@ impl Inline {
             dedup,
             storage_tx,
             batch_need,
-            sweeper: Sweeper::new(sweep_every),
+            sweeper: sweeper(sweep_every),
         }
     }
 
@@ -221,27 +223,25 @@ impl Inline {
     /// whether anything went to the batch storage ring.
     fn tick(&mut self, now: u64, draining: bool, starved: bool) -> bool {
         let mut moved = false;
-        let need = self.batch_need;
         let [_, _, out] = &mut self.storage_tx;
-        if out.has_room(need) {
-            moved |= self.batch.windows().poll(now, &mut ToStorage { out });
+        if out.has_room(self.batch_need) {
+            moved = self
+                .batch
+                .tick(now, draining || starved, &mut ToStorage { out });
         }
-        if (draining || starved) && self.batch.windows().held() > 0 && out.has_room(need) {
-            moved |= self.batch.windows().flush_oldest(&mut ToStorage { out });
-        }
-        self.sweeper.step(&mut self.transactional, now);
+        sweep_step(&mut self.sweeper, &mut self.transactional, now);
         moved
     }
 
     /// When `tick` has work next (monotonic ns).
     fn next_deadline(&mut self) -> u64 {
-        let windows = self.batch.windows().next_deadline().unwrap_or(u64::MAX);
+        let windows = self.batch.next_deadline().unwrap_or(u64::MAX);
         windows.min(self.sweeper.next_deadline())
     }
 
     /// Batch events still waiting in windows.
     fn held(&mut self) -> usize {
-        self.batch.windows().held()
+        self.batch.held()
     }
 }
 
@@ -488,9 +488,9 @@ impl Ingest {
             }
         }
         if self.ready.is_empty() {
-            self.metrics.flush(&self.p.shared.registry, now);
+            self.metrics.flush(self.p.shared.registry, now);
         } else {
-            self.metrics.maybe_flush(&self.p.shared.registry, now);
+            self.metrics.maybe_flush(self.p.shared.registry, now);
         }
         if self.mid_frames > 0 && now >= self.next_timeout_scan {
             self.scan_frame_timeouts(now);

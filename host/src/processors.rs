@@ -11,7 +11,9 @@ use std::time::Duration;
 use eventstream_core::batch::BatchWindows;
 use eventstream_core::dedup::{DedupHint, DedupRef};
 use eventstream_core::pipeline::{Event, ToStorage, Work};
-use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
+use eventstream_core::process::{
+    BatchProcessor, RealtimeProcessor, Sweeper, TransactionalProcessor,
+};
 use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::Class;
 
@@ -33,49 +35,16 @@ pub enum Singles {
 /// never stops its thread for a whole table (40-90 ms for the default one).
 const SWEEP_SLICE: usize = 16_384;
 
-/// The periodic dedup sweep, spread over steps: every `every`, one pass
-/// over the table, a slice per step. Whichever thread holds the
-/// transactional processor (its own, or ingest inline) runs it.
-pub struct Sweeper {
-    every_ns: u64,
-    next: u64,
-    /// The pass under way: its cursor and what it freed so far.
-    pass: Option<(usize, usize)>,
+/// The dedup sweep every `every`, a slice per step (the core's `Sweeper`).
+pub fn sweeper(every: Duration) -> Sweeper {
+    let every_ns = every.as_nanos().min(u64::MAX as u128) as u64;
+    Sweeper::new(monotonic_ns(), every_ns, SWEEP_SLICE)
 }
 
-impl Sweeper {
-    /// The first pass starts `every` from now.
-    pub fn new(every: Duration) -> Self {
-        let every_ns = every.as_nanos().min(u64::MAX as u128) as u64;
-        Self {
-            every_ns,
-            next: monotonic_ns().saturating_add(every_ns),
-            pass: None,
-        }
-    }
-
-    /// Sweeps one slice if a pass is due or under way.
-    pub fn step(&mut self, p: &mut TransactionalProcessor<'_>, now: u64) {
-        if self.pass.is_none() && now >= self.next {
-            self.pass = Some((0, 0));
-            self.next = now.saturating_add(self.every_ns);
-        }
-        if let Some((mut cursor, mut freed)) = self.pass {
-            freed += p.sweep_slice(now / 1_000_000, &mut cursor, SWEEP_SLICE);
-            self.pass = (cursor != 0).then_some((cursor, freed));
-            if cursor == 0 && freed > 0 {
-                eprintln!("eventstream: dedup sweep freed {freed} expired ids");
-            }
-        }
-    }
-
-    /// When `step` has work next (monotonic ns; 0 while a pass is under way).
-    pub fn next_deadline(&self) -> u64 {
-        if self.pass.is_some() {
-            0
-        } else {
-            self.next
-        }
+/// One sweep step; a pass that freed ids says so in one line.
+pub fn sweep_step(sw: &mut Sweeper, p: &mut TransactionalProcessor<'_>, now: u64) {
+    if let Some(freed @ 1..) = sw.step(p, now) {
+        eprintln!("eventstream: dedup sweep freed {freed} expired ids");
     }
 }
 
@@ -95,7 +64,7 @@ pub fn run_singles(
         Singles::Transactional(..) => (Class::Transactional, &shared.transactional),
     };
     let mut sweeper = match &proc {
-        Singles::Transactional(_, every) => Some(Sweeper::new(*every)),
+        Singles::Transactional(_, every) => Some(sweeper(*every)),
         Singles::Realtime(_) => None,
     };
     let mut backoff = Backoff::new(shared.idle_spin_ns);
@@ -119,7 +88,7 @@ pub fn run_singles(
             moved += 1;
         }
         if let (Some(sw), Singles::Transactional(p, _)) = (&mut sweeper, &mut proc) {
-            sw.step(p, now);
+            sweep_step(sw, p, now);
         }
         if moved > 0 {
             shared.set_depth(RingGauge::Class(class), rx.len());
@@ -166,13 +135,9 @@ pub fn run_batch(
             proc.handle(ev, now, &mut (), &mut ToStorage { out: &mut tx });
             moved = true;
         }
+        let flush = shared.phase() >= Phase::Drain || shared.pool_starved.load(Ordering::Relaxed);
         if tx.has_room(need) {
-            moved |= proc.windows().poll(now, &mut ToStorage { out: &mut tx });
-        }
-        let draining = shared.phase() >= Phase::Drain;
-        let starved = shared.pool_starved.load(Ordering::Relaxed);
-        if (draining || starved) && proc.windows().held() > 0 && tx.has_room(need) {
-            moved |= proc.windows().flush_oldest(&mut ToStorage { out: &mut tx });
+            moved |= proc.tick(now, flush, &mut ToStorage { out: &mut tx });
         }
         if moved {
             shared.set_depth(RingGauge::Class(Class::Batch), rx.len());
@@ -181,16 +146,15 @@ pub fn run_batch(
             backoff.reset();
             continue;
         }
-        if shared.phase() == Phase::Stop && rx.is_empty() && proc.windows().held() == 0 {
+        if shared.phase() == Phase::Stop && rx.is_empty() && proc.held() == 0 {
             return;
         }
         if backoff.idle() {
             shared.set_depth(RingGauge::Class(Class::Batch), rx.len());
             let timeout = proc
-                .windows()
                 .next_deadline()
                 .map(|d| Duration::from_nanos(d.saturating_sub(monotonic_ns())));
-            let held = proc.windows().held();
+            let held = proc.held();
             shared.batch.park(timeout, || {
                 (!rx.is_empty() && tx.has_room(need))
                     || shared.phase() == Phase::Stop

@@ -120,8 +120,9 @@ pub struct Shared {
     pub written: AtomicU64,
     /// Log bytes covered by a finished fsync.
     pub synced: AtomicU64,
-    /// Counters and latency histograms.
-    pub registry: Registry,
+    /// Counters and latency histograms (made once per process start and
+    /// kept for its life: the threads' metrics hold it by reference).
+    pub registry: &'static Registry,
     /// Open producer connections.
     pub connections: AtomicU64,
     /// Connections accepted since start.
@@ -180,7 +181,7 @@ impl Shared {
             kick_to: AtomicU64::new(0),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
-            registry: Registry::new(),
+            registry: Box::leak(Box::new(Registry::new())),
             connections: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),

@@ -3,87 +3,58 @@
 
 use super::*;
 
+/// The ack ring as the answers' output.
+struct AckRing<'s> {
+    tx: &'s mut Producer<'static, (u32, Ack)>,
+    shared: &'s Shared,
+}
+
+impl AckOut for AckRing<'_> {
+    fn ack(&mut self, conn: u32, ack: Ack) {
+        let mut item = (conn, ack);
+        loop {
+            match self.tx.push(item) {
+                Ok(()) => return,
+                Err(back) => {
+                    // A step pushes no more acks than the ring has room for
+                    // (`pending_limit`), so this is not reached; were it,
+                    // ingest drains the ring (credit makes every ack fit
+                    // its connection's buffer).
+                    item = back;
+                    self.shared.ingest.wake_for_acks();
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+}
+
 impl Storage {
+    /// A duplicate or a rejection: owed with the next write's answers (a
+    /// duplicate whose original has no offset yet waits in the answers).
     pub(super) fn answer_work(&mut self, work: Work<'static>) {
-        match work {
-            Work::Duplicate {
-                conn,
-                event_id,
-                ack,
-                class,
-                offset,
-            } => self.answer_duplicate(conn, event_id, ack, class, offset),
-            Work::Reject {
-                conn,
-                event_id,
-                ack,
-                reason,
-            } => self.pending.push(Pending::Answer {
-                conn,
-                ack: ack.then(|| Ack::rejected(event_id, reason)),
-                counter: Counter::Rejected(reason),
-            }),
-            Work::Store(_) | Work::Batch { .. } => {}
+        let now_ms = monotonic_ns() / 1_000_000;
+        if let Some(owed) = self.answers.outcome(work, now_ms) {
+            self.pending.push(owed);
         }
     }
 
-    /// DUPLICATE only once the original is written: its offset is in the
-    /// table from then on. Until then the answer waits in `deferred`.
-    pub(super) fn answer_duplicate(
-        &mut self,
-        conn: u32,
-        event_id: u64,
-        ack: bool,
-        class: Class,
-        offset: Option<u64>,
-    ) {
-        let now_ms = monotonic_ns() / 1_000_000;
-        let offset = match offset {
-            Some(o) => Some(o),
-            None => match self.p.dedup.lookup(event_id, now_ms) {
-                Lookup::Present(Some(o)) => Some(o),
-                Lookup::Present(None) => {
-                    self.deferred.push_back((conn, event_id, ack, class));
-                    return;
-                }
-                // The original's write failed: it is not in the log.
-                Lookup::Absent => None,
-            },
-        };
-        self.pending.push(match offset {
-            Some(o) => Pending::Answer {
-                conn,
-                ack: ack.then(|| Ack::duplicate(event_id, o)),
-                counter: Counter::Duplicate(class),
-            },
-            None => Pending::Answer {
-                conn,
-                ack: ack.then(|| Ack::rejected(event_id, Reason::StorageFailed)),
-                counter: Counter::Rejected(Reason::StorageFailed),
-            },
-        });
-    }
-
+    /// Answers the deferred duplicates whose original is now written,
+    /// when the ack ring has room for all of them.
     pub(super) fn retry_deferred(&mut self) -> bool {
-        let n = self.deferred.len();
+        let n = self.answers.deferred();
         if n == 0 || !self.p.acks.has_room(n + self.pending.len()) {
             return false;
         }
-        for _ in 0..n {
-            let Some((conn, id, ack, class)) = self.deferred.pop_front() else {
-                break;
-            };
-            self.answer_duplicate(conn, id, ack, class, None);
-        }
-        if !self.pending.is_empty() {
-            // Answers that became ready go out with the next write's acks;
-            // with nothing to write, right away.
-            if self.len == 0 {
-                self.complete(true);
-            }
-            return self.deferred.len() < n;
-        }
-        false
+        let now = monotonic_ns();
+        let position = self.p.shared.written.load(Ordering::Acquire);
+        let mut out = AckRing {
+            tx: &mut self.p.acks,
+            shared: &self.p.shared,
+        };
+        self.answers
+            .retry_deferred(now / 1_000_000, position, now, &mut out)
+            > 0
     }
 
     /// Writes the buffer (one syscall) and answers everything pending.
@@ -178,148 +149,44 @@ impl Storage {
         }
     }
 
-    /// Answers every pending item after a write that succeeded or not.
+    /// Settles every pending item after a write that succeeded or not.
     pub(super) fn complete(&mut self, ok: bool) {
         let now = monotonic_ns();
         let position = self.p.shared.written.load(Ordering::Acquire);
-        let pending = std::mem::take(&mut self.pending);
-        for (i, p) in pending.iter().enumerate() {
-            if let Some(Pending::Stored {
-                event_id,
-                dedup: Some(hint),
-                ..
-            }) = pending.get(i + PREFETCH_AHEAD)
+        let mut out = AckRing {
+            tx: &mut self.p.acks,
+            shared: &self.p.shared,
+        };
+        for (i, &owed) in self.pending.iter().enumerate() {
+            // The dedup slots were loaded long ago; start loading the one
+            // a few items ahead.
+            if let Some((id, hint)) = self
+                .pending
+                .get(i + PREFETCH_AHEAD)
+                .and_then(Owed::dedup_slot)
             {
-                self.p.dedup.prefetch_hinted(*event_id, *hint);
+                self.p.dedup.prefetch_hinted(id, hint);
             }
-            self.finished += 1;
-            self.metrics.event();
-            match *p {
-                Pending::Stored {
-                    conn,
-                    event_id,
-                    ack,
-                    offset,
-                    class,
-                    recv_mono,
-                    dedup,
-                    len,
-                } => {
-                    if ok {
-                        self.metrics.add(Counter::Stored(class), 1);
-                        self.metrics.add(Counter::BytesStored, u64::from(len));
-                        if let Some(hint) = dedup {
-                            self.p.dedup.set_offset_hinted(event_id, offset, hint);
-                        }
-                        let ack = ack.then(|| (conn, Ack::stored(event_id, offset)));
-                        if self.p.fsync == FsyncPolicy::Always {
-                            self.held.push_back(Held {
-                                ack,
-                                latency: Some((class, recv_mono)),
-                                position,
-                            });
-                        } else {
-                            self.metrics.latency(
-                                &self.p.shared.registry,
-                                class,
-                                now.saturating_sub(recv_mono),
-                            );
-                            if let Some((conn, a)) = ack {
-                                self.send(conn, a);
-                            }
-                        }
-                    } else {
-                        self.metrics
-                            .add(Counter::Rejected(Reason::StorageFailed), 1);
-                        if dedup.is_some() {
-                            self.p.dedup.remove(event_id);
-                        }
-                        if ack {
-                            self.send(conn, Ack::rejected(event_id, Reason::StorageFailed));
-                        }
-                    }
-                }
-                Pending::Answer { conn, ack, counter } => {
-                    self.metrics.add(counter, 1);
-                    match ack {
-                        // DUPLICATE means "in the log": with group commit,
-                        // after an fsync covering everything written so far.
-                        Some(a)
-                            if self.p.fsync == FsyncPolicy::Always
-                                && a.status == eventstream_core::wire::Status::Duplicate =>
-                        {
-                            self.held.push_back(Held {
-                                ack: Some((conn, a)),
-                                latency: None,
-                                position,
-                            });
-                        }
-                        Some(a) => self.send(conn, a),
-                        None => {}
-                    }
-                }
-            }
+            self.answers.settle(owed, ok, position, now, &mut out);
         }
-        self.pending = pending;
         self.pending.clear();
     }
 
-    pub(super) fn send(&mut self, conn: u32, ack: Ack) {
-        let mut item = (conn, ack);
-        loop {
-            match self.p.acks.push(item) {
-                Ok(()) => return,
-                Err(back) => {
-                    // A step pushes no more acks than the ring has room for
-                    // (`pending_limit`), so this is not reached; were it,
-                    // ingest drains the ring (credit makes every ack fit
-                    // its connection's buffer).
-                    item = back;
-                    self.p.shared.ingest.wake_for_acks();
-                    std::thread::yield_now();
-                }
-            }
-        }
-    }
-
-    /// Releases held answers whose bytes an fsync now covers.
+    /// Releases held answers whose bytes an fsync now covers, as many as
+    /// the ack ring has room for.
     pub(super) fn release_held(&mut self) -> bool {
         let synced = self.p.shared.synced.load(Ordering::Acquire);
         let now = monotonic_ns();
-        let mut moved = false;
-        while let Some(&h) = self.held.front() {
-            if h.position > synced || !self.p.acks.has_room(1) {
-                break;
-            }
-            self.held.pop_front();
-            moved = true;
-            if let Some((class, recv_mono)) = h.latency {
-                self.metrics.latency(
-                    &self.p.shared.registry,
-                    class,
-                    now.saturating_sub(recv_mono),
-                );
-            }
-            if let Some((conn, ack)) = h.ack {
-                self.send(conn, ack);
-            }
-        }
-        moved
-    }
-}
-
-pub(super) fn stored(ev: &Event<'_>, offset: u64) -> Pending {
-    let (event_id, ack, legacy) = ev.frame().map_or((0, false, true), |f| {
-        (f.event_id(), f.ack_requested(), f.is_legacy())
-    });
-    Pending::Stored {
-        conn: ev.conn,
-        event_id,
-        ack,
-        offset,
-        class: ev.class,
-        recv_mono: ev.recv_mono_ns,
-        dedup: (ev.class == Class::Transactional && !legacy).then_some(ev.dedup),
-        len: ev.bytes().len() as u32,
+        let mut room = self.p.acks.free_len();
+        let mut out = AckRing {
+            tx: &mut self.p.acks,
+            shared: &self.p.shared,
+        };
+        let has_room = || {
+            let ok = room > 0;
+            room = room.saturating_sub(1);
+            ok
+        };
+        self.answers.release_held(synced, now, has_room, &mut out)
     }
 }

@@ -18,12 +18,13 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
-use eventstream_core::dedup::{DedupHint, DedupRef, Lookup};
-use eventstream_core::metrics::{Counter, LocalMetrics};
-use eventstream_core::pipeline::{Event, Work};
+use eventstream_core::answer::{AckOut, Answers, Deferred, Fifo, Held, Owed};
+use eventstream_core::dedup::DedupRef;
+use eventstream_core::metrics::{Counter, FINE};
+use eventstream_core::pipeline::Work;
 use eventstream_core::record::{RecordBuilder, RecordKind, RECORD_HEADER_LEN};
 use eventstream_core::ring::{Consumer, Producer};
-use eventstream_core::wire::{Ack, Reason};
+use eventstream_core::wire::Ack;
 use eventstream_core::Class;
 
 use crate::settings::{DropPages, FsyncPolicy};
@@ -34,7 +35,6 @@ use crate::sys::{monotonic_ns, Backoff};
 mod answer;
 mod sync;
 
-use answer::stored;
 pub use sync::{drop_min_rate, run_prefill, run_sync};
 
 /// Bytes of records gathered before a write.
@@ -65,39 +65,40 @@ const DROP_LAG: u64 = 4 << 20;
 /// kernel, which frees the oldest when it needs the memory.
 const DROP_MIN_RATE: u64 = 96 << 20;
 
-/// What to do for one item once its write's outcome is known.
-#[derive(Clone, Copy)]
-enum Pending {
-    /// An event in the buffer.
-    Stored {
-        conn: u32,
-        event_id: u64,
-        ack: bool,
-        offset: u64,
-        class: Class,
-        recv_mono: u64,
-        /// For an id in the dedup table: where it went there.
-        dedup: Option<DedupHint>,
-        len: u32,
-    },
-    /// An answer that does not depend on the write.
-    Answer {
-        conn: u32,
-        ack: Option<Ack>,
-        counter: Counter,
-    },
+/// A queue that grows instead of refusing (the answers' deferred and held
+/// queues). Sized at start for the common case; it grows only if more
+/// duplicates wait for their originals, or more acks for an fsync, than
+/// that.
+pub struct Growable<T>(VecDeque<T>);
+
+impl<T> Growable<T> {
+    fn with_capacity(n: usize) -> Self {
+        Self(VecDeque::with_capacity(n))
+    }
 }
 
-/// An answer waiting for an fsync (group commit).
-#[derive(Clone, Copy)]
-struct Held {
-    /// Connection and ack to send, if the event asked for one.
-    ack: Option<(u32, Ack)>,
-    /// Class and ingest time, for the ingest-to-stored latency.
-    latency: Option<(Class, u64)>,
-    /// Log bytes an fsync must cover first.
-    position: u64,
+impl<T> Fifo<T> for Growable<T> {
+    fn push_back(&mut self, item: T) -> Result<(), T> {
+        self.0.push_back(item);
+        Ok(())
+    }
+    fn pop_front(&mut self) -> Option<T> {
+        self.0.pop_front()
+    }
+    fn front(&self) -> Option<&T> {
+        self.0.front()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn is_full(&self) -> bool {
+        false
+    }
 }
+
+/// The storage thread's answers (the core's state machine, on growable
+/// queues).
+type StorageAnswers = Answers<'static, Growable<Deferred>, Growable<Held>, 256, FINE>;
 
 /// Everything the storage thread needs.
 pub struct StorageParts {
@@ -138,13 +139,12 @@ pub struct Storage {
     len: usize,
     /// Offset of the next record built.
     next: u64,
-    pending: Vec<Pending>,
-    deferred: VecDeque<(u32, u64, bool, Class)>,
-    /// Answers waiting for an fsync covering their bytes (`--fsync always`).
-    held: VecDeque<Held>,
-    metrics: LocalMetrics,
+    /// What the buffer's events and answers are owed once it is written.
+    pending: Vec<Owed>,
+    /// Deferred duplicates, answers held for an fsync (`--fsync always`),
+    /// the metrics.
+    answers: StorageAnswers,
     failed_until: Option<u64>,
-    finished: u64,
     /// When retention runs next (it also runs at every roll).
     next_retention: u64,
     /// The shutdown's final fsync is done.
@@ -165,11 +165,14 @@ impl Storage {
             len: 0,
             next,
             pending: Vec::with_capacity(MAX_PENDING + p.batch_max_events as usize),
-            deferred: VecDeque::with_capacity(MAX_DEFERRED),
-            held: VecDeque::with_capacity(MAX_PENDING * 4),
-            metrics: LocalMetrics::new(),
+            answers: Answers::new(
+                p.dedup,
+                p.shared.registry,
+                Growable::with_capacity(MAX_DEFERRED),
+                Growable::with_capacity(MAX_PENDING * 4),
+                p.fsync == FsyncPolicy::Always,
+            ),
             failed_until: None,
-            finished: 0,
             next_retention: monotonic_ns() + RETENTION_EVERY_NS,
             final_synced: false,
             p,
@@ -259,16 +262,13 @@ impl Storage {
             self.p
                 .shared
                 .finished
-                .store(self.finished, Ordering::Release);
+                .store(self.answers.settled(), Ordering::Release);
         }
         // With the rings empty nothing may call `step` again until new
         // input (ingest steps only when there is work), so what this step
         // counted is published now, not at the next traffic.
-        if moved && !self.inputs_empty() {
-            self.metrics.maybe_flush(&self.p.shared.registry, now);
-        } else {
-            self.metrics.flush(&self.p.shared.registry, now);
-        }
+        let busy = moved && !self.inputs_empty();
+        self.answers.flush_metrics(now, busy);
         moved
     }
 
@@ -276,7 +276,7 @@ impl Storage {
     /// held acks that an fsync now covers.
     pub fn has_work(&mut self) -> bool {
         let synced = self.p.shared.synced.load(Ordering::Acquire);
-        !self.inputs_empty() || self.held.front().is_some_and(|h| h.position <= synced)
+        !self.inputs_empty() || self.answers.held_ready(synced)
     }
 
     /// How long storage may sleep before its timed work (deferred
@@ -284,7 +284,7 @@ impl Storage {
     pub fn timeout(&self, now: u64) -> Option<Duration> {
         // Held acks: a safety net under the sync thread's wake-up, for the
         // moment ingest and the storage thread hand the work over.
-        if !self.deferred.is_empty() || !self.held.is_empty() {
+        if self.answers.deferred() > 0 || self.answers.held() > 0 {
             Some(Duration::from_millis(1))
         } else if self.p.log.has_retention_age() {
             Some(Duration::from_nanos(
@@ -298,7 +298,7 @@ impl Storage {
     /// Whether the shutdown has reached storage and nothing is left for it:
     /// time for `finish`.
     pub fn done(&mut self) -> bool {
-        self.p.shared.phase() == Phase::Stop && self.inputs_empty() && self.deferred.is_empty()
+        self.p.shared.phase() == Phase::Stop && self.inputs_empty() && self.answers.deferred() == 0
     }
 
     fn inputs_empty(&mut self) -> bool {
@@ -324,14 +324,14 @@ impl Storage {
             }
         }
         self.release_held();
-        if !self.held.is_empty() {
+        if self.answers.held() > 0 {
             return Ok(false);
         }
-        self.metrics.flush(&self.p.shared.registry, monotonic_ns());
+        self.answers.flush_metrics(monotonic_ns(), false);
         self.p
             .shared
             .finished
-            .store(self.finished, Ordering::Release);
+            .store(self.answers.settled(), Ordering::Release);
         self.p.shared.storage_done.store(true, Ordering::Release);
         self.p.shared.ingest.wake_always();
         Ok(true)
@@ -347,7 +347,7 @@ impl Storage {
             for class in Class::ALL {
                 while self.len < WRITE_BYTES
                     && self.pending.len() < max_pending
-                    && self.deferred.len() < MAX_DEFERRED
+                    && self.answers.deferred() < MAX_DEFERRED
                 {
                     if !self.take_one(class) {
                         break;
@@ -413,14 +413,14 @@ impl Storage {
             };
             recv_ns.get_or_insert(ev.recv_wall_ns);
             let _ = builder.push(ev.bytes());
-            self.pending.push(stored(&ev, offset + i));
+            self.pending.push(Owed::stored(&ev, offset + i));
         }
         builder.set_recv_ns(recv_ns.unwrap_or(0));
         if let Ok(rec) = builder.finish(offset) {
             self.len += rec.len();
             self.next += u64::from(count);
             if kind == RecordKind::Batch {
-                self.metrics.add(Counter::Batches, 1);
+                self.answers.metrics().add(Counter::Batches, 1);
             }
         }
         true

@@ -9,18 +9,23 @@
 //! the record buffer. Full rings or an empty pool push back: `feed` returns
 //! before the bytes it cannot place, and they are fed again later.
 
-use crate::batch::{Aggregate, BatchItem, BatchWindows, Closed};
-use crate::dedup::{DedupHint, DedupRef, Lookup};
+use crate::answer::{Answers, NoGroupCommit};
+use crate::batch::BatchWindows;
+use crate::dedup::{DedupHint, DedupRef};
 use crate::event::Class;
-use crate::metrics::{Counter, LocalMetrics, Registry, FINE};
+use crate::metrics::{Counter, Registry, FINE};
 use crate::pool::{Acquirer, EventRef, SlotMut};
-use crate::process::{
-    BatchProcessor, EventHook, Outcome, RealtimeProcessor, TransactionalProcessor,
-};
-use crate::record::{RecordBuilder, RecordKind, RECORD_HEADER_LEN};
+use crate::process::{BatchProcessor, EventHook, RealtimeProcessor, TransactionalProcessor};
+use crate::record::RECORD_HEADER_LEN;
 use crate::ring::{Consumer, Producer};
 use crate::route::TopicTable;
-use crate::wire::{self, Ack, Decoded, Frame, Limits, Reason, StreamDecoder};
+use crate::wire::{Ack, Decoded, Limits, Reason, StreamDecoder};
+
+mod store;
+mod work;
+
+use store::Store;
+pub use work::{Event, ToStorage, Work};
 
 /// Monotonic and wall time, provided by the embedder.
 pub trait Clock {
@@ -56,110 +61,6 @@ impl<const N: usize> Router for TopicTable<N> {
     fn route(&self, topic: &[u8], priority: crate::Priority) -> Class {
         TopicTable::route(self, topic, priority)
     }
-}
-
-/// One accepted event on its way: its v1 frame in a pool slot (legacy events
-/// already converted), and where its ack goes.
-pub struct Event<'p> {
-    data: EventRef<'p>,
-    /// Connection the event came from.
-    pub conn: u32,
-    /// The class routing chose.
-    pub class: Class,
-    /// Wall clock at ingest, unix ns.
-    pub recv_wall_ns: u64,
-    /// Monotonic clock at ingest, ns.
-    pub recv_mono_ns: u64,
-    /// Where the transactional processor put its id in the dedup table
-    /// (for the offset storage records there), else `DedupHint::NONE`.
-    pub dedup: DedupHint,
-}
-
-impl<'p> Event<'p> {
-    /// An event whose frame bytes are in `data`.
-    pub fn new(
-        data: EventRef<'p>,
-        conn: u32,
-        class: Class,
-        recv_wall_ns: u64,
-        recv_mono_ns: u64,
-    ) -> Self {
-        Self {
-            data,
-            conn,
-            class,
-            recv_wall_ns,
-            recv_mono_ns,
-            dedup: DedupHint::NONE,
-        }
-    }
-
-    /// The stored frame's bytes.
-    pub fn bytes(&self) -> &[u8] {
-        self.data.bytes()
-    }
-
-    /// Starts loading the frame's bytes into this core's cache (a hint;
-    /// see [`EventRef::prefetch`]).
-    #[inline]
-    pub fn prefetch(&self) {
-        self.data.prefetch();
-    }
-
-    /// The frame (validated at ingest).
-    pub fn frame(&self) -> Option<Frame<'_>> {
-        wire::trusted_frame(self.data.bytes())
-    }
-}
-
-impl BatchItem for Event<'_> {
-    fn topic(&self) -> &[u8] {
-        self.frame().map_or(&[], |f| f.topic_bytes())
-    }
-    fn partition(&self) -> u32 {
-        self.frame().map_or(0, |f| f.partition())
-    }
-    fn frame(&self) -> Option<Frame<'_>> {
-        Event::frame(self)
-    }
-    fn recv_ns(&self) -> u64 {
-        self.recv_wall_ns
-    }
-}
-
-/// What the processors hand to storage.
-pub enum Work<'p> {
-    /// Write this event as a single record.
-    Store(Event<'p>),
-    /// The next `count` `Store` items of this ring form one batch record.
-    Batch {
-        /// Events in the batch.
-        count: u16,
-    },
-    /// A duplicate: answer DUPLICATE once the original is stored.
-    Duplicate {
-        /// Connection to answer.
-        conn: u32,
-        /// The event's id.
-        event_id: u64,
-        /// The ACK flag.
-        ack: bool,
-        /// Its class.
-        class: Class,
-        /// The original's offset, if already known.
-        offset: Option<u64>,
-    },
-    /// Not stored: answer REJECTED.
-    Reject {
-        /// Connection to answer.
-        conn: u32,
-        /// The event's id.
-        event_id: u64,
-        /// The ACK flag.
-        ack: bool,
-        /// Why.
-        reason: Reason,
-    },
 }
 
 /// What to do when a ring or the pool is full.
@@ -241,25 +142,6 @@ pub struct Fed {
     pub blocked: bool,
     /// The connection must be closed (FATAL sent, or a legacy close).
     pub close: bool,
-}
-
-/// Latency samples the pipeline's metrics hold between flushes.
-const SAMPLES: usize = 32;
-/// Duplicates whose original is not stored yet, held at most. On one thread
-/// an original is stored in the step that accepted it, so this stays empty
-/// unless another thread shares the table; when it is full, the processors
-/// wait.
-const DEFERRED: usize = 8;
-
-/// The storage stage: records to the sink, acks for every outcome.
-struct Store<'a, 'p, C, S, const B: usize> {
-    record_buf: &'a mut [u8],
-    dedup: DedupRef<'a>,
-    registry: &'a Registry<B>,
-    metrics: LocalMetrics<SAMPLES>,
-    clock: C,
-    sink: S,
-    deferred: heapless::Deque<Work<'p>, DEFERRED>,
 }
 
 /// The whole engine on one thread.
@@ -351,7 +233,7 @@ pub struct Pipeline<'a, 'r, 'p, R, C, S, H, const B: usize = FINE> {
     realtime: RealtimeProcessor<'a>,
     transactional: TransactionalProcessor<'a>,
     batch: BatchProcessor<'a, Event<'p>>,
-    store: Store<'a, 'p, C, S, B>,
+    store: Store<'a, C, S, B>,
     hook: H,
     when_full: WhenFull,
     shutting_down: bool,
@@ -383,12 +265,15 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
             batch: BatchProcessor::new(parts.windows),
             store: Store {
                 record_buf: parts.record_buf,
-                dedup: parts.dedup,
-                registry: parts.registry,
-                metrics: LocalMetrics::empty(),
+                answers: Answers::new(
+                    parts.dedup,
+                    parts.registry,
+                    heapless::Deque::new(),
+                    NoGroupCommit,
+                    false,
+                ),
                 clock: parts.clock,
                 sink: parts.sink,
-                deferred: heapless::Deque::new(),
             },
             hook: parts.hook,
             when_full: parts.when_full,
@@ -455,7 +340,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
                 return true;
             }
             if !self.poll() && self.spare.is_none() {
-                self.flush_oldest_window();
+                self.tick_batch(true);
             }
         }
         self.room()
@@ -495,12 +380,15 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
         }
         fed.consumed = pos;
         fed.close = dec.is_closed();
-        self.store.metrics.add(Counter::BytesReceived, pos as u64);
+        self.store
+            .answers
+            .metrics()
+            .add(Counter::BytesReceived, pos as u64);
         fed
     }
 
     fn ingest(&mut self, conn: u32, item: Decoded<'_>, room: bool) {
-        let metrics = &mut self.store.metrics;
+        let metrics = self.store.answers.metrics();
         match item {
             Decoded::Frame(f) => {
                 let class = self.router.route(f.topic_bytes(), f.priority());
@@ -561,7 +449,10 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
         room: bool,
     ) {
         if let Some(reason) = refusal(self.shutting_down, room) {
-            self.store.metrics.add(Counter::Rejected(reason), 1);
+            self.store
+                .answers
+                .metrics()
+                .add(Counter::Rejected(reason), 1);
             if ack {
                 self.store.sink.ack(conn, Ack::rejected(event_id, reason));
             }
@@ -581,7 +472,10 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
 
     fn push_event(&mut self, conn: u32, class: Class, data: EventRef<'p>, wall: u64) {
         let ev = Event::new(data, conn, class, wall, self.now_ns());
-        self.store.metrics.add(Counter::Received(class), 1);
+        self.store
+            .answers
+            .metrics()
+            .add(Counter::Received(class), 1);
         if let Some((tx, _)) = self.class_rings.get_mut(class.index()) {
             // Room was checked before decoding.
             let _ = tx.push(ev);
@@ -596,16 +490,9 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
         moved |= self.process_singles(Class::Realtime);
         moved |= self.process_singles(Class::Transactional);
         moved |= self.process_batch();
-        moved |= self.close_aged_window();
+        moved |= self.tick_batch(false);
         let now = self.now_ns();
-        let Store {
-            metrics, registry, ..
-        } = &mut self.store;
-        if moved {
-            metrics.maybe_flush(*registry, now);
-        } else {
-            metrics.flush(*registry, now);
-        }
+        self.store.answers.flush_metrics(now, moved);
         moved
     }
 
@@ -614,15 +501,15 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
     pub fn drain(&mut self) {
         loop {
             while self.poll() {}
-            if self.batch.windows().held() == 0 && self.store.deferred.is_empty() {
+            if self.batch.held() == 0 && self.store.answers.deferred() == 0 {
                 break;
             }
-            if !self.flush_oldest_window() && !self.store.retry_deferred() {
+            if !self.tick_batch(true) && !self.store.retry_deferred() {
                 break;
             }
         }
         let now = self.now_ns();
-        self.store.metrics.flush(self.store.registry, now);
+        self.store.answers.flush_metrics(now, false);
     }
 
     /// One step of the realtime or the transactional processor: events from
@@ -642,7 +529,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
         };
         let mut moved = false;
         for _ in 0..STEP {
-            if store.deferred.is_full() {
+            if !store.answers.can_defer() {
                 break;
             }
             let Some(ev) = rx.pop() else { break };
@@ -667,267 +554,10 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
         moved
     }
 
-    fn close_aged_window(&mut self) -> bool {
+    /// The batch processor's timed work: a window past its age closes;
+    /// with `flush` (the pool is short, or a drain), the oldest one too.
+    fn tick_batch(&mut self, flush: bool) -> bool {
         let now = self.now_ns();
-        self.batch.windows().poll(now, &mut self.store)
-    }
-
-    fn flush_oldest_window(&mut self) -> bool {
-        self.batch.windows().flush_oldest(&mut self.store)
-    }
-}
-
-impl<'p, C: Clock, S: Sink, const B: usize> Store<'_, 'p, C, S, B> {
-    /// Handles one processor outcome.
-    fn work(&mut self, work: Work<'p>) {
-        match work {
-            Work::Store(ev) => {
-                self.write(RecordKind::Single, ev.class, || core::iter::once(&ev));
-            }
-            other => self.answer_work(other),
-        }
-    }
-
-    /// Writes the events (one, or a batch window's, each call of `events`
-    /// yielding them in order) as one record, built from the pool slots in
-    /// place, and answers each of them.
-    fn write<'e, I>(&mut self, kind: RecordKind, class: Class, events: impl Fn() -> I)
-    where
-        'p: 'e,
-        I: Iterator<Item = &'e Event<'p>>,
-    {
-        let offset = self.sink.next_offset();
-        let mut recv_ns = None;
-        let mut count = 0u16;
-        let mut built = 0u16;
-        let record = match RecordBuilder::new(self.record_buf, kind, class, 0) {
-            Ok(mut rec) => {
-                for ev in events() {
-                    count = count.saturating_add(1);
-                    recv_ns.get_or_insert(ev.recv_wall_ns);
-                    if rec.push(ev.bytes()).is_ok() {
-                        built += 1;
-                    }
-                }
-                rec.set_recv_ns(recv_ns.unwrap_or(0));
-                rec.finish(offset).ok()
-            }
-            Err(_) => None,
-        };
-        let result = match record {
-            Some(bytes) if built == count && count > 0 => self.sink.append(bytes, count),
-            _ => Err(StorageFailed),
-        };
-        if kind == RecordKind::Batch {
-            self.metrics
-                .add(Counter::Batches, u64::from(result.is_ok()));
-        }
-        let now = self.clock.monotonic_ns();
-        for (i, ev) in events().enumerate() {
-            self.answer_stored(ev, offset + i as u64, result, now);
-        }
-    }
-
-    fn answer_stored(
-        &mut self,
-        ev: &Event<'p>,
-        offset: u64,
-        result: Result<(), StorageFailed>,
-        now: u64,
-    ) {
-        let Some(f) = ev.frame() else { return };
-        let deduped = ev.class == Class::Transactional && !f.is_legacy();
-        self.metrics
-            .latency(self.registry, ev.class, now.saturating_sub(ev.recv_mono_ns));
-        match result {
-            Ok(()) => {
-                self.metrics.add(Counter::Stored(ev.class), 1);
-                self.metrics
-                    .add(Counter::BytesStored, f.bytes().len() as u64);
-                if deduped {
-                    self.dedup.set_offset_hinted(f.event_id(), offset, ev.dedup);
-                }
-                if f.ack_requested() {
-                    self.sink.ack(ev.conn, Ack::stored(f.event_id(), offset));
-                }
-            }
-            Err(StorageFailed) => {
-                self.metrics
-                    .add(Counter::Rejected(Reason::StorageFailed), 1);
-                if deduped {
-                    self.dedup.remove(f.event_id());
-                }
-                if f.ack_requested() {
-                    self.sink
-                        .ack(ev.conn, Ack::rejected(f.event_id(), Reason::StorageFailed));
-                }
-            }
-        }
-    }
-
-    fn answer_work(&mut self, work: Work<'p>) {
-        match work {
-            Work::Duplicate {
-                conn,
-                event_id,
-                ack,
-                class,
-                offset,
-            } => self.answer_duplicate(conn, event_id, ack, class, offset),
-            Work::Reject {
-                conn,
-                event_id,
-                ack,
-                reason,
-            } => {
-                self.metrics.add(Counter::Rejected(reason), 1);
-                self.metrics.event();
-                if ack {
-                    self.sink.ack(conn, Ack::rejected(event_id, reason));
-                }
-            }
-            Work::Store(_) | Work::Batch { .. } => {}
-        }
-    }
-
-    fn answer_duplicate(
-        &mut self,
-        conn: u32,
-        event_id: u64,
-        ack: bool,
-        class: Class,
-        offset: Option<u64>,
-    ) {
-        let now_ms = self.clock.monotonic_ns() / 1_000_000;
-        let offset = match offset {
-            Some(o) => Some(o),
-            None => match self.dedup.lookup(event_id, now_ms) {
-                Lookup::Present(Some(o)) => Some(o),
-                Lookup::Present(None) => {
-                    let _ = self.deferred.push_back(Work::Duplicate {
-                        conn,
-                        event_id,
-                        ack,
-                        class,
-                        offset: None,
-                    });
-                    return;
-                }
-                // The original's write failed (its id was removed): it is
-                // not in the log, so a retry is safe.
-                Lookup::Absent => None,
-            },
-        };
-        self.metrics.event();
-        match offset {
-            Some(o) => {
-                self.metrics.add(Counter::Duplicate(class), 1);
-                if ack {
-                    self.sink.ack(conn, Ack::duplicate(event_id, o));
-                }
-            }
-            None => {
-                self.metrics
-                    .add(Counter::Rejected(Reason::StorageFailed), 1);
-                if ack {
-                    self.sink
-                        .ack(conn, Ack::rejected(event_id, Reason::StorageFailed));
-                }
-            }
-        }
-    }
-
-    /// Answers the deferred duplicates whose original is now stored.
-    fn retry_deferred(&mut self) -> bool {
-        let mut moved = false;
-        for _ in 0..self.deferred.len() {
-            let Some(work) = self.deferred.pop_front() else {
-                break;
-            };
-            let before = self.deferred.len();
-            self.answer_work(work);
-            moved |= self.deferred.len() == before;
-        }
-        moved
-    }
-}
-
-/// Storage of a closed batch window: one batch record, then the answers.
-impl<'p, C: Clock, S: Sink, const B: usize> Aggregate<Event<'p>> for Store<'_, 'p, C, S, B> {
-    fn aggregate(&mut self, window: Closed<'_, Event<'p>>) {
-        // The window's events are dropped (their slots freed) after this.
-        self.write(RecordKind::Batch, Class::Batch, || window.iter());
-    }
-}
-
-/// The batch processor's aggregate: a marker, then the window's events, into
-/// the batch storage ring. The caller checks room for two full windows
-/// before each push (a push can close one window and open another).
-pub struct ToStorage<'c, 'r, 'p> {
-    /// The batch storage ring.
-    pub out: &'c mut Producer<'r, Work<'p>>,
-}
-
-impl ToStorage<'_, '_, '_> {
-    /// Free slots the batch storage ring needs before each push into the
-    /// windows: two closing windows, each a marker and its events.
-    pub fn room_needed(config: &crate::batch::BatchConfig) -> usize {
-        2 * (config.max_events as usize + 1)
-    }
-}
-
-impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {
-    fn aggregate(&mut self, mut window: Closed<'_, Event<'p>>) {
-        let count = window.len().min(u16::MAX as usize) as u16;
-        let _ = self.out.push(Work::Batch { count });
-        for ev in window.drain() {
-            let _ = self.out.push(Work::Store(ev));
-        }
-    }
-}
-
-impl<'p> Work<'p> {
-    /// What storage gets for a realtime or transactional `ev`: `decide`
-    /// runs its processor on its frame; an event without a readable frame
-    /// is rejected BAD_LENGTH. A stored event keeps its frame; the others
-    /// need only its id and ACK flag, read from the same parse.
-    pub fn decided(ev: Event<'p>, decide: impl FnOnce(&Frame<'_>) -> Outcome) -> Work<'p> {
-        Self::decided_hinted(ev, |f| (decide(f), DedupHint::NONE))
-    }
-
-    /// [`Self::decided`] with a processor that also says where the event's
-    /// id went in the dedup table (`TransactionalProcessor::handle_hinted`);
-    /// a stored event carries that hint to storage.
-    pub fn decided_hinted(
-        mut ev: Event<'p>,
-        decide: impl FnOnce(&Frame<'_>) -> (Outcome, DedupHint),
-    ) -> Work<'p> {
-        let ((outcome, hint), event_id, ack) = match ev.frame() {
-            Some(f) => (decide(&f), f.event_id(), f.ack_requested()),
-            None => (
-                (Outcome::Rejected(Reason::BadLength), DedupHint::NONE),
-                0,
-                false,
-            ),
-        };
-        match outcome {
-            Outcome::Store | Outcome::Buffered => {
-                ev.dedup = hint;
-                Work::Store(ev)
-            }
-            Outcome::Duplicate(offset) => Work::Duplicate {
-                conn: ev.conn,
-                event_id,
-                ack,
-                class: ev.class,
-                offset,
-            },
-            Outcome::Rejected(reason) => Work::Reject {
-                conn: ev.conn,
-                event_id,
-                ack,
-                reason,
-            },
-        }
+        self.batch.tick(now, flush, &mut self.store)
     }
 }

@@ -1,0 +1,187 @@
+//! What travels between the stages: an accepted [`Event`] (its frame in a
+//! pool slot) and a processor's outcome for it ([`Work`]), which storage
+//! turns into a record and an ack.
+
+use crate::batch::{Aggregate, BatchItem, Closed};
+use crate::dedup::DedupHint;
+use crate::event::Class;
+use crate::pool::EventRef;
+use crate::process::Outcome;
+use crate::ring::Producer;
+use crate::wire::{self, Frame, Reason};
+
+/// One accepted event on its way: its v1 frame in a pool slot (legacy events
+/// already converted), and where its ack goes.
+pub struct Event<'p> {
+    data: EventRef<'p>,
+    /// Connection the event came from.
+    pub conn: u32,
+    /// The class routing chose.
+    pub class: Class,
+    /// Wall clock at ingest, unix ns.
+    pub recv_wall_ns: u64,
+    /// Monotonic clock at ingest, ns.
+    pub recv_mono_ns: u64,
+    /// Where the transactional processor put its id in the dedup table
+    /// (for the offset storage records there), else `DedupHint::NONE`.
+    pub dedup: DedupHint,
+}
+
+impl<'p> Event<'p> {
+    /// An event whose frame bytes are in `data`.
+    pub fn new(
+        data: EventRef<'p>,
+        conn: u32,
+        class: Class,
+        recv_wall_ns: u64,
+        recv_mono_ns: u64,
+    ) -> Self {
+        Self {
+            data,
+            conn,
+            class,
+            recv_wall_ns,
+            recv_mono_ns,
+            dedup: DedupHint::NONE,
+        }
+    }
+
+    /// The stored frame's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.data.bytes()
+    }
+
+    /// Starts loading the frame's bytes into this core's cache (a hint;
+    /// see [`EventRef::prefetch`]).
+    #[inline]
+    pub fn prefetch(&self) {
+        self.data.prefetch();
+    }
+
+    /// The frame (validated at ingest).
+    pub fn frame(&self) -> Option<Frame<'_>> {
+        wire::trusted_frame(self.data.bytes())
+    }
+}
+
+impl BatchItem for Event<'_> {
+    fn topic(&self) -> &[u8] {
+        self.frame().map_or(&[], |f| f.topic_bytes())
+    }
+    fn partition(&self) -> u32 {
+        self.frame().map_or(0, |f| f.partition())
+    }
+    fn frame(&self) -> Option<Frame<'_>> {
+        Event::frame(self)
+    }
+    fn recv_ns(&self) -> u64 {
+        self.recv_wall_ns
+    }
+}
+
+/// What the processors hand to storage.
+pub enum Work<'p> {
+    /// Write this event as a single record.
+    Store(Event<'p>),
+    /// The next `count` `Store` items of this ring form one batch record.
+    Batch {
+        /// Events in the batch.
+        count: u16,
+    },
+    /// A duplicate: answer DUPLICATE once the original is stored.
+    Duplicate {
+        /// Connection to answer.
+        conn: u32,
+        /// The event's id.
+        event_id: u64,
+        /// The ACK flag.
+        ack: bool,
+        /// Its class.
+        class: Class,
+        /// The original's offset, if already known.
+        offset: Option<u64>,
+    },
+    /// Not stored: answer REJECTED.
+    Reject {
+        /// Connection to answer.
+        conn: u32,
+        /// The event's id.
+        event_id: u64,
+        /// The ACK flag.
+        ack: bool,
+        /// Why.
+        reason: Reason,
+    },
+}
+
+/// The batch processor's aggregate: a marker, then the window's events, into
+/// the batch storage ring. The caller checks room for two full windows
+/// before each push (a push can close one window and open another).
+pub struct ToStorage<'c, 'r, 'p> {
+    /// The batch storage ring.
+    pub out: &'c mut Producer<'r, Work<'p>>,
+}
+
+impl ToStorage<'_, '_, '_> {
+    /// Free slots the batch storage ring needs before each push into the
+    /// windows: two closing windows, each a marker and its events.
+    pub fn room_needed(config: &crate::batch::BatchConfig) -> usize {
+        2 * (config.max_events as usize + 1)
+    }
+}
+
+impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {
+    fn aggregate(&mut self, mut window: Closed<'_, Event<'p>>) {
+        let count = window.len().min(u16::MAX as usize) as u16;
+        let _ = self.out.push(Work::Batch { count });
+        for ev in window.drain() {
+            let _ = self.out.push(Work::Store(ev));
+        }
+    }
+}
+
+impl<'p> Work<'p> {
+    /// What storage gets for a realtime or transactional `ev`: `decide`
+    /// runs its processor on its frame; an event without a readable frame
+    /// is rejected BAD_LENGTH. A stored event keeps its frame; the others
+    /// need only its id and ACK flag, read from the same parse.
+    pub fn decided(ev: Event<'p>, decide: impl FnOnce(&Frame<'_>) -> Outcome) -> Work<'p> {
+        Self::decided_hinted(ev, |f| (decide(f), DedupHint::NONE))
+    }
+
+    /// [`Self::decided`] with a processor that also says where the event's
+    /// id went in the dedup table (`TransactionalProcessor::handle_hinted`);
+    /// a stored event carries that hint to storage.
+    pub fn decided_hinted(
+        mut ev: Event<'p>,
+        decide: impl FnOnce(&Frame<'_>) -> (Outcome, DedupHint),
+    ) -> Work<'p> {
+        let ((outcome, hint), event_id, ack) = match ev.frame() {
+            Some(f) => (decide(&f), f.event_id(), f.ack_requested()),
+            None => (
+                (Outcome::Rejected(Reason::BadLength), DedupHint::NONE),
+                0,
+                false,
+            ),
+        };
+        match outcome {
+            Outcome::Store | Outcome::Buffered => {
+                ev.dedup = hint;
+                Work::Store(ev)
+            }
+            Outcome::Duplicate(offset) => Work::Duplicate {
+                conn: ev.conn,
+                event_id,
+                ack,
+                class: ev.class,
+                offset,
+            },
+            Outcome::Rejected(reason) => Work::Reject {
+                conn: ev.conn,
+                event_id,
+                ack,
+                reason,
+            },
+        }
+    }
+}
