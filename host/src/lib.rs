@@ -20,4 +20,5 @@ pub mod settings;
 pub mod shared;
 pub mod storage;
 pub mod sys;
+pub mod topology;
 pub mod writer;

@@ -17,7 +17,7 @@ use eventstream_core::ring::{BufferRing, Consumer, Producer, Slot};
 use eventstream_core::route::TopicTable;
 use eventstream_core::wire::{Ack, Limits};
 
-use crate::ingest::{Dispatch, Ingest, IngestParts, Inline};
+use crate::ingest::{Ingest, IngestParts};
 use crate::processors::{run_batch, run_singles, Singles};
 use crate::settings::MAX_TOPICS;
 use crate::settings::{FsyncPolicy, Processors, ServerConfig, StorageThread};
@@ -27,7 +27,11 @@ use crate::sys::{
     ignore_signal, monotonic_ns, online_cpus, pin_to_cpu, raise_nofile_limit, set_nonblocking,
     wall_ns,
 };
+use crate::topology::{Inline, InlineParts, Threads};
 use crate::writer::{drop_min_rate, run_prefill, run_sync, Storage, StorageMode, StorageParts};
+
+/// The ingest thread's loop, of whichever layout.
+type IngestRun = Box<dyn FnOnce() -> std::io::Result<()> + Send>;
 
 /// Batch windows open at once.
 const BATCH_WINDOWS: usize = 1024;
@@ -258,36 +262,6 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     let (ack_tx, ack_rx) = ring::<(u32, Ack)>(ack_capacity)?;
     let realtime = RealtimeProcessor::new(dedup);
     let transactional = TransactionalProcessor::new(inserter);
-    let sweep = args.dedup_sweep;
-    // Inline: ingest runs the processors. Threads: a ring from ingest to
-    // each processor thread, which gets its half here.
-    let (dispatch, processor_threads) = if inline {
-        let processors = Inline::new(
-            realtime,
-            transactional,
-            BatchProcessor::new(windows),
-            dedup,
-            [srt_tx, stx_tx, sb_tx],
-            sweep,
-        );
-        (Dispatch::Inline(Box::new(processors)), None)
-    } else {
-        let (rt_tx, rt_rx) = ring::<Event<'static>>(rc)?;
-        let (tx_tx, tx_rx) = ring::<Event<'static>>(rc)?;
-        let (b_tx, b_rx) = ring::<Event<'static>>(rc)?;
-        (
-            Dispatch::Threads(Box::new([rt_tx, tx_tx, b_tx])),
-            Some((
-                (realtime, rt_rx, srt_tx),
-                (transactional, tx_rx, stx_tx),
-                (windows, b_rx, sb_tx),
-            )),
-        )
-    };
-    if inline {
-        eprintln!("eventstream: processors run inline on the ingest thread");
-    }
-
     let sync_targets = log.sync_targets();
     let prefill =
         (args.fsync == FsyncPolicy::Always && args.segment_prefill).then(|| log.enable_prefill());
@@ -302,20 +276,9 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         shared: shared.clone(),
     });
     let storage = Arc::new(Mutex::new(storage));
-    match storage_mode {
-        StorageMode::Thread => {}
-        StorageMode::Ingest => eprintln!("eventstream: storage runs on the ingest thread"),
-        StorageMode::Shared => {
-            eprintln!(
-                "eventstream: ingest writes small amounts itself, the storage thread large ones"
-            )
-        }
-    }
-
-    let ingest = Ingest::new(IngestParts {
+    let parts = IngestParts {
         listener,
         acquirer,
-        dispatch,
         ack_rx,
         router,
         limits,
@@ -324,11 +287,49 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         frame_timeout: args.frame_timeout,
         idle_timeout: args.idle_timeout,
         reject_when_full: args.when_full == eventstream_core::pipeline::WhenFull::Reject,
-        storage: (storage_mode != StorageMode::Thread).then(|| storage.clone()),
-        storage_mode,
         shared: shared.clone(),
-    })
-    .map_err(|e| format!("epoll: {e}"))?;
+    };
+    // The thread layout (docs/architecture.md): inline, ingest runs the
+    // processors; threads, a ring from ingest to each processor thread,
+    // which gets its half here.
+    let sweep = args.dedup_sweep;
+    let (run_ingest, processor_threads): (IngestRun, _) = if inline {
+        match storage_mode {
+            StorageMode::Thread => {}
+            StorageMode::Ingest => eprintln!("eventstream: storage runs on the ingest thread"),
+            StorageMode::Shared => eprintln!(
+                "eventstream: ingest writes small amounts itself, the storage thread large ones"
+            ),
+        }
+        eprintln!("eventstream: processors run inline on the ingest thread");
+        let down = Inline::new(InlineParts {
+            realtime,
+            transactional,
+            batch: BatchProcessor::new(windows),
+            dedup,
+            storage_tx: [srt_tx, stx_tx, sb_tx],
+            sweep_every: sweep,
+            storage: storage.clone(),
+            mode: storage_mode,
+            shared: shared.clone(),
+        });
+        let ingest = Ingest::new(parts, down).map_err(|e| format!("epoll: {e}"))?;
+        (Box::new(move || ingest.run()), None)
+    } else {
+        let (rt_tx, rt_rx) = ring::<Event<'static>>(rc)?;
+        let (tx_tx, tx_rx) = ring::<Event<'static>>(rc)?;
+        let (b_tx, b_rx) = ring::<Event<'static>>(rc)?;
+        let down = Threads::new([rt_tx, tx_tx, b_tx], shared.clone());
+        let ingest = Ingest::new(parts, down).map_err(|e| format!("epoll: {e}"))?;
+        (
+            Box::new(move || ingest.run()),
+            Some((
+                (realtime, rt_rx, srt_tx),
+                (transactional, tx_rx, stx_tx),
+                (windows, b_rx, sb_tx),
+            )),
+        )
+    };
     let pin = args.pin;
     let cpus = online_cpus();
     let mut threads = Vec::new();
@@ -432,7 +433,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     spawn(
         "ingest",
         0,
-        Box::new(move || ingest.run().map_err(|e| format!("ingest failed: {e}"))),
+        Box::new(move || run_ingest().map_err(|e| format!("ingest failed: {e}"))),
     )?;
     // Ingest finishes last in the shutdown; wait for it first so the other
     // threads' results follow.
