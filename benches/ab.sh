@@ -13,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:?rounds}"; shift
-cargo build --release -q -p eventstream-host
+# A given BIN is used as it is (no build: the tree may be mid-change).
+[ -n "${BIN:-}" ] || cargo build --release -q -p eventstream-host
 BIN="${BIN:-$PWD/target/release/eventstream}"
 WORK="$(mktemp -d /tmp/es-ab.XXXXXX)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT

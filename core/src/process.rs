@@ -27,7 +27,7 @@ pub enum Outcome {
 /// nothing.
 pub trait EventHook {
     /// An event of `class` is about to be stored.
-    fn on_event(&mut self, class: Class, frame: &Frame<'_>) {
+    fn on_event(&mut self, class: Class, frame: &Frame<&[u8]>) {
         let _ = (class, frame);
     }
 }
@@ -48,7 +48,12 @@ impl<'t> RealtimeProcessor<'t> {
     }
 
     /// Decides for one event at monotonic time `now_ms`.
-    pub fn handle(&mut self, frame: &Frame<'_>, now_ms: u64, hook: &mut impl EventHook) -> Outcome {
+    pub fn handle(
+        &mut self,
+        frame: &Frame<&[u8]>,
+        now_ms: u64,
+        hook: &mut impl EventHook,
+    ) -> Outcome {
         if !frame.is_legacy() {
             if let Lookup::Present(offset) = self.dedup.lookup(frame.event_id(), now_ms) {
                 return Outcome::Duplicate(offset);
@@ -86,7 +91,12 @@ impl<'t> TransactionalProcessor<'t> {
 
     /// Decides for one event at monotonic time `now_ms`. Legacy events are
     /// never deduplicated.
-    pub fn handle(&mut self, frame: &Frame<'_>, now_ms: u64, hook: &mut impl EventHook) -> Outcome {
+    pub fn handle(
+        &mut self,
+        frame: &Frame<&[u8]>,
+        now_ms: u64,
+        hook: &mut impl EventHook,
+    ) -> Outcome {
         self.handle_hinted(frame, now_ms, hook).0
     }
 
@@ -95,7 +105,7 @@ impl<'t> TransactionalProcessor<'t> {
     /// inserted).
     pub fn handle_hinted(
         &mut self,
-        frame: &Frame<'_>,
+        frame: &Frame<&[u8]>,
         now_ms: u64,
         hook: &mut impl EventHook,
     ) -> (Outcome, DedupHint) {

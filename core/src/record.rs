@@ -6,7 +6,7 @@
 
 use crate::crc32c;
 use crate::event::Class;
-use crate::wire::{self, Frame, FLAG_LEGACY, LEGACY_ID_BASE};
+use crate::wire::{self, Check, Frame, LEGACY_ID_BASE};
 
 /// Bytes of a segment file's header.
 pub const SEGMENT_HEADER_LEN: usize = 16;
@@ -129,9 +129,11 @@ impl<'b> RecordBuilder<'b> {
             if len < wire::OVERHEAD || at + len > used {
                 break;
             }
-            let frame = &mut record[at..at + len];
-            if frame[10] & FLAG_LEGACY != 0 {
-                wire::patch_event_id(frame, LEGACY_ID_BASE.wrapping_add(event_offset));
+            if let Ok(mut f) = Frame::check(&mut record[at..at + len], Check::Layout) {
+                if f.is_legacy() {
+                    f.set_event_id(LEGACY_ID_BASE.wrapping_add(event_offset));
+                    f.fill_crc();
+                }
             }
             at += len;
             event_offset = event_offset.wrapping_add(1);
@@ -202,7 +204,7 @@ impl<'a> Record<'a> {
             let frame = record
                 .get(at..at.saturating_add(len))
                 .ok_or(RecordError::BadFrames)?;
-            wire::parse_stored(frame).ok_or(RecordError::BadFrames)?;
+            Frame::check(frame, Check::Stored).map_err(|_| RecordError::BadFrames)?;
             at += len;
         }
         if at != total {
@@ -248,14 +250,14 @@ impl<'a> Record<'a> {
         self.offset().wrapping_add(self.count() as u64)
     }
     /// Its frames in order, each with its event offset.
-    pub fn frames(&self) -> impl Iterator<Item = (u64, Frame<'a>)> + 'a {
+    pub fn frames(&self) -> impl Iterator<Item = (u64, Frame<&'a [u8]>)> + 'a {
         let bytes = self.bytes;
         let first = self.offset();
         let mut at = RECORD_HEADER_LEN;
         let mut i = 0u64;
         core::iter::from_fn(move || {
             let len = wire::declared_length(bytes.get(at..)?)? as usize;
-            let frame = wire::parse_stored(bytes.get(at..at + len)?)?;
+            let frame = Frame::check(bytes.get(at..at + len)?, Check::Stored).ok()?;
             at += len;
             i += 1;
             Some((first.wrapping_add(i - 1), frame))

@@ -33,7 +33,7 @@ fn json_str(out: &mut String, s: &str) {
 }
 
 /// The `inspect --json` object of one event (PROTOCOL.md field names).
-pub fn event_json(rec: &Record<'_>, offset: u64, frame: &Frame<'_>) -> String {
+pub fn event_json(rec: &Record<'_>, offset: u64, frame: &Frame<&[u8]>) -> String {
     let mut o = String::with_capacity(256);
     let _ = write!(
         o,

@@ -74,7 +74,7 @@ pub fn run_singles(
         let room = tx.free_len().min(STEP);
         let mut moved = 0;
         for _ in 0..room {
-            if let Some(f) = rx.peek(PREFETCH_AHEAD).and_then(Event::frame) {
+            if let Some(f) = rx.peek(PREFETCH_AHEAD).map(Event::frame) {
                 match class {
                     Class::Transactional => dedup.prefetch_insert(f.event_id()),
                     _ => dedup.prefetch(f.event_id()),

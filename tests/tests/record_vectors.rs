@@ -95,7 +95,7 @@ fn records_parse_and_rebuild_as_the_vectors_say() {
             let mut raw = frame.bytes().to_vec();
             if frame.is_legacy() {
                 // As ingest stores it before the offset is known.
-                eventstream_core::wire::patch_event_id(&mut raw, 0);
+                set_id(&mut raw, 0);
             }
             b.push(&raw).unwrap();
         }
@@ -123,13 +123,18 @@ struct Held {
 
 impl eventstream_core::batch::BatchItem for Held {
     fn topic(&self) -> &[u8] {
-        eventstream_core::wire::parse_stored(&self.frame).map_or(&[], |f| f.topic_bytes())
+        eventstream_core::wire::Frame::check(&self.frame[..], eventstream_core::wire::Check::Stored)
+            .ok()
+            .map_or(&[], |f| f.topic_bytes())
     }
     fn partition(&self) -> u32 {
-        eventstream_core::wire::parse_stored(&self.frame).map_or(0, |f| f.partition())
+        eventstream_core::wire::Frame::check(&self.frame[..], eventstream_core::wire::Check::Stored)
+            .ok()
+            .map_or(0, |f| f.partition())
     }
-    fn frame(&self) -> Option<eventstream_core::wire::Frame<'_>> {
-        eventstream_core::wire::parse_stored(&self.frame)
+    fn frame(&self) -> Option<eventstream_core::wire::Frame<&[u8]>> {
+        eventstream_core::wire::Frame::check(&self.frame[..], eventstream_core::wire::Check::Stored)
+            .ok()
     }
     fn recv_ns(&self) -> u64 {
         self.recv_ns
@@ -173,7 +178,7 @@ fn the_default_aggregate_builds_the_vectors_batch_records() {
         for (i, (_, frame)) in rec.frames().enumerate() {
             let mut raw = frame.bytes().to_vec();
             if frame.is_legacy() {
-                eventstream_core::wire::patch_event_id(&mut raw, 0);
+                set_id(&mut raw, 0);
             }
             let recv_ns = if i == 0 {
                 rec.recv_ns()
@@ -519,4 +524,12 @@ proptest::proptest! {
         proptest::prop_assert!(ok);
         proptest::prop_assert_eq!(at_offset, end);
     }
+}
+
+/// Sets a stored frame's event id and seals it again.
+fn set_id(raw: &mut [u8], id: u64) {
+    let mut f = eventstream_core::wire::Frame::check(raw, eventstream_core::wire::Check::Layout)
+        .expect("a frame");
+    f.set_event_id(id);
+    f.fill_crc();
 }

@@ -4,7 +4,7 @@
 
 use eventstream_core::crc32c;
 use eventstream_core::wire::{
-    parse_stored, Ack, FrameRepr, LegacyRule, Limits, Reason, Status, FLAG_ACK, NO_OFFSET,
+    Ack, Check, Frame, FrameRepr, LegacyRule, Limits, Reason, Status, FLAG_ACK, NO_OFFSET,
 };
 use eventstream_core::{Class, Priority};
 use eventstream_tests::decode::{decode_chunks, decode_every_split, Item};
@@ -270,7 +270,7 @@ fn legacy_frames_decode_as_the_vectors_say_for_every_split() {
                     .unwrap();
                 assert_eq!(hex(&out), ex["frame_hex"].as_str().unwrap(), "{name}");
                 assert_eq!(out.len() as u64, u64_of(&s["length"]), "{name}");
-                let stored = parse_stored(&out).expect("stored frame parses");
+                let stored = Frame::check(&out[..], Check::Stored).expect("stored frame parses");
                 assert!(stored.is_legacy(), "{name}");
                 assert_eq!(stored.flags() as u64, u64_of(&s["flags"]), "{name}");
                 assert_eq!(stored.partition(), 0, "{name}");
@@ -353,7 +353,7 @@ fn v1_streams_give_the_expected_acks_for_every_split() {
             assert!(fatal.is_none(), "{name}: result after FATAL");
             match item {
                 Item::Frame(f) => {
-                    let frame = parse_stored(f).unwrap();
+                    let frame = Frame::check(f, Check::Stored).ok().unwrap();
                     stored.push(frame.event_id());
                     if frame.ack_requested() {
                         acks.push(("STORED", None, frame.event_id()));

@@ -19,7 +19,7 @@ use crate::process::{BatchProcessor, EventHook, RealtimeProcessor, Transactional
 use crate::record::RECORD_HEADER_LEN;
 use crate::ring::{Consumer, Producer};
 use crate::route::TopicTable;
-use crate::wire::{Ack, Decoded, Limits, Reason, StreamDecoder};
+use crate::wire::{Ack, Decoded, Frame, FrameHead, Limits, Reason, StreamDecoder};
 
 mod store;
 mod work;
@@ -392,14 +392,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
         match item {
             Decoded::Frame(f) => {
                 let class = self.router.route(f.topic_bytes(), f.priority());
-                self.accept(
-                    conn,
-                    class,
-                    f.bytes(),
-                    f.event_id(),
-                    f.ack_requested(),
-                    room,
-                );
+                self.accept(conn, class, f, room);
             }
             Decoded::Legacy(ev) => {
                 let class = self.router.route(ev.topic(), ev.priority());
@@ -412,7 +405,7 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
                     return;
                 };
                 let len = ev.encode_v1(0, wall, slot.buffer_mut()).unwrap_or(0);
-                self.push_event(conn, class, slot.share(len), wall);
+                self.push_event(conn, class, slot.share(len), ev.v1_head(), wall);
             }
             Decoded::Rejected {
                 reason,
@@ -439,39 +432,41 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
         }
     }
 
-    fn accept(
-        &mut self,
-        conn: u32,
-        class: Class,
-        frame: &[u8],
-        event_id: u64,
-        ack: bool,
-        room: bool,
-    ) {
+    fn accept(&mut self, conn: u32, class: Class, f: Frame<&[u8]>, room: bool) {
         if let Some(reason) = refusal(self.shutting_down, room) {
             self.store
                 .answers
                 .metrics()
                 .add(Counter::Rejected(reason), 1);
-            if ack {
-                self.store.sink.ack(conn, Ack::rejected(event_id, reason));
+            if f.ack_requested() {
+                self.store
+                    .sink
+                    .ack(conn, Ack::rejected(f.event_id(), reason));
             }
             return;
         }
         let Some(mut slot) = self.spare.take() else {
             return;
         };
+        let frame = f.bytes();
         let buf = slot.buffer_mut();
         let Some(dst) = buf.get_mut(..frame.len()) else {
             return;
         };
         dst.copy_from_slice(frame);
         let wall = self.store.clock.wall_ns();
-        self.push_event(conn, class, slot.share(frame.len()), wall);
+        self.push_event(conn, class, slot.share(frame.len()), f.head(), wall);
     }
 
-    fn push_event(&mut self, conn: u32, class: Class, data: EventRef<'p>, wall: u64) {
-        let ev = Event::new(data, conn, class, wall, self.now_ns());
+    fn push_event(
+        &mut self,
+        conn: u32,
+        class: Class,
+        data: EventRef<'p>,
+        head: FrameHead,
+        wall: u64,
+    ) {
+        let ev = Event::new(data, head, conn, class, wall, self.now_ns());
         self.store
             .answers
             .metrics()

@@ -8,12 +8,15 @@ use crate::event::Class;
 use crate::pool::EventRef;
 use crate::process::Outcome;
 use crate::ring::Producer;
-use crate::wire::{self, Frame, Reason};
+use crate::wire::{Frame, FrameHead, Reason};
 
 /// One accepted event on its way: its v1 frame in a pool slot (legacy events
 /// already converted), and where its ack goes.
 pub struct Event<'p> {
     data: EventRef<'p>,
+    /// The frame's head, from its validation at ingest (no later stage
+    /// validates the frame again).
+    head: FrameHead,
     /// Connection the event came from.
     pub conn: u32,
     /// The class routing chose.
@@ -28,9 +31,11 @@ pub struct Event<'p> {
 }
 
 impl<'p> Event<'p> {
-    /// An event whose frame bytes are in `data`.
+    /// An event whose frame bytes are in `data`, with the head of the
+    /// frame's validated view ([`Frame::head`]).
     pub fn new(
         data: EventRef<'p>,
+        head: FrameHead,
         conn: u32,
         class: Class,
         recv_wall_ns: u64,
@@ -38,6 +43,7 @@ impl<'p> Event<'p> {
     ) -> Self {
         Self {
             data,
+            head,
             conn,
             class,
             recv_wall_ns,
@@ -58,21 +64,22 @@ impl<'p> Event<'p> {
         self.data.prefetch();
     }
 
-    /// The frame (validated at ingest).
-    pub fn frame(&self) -> Option<Frame<'_>> {
-        wire::trusted_frame(self.data.bytes())
+    /// The frame, validated at ingest (read through the head it kept).
+    #[inline]
+    pub fn frame(&self) -> Frame<&[u8]> {
+        Frame::with_head(self.data.bytes(), self.head)
     }
 }
 
 impl BatchItem for Event<'_> {
     fn topic(&self) -> &[u8] {
-        self.frame().map_or(&[], |f| f.topic_bytes())
+        self.frame().topic_bytes()
     }
     fn partition(&self) -> u32 {
-        self.frame().map_or(0, |f| f.partition())
+        self.frame().partition()
     }
-    fn frame(&self) -> Option<Frame<'_>> {
-        Event::frame(self)
+    fn frame(&self) -> Option<Frame<&[u8]>> {
+        Some(Event::frame(self))
     }
     fn recv_ns(&self) -> u64 {
         self.recv_wall_ns
@@ -142,10 +149,9 @@ impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {
 
 impl<'p> Work<'p> {
     /// What storage gets for a realtime or transactional `ev`: `decide`
-    /// runs its processor on its frame; an event without a readable frame
-    /// is rejected BAD_LENGTH. A stored event keeps its frame; the others
-    /// need only its id and ACK flag, read from the same parse.
-    pub fn decided(ev: Event<'p>, decide: impl FnOnce(&Frame<'_>) -> Outcome) -> Work<'p> {
+    /// runs its processor on its frame. A stored event keeps its frame;
+    /// the others need only its id and ACK flag.
+    pub fn decided(ev: Event<'p>, decide: impl FnOnce(&Frame<&[u8]>) -> Outcome) -> Work<'p> {
         Self::decided_hinted(ev, |f| (decide(f), DedupHint::NONE))
     }
 
@@ -154,16 +160,11 @@ impl<'p> Work<'p> {
     /// a stored event carries that hint to storage.
     pub fn decided_hinted(
         mut ev: Event<'p>,
-        decide: impl FnOnce(&Frame<'_>) -> (Outcome, DedupHint),
+        decide: impl FnOnce(&Frame<&[u8]>) -> (Outcome, DedupHint),
     ) -> Work<'p> {
-        let ((outcome, hint), event_id, ack) = match ev.frame() {
-            Some(f) => (decide(&f), f.event_id(), f.ack_requested()),
-            None => (
-                (Outcome::Rejected(Reason::BadLength), DedupHint::NONE),
-                0,
-                false,
-            ),
-        };
+        let f = ev.frame();
+        let (outcome, hint) = decide(&f);
+        let (event_id, ack) = (f.event_id(), f.ack_requested());
         match outcome {
             Outcome::Store | Outcome::Buffered => {
                 ev.dedup = hint;

@@ -228,7 +228,7 @@ impl<D: Downstream> Ingest<D> {
                         continue;
                     };
                     dst.copy_from_slice(bytes);
-                    let ev = Event::new(slot.share(bytes.len()), id, class, wall, now);
+                    let ev = Event::new(slot.share(bytes.len()), f.head(), id, class, wall, now);
                     self.push(class, ev, now);
                     if ack {
                         *inflight += 1;
@@ -246,7 +246,8 @@ impl<D: Downstream> Ingest<D> {
                     let Ok(len) = ev.encode_v1(0, wall, slot.buffer_mut()) else {
                         continue;
                     };
-                    let ev = Event::new(slot.share(len), id, class, wall, now);
+                    let head = ev.v1_head();
+                    let ev = Event::new(slot.share(len), head, id, class, wall, now);
                     self.push(class, ev, now);
                 }
                 Decoded::Rejected {

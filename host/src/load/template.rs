@@ -37,6 +37,8 @@ pub(super) struct Template {
     pub(super) base: u32,
     /// `[j][b]`: what byte `b` at `PATCHED.start + j` adds to the CRC.
     pub(super) table: Box<[[u32; 256]; 16]>,
+    /// The template's validated head (None: not a frame, written as is).
+    head: Option<FrameHead>,
 }
 
 impl Template {
@@ -58,7 +60,15 @@ impl Template {
                 msg[PATCHED.start + j] = 0;
             }
         }
-        Self { frame, base, table }
+        let head = Frame::check(&frame[..], Check::Layout)
+            .ok()
+            .map(|f| f.head());
+        Self {
+            frame,
+            base,
+            table,
+            head,
+        }
     }
 
     pub(super) fn len(&self) -> usize {
@@ -69,18 +79,19 @@ impl Template {
     /// (exactly `len()` bytes), sealed.
     pub(super) fn write(&self, out: &mut [u8], event_id: u64, timestamp_ns: u64) {
         out.copy_from_slice(&self.frame);
-        let body = out.len().saturating_sub(4);
-        if body < PATCHED.end {
+        let Some(head) = self.head else {
             return;
-        }
+        };
         let mut patch = [0u8; 16];
         patch[..8].copy_from_slice(&event_id.to_le_bytes());
         patch[8..].copy_from_slice(&timestamp_ns.to_le_bytes());
-        out[PATCHED].copy_from_slice(&patch);
         let crc = patch
             .iter()
             .zip(self.table.iter())
             .fold(self.base, |c, (&b, row)| c ^ row[b as usize]);
-        out[body..].copy_from_slice(&crc.to_le_bytes());
+        let mut f = Frame::with_head(out, head);
+        f.set_event_id(event_id);
+        f.set_timestamp_ns(timestamp_ns);
+        f.set_crc(crc);
     }
 }

@@ -1,8 +1,9 @@
-//! The v1 frame decoder: never panics; what it accepts, the stored-frame
-//! parsers accept alike and the encoder rebuilds byte for byte.
+//! The v1 frame validator: never panics; what it accepts off the wire, the
+//! weaker checks (stored, layout) accept alike, the head it keeps reads the
+//! same, and the encoder rebuilds it byte for byte.
 #![no_main]
 
-use eventstream_core::wire::{parse_stored, trusted_frame, Frame, FrameRepr, Limits};
+use eventstream_core::wire::{Check, Frame, FrameRepr, Limits};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -12,10 +13,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let bytes = f.bytes();
     assert!(bytes.len() <= data.len());
-    let stored = parse_stored(bytes).expect("an accepted frame parses as stored");
-    assert_eq!(stored.bytes(), bytes);
-    let trusted = trusted_frame(bytes).expect("an accepted frame is trusted");
-    assert_eq!(trusted.event_id(), f.event_id());
+    let stored = Frame::check(bytes, Check::Stored).expect("an accepted frame parses as stored");
+    assert_eq!(stored, f);
+    let layout = Frame::check(bytes, Check::Layout).expect("an accepted frame has its layout");
+    assert_eq!(layout, f);
+    assert_eq!(Frame::with_head(bytes, f.head()), f);
     let repr = FrameRepr {
         priority: f.priority(),
         flags: f.flags(),

@@ -4,7 +4,7 @@
 #![no_main]
 
 use eventstream_core::record::Record;
-use eventstream_core::wire::parse_stored;
+use eventstream_core::wire::{Check, Frame};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let mut bytes = 28usize;
     for (offset, frame) in r.frames() {
         assert_eq!(offset, r.offset() + n);
-        assert!(parse_stored(frame.bytes()).is_some());
+        assert!(Frame::check(frame.bytes(), Check::Stored).is_ok());
         bytes += frame.bytes().len();
         n += 1;
     }
