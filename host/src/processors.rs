@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use eventstream_core::batch::BatchWindows;
 use eventstream_core::dedup::{DedupHint, DedupRef};
-use eventstream_core::pipeline::{Event, ToStorage, Work};
+use eventstream_core::pipeline::{Event, StorageItem, ToStorage, Work};
 use eventstream_core::process::{
     BatchProcessor, RealtimeProcessor, Sweeper, TransactionalProcessor,
 };
@@ -56,7 +56,7 @@ pub fn run_singles(
     mut proc: Singles,
     dedup: DedupRef<'static>,
     mut rx: Consumer<'static, Event<'static>>,
-    mut tx: Producer<'static, Work<'static>>,
+    mut tx: Producer<'static, StorageItem<'static>>,
     shared: Arc<Shared>,
 ) {
     let (class, me): (Class, &Parker) = match proc {
@@ -81,10 +81,11 @@ pub fn run_singles(
                 }
             }
             let Some(ev) = rx.pop() else { break };
-            let _ = tx.push(Work::decided_hinted(ev, |f| match &mut proc {
+            let work = Work::decided_hinted(ev, |f| match &mut proc {
                 Singles::Realtime(p) => (p.handle(f, now_ms, &mut ()), DedupHint::NONE),
                 Singles::Transactional(p, _) => p.handle_hinted(f, now_ms, &mut ()),
-            }));
+            });
+            let _ = tx.push(StorageItem::from(work));
             moved += 1;
         }
         if let (Some(sw), Singles::Transactional(p, _)) = (&mut sweeper, &mut proc) {
@@ -118,7 +119,7 @@ pub fn run_singles(
 pub fn run_batch(
     windows: BatchWindows<'static, Event<'static>>,
     mut rx: Consumer<'static, Event<'static>>,
-    mut tx: Producer<'static, Work<'static>>,
+    mut tx: Producer<'static, StorageItem<'static>>,
     shared: Arc<Shared>,
 ) {
     let mut proc = BatchProcessor::new(windows);

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use eventstream_core::batch::{BatchConfig, BatchWindows, Entry, WindowMeta};
 use eventstream_core::dedup::{BufferDedupTable, DedupConfig, DedupSlot, DedupStamp, DedupState};
-use eventstream_core::pipeline::{Event, Work};
+use eventstream_core::pipeline::{Event, StorageItem};
 use eventstream_core::pool::{BufferPool, SlotMeta};
 use eventstream_core::process::{BatchProcessor, RealtimeProcessor, TransactionalProcessor};
 use eventstream_core::ring::{BufferRing, Consumer, Producer, Slot};
@@ -25,7 +25,7 @@ use crate::shared::Shared;
 use crate::storage::{Log, LogOptions};
 use crate::sys::{
     ignore_signal, monotonic_ns, online_cpus, pin_to_cpu, raise_nofile_limit, set_nonblocking,
-    wall_ns,
+    usable_cpus, wall_ns,
 };
 use crate::topology::{Inline, InlineParts, Threads};
 use crate::writer::{drop_min_rate, run_prefill, run_sync, Storage, StorageMode, StorageParts};
@@ -238,10 +238,13 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     )
     .map_err(|_| "batch windows: bad buffers")?;
 
+    // The layouts and the figures behind `auto`: docs/decisions.md
+    // ("Thread layouts").
+    let cpus_usable = usable_cpus();
     let inline = match args.processors {
         Processors::Inline => true,
         Processors::Threads => false,
-        Processors::Auto => online_cpus() <= 2,
+        Processors::Auto => cpus_usable <= 2,
     };
     let storage_mode = match args.storage_thread {
         StorageThread::On => StorageMode::Thread,
@@ -251,13 +254,14 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             )
         }
         StorageThread::Off => StorageMode::Ingest,
+        StorageThread::Auto if inline && cpus_usable == 1 => StorageMode::Ingest,
         StorageThread::Auto if inline => StorageMode::Shared,
         StorageThread::Auto => StorageMode::Thread,
     };
     let rc = cfg.ring_capacity;
-    let (srt_tx, srt_rx) = ring::<Work<'static>>(rc)?;
-    let (stx_tx, stx_rx) = ring::<Work<'static>>(rc)?;
-    let (sb_tx, sb_rx) = ring::<Work<'static>>(rc)?;
+    let (srt_tx, srt_rx) = ring::<StorageItem<'static>>(rc)?;
+    let (stx_tx, stx_rx) = ring::<StorageItem<'static>>(rc)?;
+    let (sb_tx, sb_rx) = ring::<StorageItem<'static>>(rc)?;
     let ack_capacity = (4 * rc).max(65536).next_power_of_two();
     let (ack_tx, ack_rx) = ring::<(u32, Ack)>(ack_capacity)?;
     let realtime = RealtimeProcessor::new(dedup);

@@ -117,6 +117,12 @@ pub fn online_cpus() -> usize {
     syscall!(sysconf(libc::_SC_NPROCESSORS_ONLN)).map_or(1, |n| n.max(1) as usize)
 }
 
+/// CPUs this process may use: its affinity mask and cgroup quota, which
+/// `taskset` or a container set (what the thread layout is chosen by).
+pub fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Ignores a signal (SIGPIPE: writes get EPIPE instead; SIGXFSZ: writes past
 /// RLIMIT_FSIZE get EFBIG instead of killing the process).
 pub fn ignore_signal(sig: libc::c_int) -> io::Result<()> {

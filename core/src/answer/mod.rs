@@ -298,7 +298,7 @@ impl<'a, D: Fifo<Deferred>, H: Fifo<Held>, const K: usize, const B: usize> Answe
                 ack: ack.then(|| Ack::rejected(event_id, reason)),
                 counter: Counter::Rejected(reason),
             }),
-            Work::Store(_) | Work::Batch { .. } => None,
+            Work::Store(_) => None,
         }
     }
 

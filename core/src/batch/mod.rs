@@ -252,6 +252,7 @@ impl<'b, T: BatchItem> BatchWindows<'b, T> {
             || arena.is_empty()
             || arena.len() >= NIL as usize
             || config.max_events == 0
+            || config.max_events > u32::from(u16::MAX)
         {
             return Err(BadBuffers);
         }

@@ -22,10 +22,12 @@ use crate::route::TopicTable;
 use crate::wire::{Ack, Decoded, Frame, FrameHead, Limits, Reason, StreamDecoder};
 
 mod store;
+mod unit;
 mod work;
 
 use store::Store;
-pub use work::{Event, ToStorage, Work};
+pub use unit::{peek_event, take_unit, BatchRun, StorageItem, ToStorage, Unit};
+pub use work::{Event, Work};
 
 /// Monotonic and wall time, provided by the embedder.
 pub trait Clock {

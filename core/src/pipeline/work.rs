@@ -2,12 +2,11 @@
 //! pool slot) and a processor's outcome for it ([`Work`]), which storage
 //! turns into a record and an ack.
 
-use crate::batch::{Aggregate, BatchItem, Closed};
+use crate::batch::BatchItem;
 use crate::dedup::DedupHint;
 use crate::event::Class;
 use crate::pool::EventRef;
 use crate::process::Outcome;
-use crate::ring::Producer;
 use crate::wire::{Frame, FrameHead, Reason};
 
 /// One accepted event on its way: its v1 frame in a pool slot (legacy events
@@ -90,11 +89,6 @@ impl BatchItem for Event<'_> {
 pub enum Work<'p> {
     /// Write this event as a single record.
     Store(Event<'p>),
-    /// The next `count` `Store` items of this ring form one batch record.
-    Batch {
-        /// Events in the batch.
-        count: u16,
-    },
     /// A duplicate: answer DUPLICATE once the original is stored.
     Duplicate {
         /// Connection to answer.
@@ -119,32 +113,6 @@ pub enum Work<'p> {
         /// Why.
         reason: Reason,
     },
-}
-
-/// The batch processor's aggregate: a marker, then the window's events, into
-/// the batch storage ring. The caller checks room for two full windows
-/// before each push (a push can close one window and open another).
-pub struct ToStorage<'c, 'r, 'p> {
-    /// The batch storage ring.
-    pub out: &'c mut Producer<'r, Work<'p>>,
-}
-
-impl ToStorage<'_, '_, '_> {
-    /// Free slots the batch storage ring needs before each push into the
-    /// windows: two closing windows, each a marker and its events.
-    pub fn room_needed(config: &crate::batch::BatchConfig) -> usize {
-        2 * (config.max_events as usize + 1)
-    }
-}
-
-impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {
-    fn aggregate(&mut self, mut window: Closed<'_, Event<'p>>) {
-        let count = window.len().min(u16::MAX as usize) as u16;
-        let _ = self.out.push(Work::Batch { count });
-        for ev in window.drain() {
-            let _ = self.out.push(Work::Store(ev));
-        }
-    }
 }
 
 impl<'p> Work<'p> {

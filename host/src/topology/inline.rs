@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventstream_core::dedup::DedupRef;
-use eventstream_core::pipeline::{Event, ToStorage, Work};
+use eventstream_core::pipeline::{Event, StorageItem, ToStorage, Work};
 use eventstream_core::process::{
     BatchProcessor, RealtimeProcessor, Sweeper, TransactionalProcessor,
 };
@@ -32,7 +32,7 @@ pub struct Inline {
     batch: BatchProcessor<'static, Event<'static>>,
     dedup: DedupRef<'static>,
     /// Ingest -> storage rings, by class.
-    storage_tx: [Producer<'static, Work<'static>>; 3],
+    storage_tx: [Producer<'static, StorageItem<'static>>; 3],
     /// Room the batch storage ring needs before a batch event is taken.
     batch_need: usize,
     sweeper: Sweeper,
@@ -55,7 +55,7 @@ pub struct InlineParts {
     /// The dedup table (prefetches).
     pub dedup: DedupRef<'static>,
     /// Ingest -> storage rings, by class.
-    pub storage_tx: [Producer<'static, Work<'static>>; 3],
+    pub storage_tx: [Producer<'static, StorageItem<'static>>; 3],
     /// The dedup sweep period.
     pub sweep_every: Duration,
     /// Storage.
@@ -164,7 +164,7 @@ impl Downstream for Inline {
         };
         if let Some(out) = self.storage_tx.get_mut(class.index()) {
             // Room was checked before decoding.
-            let _ = out.push(work);
+            let _ = out.push(StorageItem::from(work));
         }
     }
 

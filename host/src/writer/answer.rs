@@ -30,15 +30,6 @@ impl AckOut for AckRing<'_> {
 }
 
 impl Storage {
-    /// A duplicate or a rejection: owed with the next write's answers (a
-    /// duplicate whose original has no offset yet waits in the answers).
-    pub(super) fn answer_work(&mut self, work: Work<'static>) {
-        let now_ms = monotonic_ns() / 1_000_000;
-        if let Some(owed) = self.answers.outcome(work, now_ms) {
-            self.pending.push(owed);
-        }
-    }
-
     /// Answers the deferred duplicates whose original is now written,
     /// when the ack ring has room for all of them.
     pub(super) fn retry_deferred(&mut self) -> bool {

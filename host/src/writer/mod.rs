@@ -21,7 +21,7 @@ use std::time::Duration;
 use eventstream_core::answer::{AckOut, Answers, Deferred, Fifo, Held, Owed};
 use eventstream_core::dedup::DedupRef;
 use eventstream_core::metrics::{Counter, FINE};
-use eventstream_core::pipeline::Work;
+use eventstream_core::pipeline::{peek_event, take_unit, Event, StorageItem, Unit};
 use eventstream_core::record::{RecordBuilder, RecordKind, RECORD_HEADER_LEN};
 use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::wire::Ack;
@@ -105,7 +105,7 @@ pub struct StorageParts {
     /// The open log.
     pub log: Log,
     /// Work from the processors, by class.
-    pub rx: [Consumer<'static, Work<'static>>; 3],
+    pub rx: [Consumer<'static, StorageItem<'static>>; 3],
     /// Acks to ingest.
     pub acks: Producer<'static, (u32, Ack)>,
     /// The dedup table (offsets, removals, lookups).
@@ -372,55 +372,69 @@ impl Storage {
             .min(MAX_PENDING)
     }
 
-    /// Handles the next item of one ring; false if there is none (or a
-    /// batch is not complete in the ring yet).
+    /// Handles the next unit of one ring (an event, a whole batch, or an
+    /// answer); false if there is none.
     fn take_one(&mut self, class: Class) -> bool {
-        let rx = &mut self.p.rx[class.index()];
-        let (kind, count) = match rx.peek(0) {
+        let Storage {
+            p,
+            buf,
+            len,
+            next,
+            pending,
+            answers,
+            ..
+        } = self;
+        let rx = &mut p.rx[class.index()];
+        // Under load the frames have waited in the pool long enough to leave
+        // the caches; without this hint each copy would start with a wait
+        // for memory.
+        if let Some(ahead) = peek_event(rx, PREFETCH_AHEAD) {
+            ahead.prefetch();
+        }
+        let unit = match take_unit(rx) {
             None => return false,
-            Some(Work::Store(_)) => (RecordKind::Single, 1u16),
-            Some(Work::Batch { count }) => (RecordKind::Batch, *count),
-            Some(Work::Duplicate { .. } | Work::Reject { .. }) => {
-                if let Some(work) = rx.pop() {
-                    self.answer_work(work);
+            Some(Unit::Answer(work)) => {
+                if let Some(owed) = answers.outcome(work, monotonic_ns() / 1_000_000) {
+                    pending.push(owed);
                 }
                 return true;
             }
+            Some(unit) => unit,
         };
-        let skip = usize::from(kind == RecordKind::Batch);
-        if rx.len() < skip + count as usize {
-            // The batch processor is still pushing this window.
+        let offset = *next;
+        let kind = match unit {
+            Unit::Batch(_) => RecordKind::Batch,
+            _ => RecordKind::Single,
+        };
+        let Ok(mut builder) = RecordBuilder::new(&mut buf[*len..], kind, class, 0) else {
             return false;
-        }
-        if skip == 1 {
-            let _ = rx.pop();
-        }
-        let offset = self.next;
-        let mut builder = match RecordBuilder::new(&mut self.buf[self.len..], kind, class, 0) {
-            Ok(b) => b,
-            Err(_) => return false,
         };
         let mut recv_ns = None;
-        for i in 0..count as u64 {
-            // Under load the frames have waited in the pool long enough to
-            // leave the caches; without this hint each copy below would
-            // start with a wait for memory.
-            if let Some(Work::Store(ahead)) = rx.peek(PREFETCH_AHEAD) {
-                ahead.prefetch();
-            }
-            let Some(Work::Store(ev)) = rx.pop() else {
-                continue;
-            };
+        let mut count = 0u64;
+        let mut add = |ev: Event<'static>| {
             recv_ns.get_or_insert(ev.recv_wall_ns);
             let _ = builder.push(ev.bytes());
-            self.pending.push(Owed::stored(&ev, offset + i));
+            pending.push(Owed::stored(&ev, offset + count));
+            count += 1;
+        };
+        match unit {
+            Unit::Single(ev) => add(ev),
+            Unit::Batch(mut run) => {
+                while let Some(ev) = run.next() {
+                    if let Some(ahead) = run.peek_ahead(PREFETCH_AHEAD) {
+                        ahead.prefetch();
+                    }
+                    add(ev);
+                }
+            }
+            Unit::Answer(_) => {}
         }
         builder.set_recv_ns(recv_ns.unwrap_or(0));
         if let Ok(rec) = builder.finish(offset) {
-            self.len += rec.len();
-            self.next += u64::from(count);
+            *len += rec.len();
+            *next += count;
             if kind == RecordKind::Batch {
-                self.answers.metrics().add(Counter::Batches, 1);
+                answers.metrics().add(Counter::Batches, 1);
             }
         }
         true
