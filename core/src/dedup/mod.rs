@@ -345,15 +345,55 @@ impl Header {
 /// // Past the window (one hour by default) the id is new again.
 /// assert_eq!(t.lookup(42, now_ms + 3_600_000), Lookup::Absent);
 /// ```
-pub struct DedupTable<const N: usize> {
-    header: Header,
+pub type DedupTable<const N: usize> = TableOver<InlineArrays<N>>;
+
+/// A table over caller-provided buffers of states, stamps and slots (equal
+/// lengths, a power of two).
+pub type BufferDedupTable<'b> = TableOver<BorrowedArrays<'b>>;
+
+/// Where a table's three arrays live: in the value ([`InlineArrays`]) or in
+/// a caller's buffers ([`BorrowedArrays`]).
+pub trait TableStorage {
+    /// The states, stamps and slots (equal lengths, a power of two).
+    fn arrays(&self) -> (&[DedupState], &[DedupStamp], &[DedupSlot]);
+}
+
+/// The arrays of a table of `N` slots, inline.
+pub struct InlineArrays<const N: usize> {
     states: [DedupState; N],
     stamps: [DedupStamp; N],
     slots: [DedupSlot; N],
+}
+
+impl<const N: usize> TableStorage for InlineArrays<N> {
+    fn arrays(&self) -> (&[DedupState], &[DedupStamp], &[DedupSlot]) {
+        (&self.states, &self.stamps, &self.slots)
+    }
+}
+
+/// The arrays of a table, in a caller's buffers.
+pub struct BorrowedArrays<'b> {
+    states: &'b [DedupState],
+    stamps: &'b [DedupStamp],
+    slots: &'b [DedupSlot],
+}
+
+impl TableStorage for BorrowedArrays<'_> {
+    fn arrays(&self) -> (&[DedupState], &[DedupStamp], &[DedupSlot]) {
+        (self.states, self.stamps, self.slots)
+    }
+}
+
+/// A dedup table: its header and configuration over arrays stored in `S`
+/// ([`DedupTable`], [`BufferDedupTable`]). All operations are on
+/// [`DedupRef`], the same for both forms.
+pub struct TableOver<S: TableStorage> {
+    header: Header,
+    arrays: S,
     config: DedupConfig,
 }
 
-impl<const N: usize> DedupTable<N> {
+impl<const N: usize> TableOver<InlineArrays<N>> {
     const CAPACITY_OK: () = assert!(
         N.is_power_of_two() && N <= 1 << 31,
         "dedup capacity must be a power of two up to 2^31"
@@ -365,9 +405,11 @@ impl<const N: usize> DedupTable<N> {
         let () = Self::CAPACITY_OK;
         Self {
             header: Header::new(),
-            states: [const { DedupState::new() }; N],
-            stamps: [const { DedupStamp::new() }; N],
-            slots: [const { DedupSlot::new() }; N],
+            arrays: InlineArrays {
+                states: [const { DedupState::new() }; N],
+                stamps: [const { DedupStamp::new() }; N],
+                slots: [const { DedupSlot::new() }; N],
+            },
             config,
         }
     }
@@ -378,33 +420,14 @@ impl<const N: usize> DedupTable<N> {
         let () = Self::CAPACITY_OK;
         Self {
             header: Header::new(),
-            states: core::array::from_fn(|_| DedupState::new()),
-            stamps: core::array::from_fn(|_| DedupStamp::new()),
-            slots: core::array::from_fn(|_| DedupSlot::new()),
+            arrays: InlineArrays {
+                states: core::array::from_fn(|_| DedupState::new()),
+                stamps: core::array::from_fn(|_| DedupStamp::new()),
+                slots: core::array::from_fn(|_| DedupSlot::new()),
+            },
             config,
         }
     }
-
-    /// The handle every operation goes through (`Copy`, shareable).
-    pub fn table(&self) -> DedupRef<'_> {
-        DedupRef {
-            header: &self.header,
-            states: &self.states,
-            stamps: &self.stamps,
-            slots: &self.slots,
-            config: self.config,
-        }
-    }
-}
-
-/// A table over caller-provided buffers of states, stamps and slots (equal
-/// lengths, a power of two).
-pub struct BufferDedupTable<'b> {
-    header: Header,
-    states: &'b [DedupState],
-    stamps: &'b [DedupStamp],
-    slots: &'b [DedupSlot],
-    config: DedupConfig,
 }
 
 /// Buffers whose lengths differ or are not a power of two up to 2^31.
@@ -412,7 +435,7 @@ pub struct BufferDedupTable<'b> {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct BadCapacity;
 
-impl<'b> BufferDedupTable<'b> {
+impl<'b> TableOver<BorrowedArrays<'b>> {
     /// An empty table over `states`, `stamps` and `slots`; every slot is
     /// reset.
     pub fn new(
@@ -430,20 +453,25 @@ impl<'b> BufferDedupTable<'b> {
         slots.iter_mut().for_each(|s| *s = DedupSlot::new());
         Ok(Self {
             header: Header::new(),
-            states,
-            stamps,
-            slots,
+            arrays: BorrowedArrays {
+                states,
+                stamps,
+                slots,
+            },
             config,
         })
     }
+}
 
+impl<S: TableStorage> TableOver<S> {
     /// The handle every operation goes through (`Copy`, shareable).
     pub fn table(&self) -> DedupRef<'_> {
+        let (states, stamps, slots) = self.arrays.arrays();
         DedupRef {
             header: &self.header,
-            states: self.states,
-            stamps: self.stamps,
-            slots: self.slots,
+            states,
+            stamps,
+            slots,
             config: self.config,
         }
     }

@@ -188,8 +188,7 @@ mod tests {
     fn a_closed_window_comes_out_as_one_batch_between_singles() {
         static POOL: EventPool<16, 128> = EventPool::new();
         let mut acq = POOL.acquirer().unwrap();
-        let ring: &'static Ring<StorageItem<'static>, 16> =
-            std::boxed::Box::leak(std::boxed::Box::new(Ring::new()));
+        let ring: Ring<StorageItem<'static>, 16> = Ring::new();
         let (mut tx, mut rx) = ring.split().unwrap();
         let mut meta = [WindowMeta::new(); 2];
         let mut arena: Vec<Entry<Event<'static>>> = (0..8).map(|_| Entry::new()).collect();
@@ -237,8 +236,7 @@ mod tests {
     fn a_batch_left_half_taken_leaves_the_ring_whole() {
         static POOL: EventPool<16, 128> = EventPool::new();
         let mut acq = POOL.acquirer().unwrap();
-        let ring: &'static Ring<StorageItem<'static>, 16> =
-            std::boxed::Box::leak(std::boxed::Box::new(Ring::new()));
+        let ring: Ring<StorageItem<'static>, 16> = Ring::new();
         let (mut tx, mut rx) = ring.split().unwrap();
         let mut meta = [WindowMeta::new(); 2];
         let mut arena: Vec<Entry<Event<'static>>> = (0..8).map(|_| Entry::new()).collect();

@@ -176,18 +176,76 @@ impl<'p> View<'p> {
 /// assert_eq!(event.ref_count(), 2);
 /// drop((event, copy));
 /// ```
-pub struct EventPool<const N: usize, const SLOT: usize> {
-    shared: CachePadded<Shared>,
+pub type EventPool<const N: usize, const SLOT: usize> = PoolOver<InlineSlots<N, SLOT>>;
+
+/// A pool over caller-provided buffers, for sizes chosen at run time.
+pub type BufferPool<'b> = PoolOver<BorrowedSlots<'b>>;
+
+/// Where a pool's slots live: in the value ([`InlineSlots`]) or in a
+/// caller's buffers ([`BorrowedSlots`]).
+///
+/// # Safety
+///
+/// `data` must point to at least `meta().len() * slot_size` bytes (the
+/// pool's slot size) that stay valid and are only accessed through the pool
+/// for as long as the storage lives.
+pub unsafe trait SlotStorage {
+    /// Each slot's bookkeeping.
+    fn meta(&self) -> &[SlotMeta];
+    /// The first byte of the slots' bytes.
+    fn data(&self) -> *mut u8;
+}
+
+/// `N` slots of `SLOT` bytes, inline.
+pub struct InlineSlots<const N: usize, const SLOT: usize> {
     meta: [SlotMeta; N],
     data: core::cell::UnsafeCell<[[u8; SLOT]; N]>,
+}
+
+// SAFETY: `data` is the inline array of N * SLOT bytes, which lives as long
+// as the storage; the pool (its only user) follows the slot protocol.
+unsafe impl<const N: usize, const SLOT: usize> SlotStorage for InlineSlots<N, SLOT> {
+    fn meta(&self) -> &[SlotMeta] {
+        &self.meta
+    }
+    fn data(&self) -> *mut u8 {
+        self.data.get().cast::<u8>()
+    }
+}
+
+/// Slots in a caller's buffers.
+pub struct BorrowedSlots<'b> {
+    meta: &'b [SlotMeta],
+    data: *mut u8,
+    _data: PhantomData<&'b mut [u8]>,
+}
+
+// SAFETY: `data` comes from a `&'b mut [u8]` of at least meta.len() *
+// slot_size bytes (checked by `BufferPool::new`), borrowed for 'b.
+unsafe impl SlotStorage for BorrowedSlots<'_> {
+    fn meta(&self) -> &[SlotMeta] {
+        self.meta
+    }
+    fn data(&self) -> *mut u8 {
+        self.data
+    }
+}
+
+/// An event pool: the shared bookkeeping over slots stored in `S`
+/// ([`EventPool`], [`BufferPool`]). Both forms run the same code.
+pub struct PoolOver<S: SlotStorage> {
+    shared: CachePadded<Shared>,
+    slots: S,
 }
 
 // SAFETY: slot bytes are only written through the unique SlotMut of a slot
 // and only read through EventRefs while no SlotMut exists; the bookkeeping is
 // atomic. Sharing the pool between threads is therefore sound.
-unsafe impl<const N: usize, const SLOT: usize> Sync for EventPool<N, SLOT> {}
+unsafe impl<S: SlotStorage> Sync for PoolOver<S> {}
+// SAFETY: the pool owns its slots (or its borrow of them); moving it is sound.
+unsafe impl<S: SlotStorage> Send for PoolOver<S> {}
 
-impl<const N: usize, const SLOT: usize> EventPool<N, SLOT> {
+impl<const N: usize, const SLOT: usize> PoolOver<InlineSlots<N, SLOT>> {
     const SIZE_OK: () = assert!(
         N < NIL as usize && SLOT > 0,
         "pool needs fewer than 2^32 - 1 slots of at least one byte"
@@ -199,8 +257,10 @@ impl<const N: usize, const SLOT: usize> EventPool<N, SLOT> {
         let () = Self::SIZE_OK;
         Self {
             shared: CachePadded::new(Shared::new(SLOT)),
-            meta: [const { SlotMeta::new() }; N],
-            data: core::cell::UnsafeCell::new([[0; SLOT]; N]),
+            slots: InlineSlots {
+                meta: [const { SlotMeta::new() }; N],
+                data: core::cell::UnsafeCell::new([[0; SLOT]; N]),
+            },
         }
     }
 
@@ -210,54 +270,19 @@ impl<const N: usize, const SLOT: usize> EventPool<N, SLOT> {
         let () = Self::SIZE_OK;
         Self {
             shared: CachePadded::new(Shared::new(SLOT)),
-            meta: core::array::from_fn(|_| SlotMeta::new()),
-            data: core::cell::UnsafeCell::new([[0; SLOT]; N]),
+            slots: InlineSlots {
+                meta: core::array::from_fn(|_| SlotMeta::new()),
+                data: core::cell::UnsafeCell::new([[0; SLOT]; N]),
+            },
         }
-    }
-
-    fn view(&self) -> View<'_> {
-        View {
-            shared: &self.shared,
-            meta: &self.meta,
-            data: self.data.get().cast::<u8>(),
-        }
-    }
-
-    /// The pool's one acquirer; `None` after the first call.
-    pub fn acquirer(&self) -> Option<Acquirer<'_>> {
-        self.view().acquirer()
-    }
-
-    /// Number of slots.
-    pub const fn capacity(&self) -> usize {
-        N
-    }
-
-    /// Bytes per slot.
-    pub const fn slot_size(&self) -> usize {
-        SLOT
     }
 }
 
-impl<const N: usize, const SLOT: usize> Default for EventPool<N, SLOT> {
+impl<const N: usize, const SLOT: usize> Default for PoolOver<InlineSlots<N, SLOT>> {
     fn default() -> Self {
         Self::new()
     }
 }
-
-/// A pool over caller-provided buffers, for sizes chosen at run time.
-pub struct BufferPool<'b> {
-    shared: CachePadded<Shared>,
-    meta: &'b [SlotMeta],
-    data: *mut u8,
-    _data: PhantomData<&'b mut [u8]>,
-}
-
-// SAFETY: as for EventPool: slot bytes follow the ownership protocol and the
-// bookkeeping is atomic.
-unsafe impl Sync for BufferPool<'_> {}
-// SAFETY: the pool owns its borrow of the buffers; moving it is sound.
-unsafe impl Send for BufferPool<'_> {}
 
 /// Buffers that do not describe a pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,7 +294,7 @@ pub enum PoolError {
     DataTooSmall,
 }
 
-impl<'b> BufferPool<'b> {
+impl<'b> PoolOver<BorrowedSlots<'b>> {
     /// A pool of `meta.len()` slots of `slot_size` bytes stored in `data`.
     pub fn new(
         meta: &'b mut [SlotMeta],
@@ -288,25 +313,29 @@ impl<'b> BufferPool<'b> {
         }
         Ok(Self {
             shared: CachePadded::new(Shared::new(slot_size)),
-            meta,
-            data: data.as_mut_ptr(),
-            _data: PhantomData,
+            slots: BorrowedSlots {
+                meta,
+                data: data.as_mut_ptr(),
+                _data: PhantomData,
+            },
         })
     }
+}
 
+impl<S: SlotStorage> PoolOver<S> {
     /// The pool's one acquirer; `None` after the first call.
     pub fn acquirer(&self) -> Option<Acquirer<'_>> {
         View {
             shared: &self.shared,
-            meta: self.meta,
-            data: self.data,
+            meta: self.slots.meta(),
+            data: self.slots.data(),
         }
         .acquirer()
     }
 
     /// Number of slots.
     pub fn capacity(&self) -> usize {
-        self.meta.len()
+        self.slots.meta().len()
     }
 
     /// Bytes per slot.

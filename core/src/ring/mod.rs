@@ -6,7 +6,8 @@
 //! (an Acquire load) only when the ring looks full or empty. Batch calls move
 //! many items per store. Capacity is a power of two, as a const generic
 //! ([`Ring`], usable as a `static`) or the length of a caller's buffer
-//! ([`BufferRing`]); both run the same code.
+//! ([`BufferRing`]): one type, [`RingOver`], with the slots' storage as a
+//! parameter.
 
 use core::marker::PhantomData;
 use core::mem::MaybeUninit;
@@ -125,8 +126,8 @@ impl Indices {
     }
 }
 
-/// A ring whose capacity `N` (a power of two) is a const generic; `Ring::new`
-/// is `const`, so a ring can be a `static`.
+/// A ring whose slots are inline: capacity `N` (a power of two) is a const
+/// generic, and `Ring::new` is `const`, so a ring can be a `static`.
 ///
 /// ```
 /// use eventstream_core::ring::Ring;
@@ -142,18 +143,47 @@ impl Indices {
 /// rx.pop_batch(8, |v| got.push(v));
 /// assert_eq!(got, [2, 3]);
 /// ```
-pub struct Ring<T, const N: usize> {
+pub type Ring<T, const N: usize> = RingOver<T, [Slot<T>; N]>;
+
+/// A ring over a caller-provided buffer of [`Slot`]s, for capacities chosen
+/// at run time.
+pub type BufferRing<'b, T> = RingOver<T, &'b mut [Slot<T>]>;
+
+/// Where a ring's slots live: inline (`[Slot<T>; N]`) or in a caller's
+/// buffer (`&mut [Slot<T>]`).
+pub trait SlotStorage<T> {
+    /// The slots.
+    fn slots(&self) -> &[Slot<T>];
+}
+
+impl<T, const N: usize> SlotStorage<T> for [Slot<T>; N] {
+    fn slots(&self) -> &[Slot<T>] {
+        self
+    }
+}
+
+impl<T> SlotStorage<T> for &mut [Slot<T>] {
+    fn slots(&self) -> &[Slot<T>] {
+        self
+    }
+}
+
+/// The ring: its indices over slots stored in `S` ([`Ring`], [`BufferRing`]).
+/// Both forms run the same code.
+pub struct RingOver<T, S: SlotStorage<T>> {
     indices: Indices,
-    slots: [Slot<T>; N],
+    slots: S,
+    _items: PhantomData<T>,
 }
 
 // SAFETY: the ring hands out at most one Producer and one Consumer (the split
-// flag), which move items of type T between threads; T: Send suffices.
-unsafe impl<T: Send, const N: usize> Sync for Ring<T, N> {}
+// flag), which move items of type T between threads; T: Send suffices, and
+// the storage is only read through `slots()` (the cells are the ring's).
+unsafe impl<T: Send, S: SlotStorage<T> + Send> Sync for RingOver<T, S> {}
 // SAFETY: owning the ring owns its items; moving it moves T values.
-unsafe impl<T: Send, const N: usize> Send for Ring<T, N> {}
+unsafe impl<T: Send, S: SlotStorage<T> + Send> Send for RingOver<T, S> {}
 
-impl<T, const N: usize> Ring<T, N> {
+impl<T, const N: usize> RingOver<T, [Slot<T>; N]> {
     const CAPACITY_OK: () = assert!(
         N.is_power_of_two() && N <= 1 << 31,
         "ring capacity must be a power of two up to 2^31"
@@ -166,6 +196,7 @@ impl<T, const N: usize> Ring<T, N> {
         Self {
             indices: Indices::new(),
             slots: [const { Slot::new() }; N],
+            _items: PhantomData,
         }
     }
 
@@ -176,51 +207,23 @@ impl<T, const N: usize> Ring<T, N> {
         Self {
             indices: Indices::new(),
             slots: core::array::from_fn(|_| Slot::new()),
+            _items: PhantomData,
         }
-    }
-
-    /// The producer and consumer halves; `None` after the first call, so a
-    /// `static` ring can be split safely from anywhere.
-    pub fn split(&self) -> Option<(Producer<'_, T>, Consumer<'_, T>)> {
-        self.indices.split(&self.slots)
-    }
-
-    /// Items the ring holds at most.
-    pub const fn capacity(&self) -> usize {
-        N
     }
 }
 
-impl<T, const N: usize> Default for Ring<T, N> {
+impl<T, const N: usize> Default for RingOver<T, [Slot<T>; N]> {
     fn default() -> Self {
         Self::new()
     }
 }
-
-impl<T, const N: usize> Drop for Ring<T, N> {
-    fn drop(&mut self) {
-        self.indices.drop_items(&self.slots);
-    }
-}
-
-/// A ring over a caller-provided buffer of [`Slot`]s, for capacities chosen
-/// at run time.
-pub struct BufferRing<'b, T> {
-    indices: Indices,
-    slots: &'b [Slot<T>],
-}
-
-// SAFETY: as for Ring: one Producer and one Consumer move T values across threads.
-unsafe impl<T: Send> Sync for BufferRing<'_, T> {}
-// SAFETY: as for Ring.
-unsafe impl<T: Send> Send for BufferRing<'_, T> {}
 
 /// A buffer length that is not a power of two between 1 and 2^31.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct BadCapacity;
 
-impl<'b, T> BufferRing<'b, T> {
+impl<'b, T> RingOver<T, &'b mut [Slot<T>]> {
     /// A ring over `slots`, whose length must be a power of two up to 2^31.
     /// Holding `&mut` guarantees no other ring uses the buffer.
     pub fn new(slots: &'b mut [Slot<T>]) -> Result<Self, BadCapacity> {
@@ -230,23 +233,28 @@ impl<'b, T> BufferRing<'b, T> {
         Ok(Self {
             indices: Indices::new(),
             slots,
+            _items: PhantomData,
         })
     }
+}
 
-    /// The producer and consumer halves; `None` after the first call.
+impl<T, S: SlotStorage<T>> RingOver<T, S> {
+    /// The producer and consumer halves; `None` after the first call, so a
+    /// `static` ring can be split safely from anywhere.
     pub fn split(&self) -> Option<(Producer<'_, T>, Consumer<'_, T>)> {
-        self.indices.split(self.slots)
+        self.indices.split(self.slots.slots())
     }
 
     /// Items the ring holds at most.
     pub fn capacity(&self) -> usize {
-        self.slots.len()
+        self.slots.slots().len()
     }
 }
 
-impl<T> Drop for BufferRing<'_, T> {
+impl<T, S: SlotStorage<T>> Drop for RingOver<T, S> {
     fn drop(&mut self) {
-        self.indices.drop_items(self.slots);
+        let Self { indices, slots, .. } = self;
+        indices.drop_items(slots.slots());
     }
 }
 
