@@ -60,8 +60,8 @@ pub fn run_singles(
     shared: Arc<Shared>,
 ) {
     let (class, me): (Class, &Parker) = match proc {
-        Singles::Realtime(_) => (Class::Realtime, &shared.realtime),
-        Singles::Transactional(..) => (Class::Transactional, &shared.transactional),
+        Singles::Realtime(_) => (Class::Realtime, &shared.wake.realtime),
+        Singles::Transactional(..) => (Class::Transactional, &shared.wake.transactional),
     };
     let mut sweeper = match &proc {
         Singles::Transactional(_, every) => Some(sweeper(*every)),
@@ -92,9 +92,9 @@ pub fn run_singles(
             sweep_step(sw, p, now);
         }
         if moved > 0 {
-            shared.set_depth(RingGauge::Class(class), rx.len());
-            shared.storage.wake();
-            shared.ingest.wake_for_room();
+            shared.gauges.set_depth(RingGauge::Class(class), rx.len());
+            shared.wake.storage.wake();
+            shared.wake.ingest.wake_for_room();
             backoff.reset();
             continue;
         }
@@ -102,7 +102,7 @@ pub fn run_singles(
             return;
         }
         if backoff.idle() {
-            shared.set_depth(RingGauge::Class(class), rx.len());
+            shared.gauges.set_depth(RingGauge::Class(class), rx.len());
             let timeout = sweeper
                 .as_ref()
                 .map(|sw| Duration::from_nanos(sw.next_deadline().saturating_sub(monotonic_ns())));
@@ -136,14 +136,17 @@ pub fn run_batch(
             proc.handle(ev, now, &mut (), &mut ToStorage { out: &mut tx });
             moved = true;
         }
-        let flush = shared.phase() >= Phase::Drain || shared.pool_starved.load(Ordering::Relaxed);
+        let flush =
+            shared.phase() >= Phase::Drain || shared.life.pool_starved.load(Ordering::Relaxed);
         if tx.has_room(need) {
             moved |= proc.tick(now, flush, &mut ToStorage { out: &mut tx });
         }
         if moved {
-            shared.set_depth(RingGauge::Class(Class::Batch), rx.len());
-            shared.storage.wake();
-            shared.ingest.wake_for_room();
+            shared
+                .gauges
+                .set_depth(RingGauge::Class(Class::Batch), rx.len());
+            shared.wake.storage.wake();
+            shared.wake.ingest.wake_for_room();
             backoff.reset();
             continue;
         }
@@ -151,18 +154,20 @@ pub fn run_batch(
             return;
         }
         if backoff.idle() {
-            shared.set_depth(RingGauge::Class(Class::Batch), rx.len());
+            shared
+                .gauges
+                .set_depth(RingGauge::Class(Class::Batch), rx.len());
             let timeout = proc
                 .next_deadline()
                 .map(|d| Duration::from_nanos(d.saturating_sub(monotonic_ns())));
             let held = proc.held();
-            shared.batch.park(timeout, || {
+            shared.wake.batch.park(timeout, || {
                 (!rx.is_empty() && tx.has_room(need))
                     || shared.phase() == Phase::Stop
                     || (held > 0
                         && tx.has_room(need)
                         && (shared.phase() >= Phase::Drain
-                            || shared.pool_starved.load(Ordering::Relaxed)))
+                            || shared.life.pool_starved.load(Ordering::Relaxed)))
             });
             backoff.reset();
         }

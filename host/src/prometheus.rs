@@ -130,43 +130,43 @@ static FAMILIES: &[Family] = &[
         name: "eventstream_idle_closed_total",
         kind: Kind::Counter,
         help: "Producer connections closed after --idle-timeout with nothing in flight.",
-        samples: Samples::One(|c| relaxed(&c.shared.idle_closed)),
+        samples: Samples::One(|c| relaxed(&c.shared.gauges.idle_closed)),
     },
     Family {
         name: "eventstream_connections_accepted_total",
         kind: Kind::Counter,
         help: "Producer connections accepted.",
-        samples: Samples::One(|c| relaxed(&c.shared.connections_total)),
+        samples: Samples::One(|c| relaxed(&c.shared.gauges.connections_total)),
     },
     Family {
         name: "eventstream_connections_refused_total",
         kind: Kind::Counter,
         help: "Connections refused at accept (limit or out of descriptors).",
-        samples: Samples::One(|c| relaxed(&c.shared.connections_refused)),
+        samples: Samples::One(|c| relaxed(&c.shared.gauges.connections_refused)),
     },
     Family {
         name: "eventstream_frame_timeouts_total",
         kind: Kind::Counter,
         help: "Connections closed for a frame half-received past --frame-timeout.",
-        samples: Samples::One(|c| relaxed(&c.shared.frame_timeouts)),
+        samples: Samples::One(|c| relaxed(&c.shared.gauges.frame_timeouts)),
     },
     Family {
         name: "eventstream_fsync_total",
         kind: Kind::Counter,
         help: "fsyncs of the log.",
-        samples: Samples::One(|c| relaxed(&c.shared.fsyncs)),
+        samples: Samples::One(|c| relaxed(&c.shared.progress.fsyncs)),
     },
     Family {
         name: "eventstream_storage_failures_total",
         kind: Kind::Counter,
         help: "Failed log writes.",
-        samples: Samples::One(|c| relaxed(&c.shared.storage_failures)),
+        samples: Samples::One(|c| relaxed(&c.shared.gauges.storage_failures)),
     },
     Family {
         name: "eventstream_connections",
         kind: Kind::Gauge,
         help: "Open producer connections.",
-        samples: Samples::One(|c| relaxed(&c.shared.connections)),
+        samples: Samples::One(|c| relaxed(&c.shared.gauges.connections)),
     },
     Family {
         name: "eventstream_pool_free_slots",
@@ -184,38 +184,38 @@ static FAMILIES: &[Family] = &[
         name: "eventstream_log_next_offset",
         kind: Kind::Gauge,
         help: "Offset the next stored event gets.",
-        samples: Samples::One(|c| relaxed(&c.shared.next_offset)),
+        samples: Samples::One(|c| relaxed(&c.shared.gauges.next_offset)),
     },
     Family {
         name: "eventstream_log_bytes",
         kind: Kind::Gauge,
         help: "Bytes in all log segments.",
-        samples: Samples::One(|c| relaxed(&c.shared.log_bytes)),
+        samples: Samples::One(|c| relaxed(&c.shared.gauges.log_bytes)),
     },
     Family {
         name: "eventstream_log_lost_offsets",
         kind: Kind::Gauge,
         help: "Offsets lost to --repair (damaged records or missing segments), as damaged/report lists them.",
-        samples: Samples::One(|c| relaxed(&c.shared.log_lost_offsets)),
+        samples: Samples::One(|c| relaxed(&c.shared.gauges.log_lost_offsets)),
     },
     Family {
         name: "eventstream_storage_failed",
         kind: Kind::Gauge,
         help: "1 while log writes fail (retried each second).",
-        samples: Samples::One(|c| f64::from(u8::from(c.shared.storage_failed.load(Ordering::Relaxed)))),
+        samples: Samples::One(|c| f64::from(u8::from(c.shared.gauges.storage_failed.load(Ordering::Relaxed)))),
     },
     Family {
         name: "eventstream_dedup_entries",
         kind: Kind::Gauge,
         help: "Ids in the dedup table (counted at most once a second, when scraped).",
-        samples: Samples::One(|c| relaxed(&c.shared.dedup_entries)),
+        samples: Samples::One(|c| relaxed(&c.shared.gauges.dedup_entries)),
     },
     Family {
         name: "eventstream_dedup_window_effective_seconds",
         kind: Kind::Gauge,
         help: "The dedup window the table really offers (shrinks when full ids are evicted).",
         samples: Samples::One(|c| {
-            f64::from(c.shared.dedup_effective_ms.load(Ordering::Relaxed)) / 1000.0
+            f64::from(c.shared.gauges.dedup_effective_ms.load(Ordering::Relaxed)) / 1000.0
         }),
     },
     Family {
@@ -224,7 +224,7 @@ static FAMILIES: &[Family] = &[
         help: "Items waiting in each ring.",
         samples: Samples::Labeled("ring", |c, out| {
             for ring in RingGauge::ALL {
-                out(ring.name(), c.shared.depth(ring) as f64);
+                out(ring.name(), c.shared.gauges.depth(ring) as f64);
             }
         }),
     },
@@ -235,7 +235,7 @@ static FAMILIES: &[Family] = &[
         samples: Samples::Latency(|c, out| {
             let h = c
                 .shared
-                .fsync_latency
+                .progress.fsync_latency
                 .lock()
                 .map(|h| h.clone())
                 .unwrap_or_default();

@@ -41,7 +41,7 @@ pub fn summary_line(shared: &Shared, snap: &Snapshot, prev: &Snapshot, secs: f64
     for c in Class::ALL {
         lat.merge(snap.latency(c));
     }
-    let depth = |i: usize| shared.depth(RingGauge::ALL[i]);
+    let depth = |i: usize| shared.gauges.depth(RingGauge::ALL[i]);
     format!(
         "eventstream: in {:.0}/s stored {:.0}/s dup {} rej {} | p50 {} p99 {} p99.9 {} | rings rt {} tx {} b {} st {} | pool free {} | conns {}",
         rate(sum(snap, Counter::Received), sum(prev, Counter::Received)),
@@ -56,7 +56,7 @@ pub fn summary_line(shared: &Shared, snap: &Snapshot, prev: &Snapshot, secs: f64
         depth(2),
         depth(3) + depth(4) + depth(5),
         shared.pool_free(),
-        shared.connections.load(Ordering::Relaxed),
+        shared.gauges.connections.load(Ordering::Relaxed),
     )
 }
 
@@ -84,6 +84,7 @@ pub fn run_housekeeping(listener: TcpListener, dedup: DedupRef<'static>, shared:
         if occupancy_at.is_none_or(|at| now.saturating_sub(at) >= OCCUPANCY_TTL_NS) {
             occupancy_at = Some(now);
             shared
+                .gauges
                 .dedup_entries
                 .store(dedup.occupied() as u64, Ordering::Relaxed);
         }
@@ -119,6 +120,7 @@ pub fn run_housekeeping(listener: TcpListener, dedup: DedupRef<'static>, shared:
         prev_line_at = now;
         let effective = dedup.effective_window_ms();
         shared
+            .gauges
             .dedup_effective_ms
             .store(effective, Ordering::Relaxed);
         if effective < window_ms && now.saturating_sub(last_warning) > 60_000_000_000 {
@@ -154,7 +156,7 @@ fn activity(shared: &Shared, snap: &Snapshot) -> [u64; 4] {
     [
         sum(Counter::Received) + rejected,
         sum(Counter::Stored) + sum(Counter::Duplicate),
-        shared.connections_total.load(Ordering::Relaxed),
-        shared.connections.load(Ordering::Relaxed),
+        shared.gauges.connections_total.load(Ordering::Relaxed),
+        shared.gauges.connections.load(Ordering::Relaxed),
     ]
 }

@@ -178,6 +178,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         .map_err(|e| format!("eventfd: {e}"))?,
     );
     shared
+        .gauges
         .log_lost_offsets
         .store(opened.gaps.lost_offsets(), Ordering::Relaxed);
     let pool_meta = leak_slice(args.pool_events as usize, SlotMeta::new);
@@ -457,7 +458,10 @@ static SIGNAL_SHARED: std::sync::OnceLock<Arc<Shared>> = std::sync::OnceLock::ne
 extern "C" fn on_signal(_sig: libc::c_int) {
     // Only async-signal-safe work: an atomic store and a write(2).
     if let Some(shared) = SIGNAL_SHARED.get() {
-        shared.shutdown_requested.store(true, Ordering::Release);
+        shared
+            .life
+            .shutdown_requested
+            .store(true, Ordering::Release);
     }
     let fd = SIGNAL_TARGET.load(Ordering::Relaxed);
     if fd >= 0 {
@@ -473,7 +477,7 @@ extern "C" fn on_signal(_sig: libc::c_int) {
 /// Routes SIGINT and SIGTERM to `running`'s graceful shutdown.
 pub fn install_signal_handlers(running: &Running) -> Result<(), String> {
     let _ = SIGNAL_SHARED.set(running.shared.clone());
-    SIGNAL_TARGET.store(running.shared.ingest.raw_fd(), Ordering::Relaxed);
+    SIGNAL_TARGET.store(running.shared.wake.ingest.raw_fd(), Ordering::Relaxed);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // The handler only does async-signal-safe work (an eventfd write).
         crate::sys::on_signal(sig, on_signal)

@@ -78,13 +78,32 @@ impl RingGauge {
     }
 }
 
-/// Shared by all threads of one server.
+/// Shared by all threads of one server, in named parts.
 pub struct Shared {
+    /// Where the server is in its life, and what ingest and storage counted.
+    pub life: Lifecycle,
+    /// Where each thread parks, and how it is woken.
+    pub wake: Wakers,
+    /// How far the log is written, synced and handed to writeback.
+    pub progress: SyncProgress,
+    /// What the threads publish for `/metrics`.
+    pub gauges: Gauges,
+    /// Counters and latency histograms (made once per process start and
+    /// kept for its life: the threads' metrics hold it by reference).
+    pub registry: &'static Registry,
+    /// Pool slots.
+    pub pool_slots: u64,
+    /// How long an idle thread spins before parking (`--idle-spin`).
+    pub idle_spin_ns: u64,
+}
+
+/// The server's life: its [`Phase`] and the counts the shutdown waits on.
+pub struct Lifecycle {
     /// The [`Phase`], as its `u32`.
     phase: AtomicU32,
     /// A shutdown was asked for (signal or API).
     pub shutdown_requested: AtomicBool,
-    /// Events ingest moved into the class rings.
+    /// Events ingest handed on.
     pub accepted: AtomicU64,
     /// Events storage answered (stored, duplicate, rejected).
     pub finished: AtomicU64,
@@ -92,21 +111,49 @@ pub struct Shared {
     pub storage_done: AtomicBool,
     /// Ingest is short of pool slots: batch windows should flush early.
     pub pool_starved: AtomicBool,
+}
+
+impl Lifecycle {
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        Phase::from_u32(self.phase.load(Ordering::Acquire))
+    }
+}
+
+/// Each thread's parking spot.
+pub struct Wakers {
     /// Ingest's wake-up (eventfd).
     pub ingest: IngestWaker,
-    /// The realtime processor's parking spot.
+    /// The realtime processor's.
     pub realtime: Parker,
-    /// The transactional processor's parking spot.
+    /// The transactional processor's.
     pub transactional: Parker,
-    /// The batch processor's parking spot.
+    /// The batch processor's.
     pub batch: Parker,
-    /// The storage thread's parking spot.
+    /// The storage thread's.
     pub storage: Parker,
-    /// The sync thread's parking spot.
+    /// The sync thread's.
     pub sync: Parker,
-    /// The prefill thread (`--fsync always`) sleeps while a segment made
-    /// ahead of use waits for a roll; a roll wakes it.
+    /// The prefill thread's (`--fsync always`): it sleeps while a segment
+    /// made ahead of use waits for a roll; a roll wakes it.
     pub prefill: Parker,
+}
+
+impl Wakers {
+    /// Wakes every thread.
+    pub fn all(&self) {
+        self.realtime.wake();
+        self.transactional.wake();
+        self.batch.wake();
+        self.storage.wake();
+        self.sync.wake();
+        self.prefill.wake();
+        self.ingest.wake_always();
+    }
+}
+
+/// The log's progress between the writer and the sync thread.
+pub struct SyncProgress {
     /// The sync thread sleeps until the next write (storage wakes it).
     pub sync_idle: AtomicBool,
     /// The active segment's bytes `kick_from..kick_to` are due for
@@ -120,9 +167,15 @@ pub struct Shared {
     pub written: AtomicU64,
     /// Log bytes covered by a finished fsync.
     pub synced: AtomicU64,
-    /// Counters and latency histograms (made once per process start and
-    /// kept for its life: the threads' metrics hold it by reference).
-    pub registry: &'static Registry,
+    /// fsyncs done.
+    pub fsyncs: AtomicU64,
+    /// fsync latency, ns.
+    pub fsync_latency: Mutex<Histogram>,
+}
+
+/// Gauges and counters the threads publish for `/metrics` (beside the
+/// registry's).
+pub struct Gauges {
     /// Open producer connections.
     pub connections: AtomicU64,
     /// Connections accepted since start.
@@ -135,10 +188,6 @@ pub struct Shared {
     pub idle_closed: AtomicU64,
     /// Ring depths, as last seen by each consumer (by [`RingGauge`]).
     ring_depth: [AtomicU64; 7],
-    /// fsyncs done.
-    pub fsyncs: AtomicU64,
-    /// fsync latency, ns.
-    pub fsync_latency: Mutex<Histogram>,
     /// Next log offset.
     pub next_offset: AtomicU64,
     /// Bytes in all segments.
@@ -153,83 +202,9 @@ pub struct Shared {
     pub dedup_entries: AtomicU64,
     /// Effective dedup window, ms.
     pub dedup_effective_ms: AtomicU32,
-    /// Pool slots.
-    pub pool_slots: u64,
-    /// How long an idle thread spins before parking (`--idle-spin`).
-    pub idle_spin_ns: u64,
 }
 
-impl Shared {
-    /// Fresh state for a pool of `pool_slots`.
-    pub fn new(pool_slots: u64, window_ms: u32, idle_spin_ns: u64) -> std::io::Result<Self> {
-        Ok(Self {
-            phase: AtomicU32::new(Phase::Run as u32),
-            shutdown_requested: AtomicBool::new(false),
-            accepted: AtomicU64::new(0),
-            finished: AtomicU64::new(0),
-            storage_done: AtomicBool::new(false),
-            pool_starved: AtomicBool::new(false),
-            ingest: IngestWaker::new()?,
-            realtime: Parker::new(),
-            transactional: Parker::new(),
-            batch: Parker::new(),
-            storage: Parker::new(),
-            sync: Parker::new(),
-            prefill: Parker::new(),
-            sync_idle: AtomicBool::new(false),
-            kick_from: AtomicU64::new(0),
-            kick_to: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            synced: AtomicU64::new(0),
-            registry: Box::leak(Box::new(Registry::new())),
-            connections: AtomicU64::new(0),
-            connections_total: AtomicU64::new(0),
-            connections_refused: AtomicU64::new(0),
-            frame_timeouts: AtomicU64::new(0),
-            idle_closed: AtomicU64::new(0),
-            ring_depth: Default::default(),
-            fsyncs: AtomicU64::new(0),
-            fsync_latency: Mutex::new(Histogram::new()),
-            next_offset: AtomicU64::new(0),
-            log_bytes: AtomicU64::new(0),
-            log_lost_offsets: AtomicU64::new(0),
-            storage_failed: AtomicBool::new(false),
-            storage_failures: AtomicU64::new(0),
-            dedup_entries: AtomicU64::new(0),
-            dedup_effective_ms: AtomicU32::new(window_ms),
-            pool_slots,
-            idle_spin_ns,
-        })
-    }
-
-    /// The current phase.
-    pub fn phase(&self) -> Phase {
-        Phase::from_u32(self.phase.load(Ordering::Acquire))
-    }
-
-    /// Sets the phase and wakes every thread so each sees it.
-    pub fn set_phase(&self, phase: Phase) {
-        self.phase.store(phase as u32, Ordering::Release);
-        self.wake_all();
-    }
-
-    /// Wakes every thread.
-    pub fn wake_all(&self) {
-        self.realtime.wake();
-        self.transactional.wake();
-        self.batch.wake();
-        self.storage.wake();
-        self.sync.wake();
-        self.prefill.wake();
-        self.ingest.wake_always();
-    }
-
-    /// Asks for a graceful shutdown (what SIGINT and SIGTERM do).
-    pub fn request_shutdown(&self) {
-        self.shutdown_requested.store(true, Ordering::Release);
-        self.ingest.wake_always();
-    }
-
+impl Gauges {
     /// Publishes a ring's depth.
     pub fn set_depth(&self, ring: RingGauge, depth: usize) {
         if let Some(g) = self.ring_depth.get(ring.index()) {
@@ -243,14 +218,84 @@ impl Shared {
             .get(ring.index())
             .map_or(0, |g| g.load(Ordering::Relaxed))
     }
+}
+
+impl Shared {
+    /// Fresh state for a pool of `pool_slots`.
+    pub fn new(pool_slots: u64, window_ms: u32, idle_spin_ns: u64) -> std::io::Result<Self> {
+        Ok(Self {
+            life: Lifecycle {
+                phase: AtomicU32::new(Phase::Run as u32),
+                shutdown_requested: AtomicBool::new(false),
+                accepted: AtomicU64::new(0),
+                finished: AtomicU64::new(0),
+                storage_done: AtomicBool::new(false),
+                pool_starved: AtomicBool::new(false),
+            },
+            wake: Wakers {
+                ingest: IngestWaker::new()?,
+                realtime: Parker::new(),
+                transactional: Parker::new(),
+                batch: Parker::new(),
+                storage: Parker::new(),
+                sync: Parker::new(),
+                prefill: Parker::new(),
+            },
+            progress: SyncProgress {
+                sync_idle: AtomicBool::new(false),
+                kick_from: AtomicU64::new(0),
+                kick_to: AtomicU64::new(0),
+                written: AtomicU64::new(0),
+                synced: AtomicU64::new(0),
+                fsyncs: AtomicU64::new(0),
+                fsync_latency: Mutex::new(Histogram::new()),
+            },
+            gauges: Gauges {
+                connections: AtomicU64::new(0),
+                connections_total: AtomicU64::new(0),
+                connections_refused: AtomicU64::new(0),
+                frame_timeouts: AtomicU64::new(0),
+                idle_closed: AtomicU64::new(0),
+                ring_depth: Default::default(),
+                next_offset: AtomicU64::new(0),
+                log_bytes: AtomicU64::new(0),
+                log_lost_offsets: AtomicU64::new(0),
+                storage_failed: AtomicBool::new(false),
+                storage_failures: AtomicU64::new(0),
+                dedup_entries: AtomicU64::new(0),
+                dedup_effective_ms: AtomicU32::new(window_ms),
+            },
+            registry: Box::leak(Box::new(Registry::new())),
+            pool_slots,
+            idle_spin_ns,
+        })
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.life.phase()
+    }
+
+    /// Sets the phase and wakes every thread so each sees it.
+    pub fn set_phase(&self, phase: Phase) {
+        self.life.phase.store(phase as u32, Ordering::Release);
+        self.wake.all();
+    }
+
+    /// Asks for a graceful shutdown (what SIGINT and SIGTERM do).
+    pub fn request_shutdown(&self) {
+        self.life.shutdown_requested.store(true, Ordering::Release);
+        self.wake.ingest.wake_always();
+    }
 
     /// Pool slots not held by an event in flight (events accepted and not
     /// yet answered hold one slot each).
     pub fn pool_free(&self) -> u64 {
         let inflight = self
+            .life
             .accepted
             .load(Ordering::Relaxed)
-            .saturating_sub(self.finished.load(Ordering::Relaxed));
+            .saturating_sub(self.life.finished.load(Ordering::Relaxed));
         self.pool_slots.saturating_sub(inflight)
     }
 }

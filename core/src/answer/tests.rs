@@ -21,6 +21,22 @@ type Machine<'a> = Answers<
     { crate::metrics::FINE },
 >;
 
+/// A machine over `table` counting into `registry`, with or without group
+/// commit.
+fn machine<'a>(
+    table: &'a DedupTable<64>,
+    registry: &'a Registry,
+    group_commit: bool,
+) -> Machine<'a> {
+    Answers::new(
+        table.table(),
+        registry,
+        Default::default(),
+        Default::default(),
+        group_commit,
+    )
+}
+
 fn stored(id: u64, offset: u64, dedup: Option<DedupHint>) -> Owed {
     Owed::Stored {
         conn: 7,
@@ -51,13 +67,7 @@ fn a_stored_event_gets_its_offset_in_the_ack_and_the_table() {
     let mut ins = table.table().inserter().unwrap();
     let (r, hint) = ins.insert_hinted(5, 1);
     assert_eq!(r, Insert::Inserted);
-    let mut a: Machine = Answers::new(
-        table.table(),
-        &registry,
-        Default::default(),
-        Default::default(),
-        false,
-    );
+    let mut a = machine(&table, &registry, false);
     let mut out = Out::default();
     a.settle(stored(5, 40, Some(hint)), true, 0, 10, &mut out);
     assert_eq!(out.0, [(7, Ack::stored(5, 40))]);
@@ -79,13 +89,7 @@ fn a_failed_write_rejects_and_forgets_the_id_so_a_retry_is_stored() {
     let registry = Registry::new();
     let mut ins = table.table().inserter().unwrap();
     let (_, hint) = ins.insert_hinted(5, 1);
-    let mut a: Machine = Answers::new(
-        table.table(),
-        &registry,
-        Default::default(),
-        Default::default(),
-        false,
-    );
+    let mut a = machine(&table, &registry, false);
     let mut out = Out::default();
     a.settle(stored(5, 40, Some(hint)), false, 0, 10, &mut out);
     assert_eq!(out.0, [(7, Ack::rejected(5, Reason::StorageFailed))]);
@@ -99,13 +103,7 @@ fn a_duplicate_waits_for_its_originals_offset() {
     let registry = Registry::new();
     let mut ins = table.table().inserter().unwrap();
     let (_, hint) = ins.insert_hinted(5, 1);
-    let mut a: Machine = Answers::new(
-        table.table(),
-        &registry,
-        Default::default(),
-        Default::default(),
-        false,
-    );
+    let mut a = machine(&table, &registry, false);
     let mut out = Out::default();
     // The original is not written yet: the duplicate is deferred.
     assert_eq!(a.outcome(dup(5), 2), None);
@@ -136,13 +134,7 @@ fn a_duplicate_of_a_failed_original_is_rejected_storage_failed() {
     let registry = Registry::new();
     let mut ins = table.table().inserter().unwrap();
     let (_, hint) = ins.insert_hinted(5, 1);
-    let mut a: Machine = Answers::new(
-        table.table(),
-        &registry,
-        Default::default(),
-        Default::default(),
-        false,
-    );
+    let mut a = machine(&table, &registry, false);
     let mut out = Out::default();
     assert_eq!(a.outcome(dup(5), 2), None);
     a.settle(stored(5, 40, Some(hint)), false, 0, 10, &mut out);
@@ -154,13 +146,7 @@ fn a_duplicate_of_a_failed_original_is_rejected_storage_failed() {
 fn a_rejection_passes_through_and_no_ack_flag_means_no_ack() {
     let table: DedupTable<64> = DedupTable::new(DedupConfig::DEFAULT);
     let registry = Registry::new();
-    let mut a: Machine = Answers::new(
-        table.table(),
-        &registry,
-        Default::default(),
-        Default::default(),
-        true,
-    );
+    let mut a = machine(&table, &registry, true);
     let mut out = Out::default();
     let rej = Work::Reject {
         conn: 1,
@@ -194,13 +180,7 @@ fn a_rejection_passes_through_and_no_ack_flag_means_no_ack() {
 fn group_commit_holds_stored_and_duplicate_until_an_fsync_covers_them() {
     let table: DedupTable<64> = DedupTable::new(DedupConfig::DEFAULT);
     let registry = Registry::new();
-    let mut a: Machine = Answers::new(
-        table.table(),
-        &registry,
-        Default::default(),
-        Default::default(),
-        true,
-    );
+    let mut a = machine(&table, &registry, true);
     let mut out = Out::default();
     a.settle(stored(1, 0, None), true, 100, 10, &mut out);
     let d = Work::Duplicate {
@@ -232,13 +212,7 @@ fn outcomes_settle_in_order_from_a_store_of_events() {
     // `Status` of each ack follows the rule table above.
     let table: DedupTable<64> = DedupTable::new(DedupConfig::DEFAULT);
     let registry = Registry::new();
-    let mut a: Machine = Answers::new(
-        table.table(),
-        &registry,
-        Default::default(),
-        Default::default(),
-        false,
-    );
+    let mut a = machine(&table, &registry, false);
     let mut out = Out::default();
     for i in 0..3 {
         a.settle(stored(i, i, None), true, 0, 10, &mut out);

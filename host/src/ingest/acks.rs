@@ -28,7 +28,7 @@ impl<D: Downstream> Ingest<D> {
             self.mark_dirty(id);
         }
         if got > 0 {
-            self.p.shared.set_depth(RingGauge::Acks, 0);
+            self.p.shared.gauges.set_depth(RingGauge::Acks, 0);
         }
     }
 

@@ -106,6 +106,7 @@ impl<D: Downstream> Ingest<D> {
                     }
                     self.p
                         .shared
+                        .gauges
                         .connections_refused
                         .fetch_add(1, Ordering::Relaxed);
                     eprintln!("eventstream: out of file descriptors; connection refused");
@@ -120,6 +121,7 @@ impl<D: Downstream> Ingest<D> {
             if open >= self.p.max_connections as usize {
                 self.p
                     .shared
+                    .gauges
                     .connections_refused
                     .fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -208,9 +210,14 @@ impl<D: Downstream> Ingest<D> {
             mid_since: None,
             last_active: monotonic_ns(),
         });
-        self.p.shared.connections.fetch_add(1, Ordering::Relaxed);
         self.p
             .shared
+            .gauges
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        self.p
+            .shared
+            .gauges
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -273,7 +280,11 @@ impl<D: Downstream> Ingest<D> {
             give_back(&mut self.spare_stash, c.stash);
             self.gens[slot] = (self.gens[slot] + 1) & (u32::MAX >> SLOT_BITS);
             self.free_slots.push(slot as u32);
-            self.p.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            self.p
+                .shared
+                .gauges
+                .connections
+                .fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -305,6 +316,7 @@ impl<D: Downstream> Ingest<D> {
             );
             self.p
                 .shared
+                .gauges
                 .idle_closed
                 .fetch_add(expired.len() as u64, Ordering::Relaxed);
         }
@@ -330,7 +342,11 @@ impl<D: Downstream> Ingest<D> {
         }
         for id in expired {
             eprintln!("eventstream: connection closed: frame half-received past --frame-timeout");
-            self.p.shared.frame_timeouts.fetch_add(1, Ordering::Relaxed);
+            self.p
+                .shared
+                .gauges
+                .frame_timeouts
+                .fetch_add(1, Ordering::Relaxed);
             self.close(id);
         }
         self.next_timeout_scan = if next == u64::MAX { now + limit } else { next };

@@ -144,7 +144,11 @@ impl<D: Downstream> Ingest<D> {
     pub fn new(p: IngestParts, down: D) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         epoll.add(p.listener.as_raw_fd(), TOKEN_LISTENER, libc::EPOLLIN as u32)?;
-        epoll.add(p.shared.ingest.raw_fd(), TOKEN_WAKER, libc::EPOLLIN as u32)?;
+        epoll.add(
+            p.shared.wake.ingest.raw_fd(),
+            TOKEN_WAKER,
+            libc::EPOLLIN as u32,
+        )?;
         let listener = p.listener.try_clone()?;
         Ok(Self {
             listener: Some(listener),
@@ -192,22 +196,22 @@ impl<D: Downstream> Ingest<D> {
             let timeout = if busy { 0 } else { self.park_timeout(now) };
             if !busy {
                 let want_room = !self.waiting_room.is_empty();
-                self.p.shared.ingest.prepare_park(want_room);
+                self.p.shared.wake.ingest.prepare_park(want_room);
                 if self.has_work() {
-                    self.p.shared.ingest.unpark();
+                    self.p.shared.wake.ingest.unpark();
                     continue;
                 }
             }
             let n = self.epoll.wait(&mut events, timeout)?;
             if !busy {
-                self.p.shared.ingest.unpark();
+                self.p.shared.wake.ingest.unpark();
             }
             for ev in events.iter().take(n) {
                 let token = ev.u64;
                 let flags = ev.events;
                 match token {
                     TOKEN_LISTENER => self.accept_all(),
-                    TOKEN_WAKER => self.p.shared.ingest.clear(),
+                    TOKEN_WAKER => self.p.shared.wake.ingest.clear(),
                     _ => self.on_socket_event(token as u32, flags),
                 }
             }
@@ -218,8 +222,13 @@ impl<D: Downstream> Ingest<D> {
         // A shutdown request is work once; after that the loop must keep
         // waiting on epoll, or it would spin without reading the input it
         // still answers SHUTTING_DOWN.
-        let shutdown_news =
-            !self.shutting_down && self.p.shared.shutdown_requested.load(Ordering::Acquire);
+        let shutdown_news = !self.shutting_down
+            && self
+                .p
+                .shared
+                .life
+                .shutdown_requested
+                .load(Ordering::Acquire);
         if !self.p.ack_rx.is_empty() || shutdown_news || self.down.has_work() {
             return true;
         }
@@ -255,6 +264,7 @@ impl<D: Downstream> Ingest<D> {
     fn publish(&mut self, now: u64) {
         self.p
             .shared
+            .life
             .accepted
             .store(self.accepted, Ordering::Release);
         if self.down.step(now) {
@@ -281,12 +291,22 @@ impl<D: Downstream> Ingest<D> {
             if self.spare.is_none() {
                 // Whoever holds the batch windows closes the oldest one to
                 // free slots.
-                if !self.p.shared.pool_starved.swap(true, Ordering::Relaxed) {
+                if !self
+                    .p
+                    .shared
+                    .life
+                    .pool_starved
+                    .swap(true, Ordering::Relaxed)
+                {
                     self.down.starved();
                 }
                 return false;
             }
-            self.p.shared.pool_starved.store(false, Ordering::Relaxed);
+            self.p
+                .shared
+                .life
+                .pool_starved
+                .store(false, Ordering::Relaxed);
         }
         self.down.room()
     }
@@ -308,7 +328,7 @@ impl<D: Downstream> Ingest<D> {
     fn shutdown_step(&mut self, now: u64) -> io::Result<bool> {
         let shared = self.p.shared.clone();
         if !self.shutting_down {
-            if !shared.shutdown_requested.load(Ordering::Acquire) {
+            if !shared.life.shutdown_requested.load(Ordering::Acquire) {
                 return Ok(false);
             }
             // Stop accepting; frames from now on are answered SHUTTING_DOWN.
@@ -346,19 +366,19 @@ impl<D: Downstream> Ingest<D> {
                 .all(|c| c.out_pos >= c.out.len());
             let quiet = self.ready.is_empty() && acks_out && now >= begun + DRAIN_MIN_NS;
             let read_out = quiet || now >= begun + DRAIN_READ_NS;
-            let answered = shared.finished.load(Ordering::Acquire) >= self.accepted;
+            let answered = shared.life.finished.load(Ordering::Acquire) >= self.accepted;
             if (answered && read_out && now > begun) || past_deadline {
                 shared.set_phase(Phase::Stop);
             }
         }
         if shared.phase() == Phase::Stop
-            && !shared.storage_done.load(Ordering::Acquire)
+            && !shared.life.storage_done.load(Ordering::Acquire)
             && self.down.finish()?
         {
             self.deliver_acks();
             self.flush_dirty();
         }
-        if shared.phase() == Phase::Stop && shared.storage_done.load(Ordering::Acquire) {
+        if shared.phase() == Phase::Stop && shared.life.storage_done.load(Ordering::Acquire) {
             self.deliver_acks();
             let pending = self.conns.iter().flatten().any(|c| c.out_pos < c.out.len());
             if !pending || past_deadline {

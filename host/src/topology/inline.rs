@@ -95,7 +95,7 @@ impl Inline {
             StorageMode::Thread => false,
             StorageMode::Ingest => true,
             StorageMode::Shared => {
-                self.shared.storage.is_parked() && self.shared.phase() != Phase::Stop
+                self.shared.wake.storage.is_parked() && self.shared.phase() != Phase::Stop
             }
         }
     }
@@ -104,8 +104,8 @@ impl Inline {
     /// or when the pool is empty, and the dedup sweep. Returns whether
     /// anything went to the batch storage ring.
     fn tick(&mut self, now: u64) -> bool {
-        let flush =
-            self.shared.phase() >= Phase::Drain || self.shared.pool_starved.load(Ordering::Relaxed);
+        let flush = self.shared.phase() >= Phase::Drain
+            || self.shared.life.pool_starved.load(Ordering::Relaxed);
         let mut moved = false;
         let [_, _, out] = &mut self.storage_tx;
         if out.has_room(self.batch_need) {
@@ -135,7 +135,7 @@ impl Inline {
             }
         }
         if left && mode != StorageMode::Ingest {
-            self.shared.storage.wake();
+            self.shared.wake.storage.wake();
         }
         stepped
     }
@@ -211,7 +211,7 @@ impl Downstream for Inline {
     fn has_work(&mut self) -> bool {
         let finishing = self.mode == StorageMode::Ingest
             && self.shared.phase() == Phase::Stop
-            && !self.shared.storage_done.load(Ordering::Acquire);
+            && !self.shared.life.storage_done.load(Ordering::Acquire);
         finishing
             || (self.ingest_writes() && self.storage.try_lock().is_ok_and(|mut s| s.has_work()))
     }

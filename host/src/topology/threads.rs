@@ -43,16 +43,16 @@ impl Downstream for Threads {
     }
 
     fn starved(&mut self) {
-        self.shared.batch.wake();
+        self.shared.wake.batch.wake();
     }
 
     fn step(&mut self, _now: u64) -> bool {
         for (c, pushed) in self.pushed.iter_mut().enumerate() {
             if std::mem::take(pushed) {
                 match c {
-                    0 => self.shared.realtime.wake(),
-                    1 => self.shared.transactional.wake(),
-                    _ => self.shared.batch.wake(),
+                    0 => self.shared.wake.realtime.wake(),
+                    1 => self.shared.wake.transactional.wake(),
+                    _ => self.shared.wake.batch.wake(),
                 }
             }
         }

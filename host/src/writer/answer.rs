@@ -21,7 +21,7 @@ impl AckOut for AckRing<'_> {
                     // ingest drains the ring (credit makes every ack fit
                     // its connection's buffer).
                     item = back;
-                    self.shared.ingest.wake_for_acks();
+                    self.shared.wake.ingest.wake_for_acks();
                     std::thread::yield_now();
                 }
             }
@@ -38,7 +38,7 @@ impl Storage {
             return false;
         }
         let now = monotonic_ns();
-        let position = self.p.shared.written.load(Ordering::Acquire);
+        let position = self.p.shared.progress.written.load(Ordering::Acquire);
         let mut out = AckRing {
             tx: &mut self.p.acks,
             shared: &self.p.shared,
@@ -68,7 +68,11 @@ impl Storage {
                     self.failed_until = Some(now + RETRY_NS);
                 }
             }
-            self.p.shared.storage_failed.store(!ok, Ordering::Relaxed);
+            self.p
+                .shared
+                .gauges
+                .storage_failed
+                .store(!ok, Ordering::Relaxed);
             self.len = 0;
         }
         self.complete(ok);
@@ -82,6 +86,7 @@ impl Storage {
                 eprintln!("eventstream: storage failed: cannot roll the log: {e}");
                 self.p
                     .shared
+                    .gauges
                     .storage_failures
                     .fetch_add(1, Ordering::Relaxed);
                 return false;
@@ -89,38 +94,50 @@ impl Storage {
             // Under `never` the sync thread sleeps until told: the new
             // segment's directory entry is owed to it. The prefill thread
             // makes the next segment.
-            self.p.shared.sync.wake();
-            self.p.shared.prefill.wake();
+            self.p.shared.wake.sync.wake();
+            self.p.shared.wake.prefill.wake();
         }
         match self.p.log.append(&self.buf[..len], events) {
             Ok(kick) => {
                 if let Some((from, to)) = kick {
-                    self.p.shared.kick_from.store(from, Ordering::Relaxed);
-                    self.p.shared.kick_to.store(to, Ordering::Release);
-                    self.p.shared.sync.wake();
+                    self.p
+                        .shared
+                        .progress
+                        .kick_from
+                        .store(from, Ordering::Relaxed);
+                    self.p.shared.progress.kick_to.store(to, Ordering::Release);
+                    self.p.shared.wake.sync.wake();
                 }
                 let written = self
                     .p
                     .shared
+                    .progress
                     .written
                     .fetch_add(len as u64, Ordering::AcqRel);
                 let _ = written;
                 self.p
                     .shared
+                    .gauges
                     .next_offset
                     .store(self.p.log.next_offset(), Ordering::Relaxed);
                 self.p
                     .shared
+                    .gauges
                     .log_bytes
                     .store(self.p.log.total_bytes(), Ordering::Relaxed);
                 match self.p.fsync {
-                    FsyncPolicy::Always => self.p.shared.sync.wake(),
+                    FsyncPolicy::Always => self.p.shared.wake.sync.wake(),
                     FsyncPolicy::Interval(_) => {
                         fence(Ordering::SeqCst);
-                        if self.p.shared.sync_idle.load(Ordering::Relaxed)
-                            && self.p.shared.sync_idle.swap(false, Ordering::Relaxed)
+                        if self.p.shared.progress.sync_idle.load(Ordering::Relaxed)
+                            && self
+                                .p
+                                .shared
+                                .progress
+                                .sync_idle
+                                .swap(false, Ordering::Relaxed)
                         {
-                            self.p.shared.sync.wake();
+                            self.p.shared.wake.sync.wake();
                         }
                     }
                     FsyncPolicy::Never => {}
@@ -133,6 +150,7 @@ impl Storage {
                 );
                 self.p
                     .shared
+                    .gauges
                     .storage_failures
                     .fetch_add(1, Ordering::Relaxed);
                 false
@@ -143,7 +161,7 @@ impl Storage {
     /// Settles every pending item after a write that succeeded or not.
     pub(super) fn complete(&mut self, ok: bool) {
         let now = monotonic_ns();
-        let position = self.p.shared.written.load(Ordering::Acquire);
+        let position = self.p.shared.progress.written.load(Ordering::Acquire);
         let mut out = AckRing {
             tx: &mut self.p.acks,
             shared: &self.p.shared,
@@ -166,7 +184,7 @@ impl Storage {
     /// Releases held answers whose bytes an fsync now covers, as many as
     /// the ack ring has room for.
     pub(super) fn release_held(&mut self) -> bool {
-        let synced = self.p.shared.synced.load(Ordering::Acquire);
+        let synced = self.p.shared.progress.synced.load(Ordering::Acquire);
         let now = monotonic_ns();
         let mut room = self.p.acks.free_len();
         let mut out = AckRing {

@@ -156,8 +156,9 @@ impl Storage {
     pub fn new(p: StorageParts) -> Self {
         let max_record = RECORD_HEADER_LEN + p.batch_max_events as usize * p.max_frame as usize;
         let next = p.log.next_offset();
-        p.shared.next_offset.store(next, Ordering::Relaxed);
+        p.shared.gauges.next_offset.store(next, Ordering::Relaxed);
         p.shared
+            .gauges
             .log_bytes
             .store(p.log.total_bytes(), Ordering::Relaxed);
         Self {
@@ -196,11 +197,11 @@ impl Storage {
                 Err(TryLockError::Poisoned(_)) => return Err("storage state poisoned".into()),
             };
             if moved {
-                shared.ingest.wake_for_acks();
-                shared.ingest.wake_for_room();
-                shared.realtime.wake();
-                shared.transactional.wake();
-                shared.batch.wake();
+                shared.wake.ingest.wake_for_acks();
+                shared.wake.ingest.wake_for_room();
+                shared.wake.realtime.wake();
+                shared.wake.transactional.wake();
+                shared.wake.batch.wake();
                 backoff.reset();
                 continue;
             }
@@ -208,7 +209,7 @@ impl Storage {
                 let mut s = storage.lock().map_err(|_| "storage state poisoned")?;
                 // Ingest drains the ack ring meanwhile.
                 while !s.finish()? {
-                    shared.ingest.wake_for_acks();
+                    shared.wake.ingest.wake_for_acks();
                     std::thread::yield_now();
                 }
                 return Ok(());
@@ -217,13 +218,15 @@ impl Storage {
                 let timeout = match storage.try_lock() {
                     Ok(mut s) => {
                         for (i, rx) in s.p.rx.iter_mut().enumerate() {
-                            shared.set_depth(RingGauge::Storage(Class::ALL[i]), rx.len());
+                            shared
+                                .gauges
+                                .set_depth(RingGauge::Storage(Class::ALL[i]), rx.len());
                         }
                         s.timeout(monotonic_ns())
                     }
                     Err(_) => Some(Duration::from_millis(1)),
                 };
-                shared.storage.park(timeout, || {
+                shared.wake.storage.park(timeout, || {
                     shared.phase() == Phase::Stop
                         || storage.try_lock().is_ok_and(|mut s| s.has_work())
                 });
@@ -252,15 +255,17 @@ impl Storage {
             if self.p.log.apply_retention() > 0 {
                 self.p
                     .shared
+                    .gauges
                     .log_bytes
                     .store(self.p.log.total_bytes(), Ordering::Relaxed);
                 // The directory's fsync is owed to the sync thread.
-                self.p.shared.sync.wake();
+                self.p.shared.wake.sync.wake();
             }
         }
         if moved {
             self.p
                 .shared
+                .life
                 .finished
                 .store(self.answers.settled(), Ordering::Release);
         }
@@ -275,7 +280,7 @@ impl Storage {
     /// Whether `step` has work without new input: items in the rings, or
     /// held acks that an fsync now covers.
     pub fn has_work(&mut self) -> bool {
-        let synced = self.p.shared.synced.load(Ordering::Acquire);
+        let synced = self.p.shared.progress.synced.load(Ordering::Acquire);
         !self.inputs_empty() || self.answers.held_ready(synced)
     }
 
@@ -314,8 +319,12 @@ impl Storage {
             if let Err(e) = self.p.log.sync_targets().sync() {
                 return Err(format!("fsync failed at shutdown: {e}"));
             }
-            let written = self.p.shared.written.load(Ordering::Acquire);
-            self.p.shared.synced.store(written, Ordering::Release);
+            let written = self.p.shared.progress.written.load(Ordering::Acquire);
+            self.p
+                .shared
+                .progress
+                .synced
+                .store(written, Ordering::Release);
             self.final_synced = true;
             // A segment made ahead of use ends with its last record on a
             // clean stop (start-up would cut the zeros otherwise).
@@ -330,10 +339,15 @@ impl Storage {
         self.answers.flush_metrics(monotonic_ns(), false);
         self.p
             .shared
+            .life
             .finished
             .store(self.answers.settled(), Ordering::Release);
-        self.p.shared.storage_done.store(true, Ordering::Release);
-        self.p.shared.ingest.wake_always();
+        self.p
+            .shared
+            .life
+            .storage_done
+            .store(true, Ordering::Release);
+        self.p.shared.wake.ingest.wake_always();
         Ok(true)
     }
 

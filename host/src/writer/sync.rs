@@ -14,6 +14,7 @@ pub fn run_prefill(prefill: Arc<Prefill>, shared: Arc<Shared>) {
         }
         if prefill.idle() {
             shared
+                .wake
                 .prefill
                 .park(None, || !prefill.idle() || shared.phase() == Phase::Stop);
             continue;
@@ -82,9 +83,9 @@ pub fn run_sync(
         if shared.phase() == Phase::Stop {
             return;
         }
-        let kick_to = shared.kick_to.load(Ordering::Acquire);
+        let kick_to = shared.progress.kick_to.load(Ordering::Acquire);
         if kick_to != kicked {
-            let from = shared.kick_from.load(Ordering::Relaxed);
+            let from = shared.progress.kick_from.load(Ordering::Relaxed);
             let active = targets.active();
             // Under `always` the fsyncs write everything back (a kick would
             // only make the next one wait for a whole range); there the
@@ -120,21 +121,24 @@ pub fn run_sync(
                 dropped.1 = limit;
             }
         }
-        let written = shared.written.load(Ordering::Acquire);
-        let synced = shared.synced.load(Ordering::Acquire);
+        let written = shared.progress.written.load(Ordering::Acquire);
+        let synced = shared.progress.synced.load(Ordering::Acquire);
         match policy {
             FsyncPolicy::Never => {
                 if let Err(e) = targets.sync_owed() {
                     eprintln!("eventstream: fatal: fsync of the data dir failed: {e}; exiting");
                     std::process::exit(1);
                 }
-                shared.sync.park(None, || shared.phase() == Phase::Stop);
+                shared
+                    .wake
+                    .sync
+                    .park(None, || shared.phase() == Phase::Stop);
                 continue;
             }
             FsyncPolicy::Always => {
                 if written == synced {
-                    shared.sync.park(None, || {
-                        shared.written.load(Ordering::Acquire) != synced
+                    shared.wake.sync.park(None, || {
+                        shared.progress.written.load(Ordering::Acquire) != synced
                             || shared.phase() == Phase::Stop
                     });
                     continue;
@@ -142,35 +146,41 @@ pub fn run_sync(
                 let due = last_start.saturating_add(commit_delay.as_nanos() as u64);
                 let now = monotonic_ns();
                 if now < due {
-                    shared.sync.park(Some(Duration::from_nanos(due - now)), || {
-                        shared.phase() == Phase::Stop
-                    });
+                    shared
+                        .wake
+                        .sync
+                        .park(Some(Duration::from_nanos(due - now)), || {
+                            shared.phase() == Phase::Stop
+                        });
                     continue;
                 }
             }
             FsyncPolicy::Interval(ms) => {
                 if written == synced {
-                    shared.sync_idle.store(true, Ordering::Relaxed);
-                    shared.sync.park(None, || {
-                        shared.written.load(Ordering::Acquire) != synced
+                    shared.progress.sync_idle.store(true, Ordering::Relaxed);
+                    shared.wake.sync.park(None, || {
+                        shared.progress.written.load(Ordering::Acquire) != synced
                             || shared.phase() == Phase::Stop
                     });
-                    shared.sync_idle.store(false, Ordering::Relaxed);
+                    shared.progress.sync_idle.store(false, Ordering::Relaxed);
                     continue;
                 }
                 let due = last_sync + ms * 1_000_000;
                 let now = monotonic_ns();
                 if now < due {
-                    shared.sync.park(Some(Duration::from_nanos(due - now)), || {
-                        shared.phase() == Phase::Stop
-                    });
+                    shared
+                        .wake
+                        .sync
+                        .park(Some(Duration::from_nanos(due - now)), || {
+                            shared.phase() == Phase::Stop
+                        });
                     continue;
                 }
             }
         }
         // Read the target first: every byte it counts is in a segment
         // that `sync` then covers (the active one, or one a roll closed).
-        let target = shared.written.load(Ordering::Acquire);
+        let target = shared.progress.written.load(Ordering::Acquire);
         let t0 = monotonic_ns();
         last_start = t0;
         let result = if fail_after == Some(done) {
@@ -185,16 +195,16 @@ pub fn run_sync(
         }
         let took = monotonic_ns() - t0;
         last_sync = monotonic_ns();
-        shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut h) = shared.fsync_latency.lock() {
+        shared.progress.fsyncs.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut h) = shared.progress.fsync_latency.lock() {
             h.record(took);
         }
-        shared.synced.fetch_max(target, Ordering::AcqRel);
+        shared.progress.synced.fetch_max(target, Ordering::AcqRel);
         // Held acks wait on storage's thread, or on ingest's.
         if wake_ingest {
-            shared.ingest.wake_for_acks();
+            shared.wake.ingest.wake_for_acks();
         } else {
-            shared.storage.wake();
+            shared.wake.storage.wake();
         }
     }
 }
