@@ -225,7 +225,7 @@ pub enum Counter {
 }
 
 /// Number of distinct counters.
-pub const COUNTERS: usize = 3 * 3 + 12 + 5;
+pub const COUNTERS: usize = 3 * 3 + Reason::ALL.len() + 5;
 
 impl Counter {
     /// Slot of this counter in a counter array.
@@ -235,11 +235,11 @@ impl Counter {
             Counter::Stored(c) => 3 + c as usize,
             Counter::Duplicate(c) => 6 + c as usize,
             Counter::Rejected(r) => 9 + r as usize,
-            Counter::Batches => 21,
-            Counter::BytesStored => 22,
-            Counter::BytesReceived => 23,
-            Counter::KeepAlives => 24,
-            Counter::LegacySkipped => 25,
+            Counter::Batches => 9 + Reason::ALL.len(),
+            Counter::BytesStored => 10 + Reason::ALL.len(),
+            Counter::BytesReceived => 11 + Reason::ALL.len(),
+            Counter::KeepAlives => 12 + Reason::ALL.len(),
+            Counter::LegacySkipped => 13 + Reason::ALL.len(),
         }
     }
 }

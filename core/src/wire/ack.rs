@@ -28,7 +28,7 @@ pub enum AckError {
     Version,
     /// Status above 3.
     Status,
-    /// Reason above 11.
+    /// A reason code the protocol does not define (above 16).
     Reason,
     /// Reserved byte not zero.
     Reserved,

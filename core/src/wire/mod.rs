@@ -7,7 +7,7 @@
 //! buffer is mutable, and [`FrameRepr`] builds frames.
 //!
 //! Submodules: `frame` (the v1 frame), `ack`, `legacy` (the original
-//! dialect), `stream` (the decoder).
+//! dialect), `stream` (the decoder), [`read`] (read sessions and HELLO).
 //!
 //! Zero-copy: a [`Frame`] is a validated view over the caller's bytes (or the
 //! decoder's one-frame stash when a frame arrived split). No allocation, no
@@ -106,11 +106,21 @@ pub enum Reason {
     ShuttingDown = 10,
     /// 11: the log could not be written.
     StorageFailed = 11,
+    /// 12: no valid token (HELLO, section 8).
+    Unauthorized = 12,
+    /// 13: the token gives no right to this topic.
+    Forbidden = 13,
+    /// 14: a read start or commit outside the retained, visible log.
+    OutOfRange = 14,
+    /// 15: a malformed read request or session frame.
+    BadRequest = 15,
+    /// 16: a newer session of the group took over.
+    Fenced = 16,
 }
 
 impl Reason {
     /// Every reason, in code order.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 17] = [
         Reason::None,
         Reason::BadMagic,
         Reason::BadLength,
@@ -123,6 +133,11 @@ impl Reason {
         Reason::Overloaded,
         Reason::ShuttingDown,
         Reason::StorageFailed,
+        Reason::Unauthorized,
+        Reason::Forbidden,
+        Reason::OutOfRange,
+        Reason::BadRequest,
+        Reason::Fenced,
     ];
 
     /// Every reason a frame or event can be refused for (all but NONE).
@@ -145,6 +160,11 @@ impl Reason {
             9 => Reason::Overloaded,
             10 => Reason::ShuttingDown,
             11 => Reason::StorageFailed,
+            12 => Reason::Unauthorized,
+            13 => Reason::Forbidden,
+            14 => Reason::OutOfRange,
+            15 => Reason::BadRequest,
+            16 => Reason::Fenced,
             _ => return None,
         })
     }
@@ -169,6 +189,11 @@ impl Reason {
             Reason::Overloaded => "OVERLOADED",
             Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::StorageFailed => "STORAGE_FAILED",
+            Reason::Unauthorized => "UNAUTHORIZED",
+            Reason::Forbidden => "FORBIDDEN",
+            Reason::OutOfRange => "OUT_OF_RANGE",
+            Reason::BadRequest => "BAD_REQUEST",
+            Reason::Fenced => "FENCED",
         }
     }
 }
@@ -311,6 +336,7 @@ pub(super) enum Extent {
 mod ack;
 mod frame;
 mod legacy;
+pub mod read;
 mod stream;
 #[cfg(test)]
 mod tests;

@@ -138,7 +138,7 @@ struct Conn {
 struct Tally {
     stored: u64,
     duplicate: u64,
-    rejected: [u64; 12],
+    rejected: [u64; Reason::ALL.len()],
     fatal: u64,
     unexpected: u64,
     latency: [Histogram; 3],
@@ -177,7 +177,7 @@ pub struct Report {
     /// DUPLICATE acks.
     pub duplicate: u64,
     /// REJECTED acks by reason code.
-    pub rejected: [u64; 12],
+    pub rejected: [u64; Reason::ALL.len()],
     /// FATAL acks.
     pub fatal: u64,
     /// Acked events that never got their ack.
