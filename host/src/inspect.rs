@@ -3,7 +3,9 @@
 //! JSON object per event, or a verification of every record.
 
 use std::fmt::Write as _;
+use std::fs::File;
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
 
 use eventstream_core::record::{unused_tail, Record};
 use eventstream_core::wire::Frame;
@@ -11,7 +13,7 @@ use eventstream_core::Class;
 
 use crate::config::InspectArgs;
 use crate::repair::{Gaps, DAMAGED_DIR, REPORT};
-use crate::storage::{list_segments, read_records};
+use crate::storage::{list_segments, read_records, read_records_at, seek, SegmentIndex};
 
 /// A JSON string literal of `s`.
 fn json_str(out: &mut String, s: &str) {
@@ -97,8 +99,31 @@ pub fn run(args: &InspectArgs) -> Result<(), String> {
                 }
             }
         }
-        let bytes = std::fs::read(&seg.path)
-            .map_err(|e| format!("cannot read {}: {e}", seg.path.display()))?;
+        // A closed segment that holds --from is read from the record that
+        // holds it, found through the segment's sparse index.
+        let sought = if args.json && !args.verify && !newest && from > seg.base {
+            SegmentIndex::of_closed(seg)
+                .ok()
+                .and_then(|ix| File::open(&seg.path).ok().map(|f| (ix, f)))
+                .and_then(|(ix, f)| seek(&f, &ix, from).ok().flatten())
+        } else {
+            None
+        };
+        let (bytes, start) = match sought {
+            Some((pos, first)) => {
+                // Only the bytes from `pos` are read.
+                let mut tail = vec![0u8; seg.size.saturating_sub(pos) as usize];
+                File::open(&seg.path)
+                    .and_then(|f| f.read_exact_at(&mut tail, pos))
+                    .map_err(|e| format!("cannot read {}: {e}", seg.path.display()))?;
+                (tail, Some((pos, first)))
+            }
+            None => (
+                std::fs::read(&seg.path)
+                    .map_err(|e| format!("cannot read {}: {e}", seg.path.display()))?,
+                None,
+            ),
+        };
         totals.bytes += bytes.len() as u64;
         if let Some(exp) = expected.filter(|&exp| exp != seg.base) {
             if exp < seg.base && listed.covers(exp, seg.base) {
@@ -117,7 +142,7 @@ pub fn run(args: &InspectArgs) -> Result<(), String> {
                 ));
             }
         }
-        let result = read_records(&bytes, seg.base, |rec| {
+        let each = |rec: &eventstream_core::record::Record<'_>| {
             totals.records += 1;
             if rec.count() > 1 || rec.kind() == eventstream_core::record::RecordKind::Batch {
                 totals.batches += 1;
@@ -143,7 +168,14 @@ pub fn run(args: &InspectArgs) -> Result<(), String> {
                     printed += 1;
                 }
             }
-        });
+        };
+        let result = match start {
+            Some((_, first)) => read_records_at(&bytes, 0, first, each),
+            None => read_records(&bytes, seg.base, each),
+        };
+        // Positions in the file, where only a tail was read.
+        let skipped = start.map_or(0, |(pos, _)| pos as usize);
+        let result = result.map_err(|(pos, why)| (pos + skipped, why));
         if let Some(e) = write_err.take() {
             if e.kind() == io::ErrorKind::BrokenPipe {
                 return Ok(());

@@ -302,6 +302,7 @@ fn cut_torn_end(
     for later in segments.drain(i + 1..) {
         fs::remove_file(&later.path)
             .map_err(|e| format!("cannot remove {}: {e}", later.path.display()))?;
+        let _ = fs::remove_file(crate::storage::index_path(&later.path));
         removed.push(later.path.display().to_string());
     }
     sync_dir(dir).map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
@@ -405,6 +406,8 @@ fn repair_one(
             n += 1;
         }
         fs::rename(&seg.path, &target).map_err(|e| io_err("cannot move the damaged file", e))?;
+        // Its sparse index (derived data) would describe the wrong bytes.
+        let _ = fs::remove_file(crate::storage::index_path(&seg.path));
         for (temp, first) in &temps {
             fs::rename(temp, dir.join(segment_name(*first).as_str()))
                 .map_err(|e| io_err("cannot put a run file in place", e))?;

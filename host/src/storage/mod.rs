@@ -5,8 +5,8 @@
 //! start-up's (`rebuild`).
 //!
 //! Submodules: `recovery` (the newest segment at start, and the record
-//! reader), `prefill` (segments made ahead of use), `cache` (writeback and
-//! the page cache). Closed segments are checked by `crate::repair`.
+//! reader), `index` (the sparse offset index readers seek with), `prefill`
+//! (segments made ahead of use), `cache` (writeback and the page cache). Closed segments are checked by `crate::repair`.
 //!
 //! Costs: the append path makes one syscall per buffer of records and
 //! allocates nothing; opening, rolling and retention allocate and fsync.
@@ -25,13 +25,15 @@ use crate::repair::{check_closed, Gaps};
 use crate::sys::syscall;
 
 mod cache;
+mod index;
 mod prefill;
 mod recovery;
 
 pub use cache::{drop_cached, start_writeback};
+pub use index::{index_path, seek, SegmentIndex, INDEX_INTERVAL};
 pub use prefill::{Prefill, PREFILL_NAME};
-pub use recovery::read_records;
 use recovery::recover_segment;
+pub use recovery::{read_records, read_records_at};
 
 /// Page size assumed for writeback ranges (a multiple of the real one is
 /// also fine: it only keeps the kicked range off the page being appended).
@@ -466,6 +468,8 @@ impl Log {
                 );
                 break;
             }
+            // Its sparse index, if a reader made one, goes with it.
+            let _ = fs::remove_file(index_path(&oldest.path));
             eprintln!(
                 "eventstream: retention deleted {} ({} bytes)",
                 oldest.path.display(),

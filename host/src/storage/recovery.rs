@@ -106,13 +106,23 @@ pub(super) fn recover_segment(
 pub fn read_records(
     bytes: &[u8],
     base: u64,
-    mut each: impl FnMut(&Record<'_>),
+    each: impl FnMut(&Record<'_>),
 ) -> Result<u64, (usize, String)> {
     if bytes.get(..SEGMENT_HEADER_LEN) != Some(&SEGMENT_HEADER[..]) {
         return Err((0, "bad segment header".into()));
     }
-    let mut pos = SEGMENT_HEADER_LEN;
-    let mut next = base;
+    read_records_at(bytes, SEGMENT_HEADER_LEN, base, each)
+}
+
+/// Reads the records of a segment's `bytes` from position `pos`, where the
+/// record of offset `next` starts; stops at the first invalid position and
+/// returns it with the reason.
+pub fn read_records_at(
+    bytes: &[u8],
+    mut pos: usize,
+    mut next: u64,
+    mut each: impl FnMut(&Record<'_>),
+) -> Result<u64, (usize, String)> {
     while pos < bytes.len() {
         let rec = match Record::parse(&bytes[pos..]) {
             Ok(r) => r,
