@@ -123,11 +123,14 @@ fuzz_targets() {
 }
 
 step "install Debian packages (prometheus for promtool)" 90 apt_install
-step "install toolchains, targets and components" 360 install_toolchains
+step "install toolchains, targets and components" 340 install_toolchains
 step "cargo fmt --check" 20 cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -D warnings" 160 cargo clippy --workspace --all-targets -- -D warnings
 step "cargo clippy core (thumbv7em, defmt) -D warnings" 60 cargo clippy -p eventstream-core --target thumbv7em-none-eabihf --features defmt -- -D warnings
 step "cargo test --workspace" 330 cargo test --workspace
+# The client library's example against a server it starts (the binary the
+# tests built).
+step "client example against a real server" 20 cargo run -q -p eventstream-client --example produce
 # The server tests once more in the other processor and storage modes (the
 # run above has the defaults: on at most 2 CPUs, the processors inline and
 # storage shared between ingest and its thread).

@@ -25,6 +25,8 @@ pub enum Command {
     Load(Box<crate::load::LoadArgs>),
     /// Read a data directory's log.
     Inspect(InspectArgs),
+    /// Send one event per line of standard input.
+    Produce(crate::produce::ProduceArgs),
 }
 
 use crate::settings::{DropPages, Processors, StorageThread};

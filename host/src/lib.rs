@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod inspect;
 pub mod load;
 pub mod processors;
+pub mod produce;
 pub mod prometheus;
 pub mod rebuild;
 pub mod repair;

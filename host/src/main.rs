@@ -1,5 +1,6 @@
-//! `eventstream`: the server (`serve`), the load generator (`load`) and the
-//! log inspector (`inspect`); see docs/operations.md.
+//! `eventstream`: the server (`serve`), the load generator (`load`), the log
+//! inspector (`inspect`) and the line producer (`produce`); see
+//! docs/operations.md.
 
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         }
         Command::Load(args) => eventstream_host::load::run(&args),
         Command::Inspect(args) => eventstream_host::inspect::run(&args),
+        Command::Produce(args) => eventstream_host::produce::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

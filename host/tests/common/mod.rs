@@ -82,10 +82,11 @@ fn command(data: &Path, stderr: &Path, args: &[&str]) -> Command {
             defaults.extend([flag.to_string(), value.to_string()]);
         }
     }
+    if !args.contains(&"--listen") {
+        defaults.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
+    }
     cmd.arg("serve")
         .args(defaults)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
         .arg("--metrics")
         .arg("127.0.0.1:0")
         .arg("--data")
