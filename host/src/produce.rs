@@ -109,9 +109,9 @@ pub fn produce(args: &ProduceArgs, input: impl BufRead) -> Result<(), String> {
             payload: &line,
         })
         .map_err(|e| format!("line {n}: {e}"))?;
-        tally.count(&p.take_acked().map_err(|e| e.to_string())?, &lines_of);
+        tally.count(&p.take_acked().map_err(|e| e.to_string())?, &mut lines_of);
     }
-    tally.count(&p.flush().map_err(|e| e.to_string())?, &lines_of);
+    tally.count(&p.flush().map_err(|e| e.to_string())?, &mut lines_of);
     eprintln!(
         "produce: {} sent: {} stored, {} duplicate, {} rejected",
         tally.stored + tally.duplicate + tally.rejected,
@@ -133,14 +133,14 @@ struct Tally {
 }
 
 impl Tally {
-    fn count(&mut self, acked: &[Acked], lines_of: &HashMap<u64, u64>) {
+    fn count(&mut self, acked: &[Acked], lines_of: &mut HashMap<u64, u64>) {
         for a in acked {
+            let line = lines_of.remove(&a.id).unwrap_or(0);
             match a.outcome {
                 Outcome::Stored(_) => self.stored += 1,
                 Outcome::Duplicate(_) => self.duplicate += 1,
                 Outcome::Rejected(reason) => {
                     self.rejected += 1;
-                    let line = lines_of.get(&a.id).copied().unwrap_or(0);
                     eprintln!(
                         "produce: line {line} (id {}) rejected: {}",
                         a.id,

@@ -297,6 +297,7 @@ fn cut_torn_end(
         file.set_len(cut)
             .and_then(|()| file.sync_all())
             .map_err(|e| format!("cannot truncate {name}: {e}"))?;
+        let _ = fs::remove_file(crate::storage::index_path(&segments[i].path));
     }
     let mut removed = Vec::new();
     for later in segments.drain(i + 1..) {

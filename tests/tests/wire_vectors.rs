@@ -452,7 +452,7 @@ fn malformed_acks_are_refused() {
     for i in 0..good.len() {
         assert!(Ack::decode(&good[..i]).is_err());
     }
-    for (at, value) in [(0, b'X'), (4, 2), (5, 4), (6, 12), (7, 1)] {
+    for (at, value) in [(0, b'X'), (4, 2), (5, 4), (6, 17), (7, 1)] {
         let mut bad = good;
         bad[at] = value;
         assert!(Ack::decode(&bad).is_err(), "byte {at} = {value}");

@@ -26,7 +26,7 @@ mod unit;
 mod work;
 
 use store::Store;
-pub use unit::{peek_event, take_unit, BatchRun, StorageItem, ToStorage, Unit};
+pub use unit::{peek_event, peek_kind, take_unit, BatchRun, StorageItem, ToStorage, Unit};
 pub use work::{Event, Work};
 
 /// Monotonic and wall time, provided by the embedder.
@@ -130,6 +130,9 @@ pub struct Parts<'a, 'r, 'p, R, C, S, H, const B: usize = FINE> {
 pub enum PartsError {
     /// The record buffer cannot hold a full batch of maximal frames.
     RecordBufferTooSmall,
+    /// The pool's slots are smaller than the largest frame the limits let
+    /// in.
+    SlotTooSmall,
     /// The dedup table's single inserter was taken already.
     InserterTaken,
 }
@@ -253,6 +256,9 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
         let max_record = RECORD_HEADER_LEN + max_events * parts.limits.max_frame() as usize;
         if parts.record_buf.len() < max_record {
             return Err(PartsError::RecordBufferTooSmall);
+        }
+        if parts.acquirer.slot_size() < parts.limits.max_frame() as usize {
+            return Err(PartsError::SlotTooSmall);
         }
         Ok(Self {
             limits: parts.limits,
@@ -406,7 +412,12 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
                 let Some(mut slot) = self.spare.take() else {
                     return;
                 };
-                let len = ev.encode_v1(0, wall, slot.buffer_mut()).unwrap_or(0);
+                // A slot holds any frame the limits let in (checked at
+                // `new`); should one not, the event is refused, not cut.
+                let Ok(len) = ev.encode_v1(0, wall, slot.buffer_mut()) else {
+                    metrics.add(Counter::Rejected(Reason::BadLength), 1);
+                    return;
+                };
                 self.push_event(conn, class, slot.share(len), ev.v1_head(), wall);
             }
             Decoded::Rejected {

@@ -6,6 +6,7 @@
 //! storage takes with [`take_unit`].
 
 use crate::batch::{Aggregate, BatchConfig, Closed};
+use crate::record::RecordKind;
 use crate::ring::{Consumer, Producer};
 
 use super::{Event, Work};
@@ -59,6 +60,18 @@ pub fn take_unit<'c, 'r, 'p>(
     }
 }
 
+/// What [`take_unit`] would take next, without taking it: None when it
+/// would take nothing; `Some(None)` for an answer; otherwise the kind of
+/// record the unit makes.
+pub fn peek_kind(rx: &mut Consumer<'_, StorageItem<'_>>) -> Option<Option<RecordKind>> {
+    let batch = match rx.peek(0)?.0 {
+        Piece::BatchHead(count) => count,
+        Piece::Work(Work::Store(_)) | Piece::Member(_) => return Some(Some(RecordKind::Single)),
+        Piece::Work(_) => return Some(None),
+    };
+    (rx.len() > usize::from(batch)).then_some(Some(RecordKind::Batch))
+}
+
 /// The event `n` slots ahead in `rx`, if that slot holds one (a hint for
 /// prefetching what storage copies next).
 pub fn peek_event<'a, 'p>(
@@ -99,7 +112,10 @@ impl<'p> Iterator for BatchRun<'_, '_, 'p> {
     type Item = Event<'p>;
 
     fn next(&mut self) -> Option<Event<'p>> {
-        if self.left == 0 {
+        if self.left == 0 || !matches!(self.rx.peek(0)?.0, Piece::Member(_)) {
+            // Only the batch's own slots are taken (a unit is pushed whole,
+            // so this stops only at its end).
+            self.left = 0;
             return None;
         }
         self.left -= 1;

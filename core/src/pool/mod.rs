@@ -355,6 +355,11 @@ pub struct Acquirer<'p> {
 }
 
 impl<'p> Acquirer<'p> {
+    /// Bytes per slot of its pool.
+    pub fn slot_size(&self) -> usize {
+        self.view.slot_size()
+    }
+
     /// A free slot, or `None` when every slot is in use (never blocks).
     #[inline]
     pub fn acquire(&mut self) -> Option<SlotMut<'p>> {

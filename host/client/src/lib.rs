@@ -329,16 +329,21 @@ impl Producer {
                     Msg::Closed(io::Error::from(io::ErrorKind::ConnectionAborted))
                 }
             },
-            None => return self.reconnect(),
+            None if self.opts.reconnect => return self.reconnect(),
+            None => return Err(Error::Io(io::Error::from(io::ErrorKind::NotConnected))),
         };
         self.handle(msg)
     }
 
     fn handle(&mut self, msg: Msg) -> Result<(), Error> {
-        let ack = match msg {
-            Msg::Ack(a) => a,
-            Msg::Closed(e) => return self.broken(e),
-        };
+        match msg {
+            Msg::Ack(a) => self.settle(a),
+            Msg::Closed(e) => self.broken(e),
+        }
+    }
+
+    /// Matches an ack to its event.
+    fn settle(&mut self, ack: Ack) -> Result<(), Error> {
         let outcome = match ack.status {
             Status::Stored => Outcome::Stored(ack.offset),
             Status::Duplicate => Outcome::Duplicate(ack.offset),
@@ -369,6 +374,13 @@ impl Producer {
     fn broken(&mut self, e: io::Error) -> Result<(), Error> {
         if let Some(mut c) = self.conn.take() {
             c.close();
+            // Acks that came before the break count: their events are not
+            // resent.
+            while let Ok(msg) = c.acks.try_recv() {
+                if let Msg::Ack(ack) = msg {
+                    self.settle(ack)?;
+                }
+            }
         }
         if !self.opts.reconnect {
             return Err(Error::Io(e));

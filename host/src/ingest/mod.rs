@@ -238,7 +238,8 @@ impl<D: Downstream> Ingest<D> {
     fn park_timeout(&mut self, now: u64) -> i32 {
         let mut ms: i64 = -1;
         let mut until = |deadline: u64| {
-            let left = (deadline.saturating_sub(now) / 1_000_000) as i64 + 1;
+            // Rounded up: waking before a deadline would only loop again.
+            let left = deadline.saturating_sub(now).div_ceil(1_000_000) as i64;
             ms = if ms < 0 { left } else { ms.min(left) };
         };
         if let Some(next) = self.down.next_deadline(now) {
@@ -314,8 +315,9 @@ impl<D: Downstream> Ingest<D> {
     fn push(&mut self, class: Class, ev: Event<'static>, now: u64) {
         self.metrics.add(Counter::Received(class), 1);
         self.metrics.event();
-        self.down.push(class, ev, now);
-        self.accepted += 1;
+        if self.down.push(class, ev, now) {
+            self.accepted += 1;
+        }
     }
 
     /// When a graceful shutdown stops waiting for slow clients.

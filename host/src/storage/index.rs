@@ -97,6 +97,7 @@ impl SegmentIndex {
                     break;
                 };
                 if rec.offset() != next {
+                    pos += at as u64;
                     break 'blocks;
                 }
                 let here = pos + at as u64;

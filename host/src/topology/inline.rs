@@ -148,24 +148,24 @@ impl Downstream for Inline {
         rt.has_room(1) && tx.has_room(1) && b.has_room(need)
     }
 
-    fn push(&mut self, class: Class, ev: Event<'static>, now: u64) {
+    fn push(&mut self, class: Class, ev: Event<'static>, now: u64) -> bool {
         let now_ms = now / 1_000_000;
         self.pushed += 1;
         let work = match class {
             Class::Batch => {
                 let [_, _, out] = &mut self.storage_tx;
                 self.batch.handle(ev, now, &mut (), &mut ToStorage { out });
-                return;
+                return true;
             }
             Class::Realtime => Work::decided(ev, |f| self.realtime.handle(f, now_ms, &mut ())),
             Class::Transactional => {
                 Work::decided_hinted(ev, |f| self.transactional.handle_hinted(f, now_ms, &mut ()))
             }
         };
-        if let Some(out) = self.storage_tx.get_mut(class.index()) {
-            // Room was checked before decoding.
-            let _ = out.push(StorageItem::from(work));
-        }
+        // Room was checked before decoding.
+        self.storage_tx
+            .get_mut(class.index())
+            .is_some_and(|out| out.push(StorageItem::from(work)).is_ok())
     }
 
     fn wants_prefetch(&self) -> bool {

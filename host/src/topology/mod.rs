@@ -27,8 +27,9 @@ pub trait Downstream {
     /// Whether one more event of any class fits (the pool slot aside).
     fn room(&mut self) -> bool;
 
-    /// Takes one accepted event (after `room` said it fits).
-    fn push(&mut self, class: Class, ev: Event<'static>, now: u64);
+    /// Takes one accepted event (after `room` said it fits); false if it
+    /// could not (the event is dropped, its slot freed).
+    fn push(&mut self, class: Class, ev: Event<'static>, now: u64) -> bool;
 
     /// Whether [`prefetch`](Self::prefetch) hints are used on this thread
     /// (ingest then looks ahead in its input for them).

@@ -33,13 +33,14 @@ impl Downstream for Threads {
         self.tx.iter_mut().all(|tx| tx.has_room(1))
     }
 
-    fn push(&mut self, class: Class, ev: Event<'static>, _now: u64) {
-        if let Some(tx) = self.tx.get_mut(class.index()) {
-            // Room was checked before decoding.
-            if tx.push(ev).is_ok() {
-                self.pushed[class.index()] = true;
-            }
-        }
+    fn push(&mut self, class: Class, ev: Event<'static>, _now: u64) -> bool {
+        let Some(tx) = self.tx.get_mut(class.index()) else {
+            return false;
+        };
+        // Room was checked before decoding.
+        let taken = tx.push(ev).is_ok();
+        self.pushed[class.index()] |= taken;
+        taken
     }
 
     fn starved(&mut self) {

@@ -21,7 +21,7 @@ use std::time::Duration;
 use eventstream_core::answer::{AckOut, Answers, Deferred, Fifo, Held, Owed};
 use eventstream_core::dedup::DedupRef;
 use eventstream_core::metrics::{Counter, FINE};
-use eventstream_core::pipeline::{peek_event, take_unit, Event, StorageItem, Unit};
+use eventstream_core::pipeline::{peek_event, peek_kind, take_unit, Event, StorageItem, Unit};
 use eventstream_core::record::{RecordBuilder, RecordKind, RECORD_HEADER_LEN};
 use eventstream_core::ring::{Consumer, Producer};
 use eventstream_core::wire::Ack;
@@ -405,6 +405,21 @@ impl Storage {
         if let Some(ahead) = peek_event(rx, PREFETCH_AHEAD) {
             ahead.prefetch();
         }
+        // The kind is known from the ring before anything is taken, so the
+        // record is begun first: nothing leaves the ring unless it can be
+        // written.
+        let kind = match peek_kind(rx) {
+            None => return false,
+            Some(kind) => kind,
+        };
+        let offset = *next;
+        let builder = match kind {
+            Some(kind) => match RecordBuilder::new(&mut buf[*len..], kind, class, 0) {
+                Ok(b) => Some(b),
+                Err(_) => return false,
+            },
+            None => None,
+        };
         let unit = match take_unit(rx) {
             None => return false,
             Some(Unit::Answer(work)) => {
@@ -415,13 +430,8 @@ impl Storage {
             }
             Some(unit) => unit,
         };
-        let offset = *next;
-        let kind = match unit {
-            Unit::Batch(_) => RecordKind::Batch,
-            _ => RecordKind::Single,
-        };
-        let Ok(mut builder) = RecordBuilder::new(&mut buf[*len..], kind, class, 0) else {
-            return false;
+        let (Some(mut builder), Some(kind)) = (builder, kind) else {
+            return true;
         };
         let mut recv_ns = None;
         let mut count = 0u64;
