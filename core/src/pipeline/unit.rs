@@ -10,23 +10,72 @@ use crate::record::RecordKind;
 use crate::ring::{Consumer, Producer};
 
 use super::{Event, Work};
+use crate::event::Class;
+use crate::wire::Reason;
 
 /// One slot of a storage ring (its layout is private to this module).
 pub struct StorageItem<'p>(Piece<'p>);
 
+// One flat enum with a single variant that holds an event, so that a slot
+// is no larger than a `Work` (64 bytes; a nested `Work`, or a second
+// event-holding variant, needs a tag of its own: 72).
 enum Piece<'p> {
-    /// A processor's outcome for one event.
-    Work(Work<'p>),
+    /// An event: a single record, or one of the events after a
+    /// `BatchHead`.
+    Store(Event<'p>),
     /// A batch of this many events starts: they are the next slots, pushed
     /// together with this one.
     BatchHead(u16),
-    /// One event of the batch under way.
-    Member(Event<'p>),
+    /// `Work::Duplicate`.
+    Duplicate {
+        conn: u32,
+        event_id: u64,
+        ack: bool,
+        class: Class,
+        offset: Option<u64>,
+    },
+    /// `Work::Reject`.
+    Reject {
+        conn: u32,
+        event_id: u64,
+        ack: bool,
+        reason: Reason,
+    },
 }
+
+// A storage ring's slot is no larger than the `Work` it carries.
+const _: () =
+    assert!(core::mem::size_of::<StorageItem<'static>>() <= core::mem::size_of::<Work<'static>>());
 
 impl<'p> From<Work<'p>> for StorageItem<'p> {
     fn from(work: Work<'p>) -> Self {
-        Self(Piece::Work(work))
+        Self(match work {
+            Work::Store(ev) => Piece::Store(ev),
+            Work::Duplicate {
+                conn,
+                event_id,
+                ack,
+                class,
+                offset,
+            } => Piece::Duplicate {
+                conn,
+                event_id,
+                ack,
+                class,
+                offset,
+            },
+            Work::Reject {
+                conn,
+                event_id,
+                ack,
+                reason,
+            } => Piece::Reject {
+                conn,
+                event_id,
+                ack,
+                reason,
+            },
+        })
     }
 }
 
@@ -54,8 +103,31 @@ pub fn take_unit<'c, 'r, 'p>(
         return Some(Unit::Batch(BatchRun { rx, left: count }));
     }
     match rx.pop()?.0 {
-        Piece::Work(Work::Store(ev)) | Piece::Member(ev) => Some(Unit::Single(ev)),
-        Piece::Work(other) => Some(Unit::Answer(other)),
+        Piece::Store(ev) => Some(Unit::Single(ev)),
+        Piece::Duplicate {
+            conn,
+            event_id,
+            ack,
+            class,
+            offset,
+        } => Some(Unit::Answer(Work::Duplicate {
+            conn,
+            event_id,
+            ack,
+            class,
+            offset,
+        })),
+        Piece::Reject {
+            conn,
+            event_id,
+            ack,
+            reason,
+        } => Some(Unit::Answer(Work::Reject {
+            conn,
+            event_id,
+            ack,
+            reason,
+        })),
         Piece::BatchHead(_) => None,
     }
 }
@@ -66,8 +138,8 @@ pub fn take_unit<'c, 'r, 'p>(
 pub fn peek_kind(rx: &mut Consumer<'_, StorageItem<'_>>) -> Option<Option<RecordKind>> {
     let batch = match rx.peek(0)?.0 {
         Piece::BatchHead(count) => count,
-        Piece::Work(Work::Store(_)) | Piece::Member(_) => return Some(Some(RecordKind::Single)),
-        Piece::Work(_) => return Some(None),
+        Piece::Store(_) => return Some(Some(RecordKind::Single)),
+        Piece::Duplicate { .. } | Piece::Reject { .. } => return Some(None),
     };
     (rx.len() > usize::from(batch)).then_some(Some(RecordKind::Batch))
 }
@@ -79,7 +151,7 @@ pub fn peek_event<'a, 'p>(
     n: usize,
 ) -> Option<&'a Event<'p>> {
     match &rx.peek(n)?.0 {
-        Piece::Work(Work::Store(ev)) | Piece::Member(ev) => Some(ev),
+        Piece::Store(ev) => Some(ev),
         _ => None,
     }
 }
@@ -112,7 +184,7 @@ impl<'p> Iterator for BatchRun<'_, '_, 'p> {
     type Item = Event<'p>;
 
     fn next(&mut self) -> Option<Event<'p>> {
-        if self.left == 0 || !matches!(self.rx.peek(0)?.0, Piece::Member(_)) {
+        if self.left == 0 || !matches!(self.rx.peek(0)?.0, Piece::Store(_)) {
             // Only the batch's own slots are taken (a unit is pushed whole,
             // so this stops only at its end).
             self.left = 0;
@@ -120,7 +192,7 @@ impl<'p> Iterator for BatchRun<'_, '_, 'p> {
         }
         self.left -= 1;
         match self.rx.pop()?.0 {
-            Piece::Member(ev) => Some(ev),
+            Piece::Store(ev) => Some(ev),
             _ => None,
         }
     }
@@ -162,7 +234,7 @@ impl<'p> Aggregate<Event<'p>> for ToStorage<'_, '_, 'p> {
         let members = window
             .drain()
             .take(usize::from(count))
-            .map(|ev| StorageItem(Piece::Member(ev)));
+            .map(|ev| StorageItem(Piece::Store(ev)));
         // One store publishes the whole window (room was checked).
         let _ = self.out.push_from(head.chain(members));
     }

@@ -48,15 +48,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Priority::Low,
         Priority::Batch,
     ];
+    // Event `id` has priority `priorities[id % 5]`.
+    let event = |id: u64| Event {
+        topic: "example/orders",
+        partition: 0,
+        priority: priorities[id as usize % priorities.len()],
+        id,
+        payload: b"hello",
+    };
     for id in 1..=1000u64 {
-        let priority = priorities[id as usize % priorities.len()];
-        p.send(&Event {
-            topic: "example/orders",
-            partition: 0,
-            priority,
-            id,
-            payload: b"hello",
-        })?;
+        p.send(&event(id))?;
     }
     let first = p.flush()?;
     assert_eq!(first.len(), 1000);
@@ -70,20 +71,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     // Resent transactional ids are answered with their original's offset.
-    for id in (1..=1000u64).filter(|id| {
-        matches!(
-            priorities[*id as usize % 5],
-            Priority::Medium | Priority::Low
-        )
-    }) {
-        let priority = priorities[id as usize % priorities.len()];
-        p.send(&Event {
-            topic: "example/orders",
-            partition: 0,
-            priority,
-            id,
-            payload: b"hello",
-        })?;
+    for id in 1..=1000u64 {
+        if matches!(event(id).priority, Priority::Medium | Priority::Low) {
+            p.send(&event(id))?;
+        }
     }
     for a in p.flush()? {
         assert_eq!(
