@@ -151,18 +151,28 @@ pub type BufferRing<'b, T> = RingOver<T, &'b mut [Slot<T>]>;
 
 /// Where a ring's slots live: inline (`[Slot<T>; N]`) or in a caller's
 /// buffer (`&mut [Slot<T>]`).
-pub trait SlotStorage<T> {
+///
+/// # Safety
+///
+/// `slots` must return the same slots, of a power-of-two count, on every
+/// call for as long as the storage lives, and nothing but the ring may
+/// reach them: the ring's unsafe code reads and writes them by index.
+pub unsafe trait SlotStorage<T> {
     /// The slots.
     fn slots(&self) -> &[Slot<T>];
 }
 
-impl<T, const N: usize> SlotStorage<T> for [Slot<T>; N] {
+// SAFETY: an inline array is always the same N slots (N a power of two,
+// checked at compile time by `Ring::new`), owned by the ring.
+unsafe impl<T, const N: usize> SlotStorage<T> for [Slot<T>; N] {
     fn slots(&self) -> &[Slot<T>] {
         self
     }
 }
 
-impl<T> SlotStorage<T> for &mut [Slot<T>] {
+// SAFETY: a buffer borrowed mutably for the ring's life is always the same
+// slots (their count checked by `BufferRing::new`), reachable by nobody else.
+unsafe impl<T> SlotStorage<T> for &mut [Slot<T>] {
     fn slots(&self) -> &[Slot<T>] {
         self
     }
