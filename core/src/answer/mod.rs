@@ -28,7 +28,7 @@
 use crate::dedup::{DedupHint, DedupRef, Lookup};
 use crate::event::Class;
 use crate::metrics::{Counter, LocalMetrics, Registry};
-use crate::pipeline::{Event, Work};
+use crate::pipeline::{Answer, Event};
 use crate::wire::{Ack, Reason, Status};
 
 /// A first-in first-out queue the embedder provides: a
@@ -267,13 +267,12 @@ impl<'a, D: Fifo<Deferred>, H: Fifo<Held>, const K: usize, const B: usize> Answe
         self.held.front().is_some_and(|h| h.position <= synced)
     }
 
-    /// What is owed for a processor outcome other than `Work::Store` (whose
-    /// events the embedder writes and owes with [`Owed::stored`]): the
-    /// answer, or None while a duplicate waits for its original's offset
-    /// (or for `Store` itself).
-    pub fn outcome(&mut self, work: Work<'_>, now_ms: u64) -> Option<Owed> {
-        match work {
-            Work::Duplicate {
+    /// What is owed for an outcome that writes nothing (stored events are
+    /// owed with [`Owed::stored`]): the answer, or None while a duplicate
+    /// waits for its original's offset.
+    pub fn outcome(&mut self, answer: Answer, now_ms: u64) -> Option<Owed> {
+        match answer {
+            Answer::Duplicate {
                 conn,
                 event_id,
                 ack,
@@ -288,7 +287,7 @@ impl<'a, D: Fifo<Deferred>, H: Fifo<Held>, const K: usize, const B: usize> Answe
                 };
                 self.duplicate(d, offset, now_ms)
             }
-            Work::Reject {
+            Answer::Reject {
                 conn,
                 event_id,
                 ack,
@@ -298,7 +297,6 @@ impl<'a, D: Fifo<Deferred>, H: Fifo<Held>, const K: usize, const B: usize> Answe
                 ack: ack.then(|| Ack::rejected(event_id, reason)),
                 counter: Counter::Rejected(reason),
             }),
-            Work::Store(_) => None,
         }
     }
 

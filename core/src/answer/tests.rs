@@ -50,8 +50,8 @@ fn stored(id: u64, offset: u64, dedup: Option<DedupHint>) -> Owed {
     }
 }
 
-fn dup(id: u64) -> Work<'static> {
-    Work::Duplicate {
+fn dup(id: u64) -> Answer {
+    Answer::Duplicate {
         conn: 9,
         event_id: id,
         ack: true,
@@ -116,7 +116,7 @@ fn a_duplicate_waits_for_its_originals_offset() {
     assert_eq!(out.0[1], (9, Ack::duplicate(5, 40)));
     assert_eq!(a.deferred(), 0);
     // A known offset is answered at once.
-    let known = Work::Duplicate {
+    let known = Answer::Duplicate {
         conn: 9,
         event_id: 5,
         ack: true,
@@ -148,7 +148,7 @@ fn a_rejection_passes_through_and_no_ack_flag_means_no_ack() {
     let registry = Registry::new();
     let mut a = machine(&table, &registry, true);
     let mut out = Out::default();
-    let rej = Work::Reject {
+    let rej = Answer::Reject {
         conn: 1,
         event_id: 8,
         ack: true,
@@ -158,7 +158,7 @@ fn a_rejection_passes_through_and_no_ack_flag_means_no_ack() {
     a.settle(owed, true, 100, 10, &mut out);
     // Not held under group commit: a rejection claims nothing durable.
     assert_eq!(out.0, [(1, Ack::rejected(8, Reason::DedupFull))]);
-    let quiet = Work::Reject {
+    let quiet = Answer::Reject {
         conn: 1,
         event_id: 9,
         ack: false,
@@ -183,7 +183,7 @@ fn group_commit_holds_stored_and_duplicate_until_an_fsync_covers_them() {
     let mut a = machine(&table, &registry, true);
     let mut out = Out::default();
     a.settle(stored(1, 0, None), true, 100, 10, &mut out);
-    let d = Work::Duplicate {
+    let d = Answer::Duplicate {
         conn: 9,
         event_id: 1,
         ack: true,

@@ -27,7 +27,7 @@ mod work;
 
 use store::Store;
 pub use unit::{peek_event, peek_kind, take_unit, BatchRun, StorageItem, ToStorage, Unit};
-pub use work::{Event, Work};
+pub use work::{Answer, Event, Work};
 
 /// Monotonic and wall time, provided by the embedder.
 pub trait Clock {

@@ -46,9 +46,9 @@ impl<'p, C: Clock, S: Sink, const B: usize> Store<'_, C, S, B> {
             Work::Store(ev) => {
                 self.write(RecordKind::Single, ev.class, || core::iter::once(&ev));
             }
-            other => {
+            Work::Answer(answer) => {
                 let now = self.clock.monotonic_ns();
-                if let Some(owed) = self.answers.outcome(other, now / 1_000_000) {
+                if let Some(owed) = self.answers.outcome(answer, now / 1_000_000) {
                     self.answers
                         .settle(owed, true, 0, now, &mut Acks(&mut self.sink));
                 }

@@ -9,16 +9,14 @@ use crate::batch::{Aggregate, BatchConfig, Closed};
 use crate::record::RecordKind;
 use crate::ring::{Consumer, Producer};
 
-use super::{Event, Work};
-use crate::event::Class;
-use crate::wire::Reason;
+use super::{Answer, Event, Work};
 
 /// One slot of a storage ring (its layout is private to this module).
 pub struct StorageItem<'p>(Piece<'p>);
 
-// One flat enum with a single variant that holds an event, so that a slot
-// is no larger than a `Work` (64 bytes; a nested `Work`, or a second
-// event-holding variant, needs a tag of its own: 72).
+// A single variant holds an event, so that a slot is no larger than a
+// `Work` (64 bytes; a nested `Work`, or a second event-holding variant,
+// needs a tag of its own: 72).
 enum Piece<'p> {
     /// An event: a single record, or one of the events after a
     /// `BatchHead`.
@@ -26,21 +24,8 @@ enum Piece<'p> {
     /// A batch of this many events starts: they are the next slots, pushed
     /// together with this one.
     BatchHead(u16),
-    /// `Work::Duplicate`.
-    Duplicate {
-        conn: u32,
-        event_id: u64,
-        ack: bool,
-        class: Class,
-        offset: Option<u64>,
-    },
-    /// `Work::Reject`.
-    Reject {
-        conn: u32,
-        event_id: u64,
-        ack: bool,
-        reason: Reason,
-    },
+    /// An outcome that writes nothing.
+    Answer(Answer),
 }
 
 // A storage ring's slot is no larger than the `Work` it carries.
@@ -51,30 +36,7 @@ impl<'p> From<Work<'p>> for StorageItem<'p> {
     fn from(work: Work<'p>) -> Self {
         Self(match work {
             Work::Store(ev) => Piece::Store(ev),
-            Work::Duplicate {
-                conn,
-                event_id,
-                ack,
-                class,
-                offset,
-            } => Piece::Duplicate {
-                conn,
-                event_id,
-                ack,
-                class,
-                offset,
-            },
-            Work::Reject {
-                conn,
-                event_id,
-                ack,
-                reason,
-            } => Piece::Reject {
-                conn,
-                event_id,
-                ack,
-                reason,
-            },
+            Work::Answer(answer) => Piece::Answer(answer),
         })
     }
 }
@@ -87,7 +49,7 @@ pub enum Unit<'c, 'r, 'p> {
     /// the caller does not take are dropped (their slots freed) with it.
     Batch(BatchRun<'c, 'r, 'p>),
     /// An answer that writes nothing (a duplicate, a rejection).
-    Answer(Work<'p>),
+    Answer(Answer),
 }
 
 /// Takes the next unit from `rx`; None when the ring is empty (or, which
@@ -104,30 +66,7 @@ pub fn take_unit<'c, 'r, 'p>(
     }
     match rx.pop()?.0 {
         Piece::Store(ev) => Some(Unit::Single(ev)),
-        Piece::Duplicate {
-            conn,
-            event_id,
-            ack,
-            class,
-            offset,
-        } => Some(Unit::Answer(Work::Duplicate {
-            conn,
-            event_id,
-            ack,
-            class,
-            offset,
-        })),
-        Piece::Reject {
-            conn,
-            event_id,
-            ack,
-            reason,
-        } => Some(Unit::Answer(Work::Reject {
-            conn,
-            event_id,
-            ack,
-            reason,
-        })),
+        Piece::Answer(answer) => Some(Unit::Answer(answer)),
         Piece::BatchHead(_) => None,
     }
 }
@@ -139,7 +78,7 @@ pub fn peek_kind(rx: &mut Consumer<'_, StorageItem<'_>>) -> Option<Option<Record
     let batch = match rx.peek(0)?.0 {
         Piece::BatchHead(count) => count,
         Piece::Store(_) => return Some(Some(RecordKind::Single)),
-        Piece::Duplicate { .. } | Piece::Reject { .. } => return Some(None),
+        Piece::Answer(_) => return Some(None),
     };
     (rx.len() > usize::from(batch)).then_some(Some(RecordKind::Batch))
 }
@@ -298,12 +237,12 @@ mod tests {
                 &mut ToStorage { out: &mut tx },
             );
         }
-        let _ = tx.push(StorageItem::from(Work::Reject {
+        let _ = tx.push(StorageItem::from(Work::Answer(Answer::Reject {
             conn: 0,
             event_id: 2,
             ack: true,
             reason: crate::wire::Reason::DedupFull,
-        }));
+        })));
 
         assert!(matches!(take_unit(&mut rx), Some(Unit::Single(e)) if e.frame().event_id() == 1));
         match take_unit(&mut rx) {
@@ -315,7 +254,7 @@ mod tests {
         }
         assert!(matches!(
             take_unit(&mut rx),
-            Some(Unit::Answer(Work::Reject { event_id: 2, .. }))
+            Some(Unit::Answer(Answer::Reject { event_id: 2, .. }))
         ));
         assert!(take_unit(&mut rx).is_none());
     }

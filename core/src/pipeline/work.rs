@@ -89,6 +89,13 @@ impl BatchItem for Event<'_> {
 pub enum Work<'p> {
     /// Write this event as a single record.
     Store(Event<'p>),
+    /// Write nothing; only answer.
+    Answer(Answer),
+}
+
+/// A processor outcome that writes nothing: storage only answers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
     /// A duplicate: answer DUPLICATE once the original is stored.
     Duplicate {
         /// Connection to answer.
@@ -138,19 +145,19 @@ impl<'p> Work<'p> {
                 ev.dedup = hint;
                 Work::Store(ev)
             }
-            Outcome::Duplicate(offset) => Work::Duplicate {
+            Outcome::Duplicate(offset) => Work::Answer(Answer::Duplicate {
                 conn: ev.conn,
                 event_id,
                 ack,
                 class: ev.class,
                 offset,
-            },
-            Outcome::Rejected(reason) => Work::Reject {
+            }),
+            Outcome::Rejected(reason) => Work::Answer(Answer::Reject {
                 conn: ev.conn,
                 event_id,
                 ack,
                 reason,
-            },
+            }),
         }
     }
 }

@@ -422,8 +422,8 @@ impl Storage {
         };
         let unit = match take_unit(rx) {
             None => return false,
-            Some(Unit::Answer(work)) => {
-                if let Some(owed) = answers.outcome(work, monotonic_ns() / 1_000_000) {
+            Some(Unit::Answer(answer)) => {
+                if let Some(owed) = answers.outcome(answer, monotonic_ns() / 1_000_000) {
                     pending.push(owed);
                 }
                 return true;

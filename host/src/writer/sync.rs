@@ -144,14 +144,7 @@ pub fn run_sync(
                     continue;
                 }
                 let due = last_start.saturating_add(commit_delay.as_nanos() as u64);
-                let now = monotonic_ns();
-                if now < due {
-                    shared
-                        .wake
-                        .sync
-                        .park(Some(Duration::from_nanos(due - now)), || {
-                            shared.phase() == Phase::Stop
-                        });
+                if sleep_until(&shared, due) {
                     continue;
                 }
             }
@@ -165,15 +158,7 @@ pub fn run_sync(
                     shared.progress.sync_idle.store(false, Ordering::Relaxed);
                     continue;
                 }
-                let due = last_sync + ms * 1_000_000;
-                let now = monotonic_ns();
-                if now < due {
-                    shared
-                        .wake
-                        .sync
-                        .park(Some(Duration::from_nanos(due - now)), || {
-                            shared.phase() == Phase::Stop
-                        });
+                if sleep_until(&shared, last_sync + ms * 1_000_000) {
                     continue;
                 }
             }
@@ -207,4 +192,20 @@ pub fn run_sync(
             shared.wake.storage.wake();
         }
     }
+}
+
+/// Parks the sync thread until `due` (monotonic ns) or the stop; false if
+/// `due` has passed already.
+fn sleep_until(shared: &Shared, due: u64) -> bool {
+    let now = monotonic_ns();
+    if now >= due {
+        return false;
+    }
+    shared
+        .wake
+        .sync
+        .park(Some(Duration::from_nanos(due - now)), || {
+            shared.phase() == Phase::Stop
+        });
+    true
 }
