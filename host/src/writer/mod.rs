@@ -55,6 +55,9 @@ const RETRY_NS: u64 = 1_000_000_000;
 /// dropped: four ranges back (1 MiB each), whose writeback has normally
 /// finished by then; a page still under writeback just stays cached.
 const DROP_LAG: u64 = 4 << 20;
+/// How far behind the last drop a drop reaches again, for pages that were
+/// still under writeback then (sixteen 1 MiB ranges).
+const DROP_RETRY: u64 = 16 << 20;
 /// The log's pages are dropped only while appends run at least this fast
 /// (bytes per second, measured between writeback kicks; the default of
 /// `--drop-written-pages`). There dropped pages come back warm for the

@@ -108,15 +108,18 @@ pub fn run_sync(
             // Pages whose writeback started DROP_LAG bytes ago are clean
             // by now, normally: drop them from the page cache
             // (`drop_cached`) while appends are fast; when slow, they are
-            // passed over for good. The old segment's File is let go at
-            // the first kick after a roll.
+            // passed over for good. A page still under writeback is kept by
+            // the kernel, so the last DROP_RETRY bytes already passed are
+            // asked again (a busy disk finishes writeback later than
+            // DROP_LAG). The old segment's File is let go at the first kick
+            // after a roll.
             if !dropped.0.as_ref().is_some_and(|f| Arc::ptr_eq(f, &active)) {
                 dropped = (Some(active.clone()), 0);
             }
             let limit = from.saturating_sub(DROP_LAG);
             if limit > dropped.1 {
                 if drop {
-                    drop_cached(&active, dropped.1, limit);
+                    drop_cached(&active, dropped.1.saturating_sub(DROP_RETRY), limit);
                 }
                 dropped.1 = limit;
             }
