@@ -121,6 +121,17 @@ pub struct ServeArgs {
     /// Delete segments whose last write is older than this (e.g. 7d).
     #[arg(long, value_parser = parse_duration)]
     pub retention_age: Option<Duration>,
+    /// Bytes of segments deleted by retention that read sessions inside
+    /// them may keep open; past it those sessions get CLOSING OUT_OF_RANGE.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub reader_hold_bytes: u64,
+    /// Consumer groups at most (a new group past it is refused).
+    #[arg(long, default_value_t = 1000)]
+    pub max_groups: u32,
+    /// A consumer group with no session and no commit for this long is
+    /// forgotten.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub group_expiry: Duration,
     /// Repair a corrupt newest segment at start-up instead of refusing.
     #[arg(long)]
     pub repair: bool,
@@ -395,6 +406,9 @@ impl ServerConfig {
             retention_bytes: args.retention_bytes,
             retention_age: args.retention_age,
             repair: args.repair,
+            reader_hold_bytes: args.reader_hold_bytes,
+            max_groups: args.max_groups as usize,
+            group_expiry: args.group_expiry,
             max_frame: args.max_frame,
             max_topic: args.max_topic,
             pool_events: args.pool_events,

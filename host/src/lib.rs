@@ -13,6 +13,7 @@ pub mod load;
 pub mod processors;
 pub mod produce;
 pub mod prometheus;
+pub mod readers;
 pub mod rebuild;
 pub mod repair;
 pub mod report;

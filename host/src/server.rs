@@ -133,6 +133,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             retention_age: args.retention_age,
             repair: args.repair,
             check_window: args.dedup_window,
+            visible_when_durable: args.fsync == FsyncPolicy::Always,
         },
     )?;
     for note in &opened.notes {
@@ -268,6 +269,15 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     let realtime = RealtimeProcessor::new(dedup);
     let transactional = TransactionalProcessor::new(inserter);
     let sync_targets = log.sync_targets();
+    let tail = log.tail();
+    let groups = Arc::new(crate::readers::groups::Groups::load(
+        &args.data,
+        args.max_groups,
+        args.group_expiry,
+    )?);
+    let inbox = Arc::new(crate::readers::Inbox::new().map_err(|e| format!("eventfd: {e}"))?);
+    let _ = shared.readers.tail.set(tail.clone());
+    let _ = shared.readers.groups.set(groups.clone());
     let prefill =
         (args.fsync == FsyncPolicy::Always && args.segment_prefill).then(|| log.enable_prefill());
     let storage = Storage::new(StorageParts {
@@ -293,6 +303,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         idle_timeout: args.idle_timeout,
         reject_when_full: args.when_full == eventstream_core::pipeline::WhenFull::Reject,
         shared: shared.clone(),
+        readers: inbox.clone(),
     };
     // The thread layout (docs/architecture.md): inline, ingest runs the
     // processors; threads, a ring from ingest to each processor thread,
@@ -396,6 +407,37 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             Box::new(move || Storage::run_thread(storage, s)),
         )?;
     }
+    let reader_parts = crate::readers::ReaderParts {
+        inbox: inbox.clone(),
+        tail: tail.clone(),
+        groups: groups.clone(),
+        gaps: opened.gaps.clone(),
+        max_topic: args.max_topic,
+        max_record: (eventstream_core::record::RECORD_HEADER_LEN as u64
+            + u64::from(args.batch_max_events) * u64::from(args.max_frame))
+        .min(u64::from(u32::MAX)) as u32,
+        segment_bytes: args.segment_bytes,
+        hold_bytes: args.reader_hold_bytes,
+        shared: shared.clone(),
+    };
+    spawn(
+        "readers",
+        1,
+        Box::new(move || {
+            crate::readers::run_readers(reader_parts).map_err(|e| format!("readers failed: {e}"))
+        }),
+    )?;
+    let s = shared.clone();
+    let (t, g, w) = (tail.clone(), groups.clone(), inbox.waker());
+    let commit_targets = sync_targets.clone();
+    spawn(
+        "commit",
+        0,
+        Box::new(move || {
+            crate::readers::groups::run_commits(g, t, commit_targets, w, s);
+            Ok(())
+        }),
+    )?;
     let s = shared.clone();
     let policy = args.fsync;
     let commit_delay = args.group_commit_delay;
@@ -410,6 +452,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
                 drop_rate,
                 storage_mode != StorageMode::Thread,
                 sync_targets,
+                tail,
                 s,
             );
             Ok(())

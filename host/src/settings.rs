@@ -77,6 +77,12 @@ pub struct ServerConfig {
     pub retention_bytes: Option<u64>,
     /// Delete segments older than this.
     pub retention_age: Option<Duration>,
+    /// Bytes of deleted segments read sessions may keep open.
+    pub reader_hold_bytes: u64,
+    /// Consumer groups at most.
+    pub max_groups: usize,
+    /// Forget a group idle this long.
+    pub group_expiry: Duration,
     /// Repair damaged segments instead of refusing to start.
     pub repair: bool,
     /// Largest frame accepted.

@@ -95,6 +95,8 @@ pub struct Shared {
     pub pool_slots: u64,
     /// How long an idle thread spins before parking (`--idle-spin`).
     pub idle_spin_ns: u64,
+    /// The read path's figures.
+    pub readers: crate::readers::ReaderStats,
 }
 
 /// The server's life: its [`Phase`] and the counts the shutdown waits on.
@@ -268,6 +270,7 @@ impl Shared {
             registry: Box::leak(Box::new(Registry::new())),
             pool_slots,
             idle_spin_ns,
+            readers: Default::default(),
         })
     }
 

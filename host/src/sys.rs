@@ -202,6 +202,80 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     syscall!(send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)).map(|n| n as usize)
 }
 
+/// Sends up to `len` bytes of `file` from `*pos` to the socket `fd`
+/// (`sendfile(2)`: page cache to socket, no copy through user space);
+/// `*pos` advances by what was sent.
+pub fn sendfile(fd: RawFd, file: RawFd, pos: &mut u64, len: usize) -> io::Result<usize> {
+    let mut off = *pos as libc::off_t;
+    let n = syscall!(sendfile(fd, file, &mut off, len))? as usize;
+    *pos = off as u64;
+    Ok(n)
+}
+
+/// A read-only shared mapping of a file (`mmap(2)`), unmapped on drop.
+pub struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from its start. The mapping may reach past
+    /// the file's end (address space only); bytes there must not be read.
+    pub fn new(fd: RawFd, len: usize) -> io::Result<Mapping> {
+        // SAFETY: a fresh read-only mapping chosen by the kernel (null
+        // hint); the result is checked against MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping { ptr, len })
+    }
+
+    /// Copies the mapped bytes `[pos, pos + out.len())` into `out`; false
+    /// (nothing copied) if they lie outside the mapping. The caller keeps
+    /// to bytes that exist in the file and are no longer written (records
+    /// below a published end).
+    pub fn copy(&self, pos: u64, out: &mut [u8]) -> bool {
+        let Some(end) = (pos as usize).checked_add(out.len()) else {
+            return false;
+        };
+        if end > self.len {
+            return false;
+        }
+        // SAFETY: [pos, end) lies inside the live mapping (checked above);
+        // `out` is a distinct, valid buffer of that length. The bytes are
+        // finished records of the file (the caller's contract), which no
+        // one writes while they are read.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.cast::<u8>().add(pos as usize),
+                out.as_mut_ptr(),
+                out.len(),
+            );
+        }
+        true
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr and len are exactly what mmap returned and took; the
+        // mapping is unmapped only here, once.
+        if unsafe { libc::munmap(self.ptr, self.len) } != 0 {
+            eprintln!("eventstream: munmap failed: {}", io::Error::last_os_error());
+        }
+    }
+}
+
 /// Accepts a pending connection of `listener`, non-blocking and
 /// close-on-exec (`accept4(2)`), without its peer address.
 pub fn accept(listener: RawFd) -> io::Result<OwnedFd> {

@@ -35,6 +35,8 @@ pub enum Item {
     KeepAlive,
     /// A legacy close.
     Close,
+    /// A read session: the bytes the decoder held of it.
+    Reader(Vec<u8>),
 }
 
 impl Item {
@@ -59,6 +61,7 @@ impl Item {
             Decoded::LegacySkipped(rule) => Item::Skipped(rule),
             Decoded::KeepAlive => Item::KeepAlive,
             Decoded::Close => Item::Close,
+            Decoded::Reader(first) => Item::Reader(first.to_vec()),
         }
     }
 }

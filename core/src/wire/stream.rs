@@ -43,6 +43,10 @@ pub enum Dialect {
     V1,
     /// Anything else: the original EventStreamCore frame format.
     Legacy,
+    /// Starts with `ESCR`: a read session (PROTOCOL.md section 7), which
+    /// the decoder does not serve: it returns [`Decoded::Reader`] once and
+    /// takes no more input.
+    Read,
 }
 
 /// One result of the [`StreamDecoder`].
@@ -71,6 +75,12 @@ pub enum Decoded<'a> {
     /// Legacy: a frame too large to store; close without an answer. The
     /// decoder takes no more input.
     Close,
+    /// The connection opened a read session (`ESCR`). The stream's bytes
+    /// are this slice (the first bytes, if they came in earlier chunks and
+    /// were held) followed by the input from the consumed count on, all of
+    /// it unread by the decoder, which takes no more input: whoever serves
+    /// read sessions gets them.
+    Reader(&'a [u8]),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,15 +190,21 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
         let mut pos = 0;
         if self.state == State::Detect {
             // Gather the first four bytes; they choose the dialect.
-            if self.held == 0 && input.len() >= 4 {
-                self.state = State::Open(detect(input));
+            let dialect = if self.held == 0 && input.len() >= 4 {
+                detect(input)
             } else {
                 pos = self.fill(input, 4);
                 if self.held < 4 {
                     return (pos, None);
                 }
-                let dialect = detect(self.stash.as_ref());
-                self.state = State::Open(dialect);
+                detect(self.stash.as_ref())
+            };
+            self.state = State::Open(dialect);
+            if dialect == Dialect::Read {
+                self.state = State::Closed(dialect);
+                let held = core::mem::take(&mut self.held);
+                let first = self.stash.as_ref().get(..held).unwrap_or(&[]);
+                return (pos, Some(Decoded::Reader(first)));
             }
         }
         let State::Open(dialect) = self.state else {
@@ -233,6 +249,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
         match dialect {
             Dialect::V1 => extent_v1(head, &self.limits),
             Dialect::Legacy => extent_legacy(head, &self.limits),
+            Dialect::Read => Extent::Fatal(Reason::BadMagic),
         }
     }
 
@@ -245,7 +262,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
         self.held = 0;
         match dialect {
             Dialect::V1 => Decoded::Fatal(reason),
-            Dialect::Legacy => Decoded::Close,
+            Dialect::Legacy | Dialect::Read => Decoded::Close,
         }
     }
 
@@ -271,6 +288,8 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
 fn detect(first: &[u8]) -> Dialect {
     if first.get(..4) == Some(&MAGIC[..]) {
         Dialect::V1
+    } else if first.get(..4) == Some(&super::read::READ_MAGIC[..]) {
+        Dialect::Read
     } else {
         Dialect::Legacy
     }
@@ -296,5 +315,6 @@ fn classify<'a>(dialect: Dialect, limits: &Limits, frame: &'a [u8]) -> Decoded<'
             Ok(ev) => Decoded::Legacy(ev),
             Err(rule) => Decoded::LegacySkipped(rule),
         },
+        Dialect::Read => Decoded::Close,
     }
 }

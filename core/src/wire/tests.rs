@@ -93,3 +93,39 @@ fn limits_are_checked() {
     assert_eq!(Limits::new(512, 0), Err(LimitsError::MaxTopic));
     assert!(StreamDecoder::new([0u8; 100], Limits::DEFAULT).is_err());
 }
+
+#[test]
+fn a_read_session_is_handed_back_whole_however_it_is_split() {
+    let stream: &[u8] = b"ESCR\x20\x00\x00\x00rest of a request";
+    for first in 1..=stream.len() {
+        let mut d = StreamDecoder::new([0u8; 512], Limits::DEFAULT).unwrap();
+        let mut got = [0u8; 64];
+        let mut n = 0;
+        let mut handed = false;
+        for chunk in [&stream[..first], &stream[first..]] {
+            let (used, item) = d.next(chunk);
+            match item {
+                Some(Decoded::Reader(held)) => {
+                    assert!(!handed);
+                    handed = true;
+                    got[n..n + held.len()].copy_from_slice(held);
+                    n += held.len();
+                    let rest = &chunk[used..];
+                    got[n..n + rest.len()].copy_from_slice(rest);
+                    n += rest.len();
+                }
+                None if handed => {
+                    // Closed: everything offered is swallowed.
+                    got[n..n + chunk.len()].copy_from_slice(chunk);
+                    n += chunk.len();
+                }
+                None => assert_eq!(used, chunk.len()),
+                Some(other) => panic!("{other:?}"),
+            }
+        }
+        assert!(handed, "split at {first}");
+        assert_eq!(&got[..n], stream, "split at {first}");
+        assert_eq!(d.dialect(), Some(Dialect::Read));
+        assert!(d.is_closed() && !d.is_mid_frame());
+    }
+}

@@ -34,6 +34,9 @@
 
 #![deny(missing_docs)]
 
+mod consumer;
+pub use consumer::{Class, Consumer, ConsumerOptions, EventRef, Message, SessionInfo, StartAt};
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, BufWriter, Read, Write};
@@ -93,6 +96,21 @@ pub enum Error {
     /// The event cannot be encoded (an empty or too long topic, a frame
     /// over 64 KiB).
     Encode(&'static str),
+    /// The server refused a read session (OUT_OF_RANGE, BAD_REQUEST, ...);
+    /// `first` and `end` are the log's first retained and end offsets.
+    Refused {
+        /// Why.
+        reason: Reason,
+        /// The first retained offset.
+        first: u64,
+        /// The next offset to become visible.
+        end: u64,
+    },
+    /// The server ended the read session with CLOSING and this reason
+    /// (FENCED: a newer session of the group took over).
+    Closed(Reason),
+    /// The server sent something the protocol does not allow.
+    Protocol(&'static str),
 }
 
 impl fmt::Display for Error {
@@ -101,6 +119,13 @@ impl fmt::Display for Error {
             Error::Io(e) => write!(f, "connection failed: {e}"),
             Error::Fatal(r) => write!(f, "the server closed the connection: FATAL {}", r.name()),
             Error::Encode(why) => write!(f, "cannot encode the event: {why}"),
+            Error::Refused { reason, first, end } => write!(
+                f,
+                "the server refused the read session: {} (log holds offsets {first}..{end})",
+                reason.name()
+            ),
+            Error::Closed(r) => write!(f, "the server closed the read session: {}", r.name()),
+            Error::Protocol(why) => write!(f, "protocol error: {why}"),
         }
     }
 }

@@ -43,6 +43,9 @@ pub(super) struct Conn {
     pub(super) mid_since: Option<u64>,
     /// Monotonic ns of the last read that brought bytes (or the accept).
     pub(super) last_active: u64,
+    /// It opened a read session: these bytes go with it to the reader
+    /// thread.
+    pub(super) handover: Option<Vec<u8>>,
 }
 
 /// Gives `c` an ack buffer if it has none (from `spare` when one is kept).
@@ -209,6 +212,7 @@ impl<D: Downstream> Ingest<D> {
             in_dirty: false,
             mid_since: None,
             last_active: monotonic_ns(),
+            handover: None,
         });
         self.p
             .shared
@@ -271,8 +275,27 @@ impl<D: Downstream> Ingest<D> {
     }
 
     pub(super) fn close(&mut self, id: u32) {
+        drop(self.release(id));
+    }
+
+    /// Gives the connection `id` (a reader) to the reader thread with the
+    /// bytes read of it; ingest never serves it again.
+    pub(super) fn hand_over(&mut self, id: u32, bytes: Vec<u8>) {
+        let Some(fd) = self.release(id) else {
+            return;
+        };
+        if let Err(e) = self.epoll.delete(fd.as_raw_fd()) {
+            eprintln!("eventstream: cannot hand a reader over: {e}");
+            return;
+        }
+        self.p.readers.hand_over(fd, bytes);
+    }
+
+    /// Frees the connection's slot; returns its socket.
+    fn release(&mut self, id: u32) -> Option<OwnedFd> {
         let slot = (id & SLOT_MASK) as usize;
-        if let Some(c) = self.conns.get_mut(slot).and_then(Option::take) {
+        let c = self.conns.get_mut(slot).and_then(Option::take)?;
+        {
             if c.mid_since.is_some() {
                 self.mid_frames = self.mid_frames.saturating_sub(1);
             }
@@ -286,6 +309,7 @@ impl<D: Downstream> Ingest<D> {
                 .connections
                 .fetch_sub(1, Ordering::Relaxed);
         }
+        Some(c.fd)
     }
 
     /// Closes connections with nothing in flight (no acks owed or unsent,

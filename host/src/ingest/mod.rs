@@ -105,6 +105,8 @@ pub struct IngestParts {
     pub reject_when_full: bool,
     /// Shared state.
     pub shared: Arc<Shared>,
+    /// Where read sessions go.
+    pub readers: Arc<crate::readers::Inbox>,
 }
 
 /// The ingest loop's state.

@@ -66,6 +66,11 @@ impl<D: Downstream> Ingest<D> {
             }
             _ => {}
         }
+        if let Some(bytes) = c.handover.take() {
+            self.conns[slot] = Some(c);
+            self.hand_over(id, bytes);
+            return false;
+        }
         let closed = c.dec.is_closed();
         let dirty = c.out_pos < c.out.len() || c.fatal.is_some() || c.eof;
         self.conns[slot] = Some(c);
@@ -199,6 +204,7 @@ impl<D: Downstream> Ingest<D> {
                 out,
                 inflight,
                 fatal,
+                handover,
                 ..
             } = c;
             let (used, item) = dec.next(&input[pos..]);
@@ -280,6 +286,17 @@ impl<D: Downstream> Ingest<D> {
                 }
                 Decoded::KeepAlive => self.metrics.add(Counter::KeepAlives, 1),
                 Decoded::Close => {
+                    pos = input.len();
+                    stop = Stop::Closed;
+                    break;
+                }
+                Decoded::Reader(first) => {
+                    // A read session: its bytes so far go to the reader
+                    // thread with the socket (serve hands them over).
+                    let mut bytes = Vec::with_capacity(first.len() + input.len() - pos);
+                    bytes.extend_from_slice(first);
+                    bytes.extend_from_slice(&input[pos..]);
+                    *handover = Some(bytes);
                     pos = input.len();
                     stop = Stop::Closed;
                     break;

@@ -28,12 +28,14 @@ mod cache;
 mod index;
 mod prefill;
 mod recovery;
+mod tail;
 
 pub use cache::{drop_cached, start_writeback};
 pub use index::{index_path, seek, SegmentIndex, INDEX_INTERVAL};
 pub use prefill::{Prefill, PREFILL_NAME};
 use recovery::recover_segment;
 pub use recovery::{read_records, read_records_at};
+pub use tail::{LogTail, Position, SegmentEntry};
 
 /// Page size assumed for writeback ranges (a multiple of the real one is
 /// also fine: it only keeps the kicked range off the page being appended).
@@ -98,6 +100,8 @@ pub struct Log {
     retention_bytes: Option<u64>,
     retention_age: Option<Duration>,
     prefill: Option<Arc<Prefill>>,
+    /// What readers see of it.
+    tail: Arc<LogTail>,
 }
 
 /// What start-up found and did.
@@ -123,6 +127,8 @@ pub struct LogOptions {
     /// Closed segments last written within this long are checked record by
     /// record at start (the dedup window: the rebuild relies on them).
     pub check_window: Duration,
+    /// Records are visible to readers only once durable (`--fsync always`).
+    pub visible_when_durable: bool,
 }
 
 /// Creates a segment and writes its header, without fsyncs: the caller
@@ -277,6 +283,22 @@ impl Log {
             Some(seg) => recover_segment(seg, opts.repair, &mut opened)?,
         };
         let active = Arc::new(active);
+        let entries = segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SegmentEntry {
+                base: s.base,
+                path: s.path.clone(),
+                closed_len: (i + 1 < segments.len()).then_some(s.size),
+            })
+            .collect();
+        let end = Position {
+            base: segments.last().map_or(0, |s| s.base),
+            bytes: active_len,
+            offset: next_offset,
+        };
+        let tail = LogTail::new(entries, end, opts.visible_when_durable)
+            .map_err(|e| format!("eventfd: {e}"))?;
         let log = Log {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -295,6 +317,7 @@ impl Log {
             retention_bytes: opts.retention_bytes,
             retention_age: opts.retention_age,
             prefill: None,
+            tail: Arc::new(tail),
         };
         Ok((log, opened))
     }
@@ -327,6 +350,25 @@ impl Log {
     /// The segments, oldest first (the newest is the active one).
     pub fn segments(&self) -> &[Segment] {
         &self.segments
+    }
+
+    /// What readers see of the log.
+    pub fn tail(&self) -> Arc<LogTail> {
+        self.tail.clone()
+    }
+
+    /// Publishes the end of the records written so far to readers.
+    pub fn publish_written(&self) {
+        self.tail.publish_written(self.written_end());
+    }
+
+    /// The end of the records written so far.
+    pub fn written_end(&self) -> Position {
+        Position {
+            base: self.segments.last().map_or(0, |s| s.base),
+            bytes: self.active_len,
+            offset: self.next_offset,
+        }
     }
 
     /// Offset of the next event.
@@ -424,6 +466,15 @@ impl Log {
                 (file, path, SEGMENT_HEADER_LEN as u64)
             }
         };
+        let closed_len = self.active_len;
+        self.tail.rolled(
+            closed_len,
+            SegmentEntry {
+                base: self.next_offset,
+                path: path.clone(),
+                closed_len: None,
+            },
+        );
         self.segments.push(Segment {
             base: self.next_offset,
             path,
@@ -475,6 +526,7 @@ impl Log {
                 oldest.path.display(),
                 oldest.size
             );
+            self.tail.deleted(oldest.base);
             self.segments.remove(0);
             deleted += 1;
         }

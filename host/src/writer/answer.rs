@@ -115,6 +115,7 @@ impl Storage {
                     .written
                     .fetch_add(len as u64, Ordering::AcqRel);
                 let _ = written;
+                self.p.log.publish_written();
                 self.p
                     .shared
                     .gauges

@@ -29,7 +29,7 @@ use eventstream_core::Class;
 
 use crate::settings::{DropPages, FsyncPolicy};
 use crate::shared::{Phase, RingGauge, Shared};
-use crate::storage::{drop_cached, start_writeback, Log, Prefill, SyncTargets};
+use crate::storage::{drop_cached, start_writeback, Log, LogTail, Prefill, SyncTargets};
 use crate::sys::{monotonic_ns, Backoff};
 
 mod answer;

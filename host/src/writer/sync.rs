@@ -58,6 +58,7 @@ pub fn run_sync(
     drop_min_rate: Option<u64>,
     wake_ingest: bool,
     targets: Arc<SyncTargets>,
+    tail: Arc<LogTail>,
     shared: Arc<Shared>,
 ) {
     let mut last_sync = monotonic_ns();
@@ -116,7 +117,9 @@ pub fn run_sync(
             if !dropped.0.as_ref().is_some_and(|f| Arc::ptr_eq(f, &active)) {
                 dropped = (Some(active.clone()), 0);
             }
-            let limit = from.saturating_sub(DROP_LAG);
+            // Never past the slowest reader's position (what a follower
+            // has not read yet stays cached).
+            let limit = tail.drop_limit(tail.written.load().base, from.saturating_sub(DROP_LAG));
             if limit > dropped.1 {
                 if drop {
                     drop_cached(&active, dropped.1.saturating_sub(DROP_RETRY), limit);
@@ -169,6 +172,7 @@ pub fn run_sync(
         // Read the target first: every byte it counts is in a segment
         // that `sync` then covers (the active one, or one a roll closed).
         let target = shared.progress.written.load(Ordering::Acquire);
+        let position = tail.written.load();
         let t0 = monotonic_ns();
         last_start = t0;
         let result = if fail_after == Some(done) {
@@ -188,6 +192,7 @@ pub fn run_sync(
             h.record(took);
         }
         shared.progress.synced.fetch_max(target, Ordering::AcqRel);
+        tail.publish_durable(position);
         // Held acks wait on storage's thread, or on ingest's.
         if wake_ingest {
             shared.wake.ingest.wake_for_acks();

@@ -1,0 +1,671 @@
+//! One read session (PROTOCOL.md section 7): its request, its answer,
+//! and the chunks it sends: runs of whole records straight from the
+//! segment file (`sendfile`), heartbeats, gaps, commits, END and CLOSING,
+//! never past the credit the client granted.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+
+use eventstream_core::record::SEGMENT_HEADER_LEN;
+use eventstream_core::wire::read::{
+    declared_frame_length, ChunkHeader, ChunkKind, ClassSet, ReadRequest, SessionAnswer,
+    SessionFrame, Start, NONE_OFFSET, READ_REQUEST_MAX, READ_REQUEST_MIN,
+};
+use eventstream_core::wire::Reason;
+
+use super::segments::{Next, OpenSegment, Segments};
+use super::Ctx;
+use crate::sys;
+
+/// Record bytes sent under one chunk header at most.
+const MAX_RUN: u64 = 2 << 20;
+/// Filtered records skipped per turn at most (then other sessions go on).
+const SKIP_BUDGET: usize = 65_536;
+
+/// Where a session is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum State {
+    /// Reading its request.
+    Request,
+    /// Its group has a commit being made durable: the start is resolved
+    /// once it is answered.
+    AwaitGroup,
+    /// Sending.
+    Streaming,
+    /// CLOSING (or an error answer) queued: close once it is written.
+    Closing,
+}
+
+/// A run of records being sent with `sendfile`.
+struct Run {
+    seg: Rc<OpenSegment>,
+    pos: u64,
+    left: u64,
+}
+
+/// One reader connection.
+pub(super) struct Session {
+    pub(super) id: u64,
+    pub(super) fd: OwnedFd,
+    pub(super) state: State,
+    /// Bytes received and not yet taken.
+    input: Vec<u8>,
+    /// Control bytes to send before `run`.
+    out: Vec<u8>,
+    out_pos: usize,
+    run: Option<Run>,
+    /// Control bytes queued while a run was being sent.
+    after: Vec<u8>,
+    pub(super) seg: Option<Rc<OpenSegment>>,
+    pub(super) pos: u64,
+    /// The offset of the record at `pos`.
+    next: u64,
+    start: u64,
+    /// Without FOLLOW: END once everything below this is sent.
+    end_limit: Option<u64>,
+    credit: u64,
+    classes: ClassSet,
+    prefix: Vec<u8>,
+    pub(super) group: Option<String>,
+    follow: bool,
+    /// Monotonic ns of the last chunk (for heartbeats).
+    last_chunk: u64,
+    ended: bool,
+    /// Waiting for the visible end to move.
+    pub(super) at_end: bool,
+    /// Waiting for credit.
+    no_credit: bool,
+    /// Waiting for the socket to take more.
+    blocked: bool,
+    pub(super) eof: bool,
+    /// Monotonic ns by which the request must be whole, or the closing
+    /// written.
+    pub(super) deadline: u64,
+    /// The request as parsed (kept until the start is resolved).
+    pending: Option<Pending>,
+}
+
+/// A parsed request waiting for its group.
+#[derive(Clone)]
+pub(super) struct Pending {
+    start: Start,
+    offset: u64,
+}
+
+/// What a turn did.
+#[derive(PartialEq, Eq)]
+pub(super) enum Turn {
+    /// Nothing more to do until an event (socket, credit, records, timer).
+    Idle,
+    /// The session is over: close it.
+    Close,
+}
+
+impl Session {
+    pub(super) fn new(id: u64, fd: OwnedFd, input: Vec<u8>, now: u64) -> Session {
+        Session {
+            id,
+            fd,
+            state: State::Request,
+            input,
+            out: Vec::with_capacity(256),
+            out_pos: 0,
+            run: None,
+            after: Vec::new(),
+            seg: None,
+            pos: 0,
+            next: 0,
+            start: 0,
+            end_limit: None,
+            credit: 0,
+            classes: ClassSet::ALL,
+            prefix: Vec::new(),
+            group: None,
+            follow: false,
+            last_chunk: now,
+            ended: false,
+            at_end: false,
+            no_credit: false,
+            blocked: false,
+            eof: false,
+            deadline: now + super::REQUEST_TIMEOUT_NS,
+            pending: None,
+        }
+    }
+
+    /// Whether a turn could make progress without an outside event.
+    pub(super) fn runnable(&self) -> bool {
+        match self.state {
+            State::Request | State::AwaitGroup => false,
+            State::Closing => !self.blocked,
+            State::Streaming => {
+                !self.blocked
+                    && (self.out_pos < self.out.len() || self.run.is_some() || {
+                        !self.ended && !self.at_end && !self.no_credit
+                    })
+            }
+        }
+    }
+
+    /// The next offset this session would deliver (heartbeats' `b`).
+    fn deliver_next(&self) -> u64 {
+        self.next.max(self.start)
+    }
+
+    /// Where it reads (for the page-drop low-water mark).
+    pub(super) fn position(&self) -> Option<(u64, u64)> {
+        self.seg.as_ref().map(|s| (s.base, self.pos))
+    }
+
+    fn queue(&mut self, bytes: &[u8]) {
+        if self.run.is_some() {
+            self.after.extend_from_slice(bytes);
+        } else {
+            self.out.extend_from_slice(bytes);
+        }
+    }
+
+    fn chunk(&mut self, kind: ChunkKind, reason: Reason, a: u64, b: u64, now: u64) {
+        let h = ChunkHeader {
+            kind,
+            reason,
+            bytes: 0,
+            a,
+            b,
+        };
+        self.queue(&h.encode());
+        self.last_chunk = now;
+    }
+
+    /// Ends the session with CLOSING `reason`.
+    pub(super) fn close_with(&mut self, ctx: &Ctx, reason: Reason, now: u64) {
+        if self.state == State::Closing {
+            return;
+        }
+        ctx.count_error(reason);
+        let next = self.deliver_next();
+        self.chunk(ChunkKind::Closing, reason, next, 0, now);
+        self.state = State::Closing;
+        self.deadline = now + super::CLOSING_GRACE_NS;
+    }
+
+    fn answer_error(&mut self, ctx: &Ctx, reason: Reason, segs: &Segments, now: u64) {
+        ctx.count_error(reason);
+        let a = SessionAnswer {
+            reason: Some(reason),
+            start: NONE_OFFSET,
+            first: segs.first_offset(),
+            end: segs.visible().offset,
+            committed: NONE_OFFSET,
+            max_record: ctx.max_record,
+        };
+        self.out.extend_from_slice(&a.encode());
+        self.state = State::Closing;
+        self.deadline = now + super::CLOSING_GRACE_NS;
+    }
+
+    /// Reads what the socket has; false once the peer is gone.
+    pub(super) fn read_input(&mut self, buf: &mut [u8]) -> bool {
+        loop {
+            match sys::read(self.fd.as_raw_fd(), buf) {
+                Ok(0) => {
+                    self.eof = true;
+                    return false;
+                }
+                Ok(n) => {
+                    if self.state != State::Closing {
+                        self.input.extend_from_slice(&buf[..n]);
+                    }
+                    if self.input.len() > 64 * 1024 {
+                        // A client never sends this much unanswered.
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.eof = true;
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Takes the request, or the CREDIT and COMMIT frames, from the input.
+    pub(super) fn take_input(&mut self, ctx: &mut Ctx, segs: &mut Segments, now: u64) {
+        if self.state == State::Request {
+            let Some(len) = declared_frame_length(&self.input) else {
+                return;
+            };
+            if !(READ_REQUEST_MIN..=READ_REQUEST_MAX).contains(&len) {
+                self.answer_error(ctx, Reason::BadRequest, segs, now);
+                return;
+            }
+            if self.input.len() < len {
+                return;
+            }
+            let bytes: Vec<u8> = self.input.drain(..len).collect();
+            match ReadRequest::parse(&bytes, ctx.max_topic) {
+                Ok(req) => self.begin(ctx, segs, &req, now),
+                Err(reason) => self.answer_error(ctx, reason, segs, now),
+            }
+        }
+        if self.state != State::Streaming && self.state != State::AwaitGroup {
+            return;
+        }
+        let mut used = 0;
+        loop {
+            match SessionFrame::decode(&self.input[used..]) {
+                Ok(None) => break,
+                Ok(Some((SessionFrame::Credit(n), len))) => {
+                    used += len;
+                    self.credit += u64::from(n);
+                    self.no_credit = false;
+                }
+                Ok(Some((SessionFrame::Commit(offset), len))) => {
+                    used += len;
+                    let visible = segs.visible().offset;
+                    match &self.group {
+                        Some(g) if offset >= segs.first_offset() && offset <= visible => {
+                            ctx.groups.commit(super::groups::CommitReq {
+                                session: self.id,
+                                group: g.clone(),
+                                offset,
+                            });
+                        }
+                        _ => {
+                            self.close_with(ctx, Reason::BadRequest, now);
+                            break;
+                        }
+                    }
+                }
+                Err(reason) => {
+                    self.close_with(ctx, reason, now);
+                    break;
+                }
+            }
+        }
+        self.input.drain(..used);
+    }
+
+    /// A well-formed request: fences the group's old session, then
+    /// resolves the start (or waits for the group's commit in flight).
+    fn begin(&mut self, ctx: &mut Ctx, segs: &mut Segments, req: &ReadRequest<'_>, now: u64) {
+        self.follow = req.follow;
+        self.classes = req.classes;
+        self.prefix = req.prefix.to_vec();
+        self.credit = u64::from(req.credit);
+        let pending = Pending {
+            start: req.start,
+            offset: req.offset,
+        };
+        if !req.group.is_empty() {
+            let name = String::from_utf8_lossy(req.group).into_owned();
+            let mut groups = ctx.groups.lock();
+            if !groups.contains_key(&name) && !ctx.groups.room_for_new(&mut groups) {
+                drop(groups);
+                self.answer_error(ctx, Reason::BadRequest, segs, now);
+                return;
+            }
+            let g = groups.entry(name.clone()).or_default();
+            let old = g.session.replace(self.id);
+            g.touched_ms = sys::wall_ns() / 1_000_000;
+            let wait = g.inflight > 0;
+            drop(groups);
+            if let Some(old) = old {
+                ctx.fenced.push(old);
+            }
+            self.group = Some(name);
+            if wait {
+                self.pending = Some(pending);
+                self.state = State::AwaitGroup;
+                return;
+            }
+        }
+        self.resolve(ctx, segs, pending, now);
+    }
+
+    /// The group's commits are all answered: the start can be resolved.
+    pub(super) fn group_ready(&mut self, ctx: &mut Ctx, segs: &mut Segments, now: u64) {
+        if self.state == State::AwaitGroup {
+            if let Some(p) = self.pending.take() {
+                self.state = State::Request;
+                self.resolve(ctx, segs, p, now);
+            }
+        }
+    }
+
+    fn resolve(&mut self, ctx: &mut Ctx, segs: &mut Segments, req: Pending, now: u64) {
+        let first = segs.first_offset();
+        let visible = segs.visible();
+        let end = visible.offset;
+        let committed = self
+            .group
+            .as_ref()
+            .and_then(|g| ctx.groups.lock().get(g).and_then(|g| g.committed));
+        let start = match req.start {
+            Start::Offset => req.offset,
+            Start::Earliest => first,
+            Start::Latest => end,
+            Start::Committed => committed.unwrap_or(first),
+        };
+        let answer = |reason, start| SessionAnswer {
+            reason,
+            start,
+            first,
+            end,
+            committed: committed.unwrap_or(NONE_OFFSET),
+            max_record: ctx.max_record,
+        };
+        if start < first || start > end {
+            ctx.count_error(Reason::OutOfRange);
+            self.out
+                .extend_from_slice(&answer(Some(Reason::OutOfRange), NONE_OFFSET).encode());
+            self.state = State::Closing;
+            self.deadline = now + super::CLOSING_GRACE_NS;
+            return;
+        }
+        match self.position_at(segs, start, &visible) {
+            Ok(()) => {}
+            Err(e) => {
+                eprintln!("eventstream: reader session cannot open the log at offset {start}: {e}");
+                ctx.count_error(Reason::StorageFailed);
+                self.out
+                    .extend_from_slice(&answer(Some(Reason::StorageFailed), NONE_OFFSET).encode());
+                self.state = State::Closing;
+                self.deadline = now + super::CLOSING_GRACE_NS;
+                return;
+            }
+        }
+        self.start = start;
+        self.end_limit = (!self.follow).then_some(end);
+        self.out.extend_from_slice(&answer(None, start).encode());
+        self.state = State::Streaming;
+        self.last_chunk = now;
+    }
+
+    fn position_at(
+        &mut self,
+        segs: &mut Segments,
+        start: u64,
+        visible: &crate::storage::Position,
+    ) -> io::Result<()> {
+        let seg = match segs.locate(start)? {
+            Next::Segment(s) => s,
+            _ => return Err(io::Error::other("no segment holds it")),
+        };
+        let end = segs.readable_end(&seg, visible);
+        match segs.seek(&seg, start, end)? {
+            Some((pos, first)) => {
+                self.pos = pos;
+                self.next = first;
+            }
+            None if seg.base == visible.base => {
+                self.pos = visible.bytes;
+                self.next = visible.offset;
+            }
+            None if seg.base == start => {
+                self.pos = SEGMENT_HEADER_LEN as u64;
+                self.next = start;
+            }
+            None => {
+                // The start lies past this segment's records (in a gap
+                // listed as lost): walk on from its end.
+                self.pos = end;
+                self.next = start;
+            }
+        }
+        self.seg = Some(seg);
+        Ok(())
+    }
+
+    /// Sends what it can: queued bytes, the run in progress, then new
+    /// chunks, until the socket, the credit or the records run out.
+    pub(super) fn turn(&mut self, ctx: &mut Ctx, segs: &mut Segments, now: u64) -> Turn {
+        loop {
+            if self.out_pos < self.out.len() {
+                match sys::send(self.fd.as_raw_fd(), &self.out[self.out_pos..]) {
+                    Ok(n) => {
+                        self.out_pos += n;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.blocked = true;
+                        return Turn::Idle;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return Turn::Close,
+                }
+            }
+            self.out.clear();
+            self.out_pos = 0;
+            if let Some(run) = &mut self.run {
+                if run.left > 0 {
+                    let want = run.left.min(MAX_RUN) as usize;
+                    match sys::sendfile(
+                        self.fd.as_raw_fd(),
+                        run.seg.file.as_raw_fd(),
+                        &mut run.pos,
+                        want,
+                    ) {
+                        Ok(0) => {
+                            // The file is shorter than its records said.
+                            eprintln!(
+                                "eventstream: reader session: segment {} ended early at byte {}",
+                                run.seg.base, run.pos
+                            );
+                            return Turn::Close;
+                        }
+                        Ok(n) => {
+                            run.left -= n as u64;
+                            ctx.bytes_sent(n as u64);
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.blocked = true;
+                            return Turn::Idle;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(_) => return Turn::Close,
+                    }
+                }
+                self.run = None;
+                std::mem::swap(&mut self.out, &mut self.after);
+                continue;
+            }
+            match self.state {
+                State::Closing => return Turn::Close,
+                State::Streaming if !self.ended => {
+                    if !self.fill(ctx, segs, now) {
+                        return Turn::Idle;
+                    }
+                }
+                _ => return Turn::Idle,
+            }
+        }
+    }
+
+    /// Queues the next chunk; false if there is none to send now.
+    fn fill(&mut self, ctx: &mut Ctx, segs: &mut Segments, now: u64) -> bool {
+        let visible = segs.visible();
+        let mut skipped = 0;
+        let mut run_pos = 0;
+        let mut run_len = 0u64;
+        let mut run_first = 0;
+        loop {
+            if let Some(limit) = self.end_limit {
+                if self.next >= limit {
+                    break;
+                }
+            }
+            let Some(seg) = self.seg.clone() else {
+                return false;
+            };
+            let end = segs.readable_end(&seg, &visible);
+            if self.pos >= end {
+                if run_len > 0 {
+                    break;
+                }
+                if !(segs.is_closed(&seg) && visible.base > seg.base) && !seg.deleted.get() {
+                    self.at_end = true;
+                    return false;
+                }
+                let next = match segs.after(&seg, self.next, &ctx.gaps) {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(msg)) => {
+                        eprintln!("eventstream: reader session {}: {msg}", self.id);
+                        self.close_with(ctx, Reason::StorageFailed, now);
+                        return true;
+                    }
+                    Err(e) => {
+                        eprintln!("eventstream: reader session {}: {e}", self.id);
+                        self.close_with(ctx, Reason::OutOfRange, now);
+                        return true;
+                    }
+                };
+                match next {
+                    Next::Segment(s) => {
+                        self.seg = Some(s);
+                        self.pos = SEGMENT_HEADER_LEN as u64;
+                        continue;
+                    }
+                    Next::Gap(a, b) => {
+                        self.chunk(ChunkKind::Gap, Reason::None, a, b, now);
+                        self.next = b;
+                        match segs.locate(b) {
+                            Ok(Next::Segment(s)) => {
+                                self.seg = Some(s);
+                                self.pos = SEGMENT_HEADER_LEN as u64;
+                            }
+                            _ => self.close_with(ctx, Reason::OutOfRange, now),
+                        }
+                        return true;
+                    }
+                    Next::Gone => {
+                        self.close_with(ctx, Reason::OutOfRange, now);
+                        return true;
+                    }
+                    Next::Nothing => {
+                        self.at_end = true;
+                        return false;
+                    }
+                }
+            }
+            let Some(r) = seg.record(self.pos, end).filter(|r| r.offset == self.next) else {
+                eprintln!(
+                    "eventstream: reader session {}: no valid record with offset {} at byte {} of segment {}",
+                    self.id, self.next, self.pos, seg.base
+                );
+                self.close_with(ctx, Reason::StorageFailed, now);
+                return true;
+            };
+            let wanted = (self.classes.bits() == 0 || self.classes.bits() & (1 << r.class) != 0)
+                && seg.topic_starts_with(self.pos, r.size, &self.prefix);
+            if !wanted {
+                if run_len > 0 {
+                    break;
+                }
+                self.pos += r.size;
+                self.next = r.offset + u64::from(r.count);
+                skipped += 1;
+                if skipped >= SKIP_BUDGET {
+                    return false;
+                }
+                continue;
+            }
+            if r.size > self.credit - run_len {
+                if run_len == 0 {
+                    self.no_credit = true;
+                    return false;
+                }
+                break;
+            }
+            if run_len > 0 && run_len + r.size > MAX_RUN {
+                break;
+            }
+            if run_len == 0 {
+                run_pos = self.pos;
+                run_first = r.offset;
+            }
+            run_len += r.size;
+            self.pos += r.size;
+            self.next = r.offset + u64::from(r.count);
+        }
+        if run_len > 0 {
+            let Some(seg) = self.seg.clone() else {
+                return false;
+            };
+            let h = ChunkHeader {
+                kind: ChunkKind::Records,
+                reason: Reason::None,
+                bytes: run_len as u32,
+                a: run_first,
+                b: self.next,
+            };
+            self.out.extend_from_slice(&h.encode());
+            self.credit -= run_len;
+            self.last_chunk = now;
+            self.run = Some(Run {
+                seg,
+                pos: run_pos,
+                left: run_len,
+            });
+            ctx.records_sent(run_len);
+            return true;
+        }
+        if let Some(limit) = self.end_limit {
+            if self.next >= limit {
+                self.chunk(ChunkKind::End, Reason::None, limit, 0, now);
+                self.ended = true;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A heartbeat if the session sent nothing for a second; returns when
+    /// the next one is due.
+    pub(super) fn heartbeat(&mut self, segs: &Segments, now: u64) -> u64 {
+        if self.state != State::Streaming || self.ended {
+            return u64::MAX;
+        }
+        let due = self.last_chunk + super::HEARTBEAT_NS;
+        if now < due {
+            return due;
+        }
+        if self.run.is_none() {
+            let end = segs.visible().offset;
+            let next = self.deliver_next();
+            self.chunk(ChunkKind::Heartbeat, Reason::None, end, next, now);
+        }
+        now + super::HEARTBEAT_NS
+    }
+
+    /// The visible end moved: a session waiting at it looks again.
+    pub(super) fn visible_moved(&mut self) {
+        self.at_end = false;
+    }
+
+    /// The socket can take more.
+    pub(super) fn writable(&mut self) {
+        self.blocked = false;
+    }
+
+    /// A commit of this session is durable (or failed).
+    pub(super) fn committed(&mut self, ctx: &Ctx, offset: u64, ok: bool, now: u64) {
+        if self.state == State::Closing {
+            return;
+        }
+        if ok {
+            self.chunk(ChunkKind::Committed, Reason::None, offset, 0, now);
+        } else {
+            self.close_with(ctx, Reason::StorageFailed, now);
+        }
+    }
+
+    /// Whether it holds a segment retention deleted.
+    pub(super) fn in_deleted(&self) -> bool {
+        self.seg.as_ref().is_some_and(|s| s.deleted.get())
+    }
+}
