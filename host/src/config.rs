@@ -27,6 +27,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Send one event per line of standard input.
     Produce(crate::produce::ProduceArgs),
+    /// Read events from a server's log, one per line (`--json`: objects).
+    Consume(crate::consume::ConsumeArgs),
 }
 
 use crate::settings::{DropPages, Processors, StorageThread};

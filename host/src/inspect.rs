@@ -16,7 +16,7 @@ use crate::repair::{Gaps, DAMAGED_DIR, REPORT};
 use crate::storage::{list_segments, read_records, read_records_at, seek, SegmentIndex};
 
 /// A JSON string literal of `s`.
-fn json_str(out: &mut String, s: &str) {
+pub fn json_str(out: &mut String, s: &str) {
     out.push('"');
     for ch in s.chars() {
         match ch {
@@ -34,26 +34,55 @@ fn json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// One event's fields as `inspect --json` and `consume --json` print them.
+pub struct EventFields<'a> {
+    /// Its offset.
+    pub offset: u64,
+    /// Its record's class.
+    pub class: Class,
+    /// Its record's recv_ns.
+    pub recv_ns: u64,
+    /// The stored frame.
+    pub frame: &'a Frame<&'a [u8]>,
+}
+
+impl EventFields<'_> {
+    /// The JSON object's members, without the closing brace.
+    pub fn json_open(&self) -> String {
+        let f = self.frame;
+        let mut o = String::with_capacity(256);
+        let _ = write!(
+            o,
+            "{{\"offset\":{},\"event_id\":{},\"class\":\"{}\",\"priority\":\"{}\",\"topic\":",
+            self.offset,
+            f.event_id(),
+            self.class.name(),
+            f.priority().name()
+        );
+        json_str(&mut o, &String::from_utf8_lossy(f.topic_bytes()));
+        let _ = write!(
+            o,
+            ",\"partition\":{},\"timestamp_ns\":{},\"recv_ns\":{},\"payload_len\":{},\"legacy\":{}",
+            f.partition(),
+            f.timestamp_ns(),
+            self.recv_ns,
+            f.payload_len(),
+            f.is_legacy()
+        );
+        o
+    }
+}
+
 /// The `inspect --json` object of one event (PROTOCOL.md field names).
 pub fn event_json(rec: &Record<'_>, offset: u64, frame: &Frame<&[u8]>) -> String {
-    let mut o = String::with_capacity(256);
-    let _ = write!(
-        o,
-        "{{\"offset\":{offset},\"event_id\":{},\"class\":\"{}\",\"priority\":\"{}\",\"topic\":",
-        frame.event_id(),
-        rec.class().name(),
-        frame.priority().name()
-    );
-    json_str(&mut o, frame.topic());
-    let _ = write!(
-        o,
-        ",\"partition\":{},\"timestamp_ns\":{},\"recv_ns\":{},\"payload_len\":{},\"legacy\":{}}}",
-        frame.partition(),
-        frame.timestamp_ns(),
-        rec.recv_ns(),
-        frame.payload_len(),
-        frame.is_legacy()
-    );
+    let mut o = EventFields {
+        offset,
+        class: rec.class(),
+        recv_ns: rec.recv_ns(),
+        frame,
+    }
+    .json_open();
+    o.push('}');
     o
 }
 

@@ -6,6 +6,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
+pub mod consume;
 pub mod endpoint;
 pub mod ingest;
 pub mod inspect;

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         Command::Load(args) => eventstream_host::load::run(&args),
         Command::Inspect(args) => eventstream_host::inspect::run(&args),
         Command::Produce(args) => eventstream_host::produce::run(&args),
+        Command::Consume(args) => eventstream_host::consume::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -187,6 +187,90 @@ static FAMILIES: &[Family] = &[
         samples: Samples::One(|c| relaxed(&c.shared.gauges.next_offset)),
     },
     Family {
+        name: "eventstream_log_start_offset",
+        kind: Kind::Gauge,
+        help: "The first retained offset.",
+        samples: Samples::One(|c| {
+            c.shared
+                .readers
+                .tail
+                .get()
+                .map_or(0.0, |t| t.first_offset() as f64)
+        }),
+    },
+    Family {
+        name: "eventstream_log_end_offset",
+        kind: Kind::Gauge,
+        help: "The next offset to become visible to readers (under --fsync always: once durable).",
+        samples: Samples::One(|c| {
+            c.shared
+                .readers
+                .tail
+                .get()
+                .map_or(0.0, |t| t.visible().offset as f64)
+        }),
+    },
+    Family {
+        name: "eventstream_reader_sessions",
+        kind: Kind::Gauge,
+        help: "Open read sessions.",
+        samples: Samples::One(|c| relaxed(&c.shared.readers.sessions)),
+    },
+    Family {
+        name: "eventstream_reader_sessions_total",
+        kind: Kind::Counter,
+        help: "Read sessions opened.",
+        samples: Samples::One(|c| relaxed(&c.shared.readers.sessions_total)),
+    },
+    Family {
+        name: "eventstream_reader_bytes_sent_total",
+        kind: Kind::Counter,
+        help: "Record bytes sent to read sessions.",
+        samples: Samples::One(|c| relaxed(&c.shared.readers.bytes_sent)),
+    },
+    Family {
+        name: "eventstream_reader_errors_total",
+        kind: Kind::Counter,
+        help: "Read sessions refused or closed, by reason (OUT_OF_RANGE, BAD_REQUEST, FENCED, ...).",
+        samples: Samples::Labeled("reason", |c, out| {
+            for &r in Reason::errors() {
+                if let Some(n) = c.shared.readers.errors.get(r as usize) {
+                    out(&r.name().to_ascii_lowercase(), relaxed(n));
+                }
+            }
+        }),
+    },
+    Family {
+        name: "eventstream_consumer_group_committed_offset",
+        kind: Kind::Gauge,
+        help: "A consumer group's committed offset.",
+        samples: Samples::Labeled("group", |c, out| {
+            if let Some(g) = c.shared.readers.groups.get() {
+                for (name, offset) in g.committed() {
+                    out(&name, offset as f64);
+                }
+            }
+        }),
+    },
+    Family {
+        name: "eventstream_consumer_group_lag_events",
+        kind: Kind::Gauge,
+        help: "Events between a consumer group's committed offset and the log's end.",
+        samples: Samples::Labeled("group", |c, out| {
+            let end = c
+                .shared
+                .readers
+                .tail
+                .get()
+                .map_or(0, |t| t.visible().offset);
+            if let Some(g) = c.shared.readers.groups.get() {
+                for (name, offset) in g.committed() {
+                    out(&name, end.saturating_sub(offset) as f64);
+                }
+            }
+        }),
+    },
+    Family {
         name: "eventstream_log_bytes",
         kind: Kind::Gauge,
         help: "Bytes in all log segments.",

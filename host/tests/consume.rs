@@ -123,3 +123,361 @@ fn consuming_from_earliest_returns_exactly_what_inspect_lists() {
     }
     assert_eq!(c.position(), stored);
 }
+
+/// A raw read session: the request's bytes sent, the answer read.
+fn raw_session(addr: std::net::SocketAddr, req: &[u8]) -> (TcpStream, SessionAnswer) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(req).unwrap();
+    let mut a = [0u8; SESSION_ANSWER_LEN];
+    s.read_exact(&mut a).unwrap();
+    (s, SessionAnswer::decode(&a).unwrap())
+}
+
+fn request(r: &ReadRequest<'_>) -> Vec<u8> {
+    let mut b = vec![0u8; r.encoded_len()];
+    r.encode(&mut b).unwrap();
+    b
+}
+
+fn base_request() -> ReadRequest<'static> {
+    ReadRequest {
+        start: Start::Earliest,
+        follow: false,
+        classes: eventstream_core::wire::read::ClassSet::ALL,
+        offset: 0,
+        credit: 1 << 20,
+        group: b"",
+        prefix: b"",
+    }
+}
+
+#[test]
+fn filters_return_exactly_the_matching_events_and_bad_requests_get_their_reason() {
+    let dir = TempDir::new("consume-filters");
+    let server = Server::start(&dir.data(), &["--batch-max-age", "5ms"]);
+    let topics = ["orders/eu", "orders/us", "clicks", "ord"];
+    let stored = produce(server.addr, 6_000, 12, |i| {
+        topics[(i % 4) as usize].to_string()
+    });
+    let listed = wait_for_events(&dir.data(), stored as usize);
+    for (prefix, classes) in [
+        ("orders/", vec![]),
+        ("", vec![Class::Batch]),
+        ("orders/e", vec![Class::Realtime, Class::Transactional]),
+        ("ord", vec![Class::Transactional]),
+        ("nothing", vec![]),
+    ] {
+        let want: Vec<(u64, u64)> = listed
+            .iter()
+            .filter(|e| e.topic.starts_with(prefix))
+            .filter(|e| {
+                classes.is_empty()
+                    || classes
+                        .iter()
+                        .any(|c| format!("{c:?}").to_lowercase() == e.class)
+            })
+            .map(|e| (e.offset, e.event_id))
+            .collect();
+        let mut c = Consumer::connect(
+            server.addr,
+            ConsumerOptions {
+                topic_prefix: prefix.into(),
+                classes: classes.clone(),
+                window: 64 << 10,
+                ..ConsumerOptions::default()
+            },
+        )
+        .unwrap();
+        let got: Vec<(u64, u64)> = read_all(&mut c).iter().map(|m| (m.offset, m.id)).collect();
+        assert_eq!(got, want, "prefix {prefix:?} classes {classes:?}");
+        assert_eq!(c.position(), stored, "END reaches the end offset");
+    }
+    // Past the end, and malformed requests.
+    match Consumer::connect(server.addr, opts(StartAt::Offset(stored + 1))) {
+        Err(Error::Refused {
+            reason: Reason::OutOfRange,
+            first: 0,
+            end,
+        }) => assert_eq!(end, stored),
+        other => panic!("{:?}", other.map(|c| *c.info())),
+    }
+    let good = request(&base_request());
+    let mut bad_crc = good.clone();
+    *bad_crc.last_mut().unwrap() ^= 1;
+    let mut reserved = good.clone();
+    reserved[10] = 2;
+    eventstream_core::wire::seal(&mut reserved);
+    let no_group = request(&ReadRequest {
+        start: Start::Committed,
+        ..base_request()
+    });
+    let reserved_group = request(&ReadRequest {
+        group: b"_forwarder",
+        ..base_request()
+    });
+    let offset_with_earliest = request(&ReadRequest {
+        offset: 5,
+        ..base_request()
+    });
+    for (what, bytes) in [
+        ("bad crc", bad_crc),
+        ("reserved flag", reserved),
+        ("COMMITTED without a group", no_group),
+        ("a server-reserved group", reserved_group),
+        ("an offset with EARLIEST", offset_with_earliest),
+    ] {
+        let (mut s, a) = raw_session(server.addr, &bytes);
+        assert_eq!(a.reason, Some(Reason::BadRequest), "{what}");
+        assert_eq!((a.start, a.end), (u64::MAX, stored), "{what}");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(
+            rest.is_empty(),
+            "{what}: the connection closes after the answer"
+        );
+    }
+    // Each error is counted.
+    assert!(server.metric("eventstream_reader_errors_total{reason=\"bad_request\"}") >= 5.0);
+    assert!(server.metric("eventstream_reader_errors_total{reason=\"out_of_range\"}") >= 1.0);
+    assert_eq!(server.metric("eventstream_log_end_offset"), stored as f64);
+}
+
+#[test]
+fn offsets_below_the_first_retained_one_are_out_of_range() {
+    let dir = TempDir::new("consume-retained");
+    let server = Server::start(
+        &dir.data(),
+        &["--segment-bytes", "64KiB", "--retention-bytes", "256KiB"],
+    );
+    let stored = produce(server.addr, 6_000, 13, |_| "r".into());
+    let first = settles(1.0, || {
+        (server.metric("eventstream_log_start_offset") > 0.0) as u64 as f64
+    });
+    assert_eq!(first, 1.0, "retention deleted segments");
+    let first = server.metric("eventstream_log_start_offset") as u64;
+    match Consumer::connect(server.addr, opts(StartAt::Offset(first - 1))) {
+        Err(Error::Refused {
+            reason: Reason::OutOfRange,
+            first: f,
+            end,
+        }) => assert_eq!((f, end), (first, stored)),
+        other => panic!("{:?}", other.map(|c| *c.info())),
+    }
+    // From the first retained offset: everything from there, in order.
+    let mut c = Consumer::connect(server.addr, opts(StartAt::Earliest)).unwrap();
+    assert_eq!(c.info().start, first);
+    let got = read_all(&mut c);
+    assert_eq!(got.len() as u64, stored - first);
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, m)| m.offset == first + i as u64));
+}
+
+#[test]
+fn a_commit_survives_kill_9_and_a_second_session_fences_the_first() {
+    let dir = TempDir::new("consume-commit");
+    let server = Server::start(&dir.data(), &[]);
+    let stored = produce(server.addr, 3_000, 14, |_| "c".into());
+    wait_for_events(&dir.data(), stored as usize);
+    let group = ConsumerOptions {
+        from: StartAt::Committed,
+        group: Some("billing".into()),
+        ..ConsumerOptions::default()
+    };
+    let mut c = Consumer::connect(server.addr, group.clone()).unwrap();
+    assert_eq!((c.info().start, c.info().committed), (0, None));
+    for _ in 0..1234 {
+        c.next().unwrap().unwrap();
+    }
+    c.commit(c.position()).unwrap();
+    assert_eq!(c.committed(), Some(1234));
+    assert_eq!(
+        server.metric("eventstream_consumer_group_committed_offset{group=\"billing\"}"),
+        1234.0
+    );
+    assert_eq!(
+        server.metric("eventstream_consumer_group_lag_events{group=\"billing\"}"),
+        (stored - 1234) as f64
+    );
+    // A commit past the visible end closes the session BAD_REQUEST.
+    drop(c);
+    server.kill();
+    let server = Server::start(&dir.data(), &[]);
+    let following = ConsumerOptions {
+        follow: true,
+        ..group.clone()
+    };
+    let mut c = Consumer::connect(server.addr, following).unwrap();
+    assert_eq!(c.info().committed, Some(1234));
+    assert_eq!(c.next().unwrap().unwrap().offset, 1234);
+    // A second session of the group: the first gets CLOSING FENCED.
+    let mut c2 = Consumer::connect(server.addr, group.clone()).unwrap();
+    assert_eq!(c2.info().start, 1234);
+    let fenced = loop {
+        match c.next() {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(fenced, Err(Error::Closed(Reason::Fenced))),
+        "{fenced:?}"
+    );
+    assert!(server.metric("eventstream_reader_errors_total{reason=\"fenced\"}") >= 1.0);
+    // A commit beyond the end is refused with CLOSING BAD_REQUEST.
+    assert!(matches!(
+        c2.commit(stored + 10),
+        Err(Error::Closed(Reason::BadRequest))
+    ));
+}
+
+/// A follower that checks its own credit: reads chunk by chunk, grants in
+/// 16 KiB steps, and asserts the server never sends past the grant.
+fn credit_checking_follower(addr: std::net::SocketAddr, until: Arc<AtomicU64>) -> u64 {
+    let (mut s, a) = raw_session(
+        addr,
+        &request(&ReadRequest {
+            follow: true,
+            credit: 0,
+            ..base_request()
+        }),
+    );
+    assert_eq!(a.reason, None);
+    let grant = |s: &mut TcpStream, n: u32| {
+        let mut b = [0u8; 16];
+        SessionFrame::Credit(n).encode(&mut b).unwrap();
+        s.write_all(&b).unwrap();
+    };
+    let step = a.max_record.max(16 << 10);
+    grant(&mut s, step);
+    let mut granted = u64::from(step);
+    let mut received = 0u64;
+    let mut next = 0u64;
+    loop {
+        let mut h = [0u8; CHUNK_HEADER_LEN];
+        s.read_exact(&mut h).unwrap();
+        let h = ChunkHeader::decode(&h).unwrap();
+        if h.kind != ChunkKind::Records {
+            if next >= until.load(Ordering::Acquire) && until.load(Ordering::Acquire) > 0 {
+                return received;
+            }
+            continue;
+        }
+        let mut body = vec![0u8; h.bytes as usize];
+        s.read_exact(&mut body).unwrap();
+        received += u64::from(h.bytes);
+        assert!(
+            received <= granted,
+            "sent {received} past a grant of {granted}"
+        );
+        assert_eq!(h.a, next, "records in order, none missing");
+        next = h.b;
+        if granted - received < u64::from(step) {
+            grant(&mut s, step);
+            granted += u64::from(step);
+        }
+        let u = until.load(Ordering::Acquire);
+        if u > 0 && next >= u {
+            return received;
+        }
+    }
+}
+
+#[test]
+fn a_hundred_followers_get_every_event_and_a_stalled_one_stalls_only_itself() {
+    let dir = TempDir::new("consume-followers");
+    let server = Server::start(&dir.data(), &["--batch-max-age", "5ms"]);
+    let addr = server.addr;
+    // The stalled reader: credit 0, never grants.
+    let (mut stalled, a) = raw_session(
+        addr,
+        &request(&ReadRequest {
+            follow: true,
+            credit: 0,
+            ..base_request()
+        }),
+    );
+    assert_eq!(a.reason, None);
+    let until = Arc::new(AtomicU64::new(0));
+    let followers: Vec<_> = (0..99)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = Consumer::connect(
+                    addr,
+                    ConsumerOptions {
+                        follow: true,
+                        window: 32 << 10,
+                        ..ConsumerOptions::default()
+                    },
+                )
+                .unwrap();
+                let mut ids = Vec::new();
+                loop {
+                    let m = c.next().unwrap().unwrap();
+                    assert_eq!(m.offset, ids.len() as u64, "follower {i}: in order");
+                    ids.push(m.id);
+                    if ids.len() == 20_000 {
+                        return ids;
+                    }
+                }
+            })
+        })
+        .collect();
+    let checker = {
+        let until = until.clone();
+        std::thread::spawn(move || credit_checking_follower(addr, until))
+    };
+    let t0 = Instant::now();
+    // Two producers, 10,000 realtime events each (never deduplicated).
+    let producers: Vec<_> = (0..2u64)
+        .map(|p| {
+            std::thread::spawn(move || {
+                let mut pr = Producer::connect(addr).unwrap();
+                for i in 0..10_000u64 {
+                    pr.send(&Event {
+                        topic: "f",
+                        partition: 0,
+                        priority: Priority::High,
+                        id: p << 32 | i,
+                        payload: b"follow me",
+                    })
+                    .unwrap();
+                }
+                pr.flush().unwrap().len()
+            })
+        })
+        .collect();
+    let acked: usize = producers.into_iter().map(|p| p.join().unwrap()).sum();
+    assert_eq!(acked, 20_000, "the producers were not held up");
+    until.store(20_000, Ordering::Release);
+    let listed: Vec<u64> = wait_for_events(&dir.data(), 20_000)
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
+    for f in followers {
+        assert_eq!(f.join().unwrap(), listed);
+    }
+    assert!(checker.join().unwrap() > 0);
+    // The stalled reader got only heartbeats (no records) meanwhile.
+    stalled
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut h = [0u8; CHUNK_HEADER_LEN];
+    let mut beats = 0;
+    let t1 = Instant::now();
+    while t1.elapsed() < Duration::from_millis(2500) {
+        stalled.read_exact(&mut h).unwrap();
+        let h = ChunkHeader::decode(&h).unwrap();
+        assert_eq!(h.kind, ChunkKind::Heartbeat);
+        assert_eq!((h.a, h.b), (20_000, 0), "it would deliver offset 0 next");
+        beats += 1;
+    }
+    assert!(beats >= 2, "an idle session gets a heartbeat every second");
+    assert_eq!(
+        settles(1.0, || server.metric("eventstream_reader_sessions")),
+        1.0
+    );
+    eprintln!("100 followers and 20,000 events in {:?}", t0.elapsed());
+}

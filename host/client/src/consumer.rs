@@ -99,7 +99,8 @@ pub struct EventRef<'a> {
 }
 
 impl<'a> EventRef<'a> {
-    fn frame(&self) -> eventstream_core::wire::Frame<&'a [u8]> {
+    /// The stored frame, checked.
+    pub fn frame(&self) -> eventstream_core::wire::Frame<&'a [u8]> {
         eventstream_core::wire::Frame::with_head(self.frame, self.head)
     }
     /// Its topic's bytes.

@@ -192,7 +192,6 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     let mut done: Vec<CommitDone> = Vec::new();
     let mut seen_end = segs.visible().offset;
-    let mut next_beat = 0u64;
     let mut draining = false;
     loop {
         let now = monotonic_ns();
@@ -210,6 +209,7 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
                 }
             }
         }
+        segs.refresh();
         // New sessions from ingest.
         let handed = std::mem::take(&mut *locked(&p.inbox.queue));
         for (fd, bytes) in handed {
@@ -253,7 +253,7 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
         fence_old(&mut ctx, &mut sessions, now);
         // Retention: sessions inside deleted segments keep them, up to
         // the cap; past it the ones there are closed OUT_OF_RANGE.
-        if segs.refresh() && segs.held_bytes() > p.hold_bytes {
+        if segs.refresh() | segs.holds_deleted() && segs.held_bytes() > p.hold_bytes {
             for s in sessions.values_mut().filter(|s| s.in_deleted()) {
                 s.close_with(&ctx, Reason::OutOfRange, now);
             }
@@ -265,11 +265,9 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
                 s.visible_moved();
             }
         }
-        if now >= next_beat {
-            next_beat = u64::MAX;
-            for s in sessions.values_mut() {
-                next_beat = next_beat.min(s.heartbeat(&segs, now));
-            }
+        let mut next_beat = u64::MAX;
+        for s in sessions.values_mut() {
+            next_beat = next_beat.min(s.heartbeat(&segs, now));
         }
         // Turns for every session that can go on.
         let mut gone = Vec::new();

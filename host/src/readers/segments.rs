@@ -159,6 +159,11 @@ impl Segments {
         true
     }
 
+    /// Whether any deleted segment is still open.
+    pub(super) fn holds_deleted(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     /// Bytes of deleted segments that sessions still hold open; the
     /// segments no session holds are let go.
     pub(super) fn held_bytes(&mut self) -> u64 {

@@ -337,6 +337,7 @@ impl Session {
     }
 
     fn resolve(&mut self, ctx: &mut Ctx, segs: &mut Segments, req: Pending, now: u64) {
+        segs.refresh();
         let first = segs.first_offset();
         let visible = segs.visible();
         let end = visible.offset;
@@ -366,8 +367,25 @@ impl Session {
             self.deadline = now + super::CLOSING_GRACE_NS;
             return;
         }
-        match self.position_at(segs, start, &visible) {
+        let mut at = self.position_at(segs, start, &visible);
+        if at
+            .as_ref()
+            .is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+            && segs.refresh()
+        {
+            // Retention deleted it just now.
+            at = self.position_at(segs, start, &visible);
+        }
+        match at {
             Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                ctx.count_error(Reason::OutOfRange);
+                self.out
+                    .extend_from_slice(&answer(Some(Reason::OutOfRange), NONE_OFFSET).encode());
+                self.state = State::Closing;
+                self.deadline = now + super::CLOSING_GRACE_NS;
+                return;
+            }
             Err(e) => {
                 eprintln!("eventstream: reader session cannot open the log at offset {start}: {e}");
                 ctx.count_error(Reason::StorageFailed);
