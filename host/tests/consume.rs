@@ -481,3 +481,103 @@ fn a_hundred_followers_get_every_event_and_a_stalled_one_stalls_only_itself() {
     );
     eprintln!("100 followers and 20,000 events in {:?}", t0.elapsed());
 }
+
+fn run_cmd(args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn produce_and_consume_commands_end_to_end_with_a_non_utf8_payload() {
+    let dir = TempDir::new("consume-cli");
+    let server = Server::start(&dir.data(), &[]);
+    let target = server.addr.to_string();
+    let input: &[u8] = b"hello\n\xff\xfe raw\n{\"quoted\": \"x\"}\n";
+    let (ok, _, err) = run_cmd(
+        &[
+            "produce",
+            "--target",
+            &target,
+            "--topic",
+            "cli/t",
+            "--id",
+            "line-number",
+            "--id-base",
+            "100",
+        ],
+        input,
+    );
+    assert!(ok, "{err}");
+    wait_for_events(&dir.data(), 3);
+    let (ok, out, err) = run_cmd(&["consume", "--target", &target, "--json"], b"");
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let listed = inspect_events(&dir.data());
+    assert_eq!(lines.len(), 3);
+    for (got, want) in lines.iter().zip(&listed) {
+        // The keys of inspect --json, same values, plus the payload.
+        for (k, v) in want.json.as_object().unwrap() {
+            assert_eq!(&got[k], v, "key {k}");
+        }
+    }
+    assert_eq!(lines[0]["payload"], "hello");
+    assert_eq!(lines[1]["payload_b64"], "//4gcmF3");
+    assert!(lines[1].get("payload").is_none());
+    assert_eq!(lines[2]["payload"], "{\"quoted\": \"x\"}");
+    assert_eq!(lines[1]["event_id"], 102);
+    // Plain lines, a class filter, a group with commits, a limit.
+    let (ok, out, _) = run_cmd(&["consume", "--target", &target, "--limit", "1"], b"");
+    assert!(ok);
+    assert_eq!(out, b"hello\n");
+    let group = [
+        "consume",
+        "--target",
+        &target,
+        "--group",
+        "cli",
+        "--from",
+        "committed",
+        "--commit-every",
+        "1",
+        "--limit",
+        "2",
+    ];
+    let (ok, out, err) = run_cmd(&group, b"");
+    assert!(ok, "{err}");
+    assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 2);
+    let (ok, out, _) = run_cmd(&group, b"");
+    assert!(ok);
+    assert_eq!(
+        out, b"{\"quoted\": \"x\"}\n",
+        "the group resumes at its commit"
+    );
+    let (ok, out, _) = run_cmd(&["consume", "--target", &target, "--class", "batch"], b"");
+    assert!(ok);
+    assert!(out.is_empty());
+    // Bad input is a non-zero exit with a reason.
+    let (ok, _, err) = run_cmd(&["consume", "--target", &target, "--from", "999"], b"");
+    assert!(!ok && err.contains("OUT_OF_RANGE"), "{err}");
+    let (ok, _, err) = run_cmd(
+        &["consume", "--target", &target, "--from", "committed"],
+        b"",
+    );
+    assert!(!ok && err.contains("--group"), "{err}");
+    let (ok, _, err) = run_cmd(&["consume", "--target", &target, "--class", "nope"], b"");
+    assert!(!ok && err.contains("nope"), "{err}");
+}

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use eventstream_core::wire::Status;
 use eventstream_core::Priority;
-use lazyfs::{LazyFs, Mounted};
+use lazyfs::rig::{can_mount, Rig};
 
 /// An acked transactional event and when its ack arrived.
 #[derive(Clone, Copy, Debug)]
@@ -35,16 +35,6 @@ struct Acked {
     id: u64,
     offset: u64,
     at: Instant,
-}
-
-fn can_mount() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !Path::new("/dev/fuse").exists() {
-        eprintln!("power-cut tests need root and /dev/fuse; not run here");
-        return false;
-    }
-    true
 }
 
 /// Bursts of 32 acked transactional events, `pause` apart, until the
@@ -114,52 +104,6 @@ fn log_of(data: &Path) -> HashMap<u64, u64> {
         .iter()
         .map(|e| (e.offset, e.event_id))
         .collect()
-}
-
-struct Rig {
-    /// What each start printed, for a failure's message.
-    log: String,
-    fs: LazyFs,
-    mount: Option<Mounted>,
-    dir: TempDir,
-}
-
-impl Rig {
-    fn new(tag: &str) -> Rig {
-        let dir = TempDir::new(tag);
-        let at = dir.path().join("mnt");
-        std::fs::create_dir_all(&at).unwrap();
-        let fs = LazyFs::new();
-        let mount = fs.mount(&at).expect("mount the FUSE file system");
-        Rig {
-            log: String::new(),
-            fs,
-            mount: Some(mount),
-            dir,
-        }
-    }
-
-    fn data(&self) -> std::path::PathBuf {
-        self.dir.path().join("mnt").join("data")
-    }
-
-    /// Kills the server, unmounts, cuts the power, mounts again.
-    fn cut(&mut self, server: Server) {
-        server.kill();
-        drop(self.mount.take());
-        self.fs.power_cut();
-        self.mount = Some(
-            self.fs
-                .mount(&self.dir.path().join("mnt"))
-                .expect("mount again"),
-        );
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        drop(self.mount.take());
-    }
 }
 
 /// Starts the server on the rig, runs two producers for `for_ms`, then

@@ -180,8 +180,8 @@ pub struct Consumer {
     opts: ConsumerOptions,
     stream: TcpStream,
     info: SessionInfo,
-    /// Record chunks read ahead while waiting for a COMMITTED.
-    queued: VecDeque<Vec<u8>>,
+    /// Chunks read ahead while waiting for a COMMITTED, in order.
+    queued: VecDeque<(ChunkHeader, Vec<u8>)>,
     chunk: Vec<u8>,
     /// The next record's position in `chunk`.
     rec_at: usize,
@@ -322,14 +322,15 @@ impl Consumer {
             .map_err(|_| Error::Encode("commit"))?;
         self.stream.write_all(&b)?;
         loop {
-            let (h, body) = self.read_chunk()?;
+            // The chunk being read stays: read into a new buffer.
+            let (h, body) = self.read_chunk(false)?;
             match h.kind {
                 ChunkKind::Committed if h.a == offset => {
                     self.committed = Some(offset);
                     return Ok(());
                 }
-                ChunkKind::Records => self.queued.push_back(body),
-                _ => self.control(&h)?,
+                ChunkKind::Closing => return Err(Error::Closed(h.reason)),
+                _ => self.queued.push_back((h, body)),
             }
         }
     }
@@ -358,12 +359,11 @@ impl Consumer {
         self.rec_at = 0;
         self.rec_end = 0;
         self.frame_at = 0;
-        if let Some(body) = self.queued.pop_front() {
-            self.chunk = body;
-            return Ok(());
-        }
         loop {
-            let (h, body) = self.read_chunk()?;
+            let (h, body) = match self.queued.pop_front() {
+                Some(queued) => queued,
+                None => self.read_chunk(true)?,
+            };
             if h.kind == ChunkKind::Records {
                 self.chunk = body;
                 if self.next < h.a {
@@ -403,13 +403,15 @@ impl Consumer {
 
     /// Reads one chunk (header and records), granting credit as records
     /// are taken.
-    fn read_chunk(&mut self) -> Result<(ChunkHeader, Vec<u8>), Error> {
+    fn read_chunk(&mut self, reuse: bool) -> Result<(ChunkHeader, Vec<u8>), Error> {
         let mut head = [0u8; CHUNK_HEADER_LEN];
         self.stream.read_exact(&mut head)?;
         let h = ChunkHeader::decode(&head).map_err(|_| Error::Protocol("a bad chunk header"))?;
         let mut body = Vec::new();
         if h.kind == ChunkKind::Records {
-            body = std::mem::take(&mut self.chunk);
+            if reuse {
+                body = std::mem::take(&mut self.chunk);
+            }
             body.clear();
             body.resize(h.bytes as usize, 0);
             self.stream.read_exact(&mut body)?;

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 
 use eventstream_core::record::{RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
@@ -25,7 +26,9 @@ const MAP_SLACK: u64 = 64 << 20;
 pub(super) struct OpenSegment {
     pub(super) base: u64,
     pub(super) file: File,
-    map: Mapping,
+    /// None where the file system cannot map files (some FUSE ones):
+    /// headers are then read with `pread`.
+    map: Option<Mapping>,
     /// Its size when opened (for the bytes held by deleted segments).
     pub(super) size: u64,
     /// Whether retention deleted it (only sessions inside it keep it).
@@ -43,11 +46,19 @@ pub(super) struct RecordHead {
 }
 
 impl OpenSegment {
+    /// Copies the segment's bytes at `pos` into `out`.
+    fn copy(&self, pos: u64, out: &mut [u8]) -> bool {
+        match &self.map {
+            Some(m) => m.copy(pos, out),
+            None => self.file.read_exact_at(out, pos).is_ok(),
+        }
+    }
+
     /// The header of the record at `pos`, if a well-formed one ends at or
     /// before `end`.
     pub(super) fn record(&self, pos: u64, end: u64) -> Option<RecordHead> {
         let mut h = [0u8; RECORD_HEADER_LEN];
-        if pos + RECORD_HEADER_LEN as u64 > end || !self.map.copy(pos, &mut h) {
+        if pos + RECORD_HEADER_LEN as u64 > end || !self.copy(pos, &mut h) {
             return None;
         }
         let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
@@ -74,13 +85,13 @@ impl OpenSegment {
         }
         let frame = pos + RECORD_HEADER_LEN as u64;
         let mut tl = [0u8; 1];
-        if !self.map.copy(frame + 11, &mut tl) || (tl[0] as usize) < prefix.len() {
+        if !self.copy(frame + 11, &mut tl) || (tl[0] as usize) < prefix.len() {
             return false;
         }
         let mut topic = [0u8; 255];
         let t = &mut topic[..prefix.len()];
         frame + (FRAME_TOPIC_AT + prefix.len()) as u64 <= pos + size
-            && self.map.copy(frame + FRAME_TOPIC_AT as u64, t)
+            && self.copy(frame + FRAME_TOPIC_AT as u64, t)
             && t == prefix
     }
 }
@@ -214,7 +225,11 @@ impl Segments {
         }
         let file = File::open(&entry.path)?;
         let size = file.metadata()?.len();
-        let map = Mapping::new(file.as_raw_fd(), self.map_len.max(size) as usize)?;
+        let map = match Mapping::new(file.as_raw_fd(), self.map_len.max(size) as usize) {
+            Ok(m) => Some(m),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => None,
+            Err(e) => return Err(e),
+        };
         let seg = Rc::new(OpenSegment {
             base: entry.base,
             file,
