@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -580,4 +580,76 @@ fn produce_and_consume_commands_end_to_end_with_a_non_utf8_payload() {
     assert!(!ok && err.contains("--group"), "{err}");
     let (ok, _, err) = run_cmd(&["consume", "--target", &target, "--class", "nope"], b"");
     assert!(!ok && err.contains("nope"), "{err}");
+}
+
+/// Reads chunks until CLOSING; returns the record chunks' (a, b) and the
+/// CLOSING's reason, granting `grant` bytes first.
+fn read_until_closing(s: &mut TcpStream, grant: u32) -> (Vec<(u64, u64)>, Reason) {
+    if grant > 0 {
+        let mut b = [0u8; 16];
+        SessionFrame::Credit(grant).encode(&mut b).unwrap();
+        s.write_all(&b).unwrap();
+    }
+    let mut runs = Vec::new();
+    loop {
+        let mut h = [0u8; CHUNK_HEADER_LEN];
+        s.read_exact(&mut h).unwrap();
+        let h = ChunkHeader::decode(&h).unwrap();
+        match h.kind {
+            ChunkKind::Records => {
+                let mut body = vec![0u8; h.bytes as usize];
+                s.read_exact(&mut body).unwrap();
+                runs.push((h.a, h.b));
+            }
+            ChunkKind::Closing => return (runs, h.reason),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_reader_keeps_a_deleted_segment_within_the_cap_and_is_closed_past_it() {
+    for (hold, tag) in [("1GiB", "within"), ("1", "past")] {
+        let dir = TempDir::new(&format!("consume-hold-{tag}"));
+        let server = Server::start(
+            &dir.data(),
+            &[
+                "--segment-bytes",
+                "64KiB",
+                "--retention-bytes",
+                "256KiB",
+                "--reader-hold-bytes",
+                hold,
+            ],
+        );
+        // Inside the first segment, with no credit yet.
+        let (mut s, a) = raw_session(
+            server.addr,
+            &request(&ReadRequest {
+                credit: 0,
+                follow: true,
+                ..base_request()
+            }),
+        );
+        assert_eq!((a.reason, a.start), (None, 0));
+        produce(server.addr, 6_000, 15, |_| "h".into());
+        assert_eq!(
+            settles(
+                1.0,
+                || (server.metric("eventstream_log_start_offset") > 0.0) as u8 as f64
+            ),
+            1.0
+        );
+        let (runs, reason) = read_until_closing(&mut s, if tag == "within" { 1 << 20 } else { 0 });
+        assert_eq!(reason, Reason::OutOfRange, "{tag}");
+        if tag == "within" {
+            // The whole deleted segment, from 0 and in order, then the
+            // closing where the next one is gone too.
+            assert_eq!(runs.first().map(|r| r.0), Some(0));
+            assert!(runs.windows(2).all(|w| w[0].1 == w[1].0));
+            assert!(runs.last().unwrap().1 > 100);
+        } else {
+            assert!(runs.is_empty(), "past the cap: closed before sending");
+        }
+    }
 }

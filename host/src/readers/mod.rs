@@ -253,7 +253,8 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
         fence_old(&mut ctx, &mut sessions, now);
         // Retention: sessions inside deleted segments keep them, up to
         // the cap; past it the ones there are closed OUT_OF_RANGE.
-        if segs.refresh() | segs.holds_deleted() && segs.held_bytes() > p.hold_bytes {
+        let changed = segs.refresh();
+        if (changed || segs.holds_deleted()) && segs.held_bytes() > p.hold_bytes {
             for s in sessions.values_mut().filter(|s| s.in_deleted()) {
                 s.close_with(&ctx, Reason::OutOfRange, now);
             }

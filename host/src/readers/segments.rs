@@ -29,8 +29,9 @@ pub(super) struct OpenSegment {
     /// None where the file system cannot map files (some FUSE ones):
     /// headers are then read with `pread`.
     map: Option<Mapping>,
-    /// Its size when opened (for the bytes held by deleted segments).
-    pub(super) size: u64,
+    /// Its size when opened; once deleted, its final length (what a
+    /// session may still read of it, and the bytes it holds on disk).
+    pub(super) size: std::cell::Cell<u64>,
     /// Whether retention deleted it (only sessions inside it keep it).
     pub(super) deleted: std::cell::Cell<bool>,
 }
@@ -155,12 +156,22 @@ impl Segments {
             return false;
         }
         let (catalog, generation) = self.tail.segments();
-        self.catalog = catalog;
+        let old = std::mem::replace(&mut self.catalog, catalog);
         self.generation = generation;
         let bases: Vec<u64> = self.open.keys().copied().collect();
         for base in bases {
             if !self.catalog.iter().any(|s| s.base == base) {
                 if let Some(seg) = self.open.remove(&base) {
+                    // Only a closed segment is deleted: its length is final.
+                    // (The open descriptor still tells its size.)
+                    let len = old
+                        .iter()
+                        .find(|s| s.base == base)
+                        .and_then(|s| s.closed_len)
+                        .or_else(|| seg.file.metadata().ok().map(|m| m.len()));
+                    if let Some(len) = len {
+                        seg.size.set(len);
+                    }
                     seg.deleted.set(true);
                     self.held.push(seg);
                 }
@@ -179,7 +190,7 @@ impl Segments {
     /// segments no session holds are let go.
     pub(super) fn held_bytes(&mut self) -> u64 {
         self.held.retain(|s| Rc::strong_count(s) > 1);
-        self.held.iter().map(|s| s.size).sum()
+        self.held.iter().map(|s| s.size.get()).sum()
     }
 
     /// The first retained offset.
@@ -195,7 +206,7 @@ impl Segments {
     /// How far records of the segment `base` are readable now.
     pub(super) fn readable_end(&self, seg: &OpenSegment, visible: &Position) -> u64 {
         if seg.deleted.get() {
-            return seg.size;
+            return seg.size.get();
         }
         if visible.base == seg.base {
             return visible.bytes;
@@ -207,7 +218,7 @@ impl Segments {
             .iter()
             .find(|s| s.base == seg.base)
             .and_then(|s| s.closed_len)
-            .unwrap_or(seg.size)
+            .unwrap_or(seg.size.get())
     }
 
     /// Whether the segment is closed and a newer one exists.
@@ -234,7 +245,7 @@ impl Segments {
             base: entry.base,
             file,
             map,
-            size,
+            size: std::cell::Cell::new(size),
             deleted: std::cell::Cell::new(false),
         });
         self.open.insert(entry.base, seg.clone());

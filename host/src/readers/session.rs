@@ -525,7 +525,10 @@ impl Session {
                 if run_len > 0 {
                     break;
                 }
-                if !(segs.is_closed(&seg) && visible.base > seg.base) && !seg.deleted.get() {
+                // A segment is done once a newer one holds visible records
+                // (or retention deleted it); else this is the visible end.
+                let done = seg.deleted.get() || (segs.is_closed(&seg) && visible.base > seg.base);
+                if !done {
                     self.at_end = true;
                     return false;
                 }
