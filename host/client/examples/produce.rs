@@ -2,13 +2,15 @@
 //! `ES_BIN`, or this workspace's `target/debug/eventstream`), sends events
 //! of every priority with the [`Producer`], and checks every outcome: each
 //! new id stored at increasing offsets, each resent transactional id a
-//! DUPLICATE at its original's offset. The test command runs it.
+//! DUPLICATE at its original's offset; then reads them back with the
+//! [`Consumer`] as a consumer group, commits, and checks that the group's
+//! next session resumes at the commit. The test command runs it.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use eventstream_client::{Event, Outcome, Priority, Producer};
+use eventstream_client::{Consumer, ConsumerOptions, Event, Outcome, Priority, Producer, StartAt};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bin = std::env::var_os("ES_BIN")
@@ -85,6 +87,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     println!("example: 1000 events stored, 400 resent transactional ids answered DUPLICATE");
+
+    // Read them back as the group "example", from its committed offset
+    // (none yet: the start of the log).
+    let opts = ConsumerOptions {
+        from: StartAt::Committed,
+        group: Some("example".into()),
+        ..ConsumerOptions::default()
+    };
+    let mut c = Consumer::connect(addr.as_str(), opts.clone())?;
+    let mut read = 0u64;
+    while let Some(ev) = c.next()? {
+        assert_eq!(
+            ev.offset, offsets[&ev.id],
+            "event {} at its stored offset",
+            ev.id
+        );
+        assert_eq!(ev.payload, b"hello");
+        read += 1;
+    }
+    assert_eq!(read, 1000);
+    c.commit(c.position())?;
+    // The group's next session starts at the commit: nothing is left.
+    let mut again = Consumer::connect(addr.as_str(), opts)?;
+    assert_eq!(again.info().start, 1000);
+    assert!(again.next()?.is_none());
+    println!("example: 1000 events read back in order, committed; the group resumes at 1000");
     server.kill()?;
     server.wait()?;
     let _ = std::fs::remove_dir_all(&data);

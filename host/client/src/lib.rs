@@ -29,7 +29,36 @@
 //! # Ok::<(), eventstream_client::Error>(())
 //! ```
 //!
-//! A runnable version, against a server it starts itself, is
+//! The [`Consumer`] reads the log back (PROTOCOL.md section 7): from an
+//! offset, the start, the end, or a consumer group's committed offset;
+//! optionally following new events as they become visible; filtered by
+//! topic prefix and class. Every record's checksum is checked on arrival.
+//! A commit returns once the server has made it (and the log up to it)
+//! durable; a later session of the group resumes exactly there, and
+//! fences (closes) any session of the group still open.
+//!
+//! ```no_run
+//! use eventstream_client::{Consumer, ConsumerOptions, StartAt};
+//!
+//! let opts = ConsumerOptions {
+//!     from: StartAt::Committed,
+//!     group: Some("billing".into()),
+//!     topic_prefix: "orders/".into(),
+//!     follow: true,
+//!     ..ConsumerOptions::default()
+//! };
+//! let mut c = Consumer::connect("127.0.0.1:7000", opts)?;
+//! while let Some(ev) = c.next_ref()? {
+//!     println!("{} {} {} bytes", ev.offset, ev.id(), ev.payload().len());
+//!     if ev.offset % 1000 == 999 {
+//!         let at = c.position();
+//!         c.commit(at)?;
+//!     }
+//! }
+//! # Ok::<(), eventstream_client::Error>(())
+//! ```
+//!
+//! A runnable version of both, against a server it starts itself, is
 //! `host/client/examples/produce.rs`.
 
 #![deny(missing_docs)]
