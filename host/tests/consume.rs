@@ -33,22 +33,6 @@ const PRIORITIES: [Priority; 5] = [
     Priority::Batch,
 ];
 
-/// (offset -> (event id, payload)) of every event in the log.
-fn log_payloads(data: &Path) -> HashMap<u64, (u64, Vec<u8>)> {
-    let mut out = HashMap::new();
-    for seg in segments(data) {
-        let bytes = std::fs::read(&seg).unwrap();
-        let base: u64 = seg.file_stem().unwrap().to_str().unwrap().parse().unwrap();
-        eventstream_host::storage::read_records(&bytes, base, |rec| {
-            for (offset, f) in rec.frames() {
-                out.insert(offset, (f.event_id(), f.payload().to_vec()));
-            }
-        })
-        .unwrap();
-    }
-    out
-}
-
 /// Produces `n` events of every class (one in ten resends an earlier id);
 /// returns how many were answered STORED.
 fn produce(addr: std::net::SocketAddr, n: u64, seed: u64, topic_of: impl Fn(u64) -> String) -> u64 {
@@ -113,7 +97,7 @@ fn consuming_from_earliest_returns_exactly_what_inspect_lists() {
     assert_eq!(c.info().start, 0);
     let got = read_all(&mut c);
     assert_eq!(got.len(), listed.len());
-    let payloads = log_payloads(&dir.data());
+    let payloads = log_events(&dir.data());
     for (m, l) in got.iter().zip(&listed) {
         assert_eq!(m.offset, l.offset);
         assert_eq!(m.id, l.event_id);
@@ -138,6 +122,18 @@ fn request(r: &ReadRequest<'_>) -> Vec<u8> {
     let mut b = vec![0u8; r.encoded_len()];
     r.encode(&mut b).unwrap();
     b
+}
+
+/// A following session from the earliest offset, granted no credit yet.
+fn follower_without_credit(addr: std::net::SocketAddr) -> (TcpStream, SessionAnswer) {
+    raw_session(
+        addr,
+        &request(&ReadRequest {
+            follow: true,
+            credit: 0,
+            ..base_request()
+        }),
+    )
 }
 
 fn base_request() -> ReadRequest<'static> {
@@ -336,14 +332,7 @@ fn a_commit_survives_kill_9_and_a_second_session_fences_the_first() {
 /// A follower that checks its own credit: reads chunk by chunk, grants in
 /// 16 KiB steps, and asserts the server never sends past the grant.
 fn credit_checking_follower(addr: std::net::SocketAddr, until: Arc<AtomicU64>) -> u64 {
-    let (mut s, a) = raw_session(
-        addr,
-        &request(&ReadRequest {
-            follow: true,
-            credit: 0,
-            ..base_request()
-        }),
-    );
+    let (mut s, a) = follower_without_credit(addr);
     assert_eq!(a.reason, None);
     let grant = |s: &mut TcpStream, n: u32| {
         let mut b = [0u8; 16];
@@ -391,14 +380,7 @@ fn a_hundred_followers_get_every_event_and_a_stalled_one_stalls_only_itself() {
     let server = Server::start(&dir.data(), &["--batch-max-age", "5ms"]);
     let addr = server.addr;
     // The stalled reader: credit 0, never grants.
-    let (mut stalled, a) = raw_session(
-        addr,
-        &request(&ReadRequest {
-            follow: true,
-            credit: 0,
-            ..base_request()
-        }),
-    );
+    let (mut stalled, a) = follower_without_credit(addr);
     assert_eq!(a.reason, None);
     let until = Arc::new(AtomicU64::new(0));
     let followers: Vec<_> = (0..99)
@@ -623,14 +605,7 @@ fn a_reader_keeps_a_deleted_segment_within_the_cap_and_is_closed_past_it() {
             ],
         );
         // Inside the first segment, with no credit yet.
-        let (mut s, a) = raw_session(
-            server.addr,
-            &request(&ReadRequest {
-                credit: 0,
-                follow: true,
-                ..base_request()
-            }),
-        );
+        let (mut s, a) = follower_without_credit(server.addr);
         assert_eq!((a.reason, a.start), (None, 0));
         produce(server.addr, 6_000, 15, |_| "h".into());
         assert_eq!(

@@ -15,22 +15,6 @@ use common::*;
 use eventstream_client::{Event, Options, Outcome, Priority, Producer};
 use eventstream_core::splitmix::SplitMix64;
 
-/// (offset -> (event id, payload)) of every event in the log.
-fn log_events(data: &Path) -> HashMap<u64, (u64, Vec<u8>)> {
-    let mut out = HashMap::new();
-    for seg in segments(data) {
-        let bytes = std::fs::read(&seg).unwrap();
-        let base: u64 = seg.file_stem().unwrap().to_str().unwrap().parse().unwrap();
-        eventstream_host::storage::read_records(&bytes, base, |rec| {
-            for (offset, f) in rec.frames() {
-                out.insert(offset, (f.event_id(), f.payload().to_vec()));
-            }
-        })
-        .unwrap();
-    }
-    out
-}
-
 const PRIORITIES: [Priority; 5] = [
     Priority::Critical,
     Priority::High,

@@ -35,7 +35,8 @@ pub enum Item {
     KeepAlive,
     /// A legacy close.
     Close,
-    /// A read session: the bytes the decoder held of it.
+    /// A read session: the whole stream from its start (the bytes the
+    /// decoder held, then everything it left unread).
     Reader(Vec<u8>),
 }
 
@@ -77,8 +78,16 @@ pub fn decode_chunks<'c>(
         StreamDecoder::new(vec![0u8; limits.max_frame() as usize], limits).expect("stash");
     let mut out = Vec::new();
     let mut total = 0usize;
+    // A read session's bytes: what the decoder held, then the rest of the
+    // stream, which it leaves unread (the same however it is split).
+    let mut handed = false;
     for chunk in chunks {
         let mut pos = 0;
+        if handed {
+            if let Some((_, Item::Reader(bytes))) = out.last_mut() {
+                bytes.extend_from_slice(chunk);
+            }
+        }
         loop {
             let (used, item) = dec.next(&chunk[pos..]);
             pos += used;
@@ -86,9 +95,13 @@ pub fn decode_chunks<'c>(
             match item {
                 None => break,
                 Some(d) => {
-                    let item = Item::from_decoded(d);
+                    let mut item = Item::from_decoded(d);
+                    if let Item::Reader(bytes) = &mut item {
+                        bytes.extend_from_slice(&chunk[pos..]);
+                        handed = true;
+                    }
                     let at = match item {
-                        Item::Fatal(_) | Item::Close => None,
+                        Item::Fatal(_) | Item::Close | Item::Reader(_) => None,
                         _ => Some(total),
                     };
                     out.push((at, item));

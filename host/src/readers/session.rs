@@ -23,6 +23,26 @@ const MAX_RUN: u64 = 2 << 20;
 /// Filtered records skipped per turn at most (then other sessions go on).
 const SKIP_BUDGET: usize = 65_536;
 
+/// What a `send` or `sendfile` did.
+enum Sent {
+    Bytes(usize),
+    /// Interrupted: try again.
+    Again,
+    /// The socket's buffer is full: wait for EPOLLOUT.
+    Full,
+    /// The connection is gone.
+    Failed,
+}
+
+fn sent(r: io::Result<usize>) -> Sent {
+    match r {
+        Ok(n) => Sent::Bytes(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Sent::Full,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Sent::Again,
+        Err(_) => Sent::Failed,
+    }
+}
+
 /// Where a session is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum State {
@@ -443,31 +463,25 @@ impl Session {
     pub(super) fn turn(&mut self, ctx: &mut Ctx, segs: &mut Segments, now: u64) -> Turn {
         loop {
             if self.out_pos < self.out.len() {
-                match sys::send(self.fd.as_raw_fd(), &self.out[self.out_pos..]) {
-                    Ok(n) => {
-                        self.out_pos += n;
-                        continue;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match sent(sys::send(self.fd.as_raw_fd(), &self.out[self.out_pos..])) {
+                    Sent::Bytes(n) => self.out_pos += n,
+                    Sent::Again => {}
+                    Sent::Full => {
                         self.blocked = true;
                         return Turn::Idle;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => return Turn::Close,
+                    Sent::Failed => return Turn::Close,
                 }
+                continue;
             }
             self.out.clear();
             self.out_pos = 0;
             if let Some(run) = &mut self.run {
                 if run.left > 0 {
                     let want = run.left.min(MAX_RUN) as usize;
-                    match sys::sendfile(
-                        self.fd.as_raw_fd(),
-                        run.seg.file.as_raw_fd(),
-                        &mut run.pos,
-                        want,
-                    ) {
-                        Ok(0) => {
+                    let fd = run.seg.file.as_raw_fd();
+                    match sent(sys::sendfile(self.fd.as_raw_fd(), fd, &mut run.pos, want)) {
+                        Sent::Bytes(0) => {
                             // The file is shorter than its records said.
                             eprintln!(
                                 "eventstream: reader session: segment {} ended early at byte {}",
@@ -475,18 +489,18 @@ impl Session {
                             );
                             return Turn::Close;
                         }
-                        Ok(n) => {
+                        Sent::Bytes(n) => {
                             run.left -= n as u64;
                             ctx.bytes_sent(n as u64);
-                            continue;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        Sent::Again => {}
+                        Sent::Full => {
                             self.blocked = true;
                             return Turn::Idle;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(_) => return Turn::Close,
+                        Sent::Failed => return Turn::Close,
                     }
+                    continue;
                 }
                 self.run = None;
                 std::mem::swap(&mut self.out, &mut self.after);

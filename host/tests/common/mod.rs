@@ -528,3 +528,19 @@ pub fn read_acks(s: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> Vec<Ack> {
     buf.drain(..whole);
     acks
 }
+
+/// (offset -> (event id, payload)) of every event in the log.
+pub fn log_events(data: &Path) -> HashMap<u64, (u64, Vec<u8>)> {
+    let mut out = HashMap::new();
+    for seg in segments(data) {
+        let bytes = std::fs::read(&seg).unwrap();
+        let base: u64 = seg.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        eventstream_host::storage::read_records(&bytes, base, |rec| {
+            for (offset, f) in rec.frames() {
+                out.insert(offset, (f.event_id(), f.payload().to_vec()));
+            }
+        })
+        .unwrap();
+    }
+    out
+}
