@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::*;
