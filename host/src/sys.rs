@@ -266,6 +266,39 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Unmaps the pages of `[from, to)` from this process (`madvise
+    /// MADV_DONTNEED`; `from` and `to` rounded to pages inside the range).
+    /// The file's pages stay in the page cache, no longer mapped, so the
+    /// page-drop policy can drop them; a later read maps them again.
+    pub fn unmap_pages(&self, from: u64, to: u64) {
+        let page = 4096u64;
+        let from = from.div_ceil(page) * page;
+        let to = (to / page * page).min(self.len as u64);
+        if to <= from {
+            return;
+        }
+        // SAFETY: [from, to) lies inside the live mapping and is
+        // page-aligned; MADV_DONTNEED on a shared read-only file mapping
+        // only drops this process's page-table entries (the next access
+        // maps the same file page again), and no reference into the
+        // range is held across this call (reads copy out).
+        let r = unsafe {
+            libc::madvise(
+                self.ptr.cast::<u8>().add(from as usize).cast(),
+                (to - from) as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r != 0 {
+            eprintln!(
+                "eventstream: madvise failed: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: ptr and len are exactly what mmap returned and took; the

@@ -294,6 +294,7 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
             // More to send: look at the sockets without sleeping.
             wait(
                 &epoll,
+                &inbox_waker,
                 &mut events,
                 0,
                 &mut sessions,
@@ -319,6 +320,7 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
         let ms = timeout.div_ceil(1_000_000).min(1000) as i32;
         wait(
             &epoll,
+            &inbox_waker,
             &mut events,
             ms,
             &mut sessions,
@@ -335,8 +337,10 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
 }
 
 /// Waits up to `ms` for socket and wake-up events and handles them.
+#[allow(clippy::too_many_arguments)]
 fn wait(
     epoll: &Epoll,
+    inbox: &EventFd,
     events: &mut [libc::epoll_event],
     ms: i32,
     sessions: &mut HashMap<u64, Session>,
@@ -353,10 +357,8 @@ fn wait(
     for ev in events.iter().take(n) {
         let (token, flags) = (ev.u64, ev.events);
         match token {
-            TOKEN_INBOX => {
-                // The handovers and commits are taken at the loop's top.
-                let _ = segs;
-            }
+            // The handovers and commits are taken at the loop's top.
+            TOKEN_INBOX => inbox.drain(),
             TOKEN_TAIL => segs.tail().waker().drain(),
             id => {
                 let Some(s) = sessions.get_mut(&id) else {

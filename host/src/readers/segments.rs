@@ -34,7 +34,12 @@ pub(super) struct OpenSegment {
     pub(super) size: std::cell::Cell<u64>,
     /// Whether retention deleted it (only sessions inside it keep it).
     pub(super) deleted: std::cell::Cell<bool>,
+    /// The mapping's pages below this are unmapped (`release`).
+    released: std::cell::Cell<u64>,
 }
+
+/// Mapped header pages are let go in steps of this many bytes.
+const RELEASE_STEP: u64 = 256 << 10;
 
 /// A record's header fields, as far as sessions need them.
 #[derive(Clone, Copy, Debug)]
@@ -76,6 +81,22 @@ impl OpenSegment {
             count,
             class: h[25],
         })
+    }
+
+    /// A session walked the headers below `pos`: the pages it mapped to
+    /// read them are let go (in steps), so that the page cache can drop
+    /// them once sent: a mapped page is never dropped, and the writer
+    /// appends fastest into pages the drop policy gave back
+    /// (docs/decisions.md, "Readers and the page cache"). A session still
+    /// behind maps them again as it reads.
+    pub(super) fn release(&self, pos: u64) {
+        let from = self.released.get();
+        if pos >= from + RELEASE_STEP {
+            if let Some(m) = &self.map {
+                m.unmap_pages(from, pos);
+            }
+            self.released.set(pos);
+        }
     }
 
     /// Whether the first frame of the record at `pos` (of `size` bytes) has
@@ -247,6 +268,7 @@ impl Segments {
             map,
             size: std::cell::Cell::new(size),
             deleted: std::cell::Cell::new(false),
+            released: std::cell::Cell::new(0),
         });
         self.open.insert(entry.base, seg.clone());
         Ok(seg)

@@ -151,7 +151,10 @@ impl Session {
 
     /// Where it reads (for the page-drop low-water mark).
     pub(super) fn position(&self) -> Option<(u64, u64)> {
-        self.seg.as_ref().map(|s| (s.base, self.pos))
+        match &self.run {
+            Some(run) => Some(run.at()),
+            None => self.seg.as_ref().map(|s| (s.base, self.pos)),
+        }
     }
 
     fn queue(&mut self, bytes: &[u8]) {

@@ -47,6 +47,13 @@ pub(super) struct Run {
     left: u64,
 }
 
+impl Run {
+    /// Where its unsent bytes start: segment base and byte position.
+    pub(super) fn at(&self) -> (u64, u64) {
+        (self.seg.base, self.pos)
+    }
+}
+
 impl Session {
     /// Sends what it can: queued bytes, the run in progress, then new
     /// chunks, until the socket, the credit or the records run out.
@@ -221,6 +228,9 @@ impl Session {
             run_len += r.size;
             self.pos += r.size;
             self.next = r.offset + u64::from(r.count);
+        }
+        if let Some(seg) = &self.seg {
+            seg.release(self.pos);
         }
         if run_len > 0 {
             let Some(seg) = self.seg.clone() else {
