@@ -626,3 +626,93 @@ fn a_reader_keeps_a_deleted_segment_within_the_cap_and_is_closed_past_it() {
         }
     }
 }
+
+#[test]
+fn a_group_left_below_the_retained_log_is_out_of_range_and_reset_chooses_where_to_go() {
+    let dir = TempDir::new("consume-reset");
+    let server = Server::start(
+        &dir.data(),
+        &["--segment-bytes", "64KiB", "--retention-bytes", "256KiB"],
+    );
+    let target = server.addr.to_string();
+    produce(server.addr, 100, 16, |_| "r".into());
+    wait_for_events(&dir.data(), 90);
+    let mut c = Consumer::connect(
+        server.addr,
+        ConsumerOptions {
+            from: StartAt::Committed,
+            group: Some("slow".into()),
+            ..ConsumerOptions::default()
+        },
+    )
+    .unwrap();
+    for _ in 0..3 {
+        c.next().unwrap().unwrap();
+    }
+    c.commit(3).unwrap();
+    // seek: a new session of the group, from an offset.
+    c.seek(StartAt::Offset(10)).unwrap();
+    assert_eq!(c.next().unwrap().unwrap().offset, 10);
+    drop(c);
+    let mut c2 = Consumer::connect(
+        server.addr,
+        ConsumerOptions {
+            group: Some("slow2".into()),
+            ..ConsumerOptions::default()
+        },
+    )
+    .unwrap();
+    c2.commit(3).unwrap();
+    drop(c2);
+    produce(server.addr, 6_000, 17, |_| "r".into());
+    assert_eq!(
+        settles(
+            1.0,
+            || (server.metric("eventstream_log_start_offset") > 3.0) as u8 as f64
+        ),
+        1.0
+    );
+    let first = server.metric("eventstream_log_start_offset") as u64;
+    let end = server.metric("eventstream_log_end_offset") as u64;
+    let group = [
+        "consume",
+        "--target",
+        &target,
+        "--group",
+        "slow",
+        "--from",
+        "committed",
+        "--json",
+        "--limit",
+        "1",
+    ];
+    let (ok, _, err) = run_cmd(&group, b"");
+    assert!(
+        !ok && err.contains("OUT_OF_RANGE"),
+        "default --reset error: {err}"
+    );
+    let (ok, out, err) = run_cmd(&[&group[..], &["--reset", "earliest"]].concat(), b"");
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["offset"], first, "earliest: the first retained offset");
+    // --reset latest: only new events, so none without --follow.
+    let slow2 = [
+        "consume",
+        "--target",
+        &target,
+        "--group",
+        "slow2",
+        "--from",
+        "committed",
+        "--reset",
+        "latest",
+    ];
+    let (ok, out, err) = run_cmd(&slow2, b"");
+    assert!(ok && out.is_empty(), "{err}");
+    // The earliest run committed after its one event.
+    assert_eq!(
+        server.metric("eventstream_consumer_group_committed_offset{group=\"slow\"}"),
+        (first + 1) as f64
+    );
+    assert!(end >= first);
+}
