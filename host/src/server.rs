@@ -276,6 +276,12 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         args.group_expiry,
     )?);
     let inbox = Arc::new(crate::readers::Inbox::new().map_err(|e| format!("eventfd: {e}"))?);
+    let max_record = crate::readers::max_record_bytes(
+        &args.data,
+        (eventstream_core::record::RECORD_HEADER_LEN as u64
+            + u64::from(args.batch_max_events) * u64::from(args.max_frame))
+        .min(u64::from(u32::MAX)) as u32,
+    )?;
     let _ = shared.readers.tail.set(tail.clone());
     let _ = shared.readers.groups.set(groups.clone());
     let prefill =
@@ -413,9 +419,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         groups: groups.clone(),
         gaps: opened.gaps.clone(),
         max_topic: args.max_topic,
-        max_record: (eventstream_core::record::RECORD_HEADER_LEN as u64
-            + u64::from(args.batch_max_events) * u64::from(args.max_frame))
-        .min(u64::from(u32::MAX)) as u32,
+        max_record,
         segment_bytes: args.segment_bytes,
         hold_bytes: args.reader_hold_bytes,
         shared: shared.clone(),

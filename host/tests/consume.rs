@@ -716,3 +716,41 @@ fn a_group_left_below_the_retained_log_is_out_of_range_and_reset_chooses_where_t
     );
     assert!(end >= first);
 }
+
+#[test]
+fn max_record_bytes_covers_earlier_runs_and_groups_are_capped() {
+    let dir = TempDir::new("consume-limits");
+    let big = Server::start(
+        &dir.data(),
+        &["--max-frame", "4096", "--batch-max-events", "100"],
+    );
+    let a = Consumer::connect(big.addr, opts(StartAt::Earliest)).unwrap();
+    assert_eq!(a.info().max_record, 28 + 100 * 4096);
+    drop(a);
+    big.kill();
+    // A later run with smaller limits still announces the larger records
+    // the log may hold; groups past --max-groups are refused.
+    let small = Server::start(&dir.data(), &["--max-groups", "2"]);
+    let group = |g: &str| {
+        Consumer::connect(
+            small.addr,
+            ConsumerOptions {
+                group: Some(g.into()),
+                ..ConsumerOptions::default()
+            },
+        )
+    };
+    let g1 = group("one").unwrap();
+    assert_eq!(g1.info().max_record, 28 + 100 * 4096);
+    let _g2 = group("two").unwrap();
+    assert!(matches!(
+        group("three"),
+        Err(Error::Refused {
+            reason: Reason::BadRequest,
+            ..
+        })
+    ));
+    // An existing group is not new.
+    drop(g1);
+    assert!(group("one").is_ok());
+}

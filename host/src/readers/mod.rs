@@ -151,6 +151,35 @@ impl Ctx {
     fn records_sent(&self, _bytes: u64) {}
 }
 
+/// The file that keeps the largest record size any run could write.
+pub const MAX_RECORD_FILE: &str = "max_record";
+
+/// The session answer's `max record bytes`: the largest record this run
+/// can write (`now`) or any earlier run on `dir` could, kept in
+/// `<dir>/max_record` (an upper bound: retention may have deleted the
+/// records that set it). Raised and fsynced before any record is written.
+pub fn max_record_bytes(dir: &std::path::Path, now: u32) -> Result<u32, String> {
+    let path = dir.join(MAX_RECORD_FILE);
+    let before = match std::fs::read_to_string(&path) {
+        Ok(t) => t
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{}: not a number; remove it to start again", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    if now <= before {
+        return Ok(before);
+    }
+    let tmp = dir.join("max_record.tmp");
+    std::fs::write(&tmp, format!("{now}\n"))
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .and_then(|()| std::fs::File::open(dir)?.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(now)
+}
+
 /// Builds the closed segments' missing offset indexes (at start, on the
 /// reader thread: readers seek with them; no producer waits for this).
 fn index_closed(tail: &LogTail) {
