@@ -23,14 +23,6 @@ use eventstream_core::wire::read::{
 };
 use eventstream_core::wire::Reason;
 
-const PRIORITIES: [Priority; 5] = [
-    Priority::Critical,
-    Priority::High,
-    Priority::Medium,
-    Priority::Low,
-    Priority::Batch,
-];
-
 /// Produces `n` events of every class (one in ten resends an earlier id);
 /// returns how many were answered STORED.
 fn produce(addr: std::net::SocketAddr, n: u64, seed: u64, topic_of: impl Fn(u64) -> String) -> u64 {
@@ -462,30 +454,13 @@ fn a_hundred_followers_get_every_event_and_a_stalled_one_stalls_only_itself() {
     eprintln!("100 followers and 20,000 events in {:?}", t0.elapsed());
 }
 
-fn run_cmd(args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
-    let mut child = std::process::Command::new(BIN)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn produce_and_consume_commands_end_to_end_with_a_non_utf8_payload() {
     let dir = TempDir::new("consume-cli");
     let server = Server::start(&dir.data(), &[]);
     let target = server.addr.to_string();
     let input: &[u8] = b"hello\n\xff\xfe raw\n{\"quoted\": \"x\"}\n";
-    let (ok, _, err) = run_cmd(
+    let (ok, _, err) = run_bin(
         &[
             "produce",
             "--target",
@@ -501,7 +476,7 @@ fn produce_and_consume_commands_end_to_end_with_a_non_utf8_payload() {
     );
     assert!(ok, "{err}");
     wait_for_events(&dir.data(), 3);
-    let (ok, out, err) = run_cmd(&["consume", "--target", &target, "--json"], b"");
+    let (ok, out, err) = run_bin(&["consume", "--target", &target, "--json"], b"");
     assert!(ok, "{err}");
     let lines: Vec<serde_json::Value> = String::from_utf8(out)
         .unwrap()
@@ -522,7 +497,7 @@ fn produce_and_consume_commands_end_to_end_with_a_non_utf8_payload() {
     assert_eq!(lines[2]["payload"], "{\"quoted\": \"x\"}");
     assert_eq!(lines[1]["event_id"], 102);
     // Plain lines, a class filter, a group with commits, a limit.
-    let (ok, out, _) = run_cmd(&["consume", "--target", &target, "--limit", "1"], b"");
+    let (ok, out, _) = run_bin(&["consume", "--target", &target, "--limit", "1"], b"");
     assert!(ok);
     assert_eq!(out, b"hello\n");
     let group = [
@@ -538,27 +513,27 @@ fn produce_and_consume_commands_end_to_end_with_a_non_utf8_payload() {
         "--limit",
         "2",
     ];
-    let (ok, out, err) = run_cmd(&group, b"");
+    let (ok, out, err) = run_bin(&group, b"");
     assert!(ok, "{err}");
     assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 2);
-    let (ok, out, _) = run_cmd(&group, b"");
+    let (ok, out, _) = run_bin(&group, b"");
     assert!(ok);
     assert_eq!(
         out, b"{\"quoted\": \"x\"}\n",
         "the group resumes at its commit"
     );
-    let (ok, out, _) = run_cmd(&["consume", "--target", &target, "--class", "batch"], b"");
+    let (ok, out, _) = run_bin(&["consume", "--target", &target, "--class", "batch"], b"");
     assert!(ok);
     assert!(out.is_empty());
     // Bad input is a non-zero exit with a reason.
-    let (ok, _, err) = run_cmd(&["consume", "--target", &target, "--from", "999"], b"");
+    let (ok, _, err) = run_bin(&["consume", "--target", &target, "--from", "999"], b"");
     assert!(!ok && err.contains("OUT_OF_RANGE"), "{err}");
-    let (ok, _, err) = run_cmd(
+    let (ok, _, err) = run_bin(
         &["consume", "--target", &target, "--from", "committed"],
         b"",
     );
     assert!(!ok && err.contains("--group"), "{err}");
-    let (ok, _, err) = run_cmd(&["consume", "--target", &target, "--class", "nope"], b"");
+    let (ok, _, err) = run_bin(&["consume", "--target", &target, "--class", "nope"], b"");
     assert!(!ok && err.contains("nope"), "{err}");
 }
 
@@ -686,12 +661,12 @@ fn a_group_left_below_the_retained_log_is_out_of_range_and_reset_chooses_where_t
         "--limit",
         "1",
     ];
-    let (ok, _, err) = run_cmd(&group, b"");
+    let (ok, _, err) = run_bin(&group, b"");
     assert!(
         !ok && err.contains("OUT_OF_RANGE"),
         "default --reset error: {err}"
     );
-    let (ok, out, err) = run_cmd(&[&group[..], &["--reset", "earliest"]].concat(), b"");
+    let (ok, out, err) = run_bin(&[&group[..], &["--reset", "earliest"]].concat(), b"");
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["offset"], first, "earliest: the first retained offset");
@@ -707,7 +682,7 @@ fn a_group_left_below_the_retained_log_is_out_of_range_and_reset_chooses_where_t
         "--reset",
         "latest",
     ];
-    let (ok, out, err) = run_cmd(&slow2, b"");
+    let (ok, out, err) = run_bin(&slow2, b"");
     assert!(ok && out.is_empty(), "{err}");
     // The earliest run committed after its one event.
     assert_eq!(

@@ -7,20 +7,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 use common::*;
 use eventstream_client::{Event, Options, Outcome, Priority, Producer};
 use eventstream_core::splitmix::SplitMix64;
-
-const PRIORITIES: [Priority; 5] = [
-    Priority::Critical,
-    Priority::High,
-    Priority::Medium,
-    Priority::Low,
-    Priority::Batch,
-];
 
 #[test]
 fn outcomes_match_the_log_and_resent_transactional_ids_are_duplicates() {
@@ -170,20 +160,8 @@ fn a_broken_connection_is_made_again_and_transactional_events_are_stored_once() 
 }
 
 fn produce(addr: &str, args: &[&str], input: &[u8]) -> (bool, String) {
-    let mut child = Command::new(BIN)
-        .args(["produce", "--target", addr])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (ok, _, err) = run_bin(&[&["produce", "--target", addr][..], args].concat(), input);
+    (ok, err)
 }
 
 #[test]

@@ -106,11 +106,11 @@ fn catchup(addr: &str, data: &Path, rounds: usize) {
     );
 }
 
-/// A read session from the earliest offset that discards its records.
-fn raw_session(addr: &str) -> Run {
+/// A read session with 64 MiB of credit, its answer checked.
+fn open_session(addr: &str, start: Start, follow: bool) -> TcpStream {
     let req = ReadRequest {
-        start: Start::Earliest,
-        follow: false,
+        start,
+        follow,
         classes: ClassSet::ALL,
         offset: 0,
         credit: 64 << 20,
@@ -119,13 +119,33 @@ fn raw_session(addr: &str) -> Run {
     };
     let mut b = vec![0u8; req.encoded_len()];
     req.encode(&mut b).expect("request");
-    let t0 = Instant::now();
     let mut s = TcpStream::connect(addr).expect("connect");
     s.write_all(&b).expect("request");
     let mut a = [0u8; SESSION_ANSWER_LEN];
     s.read_exact(&mut a).expect("answer");
     let answer = SessionAnswer::decode(&a).expect("answer");
     assert!(answer.reason.is_none(), "{answer:?}");
+    s
+}
+
+/// Grants `taken` bytes again once they reach 32 MiB; returns what is
+/// still to grant.
+fn regrant(s: &mut TcpStream, taken: u64) -> u64 {
+    if taken < 32 << 20 {
+        return taken;
+    }
+    let mut c = [0u8; 16];
+    SessionFrame::Credit(taken as u32)
+        .encode(&mut c)
+        .expect("credit");
+    s.write_all(&c).expect("credit");
+    0
+}
+
+/// A read session from the earliest offset that discards its records.
+fn raw_session(addr: &str) -> Run {
+    let t0 = Instant::now();
+    let mut s = open_session(addr, Start::Earliest, false);
     let mut buf = vec![0u8; 1 << 20];
     let (mut bytes, mut events, mut since_grant) = (0u64, 0u64, 0u64);
     loop {
@@ -142,15 +162,7 @@ fn raw_session(addr: &str) -> Run {
                 }
                 bytes += u64::from(h.bytes);
                 events += h.b - h.a;
-                since_grant += u64::from(h.bytes);
-                if since_grant >= 32 << 20 {
-                    let mut c = [0u8; 16];
-                    SessionFrame::Credit(since_grant as u32)
-                        .encode(&mut c)
-                        .expect("credit");
-                    s.write_all(&c).expect("credit");
-                    since_grant = 0;
-                }
+                since_grant = regrant(&mut s, since_grant + u64::from(h.bytes));
             }
             ChunkKind::End => return (events, bytes, t0.elapsed().as_secs_f64()),
             ChunkKind::Closing => panic!("closed: {:?}", h.reason),
@@ -220,22 +232,7 @@ fn floor(segments: &[PathBuf]) -> (u64, f64) {
 }
 
 fn follow(addr: &str, seconds: u64) {
-    let req = ReadRequest {
-        start: Start::Latest,
-        follow: true,
-        classes: ClassSet::ALL,
-        offset: 0,
-        credit: 64 << 20,
-        group: b"",
-        prefix: b"",
-    };
-    let mut b = vec![0u8; req.encoded_len()];
-    req.encode(&mut b).expect("request");
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.write_all(&b).expect("request");
-    let mut a = [0u8; SESSION_ANSWER_LEN];
-    s.read_exact(&mut a).expect("answer");
-    assert!(SessionAnswer::decode(&a).expect("answer").reason.is_none());
+    let mut s = open_session(addr, Start::Latest, true);
     // Per class, then all.
     let mut h: [Histogram; 4] = std::array::from_fn(|_| Histogram::new());
     let end = Instant::now() + Duration::from_secs(seconds);
@@ -270,15 +267,7 @@ fn follow(addr: &str, seconds: u64) {
             events += count;
             at += 4 + len;
         }
-        since_grant += u64::from(c.bytes);
-        if since_grant >= 32 << 20 {
-            let mut g = [0u8; 16];
-            SessionFrame::Credit(since_grant as u32)
-                .encode(&mut g)
-                .expect("credit");
-            s.write_all(&g).expect("credit");
-            since_grant = 0;
-        }
+        since_grant = regrant(&mut s, since_grant + u64::from(c.bytes));
     }
     let us = |h: &Histogram, q: f64| h.quantile(q) as f64 / 1000.0;
     let mut out = format!("{{\"events\":{events}");

@@ -544,3 +544,30 @@ pub fn log_events(data: &Path) -> HashMap<u64, (u64, Vec<u8>)> {
     }
     out
 }
+
+/// Runs `eventstream ARGS` with `stdin`; returns (success, stdout, stderr).
+pub fn run_bin(args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every priority, highest first.
+pub const PRIORITIES: [Priority; 5] = [
+    Priority::Critical,
+    Priority::High,
+    Priority::Medium,
+    Priority::Low,
+    Priority::Batch,
+];

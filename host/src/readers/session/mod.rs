@@ -190,7 +190,6 @@ impl Session {
     }
 
     fn answer_error(&mut self, ctx: &Ctx, reason: Reason, segs: &Segments, now: u64) {
-        ctx.count_error(reason);
         let a = SessionAnswer {
             reason: Some(reason),
             start: NONE_OFFSET,
@@ -199,6 +198,14 @@ impl Session {
             committed: NONE_OFFSET,
             max_record: ctx.max_record,
         };
+        self.refuse(ctx, a, now);
+    }
+
+    /// Answers ERROR (`a.reason`) and closes once it is written.
+    fn refuse(&mut self, ctx: &Ctx, a: SessionAnswer, now: u64) {
+        if let Some(reason) = a.reason {
+            ctx.count_error(reason);
+        }
         self.out.extend_from_slice(&a.encode());
         self.state = State::Closing;
         self.deadline = now + super::CLOSING_GRACE_NS;
@@ -359,11 +366,7 @@ impl Session {
             max_record: ctx.max_record,
         };
         if start < first || start > end {
-            ctx.count_error(Reason::OutOfRange);
-            self.out
-                .extend_from_slice(&answer(Some(Reason::OutOfRange), NONE_OFFSET).encode());
-            self.state = State::Closing;
-            self.deadline = now + super::CLOSING_GRACE_NS;
+            self.refuse(ctx, answer(Some(Reason::OutOfRange), NONE_OFFSET), now);
             return;
         }
         let mut at = self.position_at(segs, start, &visible);
@@ -378,20 +381,12 @@ impl Session {
         match at {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                ctx.count_error(Reason::OutOfRange);
-                self.out
-                    .extend_from_slice(&answer(Some(Reason::OutOfRange), NONE_OFFSET).encode());
-                self.state = State::Closing;
-                self.deadline = now + super::CLOSING_GRACE_NS;
+                self.refuse(ctx, answer(Some(Reason::OutOfRange), NONE_OFFSET), now);
                 return;
             }
             Err(e) => {
                 eprintln!("eventstream: reader session cannot open the log at offset {start}: {e}");
-                ctx.count_error(Reason::StorageFailed);
-                self.out
-                    .extend_from_slice(&answer(Some(Reason::StorageFailed), NONE_OFFSET).encode());
-                self.state = State::Closing;
-                self.deadline = now + super::CLOSING_GRACE_NS;
+                self.refuse(ctx, answer(Some(Reason::StorageFailed), NONE_OFFSET), now);
                 return;
             }
         }

@@ -20,26 +20,6 @@ const MAX_RUN: u64 = 2 << 20;
 /// Filtered records skipped per turn at most (then other sessions go on).
 const SKIP_BUDGET: usize = 65_536;
 
-/// What a `send` or `sendfile` did.
-enum Sent {
-    Bytes(usize),
-    /// Interrupted: try again.
-    Again,
-    /// The socket's buffer is full: wait for EPOLLOUT.
-    Full,
-    /// The connection is gone.
-    Failed,
-}
-
-fn sent(r: io::Result<usize>) -> Sent {
-    match r {
-        Ok(n) => Sent::Bytes(n),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Sent::Full,
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Sent::Again,
-        Err(_) => Sent::Failed,
-    }
-}
-
 /// A run of records being sent with `sendfile`.
 pub(super) struct Run {
     seg: Rc<OpenSegment>,
@@ -55,6 +35,21 @@ impl Run {
 }
 
 impl Session {
+    /// What a `send` or `sendfile` did: bytes sent (0 when interrupted:
+    /// try again), or why the turn ends (the socket is full: wait for
+    /// EPOLLOUT; the connection is gone: close).
+    fn progress(&mut self, r: io::Result<usize>) -> Result<usize, Turn> {
+        match r {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.blocked = true;
+                Err(Turn::Idle)
+            }
+            Err(_) => Err(Turn::Close),
+        }
+    }
+
     /// Sends what it can: queued bytes, the run in progress, then new
     /// chunks, until the socket, the credit or the records run out.
     pub(in crate::readers) fn turn(
@@ -65,14 +60,10 @@ impl Session {
     ) -> Turn {
         loop {
             if self.out_pos < self.out.len() {
-                match sent(sys::send(self.fd.as_raw_fd(), &self.out[self.out_pos..])) {
-                    Sent::Bytes(n) => self.out_pos += n,
-                    Sent::Again => {}
-                    Sent::Full => {
-                        self.blocked = true;
-                        return Turn::Idle;
-                    }
-                    Sent::Failed => return Turn::Close,
+                let r = sys::send(self.fd.as_raw_fd(), &self.out[self.out_pos..]);
+                match self.progress(r) {
+                    Ok(n) => self.out_pos += n,
+                    Err(turn) => return turn,
                 }
                 continue;
             }
@@ -81,26 +72,28 @@ impl Session {
             if let Some(run) = &mut self.run {
                 if run.left > 0 {
                     let want = run.left.min(MAX_RUN) as usize;
-                    let fd = run.seg.file.as_raw_fd();
-                    match sent(sys::sendfile(self.fd.as_raw_fd(), fd, &mut run.pos, want)) {
-                        Sent::Bytes(0) => {
-                            // The file is shorter than its records said.
-                            eprintln!(
-                                "eventstream: reader session: segment {} ended early at byte {}",
-                                run.seg.base, run.pos
-                            );
-                            return Turn::Close;
-                        }
-                        Sent::Bytes(n) => {
-                            run.left -= n as u64;
+                    let (base, at) = (run.seg.base, run.pos);
+                    let r = sys::sendfile(
+                        self.fd.as_raw_fd(),
+                        run.seg.file.as_raw_fd(),
+                        &mut run.pos,
+                        want,
+                    );
+                    if matches!(r, Ok(0)) {
+                        // The file is shorter than its records said.
+                        eprintln!(
+                            "eventstream: reader session: segment {base} ended early at byte {at}"
+                        );
+                        return Turn::Close;
+                    }
+                    match self.progress(r) {
+                        Ok(n) => {
+                            if let Some(run) = &mut self.run {
+                                run.left -= n as u64;
+                            }
                             ctx.bytes_sent(n as u64);
                         }
-                        Sent::Again => {}
-                        Sent::Full => {
-                            self.blocked = true;
-                            return Turn::Idle;
-                        }
-                        Sent::Failed => return Turn::Close,
+                        Err(turn) => return turn,
                     }
                     continue;
                 }
