@@ -729,3 +729,37 @@ fn max_record_bytes_covers_earlier_runs_and_groups_are_capped() {
     drop(g1);
     assert!(group("one").is_ok());
 }
+
+#[test]
+fn an_idle_group_is_forgotten_after_the_expiry() {
+    let dir = TempDir::new("consume-expiry");
+    let server = Server::start(&dir.data(), &["--max-groups", "1", "--group-expiry", "1s"]);
+    produce(server.addr, 50, 18, |_| "e".into());
+    let group = |g: &str| {
+        Consumer::connect(
+            server.addr,
+            ConsumerOptions {
+                group: Some(g.into()),
+                ..ConsumerOptions::default()
+            },
+        )
+    };
+    let mut a = group("a").unwrap();
+    a.commit(5).unwrap();
+    drop(a);
+    // Within the expiry, "a" still holds the only place.
+    assert!(matches!(
+        group("b"),
+        Err(Error::Refused {
+            reason: Reason::BadRequest,
+            ..
+        })
+    ));
+    std::thread::sleep(Duration::from_millis(1600));
+    // Past it, with no session and no commit, "a" is forgotten.
+    let b = group("b").unwrap();
+    assert_eq!(b.info().committed, None);
+    assert!(!server
+        .metrics_text()
+        .contains("eventstream_consumer_group_committed_offset{group=\"a\"}"));
+}

@@ -303,7 +303,8 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
         let mut gone = Vec::new();
         for (id, s) in sessions.iter_mut() {
             if (s.runnable() && s.turn(&mut ctx, &mut segs, now) == Turn::Close)
-                || (s.eof && s.state != State::Streaming)
+                // The client closed: it reads no more (nor commits).
+                || s.eof
                 || (s.state != State::Streaming && now >= s.deadline)
             {
                 gone.push(*id);
