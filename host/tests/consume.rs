@@ -763,3 +763,26 @@ fn an_idle_group_is_forgotten_after_the_expiry() {
         .metrics_text()
         .contains("eventstream_consumer_group_committed_offset{group=\"a\"}"));
 }
+
+#[test]
+fn a_request_that_never_arrives_whole_is_closed_after_ten_seconds() {
+    let dir = TempDir::new("consume-timeout");
+    let server = Server::start(&dir.data(), &[]);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    // The magic and half the length: a read session that stalls.
+    s.write_all(b"ESCR\x20\x00").unwrap();
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    assert_eq!(
+        settles(0.0, || server.metric("eventstream_reader_sessions")),
+        0.0
+    );
+}
