@@ -2,6 +2,8 @@
 //! 127.0.0.1 (port 0) over a temp data dir, TCP clients, and `inspect`.
 #![allow(dead_code)]
 
+pub mod read;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
