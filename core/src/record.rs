@@ -163,6 +163,48 @@ pub enum RecordError {
     BadFrames,
 }
 
+/// A record's header fields read off its first [`RECORD_HEADER_LEN`]
+/// bytes, without the checks of [`Record::parse`] (no CRC, no frames): for
+/// walking records that are passed on verbatim to a reader that checks
+/// them (the server's read sessions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHead {
+    /// Bytes of the whole record, its len field included.
+    pub size: u64,
+    /// Offset of its first event.
+    pub offset: u64,
+    /// The class byte as stored.
+    pub class: u8,
+    /// Events in it.
+    pub count: u16,
+}
+
+impl RecordHead {
+    /// The header `bytes` starts with; `None` if `bytes` is shorter than a
+    /// header, or its len is below the minimum, or its count is 0.
+    pub fn peek(bytes: &[u8]) -> Option<RecordHead> {
+        let h = bytes.get(..RECORD_HEADER_LEN)?;
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        let count = u16::from_le_bytes([h[26], h[27]]);
+        if len < MIN_RECORD_LEN || count == 0 {
+            return None;
+        }
+        let mut offset = [0u8; 8];
+        offset.copy_from_slice(&h[8..16]);
+        Some(RecordHead {
+            size: 4 + u64::from(len),
+            offset: u64::from_le_bytes(offset),
+            class: h[25],
+            count,
+        })
+    }
+
+    /// The offset after its last event.
+    pub fn next_offset(&self) -> u64 {
+        self.offset.wrapping_add(u64::from(self.count))
+    }
+}
+
 /// A record that passed every check of PROTOCOL.md section 6 except the
 /// offset continuity, which depends on its position in the log.
 #[derive(Clone, Copy, Debug)]

@@ -251,10 +251,10 @@ impl Mapping {
         if end > self.len {
             return false;
         }
+        // The bytes are finished records of the file (the caller's
+        // contract), which no one writes while they are read.
         // SAFETY: [pos, end) lies inside the live mapping (checked above);
-        // `out` is a distinct, valid buffer of that length. The bytes are
-        // finished records of the file (the caller's contract), which no
-        // one writes while they are read.
+        // `out` is a distinct, valid buffer of that length.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.ptr.cast::<u8>().add(pos as usize),
@@ -278,11 +278,10 @@ impl Mapping {
         if to <= from {
             return;
         }
-        // SAFETY: [from, to) lies inside the live mapping and is
-        // page-aligned; MADV_DONTNEED on a shared read-only file mapping
-        // only drops this process's page-table entries (the next access
-        // maps the same file page again), and no reference into the
-        // range is held across this call (reads copy out).
+        // MADV_DONTNEED on a shared read-only file mapping only drops this
+        // process's page-table entries: the next access maps the same file
+        // page again, and no reference into the range is held (reads copy).
+        // SAFETY: [from, to) is page-aligned and inside the live mapping.
         let r = unsafe {
             libc::madvise(
                 self.ptr.cast::<u8>().add(from as usize).cast(),

@@ -135,11 +135,7 @@ fn offsets_below_the_first_retained_one_are_out_of_range() {
         &["--segment-bytes", "64KiB", "--retention-bytes", "256KiB"],
     );
     let stored = produce(server.addr, 6_000, 13, |_| "r".into());
-    let first = settles(1.0, || {
-        (server.metric("eventstream_log_start_offset") > 0.0) as u64 as f64
-    });
-    assert_eq!(first, 1.0, "retention deleted segments");
-    let first = server.metric("eventstream_log_start_offset") as u64;
+    let first = log_start_past(&server, 0);
     match Consumer::connect(server.addr, opts(StartAt::Offset(first - 1))) {
         Err(Error::Refused {
             reason: Reason::OutOfRange,
@@ -280,14 +276,7 @@ fn a_group_left_below_the_retained_log_is_out_of_range_and_reset_chooses_where_t
     c2.commit(3).unwrap();
     drop(c2);
     produce(server.addr, 6_000, 17, |_| "r".into());
-    assert_eq!(
-        settles(
-            1.0,
-            || (server.metric("eventstream_log_start_offset") > 3.0) as u8 as f64
-        ),
-        1.0
-    );
-    let first = server.metric("eventstream_log_start_offset") as u64;
+    let first = log_start_past(&server, 3);
     let end = server.metric("eventstream_log_end_offset") as u64;
     let group = [
         "consume",

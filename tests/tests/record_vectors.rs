@@ -1,7 +1,9 @@
 //! Log records of `tests/vectors/log_records.jsonl`: parsed as the vectors
 //! say, and rebuilt byte for byte from their frames.
 
-use eventstream_core::record::{segment_name, Record, RecordBuilder, RecordKind, SEGMENT_HEADER};
+use eventstream_core::record::{
+    segment_name, Record, RecordBuilder, RecordHead, RecordKind, SEGMENT_HEADER,
+};
 use eventstream_core::Class;
 use eventstream_tests::{hex, unhex, vector_lines};
 use serde_json::Value;
@@ -58,6 +60,24 @@ fn records_parse_and_rebuild_as_the_vectors_say() {
             "{name}"
         );
         assert_eq!(rec.count() as u64, u64_of(&f["count"]), "{name}");
+        // The unchecked header view reads the same fields.
+        let head = RecordHead::peek(&bytes).unwrap_or_else(|| panic!("{name}"));
+        assert_eq!(
+            (head.size, head.offset, head.class, head.count),
+            (
+                rec.size() as u64,
+                rec.offset(),
+                rec.class().code(),
+                rec.count()
+            ),
+            "{name}"
+        );
+        assert_eq!(head.next_offset(), rec.next_offset(), "{name}");
+        assert!(RecordHead::peek(&bytes[..27]).is_none(), "{name}: short");
+        let first = &bytes[eventstream_core::record::RECORD_HEADER_LEN..];
+        let frame = rec.frames().next().unwrap().1;
+        let topic = eventstream_core::wire::topic_range(first).unwrap();
+        assert_eq!(&first[topic], frame.topic_bytes(), "{name}: topic_range");
         assert_eq!(rec.next_offset(), u64_of(&f["next_offset"]), "{name}");
         let frames: Vec<_> = rec.frames().collect();
         let want = f["frames"].as_array().unwrap();

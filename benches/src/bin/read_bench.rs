@@ -27,11 +27,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use eventstream_client::{Consumer, ConsumerOptions};
 use eventstream_core::metrics::Histogram;
-use eventstream_core::record::RECORD_HEADER_LEN;
+use eventstream_core::record::{RecordHead, RECORD_HEADER_LEN};
 use eventstream_core::wire::read::{
     ChunkHeader, ChunkKind, ClassSet, ReadRequest, SessionAnswer, SessionFrame, Start,
     CHUNK_HEADER_LEN, SESSION_ANSWER_LEN,
 };
+use eventstream_core::wire::{declared_length, Check, Frame};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -57,6 +58,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Prints one reader's run and keeps its MB/s and events/s.
+fn report(round: usize, label: &str, (e, b, s): Run, mbs: &mut Vec<f64>, evs: &mut Vec<f64>) {
+    println!(
+        "round {round} {label}: {e} events, {:.0} MB in {s:.3} s: {:.0} events/s, {:.0} MB/s",
+        b as f64 / 1e6,
+        e as f64 / s,
+        b as f64 / 1e6 / s
+    );
+    mbs.push(b as f64 / 1e6 / s);
+    evs.push(e as f64 / s);
+}
+
 fn catchup(addr: &str, data: &Path, rounds: usize) {
     let mut segments: Vec<PathBuf> = std::fs::read_dir(data)
         .expect("data dir")
@@ -71,23 +84,9 @@ fn catchup(addr: &str, data: &Path, rounds: usize) {
     let mut lib_ev = Vec::new();
     for round in 0..rounds {
         let (e, b, s) = raw_session(addr);
-        println!(
-            "round {round} raw session: {e} events, {:.0} MB in {s:.3} s: {:.0} events/s, {:.0} MB/s",
-            b as f64 / 1e6,
-            e as f64 / s,
-            b as f64 / 1e6 / s
-        );
-        raw_rates.push(b as f64 / 1e6 / s);
-        raw_ev.push(e as f64 / s);
+        report(round, "raw session", (e, b, s), &mut raw_rates, &mut raw_ev);
         let (e, b, s) = library(addr);
-        println!(
-            "round {round} Consumer:    {e} events, {:.0} MB in {s:.3} s: {:.0} events/s, {:.0} MB/s",
-            b as f64 / 1e6,
-            e as f64 / s,
-            b as f64 / 1e6 / s
-        );
-        lib_rates.push(b as f64 / 1e6 / s);
-        lib_ev.push(e as f64 / s);
+        report(round, "Consumer", (e, b, s), &mut lib_rates, &mut lib_ev);
         let (b, s) = floor(&segments);
         println!(
             "round {round} floor:       {:.0} MB in {s:.3} s: {:.0} MB/s",
@@ -253,19 +252,20 @@ fn follow(addr: &str, seconds: u64) {
         // Each record's first frame is its oldest event: its latency
         // stands for the record's events (a batch's later ones are newer).
         let mut at = 0;
-        while at + RECORD_HEADER_LEN <= body.len() {
-            let len = u32::from_le_bytes(body[at..at + 4].try_into().expect("len")) as usize;
-            let class = usize::from(body[at + 25]).min(2);
-            let count = u64::from(u16::from_le_bytes([body[at + 26], body[at + 27]]));
+        while let Some(r) = RecordHead::peek(&body[at..]) {
+            let class = usize::from(r.class).min(2);
             let frame = &body[at + RECORD_HEADER_LEN..];
-            let ts = u64::from_le_bytes(frame[24..32].try_into().expect("timestamp"));
+            let len = declared_length(frame).expect("frame") as usize;
+            let ts = Frame::check(&frame[..len], Check::Layout)
+                .expect("frame")
+                .timestamp_ns();
             let lat = now.saturating_sub(ts);
-            for _ in 0..count {
+            for _ in 0..r.count {
                 h[class].record(lat);
                 h[3].record(lat);
             }
-            events += count;
-            at += 4 + len;
+            events += u64::from(r.count);
+            at += r.size as usize;
         }
         since_grant = regrant(&mut s, since_grant + u64::from(c.bytes));
     }

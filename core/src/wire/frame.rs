@@ -320,6 +320,12 @@ pub fn declared_length(head: &[u8]) -> Option<u32> {
     (head.len() >= 8).then(|| le_u32(head, field::LENGTH))
 }
 
+/// Where the topic of the v1 frame starting with `head` lies (read off its
+/// `topic_len` field, unchecked), once `head` holds its first 12 bytes.
+pub fn topic_range(head: &[u8]) -> Option<core::ops::Range<usize>> {
+    head.get(field::TOPIC_LEN).map(|&n| field::topic(n))
+}
+
 /// Everything needed to build a v1 frame.
 ///
 /// ```

@@ -343,7 +343,7 @@ mod tests;
 
 pub use ack::{Ack, AckError};
 pub use frame::{
-    declared_length, seal, Check, EncodeError, Frame, FrameError, FrameHead, FrameRepr,
+    declared_length, seal, topic_range, Check, EncodeError, Frame, FrameError, FrameHead, FrameRepr,
 };
 pub use legacy::{LegacyEvent, LegacyRule};
 pub use stream::{peek_v1, Decoded, Dialect, Peeked, StashTooSmall, StreamDecoder};

@@ -147,8 +147,6 @@ impl Ctx {
             .bytes_sent
             .fetch_add(n, Ordering::Relaxed);
     }
-
-    fn records_sent(&self, _bytes: u64) {}
 }
 
 /// The file that keeps the largest record size any run could write.
@@ -280,10 +278,10 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
             }
         }
         fence_old(&mut ctx, &mut sessions, now);
-        // Retention: sessions inside deleted segments keep them, up to
-        // the cap; past it the ones there are closed OUT_OF_RANGE.
-        let changed = segs.refresh();
-        if (changed || segs.holds_deleted()) && segs.held_bytes() > p.hold_bytes {
+        // Retention (taken in by the refresh at the top): sessions inside
+        // deleted segments keep them, up to the cap; past it the ones there
+        // are closed OUT_OF_RANGE.
+        if segs.holds_deleted() && segs.held_bytes() > p.hold_bytes {
             for s in sessions.values_mut().filter(|s| s.in_deleted()) {
                 s.close_with(&ctx, Reason::OutOfRange, now);
             }

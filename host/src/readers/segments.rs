@@ -11,13 +11,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 
-use eventstream_core::record::{RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+use eventstream_core::record::{RecordHead, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+use eventstream_core::wire::topic_range;
 
 use crate::storage::{LogTail, Position, Segment, SegmentEntry, SegmentIndex, INDEX_INTERVAL};
 use crate::sys::Mapping;
 
-/// Bytes of a v1 frame before its topic.
-const FRAME_TOPIC_AT: usize = 36;
 /// Room mapped past a segment's size limit: a segment always takes at least
 /// one write buffer, so it may end somewhat past the limit.
 const MAP_SLACK: u64 = 64 << 20;
@@ -41,16 +40,6 @@ pub(super) struct OpenSegment {
 /// Mapped header pages are let go in steps of this many bytes.
 const RELEASE_STEP: u64 = 256 << 10;
 
-/// A record's header fields, as far as sessions need them.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct RecordHead {
-    /// 4 + len.
-    pub(super) size: u64,
-    pub(super) offset: u64,
-    pub(super) count: u16,
-    pub(super) class: u8,
-}
-
 impl OpenSegment {
     /// Copies the segment's bytes at `pos` into `out`.
     fn copy(&self, pos: u64, out: &mut [u8]) -> bool {
@@ -67,20 +56,7 @@ impl OpenSegment {
         if pos + RECORD_HEADER_LEN as u64 > end || !self.copy(pos, &mut h) {
             return None;
         }
-        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
-        let size = 4 + u64::from(len);
-        let count = u16::from_le_bytes([h[26], h[27]]);
-        if len < 24 || pos + size > end || count == 0 {
-            return None;
-        }
-        let mut o = [0u8; 8];
-        o.copy_from_slice(&h[8..16]);
-        Some(RecordHead {
-            size,
-            offset: u64::from_le_bytes(o),
-            count,
-            class: h[25],
-        })
+        RecordHead::peek(&h).filter(|r| pos + r.size <= end)
     }
 
     /// A session walked the headers below `pos`: the pages it mapped to
@@ -106,14 +82,21 @@ impl OpenSegment {
             return true;
         }
         let frame = pos + RECORD_HEADER_LEN as u64;
-        let mut tl = [0u8; 1];
-        if !self.copy(frame + 11, &mut tl) || (tl[0] as usize) < prefix.len() {
+        let mut head = [0u8; 12];
+        let Some(topic) = self
+            .copy(frame, &mut head)
+            .then(|| topic_range(&head))
+            .flatten()
+        else {
             return false;
-        }
-        let mut topic = [0u8; 255];
-        let t = &mut topic[..prefix.len()];
-        frame + (FRAME_TOPIC_AT + prefix.len()) as u64 <= pos + size
-            && self.copy(frame + FRAME_TOPIC_AT as u64, t)
+        };
+        let mut bytes = [0u8; 255];
+        let Some(t) = bytes.get_mut(..prefix.len()) else {
+            return false;
+        };
+        topic.len() >= prefix.len()
+            && frame + (topic.start + prefix.len()) as u64 <= pos + size
+            && self.copy(frame + topic.start as u64, t)
             && t == prefix
     }
 }
@@ -380,7 +363,7 @@ impl Segments {
                 next_entry = a.pos + INDEX_INTERVAL;
             }
             a.pos += r.size;
-            a.next = r.offset + u64::from(r.count);
+            a.next = r.next_offset();
         }
         let i = a.entries.partition_point(|&(o, _)| o <= offset);
         i.checked_sub(1)
@@ -399,7 +382,7 @@ fn walk_to(seg: &OpenSegment, start: (u64, u64), offset: u64, end: u64) -> Optio
         if r.offset != next {
             return None;
         }
-        let after = r.offset + u64::from(r.count);
+        let after = r.next_offset();
         if after > offset {
             return Some((pos, r.offset));
         }

@@ -74,11 +74,6 @@ impl Published {
             }
         }
     }
-
-    /// Just the offset (a single load; for gauges).
-    pub fn offset(&self) -> u64 {
-        self.offset.load(Ordering::Acquire)
-    }
 }
 
 /// One segment as readers see it.
@@ -157,11 +152,6 @@ impl LogTail {
         }
     }
 
-    /// Whether only durable records are visible (`--fsync always`).
-    pub fn visible_is_durable(&self) -> bool {
-        self.always
-    }
-
     /// Storage: records up to `p` are written.
     pub fn publish_written(&self, p: Position) {
         self.written.store(p);
@@ -173,13 +163,12 @@ impl LogTail {
     /// Sync or commit thread: records up to `p` are durable (a `p` below
     /// the one published is ignored).
     pub fn publish_durable(&self, p: Position) {
-        let _g = locked(&self.durable_lock);
-        if p.offset > self.durable.load().offset
-            || (p.offset == self.durable.load().offset && p.base > self.durable.load().base)
-        {
+        let guard = locked(&self.durable_lock);
+        let now = self.durable.load();
+        if (p.offset, p.base) > (now.offset, now.base) {
             self.durable.store(p);
         }
-        drop(_g);
+        drop(guard);
         if self.always {
             self.wake_readers();
         }

@@ -134,3 +134,16 @@ pub fn read_until_closing(s: &mut TcpStream, grant: u32) -> (Vec<(u64, u64)>, Re
         }
     }
 }
+
+/// Waits until retention moved the first retained offset past `n`;
+/// returns it.
+pub fn log_start_past(server: &super::Server, n: u64) -> u64 {
+    let past = super::settles(1.0, || {
+        (server.metric("eventstream_log_start_offset") > n as f64) as u8 as f64
+    });
+    assert_eq!(
+        past, 1.0,
+        "retention did not delete segments past offset {n}"
+    );
+    server.metric("eventstream_log_start_offset") as u64
+}

@@ -197,7 +197,7 @@ impl Session {
                     break;
                 }
                 self.pos += r.size;
-                self.next = r.offset + u64::from(r.count);
+                self.next = r.next_offset();
                 skipped += 1;
                 if skipped >= SKIP_BUDGET {
                     return false;
@@ -220,7 +220,7 @@ impl Session {
             }
             run_len += r.size;
             self.pos += r.size;
-            self.next = r.offset + u64::from(r.count);
+            self.next = r.next_offset();
         }
         if let Some(seg) = &self.seg {
             seg.release(self.pos);
@@ -244,7 +244,6 @@ impl Session {
                 pos: run_pos,
                 left: run_len,
             });
-            ctx.records_sent(run_len);
             return true;
         }
         if let Some(limit) = self.end_limit {
