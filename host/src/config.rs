@@ -213,6 +213,9 @@ pub struct ServeArgs {
     /// tail on this project's test machine (docs/decisions.md).
     #[arg(long, value_enum, default_value = "auto")]
     pub drop_written_pages: DropPagesArg,
+    /// Forwarding into NATS JetStream.
+    #[command(flatten)]
+    pub forward: crate::forward::ForwardArgs,
 }
 
 /// `eventstream inspect` flags.
@@ -450,6 +453,7 @@ impl ServerConfig {
                 DropPagesArg::Always => DropPages::Always,
                 DropPagesArg::Never => DropPages::Never,
             },
+            forward: args.forward.config()?,
         })
     }
 }

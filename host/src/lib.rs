@@ -8,6 +8,7 @@
 pub mod config;
 pub mod consume;
 pub mod endpoint;
+pub mod forward;
 pub mod ingest;
 pub mod inspect;
 pub mod load;

@@ -56,6 +56,21 @@ struct Family {
     samples: Samples,
 }
 
+/// The forwarder's lag: events, seconds (zeros without --forward).
+fn forward_lag(c: &Ctx) -> (f64, f64) {
+    let f = &c.shared.forward;
+    match c.shared.readers.tail.get() {
+        Some(t) if f.enabled.load(Ordering::Relaxed) => {
+            let end = t.written.load().offset;
+            (
+                f.lag_events(end) as f64,
+                f.lag_seconds(end, crate::sys::wall_ns()),
+            )
+        }
+        _ => (0.0, 0.0),
+    }
+}
+
 fn relaxed(a: &std::sync::atomic::AtomicU64) -> f64 {
     a.load(Ordering::Relaxed) as f64
 }
@@ -269,6 +284,60 @@ static FAMILIES: &[Family] = &[
                 }
             }
         }),
+    },
+    Family {
+        name: "eventstream_forward_up",
+        kind: Kind::Gauge,
+        help: "1 while the forwarder is connected to NATS with its stream found (0 also without --forward).",
+        samples: Samples::One(|c| f64::from(u8::from(c.shared.forward.up.load(Ordering::Relaxed)))),
+    },
+    Family {
+        name: "eventstream_forward_published_total",
+        kind: Kind::Counter,
+        help: "Messages the forwarder published (publishes again after a failure included).",
+        samples: Samples::One(|c| relaxed(&c.shared.forward.published)),
+    },
+    Family {
+        name: "eventstream_forward_acked_total",
+        kind: Kind::Counter,
+        help: "Forwarded events JetStream stored as new.",
+        samples: Samples::One(|c| relaxed(&c.shared.forward.acked)),
+    },
+    Family {
+        name: "eventstream_forward_duplicates_total",
+        kind: Kind::Counter,
+        help: "Forwarded messages JetStream's duplicate window dropped (published again after a restart or a failure, or a transactional id another server forwarded).",
+        samples: Samples::One(|c| relaxed(&c.shared.forward.duplicates)),
+    },
+    Family {
+        name: "eventstream_forward_failures_total",
+        kind: Kind::Counter,
+        help: "Publishes that failed or timed out (each publishes again from the oldest unacked event).",
+        samples: Samples::One(|c| relaxed(&c.shared.forward.failures)),
+    },
+    Family {
+        name: "eventstream_forward_skipped_events_total",
+        kind: Kind::Counter,
+        help: "Events retention deleted before they were forwarded (the log was over twice --retention-bytes).",
+        samples: Samples::One(|c| relaxed(&c.shared.forward.skipped)),
+    },
+    Family {
+        name: "eventstream_forward_acked_offset",
+        kind: Kind::Gauge,
+        help: "Every event below this offset is in the stream.",
+        samples: Samples::One(|c| relaxed(&c.shared.forward.acked_offset)),
+    },
+    Family {
+        name: "eventstream_forward_lag_events",
+        kind: Kind::Gauge,
+        help: "Stored events not yet acked by JetStream.",
+        samples: Samples::One(|c| forward_lag(c).0),
+    },
+    Family {
+        name: "eventstream_forward_lag_seconds",
+        kind: Kind::Gauge,
+        help: "Age of the oldest stored event not yet acked by JetStream (0 when caught up).",
+        samples: Samples::One(|c| forward_lag(c).1),
     },
     Family {
         name: "eventstream_log_bytes",

@@ -42,8 +42,25 @@ pub fn summary_line(shared: &Shared, snap: &Snapshot, prev: &Snapshot, secs: f64
         lat.merge(snap.latency(c));
     }
     let depth = |i: usize| shared.gauges.depth(RingGauge::ALL[i]);
+    let f = &shared.forward;
+    let forward = match shared.readers.tail.get() {
+        Some(t) if f.enabled.load(Ordering::Relaxed) => {
+            let end = t.written.load().offset;
+            format!(
+                " | fwd lag {} ev {:.1}s{}",
+                f.lag_events(end),
+                f.lag_seconds(end, crate::sys::wall_ns()),
+                if f.up.load(Ordering::Relaxed) {
+                    ""
+                } else {
+                    " (down)"
+                }
+            )
+        }
+        _ => String::new(),
+    };
     format!(
-        "eventstream: in {:.0}/s stored {:.0}/s dup {} rej {} | p50 {} p99 {} p99.9 {} | rings rt {} tx {} b {} st {} | pool free {} | conns {}",
+        "eventstream: in {:.0}/s stored {:.0}/s dup {} rej {} | p50 {} p99 {} p99.9 {} | rings rt {} tx {} b {} st {} | pool free {} | conns {}{}",
         rate(sum(snap, Counter::Received), sum(prev, Counter::Received)),
         rate(sum(snap, Counter::Stored), sum(prev, Counter::Stored)),
         sum(snap, Counter::Duplicate),
@@ -57,6 +74,7 @@ pub fn summary_line(shared: &Shared, snap: &Snapshot, prev: &Snapshot, secs: f64
         depth(3) + depth(4) + depth(5),
         shared.pool_free(),
         shared.gauges.connections.load(Ordering::Relaxed),
+        forward,
     )
 }
 

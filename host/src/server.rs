@@ -136,6 +136,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             visible_when_durable: args.fsync == FsyncPolicy::Always,
         },
     )?;
+    let server_id = crate::forward::server_id(&args.data)?;
     for note in &opened.notes {
         eprintln!("eventstream: recovery: {note}");
     }
@@ -352,6 +353,19 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             )),
         )
     };
+    // The forwarder first: a missing stream stops the start before any
+    // engine thread runs.
+    let forwarder = match &cfg.forward {
+        Some(f) => Some(crate::forward::start(crate::forward::ForwardParts {
+            cfg: f.clone(),
+            server_id: server_id.clone(),
+            tail: tail.clone(),
+            gaps: opened.gaps.clone(),
+            groups: groups.clone(),
+            shared: shared.clone(),
+        })?),
+        None => None,
+    };
     let pin = args.pin;
     let cpus = online_cpus();
     let mut threads = Vec::new();
@@ -490,6 +504,9 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     // Ingest finishes last in the shutdown; wait for it first so the other
     // threads' results follow.
     threads.rotate_right(1);
+    if let Some(f) = forwarder {
+        threads.push(("forward", f));
+    }
     Ok(Running {
         listen,
         metrics,

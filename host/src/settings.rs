@@ -127,4 +127,6 @@ pub struct ServerConfig {
     pub idle_spin: Duration,
     /// Page-cache dropping of the written log.
     pub drop_written_pages: DropPages,
+    /// Forwarding into NATS JetStream (`--forward`).
+    pub forward: Option<crate::forward::ForwardConfig>,
 }

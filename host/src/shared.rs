@@ -97,6 +97,8 @@ pub struct Shared {
     pub idle_spin_ns: u64,
     /// The read path's figures.
     pub readers: crate::readers::ReaderStats,
+    /// The forwarder's figures.
+    pub forward: crate::forward::ForwardStats,
 }
 
 /// The server's life: its [`Phase`] and the counts the shutdown waits on.
@@ -271,6 +273,7 @@ impl Shared {
             pool_slots,
             idle_spin_ns,
             readers: Default::default(),
+            forward: Default::default(),
         })
     }
 

@@ -25,6 +25,16 @@ use crate::shared::{Phase, Shared};
 use crate::storage::{locked, LogTail, SyncTargets};
 use crate::sys::{wall_ns, EventFd, Parker};
 
+/// The session id of the server's own readers' groups (the forwarder's
+/// `_forward`); read sessions count up from 1 and never reach it.
+pub const FORWARD_SESSION: u64 = u64::MAX;
+
+/// Whether a group is the server's own (`_` names): it never expires and
+/// its offset never goes back.
+pub fn reserved(name: &str) -> bool {
+    name.starts_with('_')
+}
+
 /// The file's name in the data directory.
 pub const GROUPS_FILE: &str = "groups";
 const HEADER: &str = "# eventstream consumer groups 1\n";
@@ -71,6 +81,9 @@ pub struct Groups {
     queue: Mutex<Vec<CommitReq>>,
     done: Mutex<Vec<CommitDone>>,
     parker: Parker,
+    /// Held across a save and its apply (the commit thread, and the
+    /// forwarder's last save at shutdown).
+    save_lock: Mutex<()>,
     dir: PathBuf,
     max_groups: usize,
     expiry: Duration,
@@ -96,12 +109,13 @@ impl Groups {
         };
         let now = now_ms();
         let expiry_ms = expiry.as_millis() as u64;
-        groups.retain(|_, g| now.saturating_sub(g.touched_ms) <= expiry_ms);
+        groups.retain(|n, g| reserved(n) || now.saturating_sub(g.touched_ms) <= expiry_ms);
         Ok(Groups {
             state: Mutex::new(groups),
             queue: Mutex::new(Vec::new()),
             done: Mutex::new(Vec::new()),
             parker: Parker::new(),
+            save_lock: Mutex::new(()),
             dir: dir.to_path_buf(),
             max_groups,
             expiry,
@@ -121,8 +135,11 @@ impl Groups {
         }
         let now = now_ms();
         let expiry_ms = self.expiry.as_millis() as u64;
-        groups.retain(|_, g| {
-            g.session.is_some() || g.inflight > 0 || now.saturating_sub(g.touched_ms) <= expiry_ms
+        groups.retain(|n, g| {
+            reserved(n)
+                || g.session.is_some()
+                || g.inflight > 0
+                || now.saturating_sub(g.touched_ms) <= expiry_ms
         });
         groups.len() < self.max_groups
     }
@@ -147,6 +164,24 @@ impl Groups {
             .iter()
             .filter_map(|(n, g)| g.committed.map(|c| (n.clone(), c)))
             .collect()
+    }
+
+    /// Saves `offset` for the server's own group `name` now, on the
+    /// caller's thread (the forwarder at shutdown, when the commit thread
+    /// may be gone).
+    pub fn commit_now(&self, name: &str, offset: u64) -> io::Result<()> {
+        let _saving = locked(&self.save_lock);
+        let batch = [CommitReq {
+            session: FORWARD_SESSION,
+            group: name.to_string(),
+            offset,
+        }];
+        let now = now_ms();
+        let mut snapshot = self.lock().clone();
+        apply(&mut snapshot, &batch, now);
+        self.save(&snapshot)?;
+        apply(&mut self.lock(), &batch, now);
+        Ok(())
     }
 
     /// Wakes the commit thread (shutdown).
@@ -264,6 +299,7 @@ pub fn run_commits(
         let now = now_ms();
         if ok {
             // Saved first, applied once durable.
+            let _saving = locked(&groups.save_lock);
             let mut snapshot = groups.lock().clone();
             apply(&mut snapshot, &batch, now);
             match groups.save(&snapshot) {
@@ -289,6 +325,9 @@ pub fn run_commits(
 fn apply(groups: &mut BTreeMap<String, Group>, batch: &[CommitReq], now: u64) {
     for c in batch {
         if let Some(g) = groups.get_mut(&c.group) {
+            if reserved(&c.group) && g.committed.is_some_and(|o| o > c.offset) {
+                continue;
+            }
             g.committed = Some(c.offset);
             g.touched_ms = now;
         }

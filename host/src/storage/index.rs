@@ -157,7 +157,7 @@ impl SegmentIndex {
     /// Reads an index file's bytes; None if they are not one.
     pub fn decode(bytes: &[u8]) -> Option<SegmentIndex> {
         let n = bytes.len();
-        if n < HEADER_LEN + 12 || (n - HEADER_LEN - 12) % ENTRY_LEN != 0 {
+        if n < HEADER_LEN + 12 || !(n - HEADER_LEN - 12).is_multiple_of(ENTRY_LEN) {
             return None;
         }
         let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));

@@ -512,6 +512,23 @@ impl Log {
             if !over_bytes && !too_old {
                 break;
             }
+            // The forwarder has not passed it: kept, until the log is past
+            // twice --retention-bytes (docs/scale-out.md, "Retention").
+            let hold = self.tail.forward_hold();
+            let next_base = self.segments[1].base;
+            if hold < next_base {
+                let far_over = self
+                    .retention_bytes
+                    .is_some_and(|max| self.total_bytes() > max.saturating_mul(2));
+                if !far_over {
+                    break;
+                }
+                eprintln!(
+                    "eventstream: retention deletes {} although the forwarder has not passed it (the log is over twice --retention-bytes): offsets {}..{next_base} will not be forwarded",
+                    oldest.path.display(),
+                    hold.max(oldest.base)
+                );
+            }
             if let Err(e) = fs::remove_file(&oldest.path) {
                 eprintln!(
                     "eventstream: retention cannot delete {}: {e}",

@@ -115,6 +115,9 @@ pub struct LogTail {
     /// past it.
     low_base: AtomicU64,
     low_pos: AtomicU64,
+    /// The forwarder's first event not yet acked (`u64::MAX`: no
+    /// forwarder): retention keeps the segments from it on.
+    forward_hold: AtomicU64,
 }
 
 impl LogTail {
@@ -135,6 +138,7 @@ impl LogTail {
             waker: EventFd::new()?,
             low_base: AtomicU64::new(u64::MAX),
             low_pos: AtomicU64::new(0),
+            forward_hold: AtomicU64::new(u64::MAX),
         };
         tail.written.store(end);
         // What start-up recovered is synced (recovery fsyncs it).
@@ -238,6 +242,18 @@ impl LogTail {
         let (base, pos) = low.unwrap_or((u64::MAX, 0));
         self.low_pos.store(pos, Ordering::Relaxed);
         self.low_base.store(base, Ordering::Release);
+    }
+
+    /// The forwarder: every event below `next` is forwarded (`None`: no
+    /// forwarder).
+    pub fn set_forward_hold(&self, next: Option<u64>) {
+        self.forward_hold
+            .store(next.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The first offset the forwarder still needs (`u64::MAX`: none).
+    pub fn forward_hold(&self) -> u64 {
+        self.forward_hold.load(Ordering::Relaxed)
     }
 
     /// The page-drop policy: how far into the segment `base` pages may be

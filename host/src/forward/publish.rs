@@ -1,0 +1,458 @@
+//! The `es-forward` thread: a current-thread runtime that runs the NATS
+//! client and the publish loop (docs/scale-out.md).
+//!
+//! The loop keeps up to `--forward-max-pending` publishes awaiting their
+//! JetStream ack and takes the acks in log order; every event below
+//! `acked` is stored in the stream. A failed or timed-out publish drops
+//! everything in flight and publishes again from `acked`, in order, after
+//! a backoff; JetStream's duplicate window drops what had arrived (counted
+//! from the acks' `duplicate` flag). The cursor (`acked`) goes to the
+//! consumer groups' commit thread every [`COMMIT_EVERY`], and is saved
+//! once more, synchronously, at shutdown.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use async_nats::connection::State;
+use async_nats::jetstream::context::{ContextBuilder, PublishAckFuture};
+use async_nats::jetstream::stream::{Config, StorageType};
+use async_nats::jetstream::Context;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use eventstream_core::Class;
+
+use super::log::{Event, LogReader};
+use super::{ForwardConfig, ForwardParts, CURSOR_GROUP};
+use crate::readers::groups::{CommitReq, FORWARD_SESSION};
+use crate::shared::Phase;
+
+/// The cursor is committed at least this often while it moves.
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// Sleep when every durable event is acked.
+const IDLE: Duration = Duration::from_millis(5);
+/// First and longest wait before publishing again after a failure.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At shutdown, the acks in flight are awaited this long at most.
+const SHUTDOWN_ACKS: Duration = Duration::from_secs(2);
+/// Events read from the log per step at most.
+const READ_STEP: usize = 256;
+
+/// One publish awaiting its ack.
+struct Pending {
+    offset: u64,
+    recv_ns: u64,
+    ack: PublishAckFuture,
+}
+
+/// One message, made from an event.
+struct Message {
+    offset: u64,
+    recv_ns: u64,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+/// Runs the thread; `started` hears once whether the stream is there.
+pub(super) fn run(
+    p: ForwardParts,
+    started: mpsc::Sender<Result<(), String>>,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("forward: cannot build its runtime: {e}"))?;
+    rt.block_on(forward(p, started))
+}
+
+/// Whether the stream is there (made if asked); Err(fatal) for a missing
+/// stream without --forward-create-stream, Ok(false) if NATS did not
+/// answer.
+async fn ensure_stream(js: &Context, cfg: &ForwardConfig) -> Result<bool, String> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    match js.get_stream(&cfg.stream).await {
+        Ok(_) => return Ok(true),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => {}
+            _ => {
+                log_limited(&format!(
+                    "forward: cannot look up stream {}: {e}",
+                    cfg.stream
+                ));
+                return Ok(false);
+            }
+        },
+    }
+    if !cfg.create_stream {
+        return Err(format!(
+            "forward: NATS has no stream {:?} (create it, or give --forward-create-stream)",
+            cfg.stream
+        ));
+    }
+    let config = Config {
+        name: cfg.stream.clone(),
+        subjects: vec![cfg.subject.filter().to_string()],
+        storage: StorageType::File,
+        num_replicas: cfg.replicas,
+        duplicate_window: cfg.duplicate_window,
+        ..Default::default()
+    };
+    match js.create_stream(config).await {
+        Ok(_) => {
+            eprintln!(
+                "eventstream: forward: created stream {} (subjects {}, {} replicas, duplicate window {:?})",
+                cfg.stream,
+                cfg.subject.filter(),
+                cfg.replicas,
+                cfg.duplicate_window
+            );
+            Ok(true)
+        }
+        Err(e) => {
+            log_limited(&format!(
+                "forward: cannot create stream {}: {e}",
+                cfg.stream
+            ));
+            Ok(false)
+        }
+    }
+}
+
+/// One line to stderr, at most one a second (a NATS outage would print
+/// one per retry otherwise).
+fn log_limited(line: &str) {
+    use std::sync::atomic::AtomicU64;
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = crate::sys::monotonic_ns();
+    let last = LAST.load(Ordering::Relaxed);
+    if last == 0 || now.saturating_sub(last) >= 1_000_000_000 {
+        LAST.store(now, Ordering::Relaxed);
+        eprintln!("eventstream: {line}");
+    }
+}
+
+/// Makes the message of one event.
+fn message(ev: &Event<'_>, cfg: &ForwardConfig, server_id: &str) -> Message {
+    let f = &ev.frame;
+    let mut subject = String::with_capacity(64);
+    cfg.subject.render(
+        &mut subject,
+        ev.class.name(),
+        f.topic_bytes(),
+        f.priority().name(),
+        f.partition(),
+    );
+    // Transactional v1 ids are the producer's: one event through two of
+    // our servers is one message. The others are this log's own.
+    let id = if ev.class == Class::Transactional && !f.is_legacy() {
+        f.event_id().to_string()
+    } else {
+        format!("{server_id}-{}", ev.offset)
+    };
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", id);
+    h.insert("Es-Offset", ev.offset.to_string());
+    h.insert("Es-Server", server_id);
+    h.insert("Es-Event-Id", f.event_id().to_string());
+    h.insert("Es-Class", ev.class.name());
+    h.insert("Es-Priority", f.priority().name());
+    h.insert("Es-Partition", f.partition().to_string());
+    h.insert("Es-Timestamp-Ns", f.timestamp_ns().to_string());
+    h.insert("Es-Recv-Ns", ev.recv_ns.to_string());
+    if f.is_legacy() {
+        h.insert("Es-Legacy", "1");
+    }
+    Message {
+        offset: ev.offset,
+        recv_ns: ev.recv_ns,
+        subject,
+        headers: h,
+        payload: Bytes::copy_from_slice(f.payload()),
+    }
+}
+
+/// The publish loop's state.
+struct Loop {
+    p: ForwardParts,
+    js: Context,
+    client: async_nats::Client,
+    reader: LogReader,
+    pending: VecDeque<Pending>,
+    /// Every event below it is acked.
+    acked: u64,
+    /// Sent to the commit thread up to here.
+    committed: u64,
+    last_commit: Instant,
+    backoff: Duration,
+    ready: bool,
+    batch: Vec<Message>,
+}
+
+impl Loop {
+    fn stats(&self) -> &super::ForwardStats {
+        &self.p.shared.forward
+    }
+
+    /// Records acks up to `next` (the offset after the last acked event).
+    fn acked_to(&mut self, next: u64) {
+        self.acked = next;
+        self.p.tail.set_forward_hold(Some(next));
+        let s = &self.p.shared.forward;
+        s.acked_offset.store(next, Ordering::Relaxed);
+        let oldest = self.pending.front().map_or(0, |q| q.recv_ns);
+        s.oldest_unacked_ns.store(oldest, Ordering::Relaxed);
+    }
+
+    /// A publish failed: everything in flight goes again from `acked`.
+    async fn failed(&mut self, what: &str) {
+        let dropped = self.pending.len();
+        self.pending.clear();
+        self.reader.rewind(self.acked);
+        self.stats().failures.fetch_add(1, Ordering::Relaxed);
+        self.stats().up.store(false, Ordering::Relaxed);
+        log_limited(&format!(
+            "forward: {what}; publishing again from offset {} ({dropped} in flight) in {:?}",
+            self.acked, self.backoff
+        ));
+        // The lag's age: the oldest event not acked.
+        let mut oldest = 0;
+        if self.reader.read(1, |ev| oldest = ev.recv_ns).is_ok() {
+            self.stats()
+                .oldest_unacked_ns
+                .store(oldest, Ordering::Relaxed);
+        }
+        self.reader.rewind(self.acked);
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.ready = false;
+    }
+
+    /// Sends the cursor to the commit thread if it moved and is due.
+    fn commit(&mut self, force: bool) {
+        if self.acked == self.committed || (!force && self.last_commit.elapsed() < COMMIT_EVERY) {
+            return;
+        }
+        self.p.groups.commit(CommitReq {
+            session: FORWARD_SESSION,
+            group: CURSOR_GROUP.to_string(),
+            offset: self.acked,
+        });
+        self.committed = self.acked;
+        self.last_commit = Instant::now();
+    }
+
+    /// Reads events and publishes them while there is room in flight.
+    /// Returns false after a failure.
+    async fn publish_more(&mut self) -> Result<bool, String> {
+        let max = self.p.cfg.max_pending;
+        while self.pending.len() < max {
+            let room = (max - self.pending.len()).min(READ_STEP);
+            let (cfg, id) = (&self.p.cfg, self.p.server_id.as_str());
+            let batch = &mut self.batch;
+            let found = self
+                .reader
+                .read(room, |ev| batch.push(message(ev, cfg, id)))
+                .map_err(|e| format!("forward: cannot read the log: {e}"))?;
+            if let Some((from, to)) = found.skipped {
+                self.stats().skipped.fetch_add(to - from, Ordering::Relaxed);
+                eprintln!(
+                    "eventstream: forward: offsets {from}..{to} ({} events) were deleted by retention before they were forwarded",
+                    to - from
+                );
+                if self.pending.is_empty() && self.acked < to {
+                    self.acked_to(to);
+                }
+            }
+            if self.batch.is_empty() {
+                return Ok(true);
+            }
+            let timeout = self.p.cfg.ack_timeout;
+            for m in std::mem::take(&mut self.batch) {
+                let sent = tokio::time::timeout(
+                    timeout,
+                    self.js
+                        .publish_with_headers(m.subject, m.headers, m.payload),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(ack)) => {
+                        if self.pending.is_empty() {
+                            self.stats()
+                                .oldest_unacked_ns
+                                .store(m.recv_ns, Ordering::Relaxed);
+                        }
+                        self.pending.push_back(Pending {
+                            offset: m.offset,
+                            recv_ns: m.recv_ns,
+                            ack,
+                        });
+                        self.stats().published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Err(e)) => {
+                        self.failed(&format!("publish failed: {e}")).await;
+                        return Ok(false);
+                    }
+                    Err(_) => {
+                        self.failed("publish timed out").await;
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Takes acks in order: at least one, then while fewer than a refill's
+    /// worth of room is free. Returns false after a failure.
+    async fn take_acks(&mut self, deadline: Option<Instant>) -> bool {
+        let refill = (self.p.cfg.max_pending / 8).clamp(1, READ_STEP);
+        while let Some(front) = self.pending.pop_front() {
+            let got = match deadline {
+                Some(d) => {
+                    match tokio::time::timeout(
+                        d.saturating_duration_since(Instant::now()),
+                        front.ack,
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => return false,
+                    }
+                }
+                None => front.ack.await,
+            };
+            match got {
+                Ok(ack) => {
+                    let c = if ack.duplicate {
+                        &self.stats().duplicates
+                    } else {
+                        &self.stats().acked
+                    };
+                    c.fetch_add(1, Ordering::Relaxed);
+                    self.acked_to(front.offset + 1);
+                    self.backoff = BACKOFF_MIN;
+                }
+                Err(e) => {
+                    self.failed(&format!(
+                        "publish of offset {} not acked: {e}",
+                        front.offset
+                    ))
+                    .await;
+                    return false;
+                }
+            }
+            if deadline.is_none() && self.pending.len() + refill <= self.p.cfg.max_pending {
+                break;
+            }
+        }
+        true
+    }
+}
+
+async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> Result<(), String> {
+    let start = {
+        let mut groups = p.groups.lock();
+        let g = groups.entry(CURSOR_GROUP.to_string()).or_default();
+        g.session = Some(FORWARD_SESSION);
+        g.committed
+    }
+    .unwrap_or_else(|| p.tail.first_offset());
+    let s = &p.shared.forward;
+    s.acked_offset.store(start, Ordering::Relaxed);
+    p.tail.set_forward_hold(Some(start));
+    eprintln!(
+        "eventstream: forward: to stream {} at {} from offset {start} (server id {})",
+        p.cfg.stream,
+        p.cfg.servers.join(","),
+        p.server_id
+    );
+    let mut opts = async_nats::ConnectOptions::new()
+        .name("eventstream-forward")
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|n| Duration::from_millis((n as u64 * 100).min(1000)));
+    if let Some(t) = &p.cfg.token {
+        opts = opts.token(t.clone());
+    }
+    let client = async_nats::connect_with_options(p.cfg.servers.clone(), opts)
+        .await
+        .map_err(|e| format!("forward: cannot start the NATS client: {e}"))?;
+    let js = ContextBuilder::new()
+        .timeout(p.cfg.ack_timeout)
+        .max_ack_inflight(p.cfg.max_pending + 1)
+        .build(client.clone());
+    let reader = LogReader::new(p.tail.clone(), p.gaps.clone(), start);
+    let mut l = Loop {
+        p,
+        js,
+        client,
+        reader,
+        pending: VecDeque::new(),
+        acked: start,
+        committed: start,
+        last_commit: Instant::now(),
+        backoff: BACKOFF_MIN,
+        ready: false,
+        batch: Vec::with_capacity(READ_STEP),
+    };
+    let mut started = Some(started);
+    let result = loop {
+        if l.p.shared.phase() == Phase::Stop {
+            break Ok(());
+        }
+        if !l.ready {
+            if l.client.connection_state() != State::Connected {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            match ensure_stream(&l.js, &l.p.cfg).await {
+                Ok(true) => {
+                    l.ready = true;
+                    l.stats().up.store(true, Ordering::Relaxed);
+                    if let Some(tx) = started.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Ok(false) => tokio::time::sleep(l.backoff).await,
+                Err(e) => {
+                    if let Some(tx) = started.take() {
+                        let _ = tx.send(Err(e));
+                        return Ok(());
+                    }
+                    log_limited(&e);
+                    tokio::time::sleep(BACKOFF_MAX).await;
+                }
+            }
+            continue;
+        }
+        if l.client.connection_state() == State::Connected {
+            match l.publish_more().await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => break Err(e),
+            }
+        }
+        if l.pending.is_empty() {
+            l.stats().oldest_unacked_ns.store(0, Ordering::Relaxed);
+            l.commit(false);
+            tokio::time::sleep(IDLE).await;
+            continue;
+        }
+        l.take_acks(None).await;
+        l.commit(false);
+    };
+    // Shutdown: the acks in flight, then the cursor, saved here (the
+    // commit thread may be gone).
+    if l.ready && !l.pending.is_empty() {
+        let deadline = Instant::now() + SHUTDOWN_ACKS;
+        l.take_acks(Some(deadline)).await;
+    }
+    if let Err(e) = l.p.groups.commit_now(CURSOR_GROUP, l.acked) {
+        eprintln!("eventstream: forward: cannot save its cursor: {e}");
+    }
+    result
+}
