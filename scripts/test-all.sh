@@ -34,6 +34,7 @@ apt_install() {
     local missing=()
     command -v promtool >/dev/null || missing+=(prometheus)
     command -v qemu-system-arm >/dev/null || missing+=(qemu-system-arm)
+    command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
     if ((${#missing[@]})); then
         local sudo=""
         [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -122,12 +123,12 @@ fuzz_targets() {
     done
 }
 
-step "install Debian packages (prometheus for promtool)" 90 apt_install
+step "install Debian packages (prometheus for promtool, qemu-system-arm, nats-server)" 90 apt_install
 step "install toolchains, targets and components" 340 install_toolchains
 step "cargo fmt --check" 20 cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -D warnings" 160 cargo clippy --workspace --all-targets -- -D warnings
 step "cargo clippy core (thumbv7em, defmt) -D warnings" 60 cargo clippy -p eventstream-core --target thumbv7em-none-eabihf --features defmt -- -D warnings
-step "cargo test --workspace" 330 cargo test --workspace
+step "cargo test --workspace" 420 cargo test --workspace
 # The client library's example against a server it starts (the binary the
 # tests built).
 step "client example against a real server" 20 cargo run -q -p eventstream-client --example produce

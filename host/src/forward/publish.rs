@@ -34,7 +34,7 @@ const COMMIT_EVERY: Duration = Duration::from_millis(100);
 const IDLE: Duration = Duration::from_millis(5);
 /// First and longest wait before publishing again after a failure.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// At shutdown, the acks in flight are awaited this long at most.
 const SHUTDOWN_ACKS: Duration = Duration::from_secs(2);
 /// Events read from the log per step at most.

@@ -2,6 +2,7 @@
 //! 127.0.0.1 (port 0) over a temp data dir, TCP clients, and `inspect`.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod read;
 
 use std::collections::HashMap;
