@@ -88,7 +88,11 @@ fn assert_mirrors(msgs: &[StreamMsg], data: &Path) {
     let mine: Vec<&StreamMsg> = msgs.iter().filter(|m| m.server == id).collect();
     assert_eq!(mine.len(), events.len(), "stream count against the log");
     let by_offset: HashMap<u64, &StreamMsg> = mine.iter().map(|m| (m.offset, *m)).collect();
-    assert_eq!(by_offset.len(), events.len(), "an offset twice in the stream");
+    assert_eq!(
+        by_offset.len(),
+        events.len(),
+        "an offset twice in the stream"
+    );
     for e in &events {
         let m = by_offset
             .get(&e.offset)
@@ -177,7 +181,10 @@ fn a_kill_in_the_middle_of_forwarding_leaves_each_event_once() {
     let cursor = committed_cursor(&dir.data());
     let before = stream_messages(&nats.url(), STREAM);
     let past_cursor = before.iter().filter(|m| m.offset >= cursor).count();
-    assert!(past_cursor > 0, "nothing in the stream past the cursor {cursor}");
+    assert!(
+        past_cursor > 0,
+        "nothing in the stream past the cursor {cursor}"
+    );
     let server = serve_forwarding(&dir.data(), &nats.url(), &[]);
     caught_up(&server, Duration::from_secs(60));
     assert_eq!(
@@ -279,17 +286,34 @@ fn a_missing_stream_without_create_and_bad_flags_stop_the_start() {
     let nats = Nats::start(dir.path());
     nats.wait_ready(WAIT);
     let url = nats.url();
-    let f = Server::try_start(&dir.data(), &["--forward", &url, "--forward-stream", "NOPE"])
-        .err()
-        .expect("started without its stream");
+    let f = Server::try_start(
+        &dir.data(),
+        &["--forward", &url, "--forward-stream", "NOPE"],
+    )
+    .err()
+    .expect("started without its stream");
     assert_eq!(f.status.code(), Some(1));
     assert!(f.stderr.contains("no stream \"NOPE\""), "{}", f.stderr);
     for bad in [
         vec!["--forward", url.as_str()],
         vec!["--forward-stream", "S"],
         vec!["--forward", &url, "--forward-stream", "a.b"],
-        vec!["--forward", &url, "--forward-stream", "S", "--forward-subject", "a..{topic}"],
-        vec!["--forward", &url, "--forward-stream", "S", "--forward-max-pending", "0"],
+        vec![
+            "--forward",
+            &url,
+            "--forward-stream",
+            "S",
+            "--forward-subject",
+            "a..{topic}",
+        ],
+        vec![
+            "--forward",
+            &url,
+            "--forward-stream",
+            "S",
+            "--forward-max-pending",
+            "0",
+        ],
         vec!["--forward", "nats://[::1", "--forward-stream", "S"],
     ] {
         let f = Server::try_start(&dir.data(), &bad)
@@ -298,4 +322,59 @@ fn a_missing_stream_without_create_and_bad_flags_stop_the_start() {
         assert_ne!(f.status.code(), Some(0), "{bad:?}");
         assert!(f.stderr.contains("forward"), "{bad:?}: {}", f.stderr);
     }
+}
+
+#[test]
+fn retention_waits_for_the_forwarder_up_to_twice_its_bytes_and_counts_the_rest() {
+    let dir = TempDir::new("fwd-retention");
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let retention = 256 * 1024;
+    let server = serve_forwarding(
+        &dir.data(),
+        &url,
+        &[
+            "--segment-bytes",
+            "64KiB",
+            "--retention-bytes",
+            "256KiB",
+            "--forward-ack-timeout",
+            "1s",
+        ],
+    );
+    // Over --retention-bytes, under twice it: NATS is down, nothing goes.
+    load(&server, 1_200);
+    let bytes = server.metric("eventstream_log_bytes");
+    assert!(bytes > f64::from(retention) * 1.2, "{bytes}");
+    assert_eq!(server.metric("eventstream_log_start_offset"), 0.0);
+    // Past twice it: the oldest segments go, each said in one line.
+    load(&server, 3_000);
+    let first = server.metric("eventstream_log_start_offset");
+    assert!(first > 0.0);
+    assert!(
+        server.metric("eventstream_log_bytes") <= f64::from(2 * retention + 128 * 1024),
+        "the log keeps to twice --retention-bytes"
+    );
+    assert!(
+        server.stderr().contains("will not be forwarded"),
+        "{}",
+        server.stderr()
+    );
+    // NATS comes: what is left is forwarded, what went is counted.
+    let nats = Nats::start_on(dir.path(), port, None);
+    nats.wait_ready(WAIT);
+    caught_up(&server, Duration::from_secs(60));
+    let first = server.metric("eventstream_log_start_offset");
+    assert_eq!(
+        server.metric("eventstream_forward_skipped_events_total"),
+        first
+    );
+    assert!(
+        server.stderr().contains(&format!(
+            "offsets 0..{first} ({first} events) were deleted by retention"
+        )),
+        "{}",
+        server.stderr()
+    );
+    assert_mirrors(&stream_messages(&url, STREAM), &dir.data());
 }

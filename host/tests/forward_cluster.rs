@@ -37,7 +37,11 @@ fn a_nats_node_killed_mid_forward_loses_and_doubles_nothing() {
     // with publishes in flight.
     let t0 = Instant::now();
     while server.metric("eventstream_forward_acked_offset") < 15_000.0 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "{}", server.stderr());
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{}",
+            server.stderr()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let connected = nodes

@@ -38,7 +38,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// At shutdown, the acks in flight are awaited this long at most.
 const SHUTDOWN_ACKS: Duration = Duration::from_secs(2);
 /// Events read from the log per step at most.
-const READ_STEP: usize = 256;
+const READ_STEP: usize = 16;
 
 /// One publish awaiting its ack.
 struct Pending {
@@ -270,16 +270,17 @@ impl Loop {
             if self.batch.is_empty() {
                 return Ok(true);
             }
-            let timeout = self.p.cfg.ack_timeout;
-            for m in std::mem::take(&mut self.batch) {
-                let sent = tokio::time::timeout(
-                    timeout,
-                    self.js
-                        .publish_with_headers(m.subject, m.headers, m.payload),
-                )
-                .await;
-                match sent {
-                    Ok(Ok(ack)) => {
+            let mut batch = std::mem::take(&mut self.batch);
+            let mut failed = None;
+            for m in batch.drain(..) {
+                // The publish waits for room in the client's queue at most
+                // --forward-ack-timeout (the context's timeout).
+                match self
+                    .js
+                    .publish_with_headers(m.subject, m.headers, m.payload)
+                    .await
+                {
+                    Ok(ack) => {
                         if self.pending.is_empty() {
                             self.stats()
                                 .oldest_unacked_ns
@@ -292,15 +293,18 @@ impl Loop {
                         });
                         self.stats().published.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(Err(e)) => {
-                        self.failed(&format!("publish failed: {e}")).await;
-                        return Ok(false);
-                    }
-                    Err(_) => {
-                        self.failed("publish timed out").await;
-                        return Ok(false);
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
                     }
                 }
+            }
+            batch.clear();
+            // Its room is kept for the next read.
+            self.batch = batch;
+            if let Some(e) = failed {
+                self.failed(&format!("publish failed: {e}")).await;
+                return Ok(false);
             }
         }
         Ok(true)

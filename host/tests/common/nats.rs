@@ -37,7 +37,9 @@ fn nats_bin() -> &'static str {
             return p;
         }
     }
-    panic!("nats-server is not installed (scripts/test-all.sh installs Debian's package nats-server)");
+    panic!(
+        "nats-server is not installed (scripts/test-all.sh installs Debian's package nats-server)"
+    );
 }
 
 impl Nats {
@@ -210,7 +212,10 @@ pub fn stream_messages(url: &str, stream: &str) -> Vec<StreamMsg> {
             match made {
                 Ok(m) => break m,
                 Err(e) => {
-                    assert!(t0.elapsed() < Duration::from_secs(60), "cannot read the stream: {e}");
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(60),
+                        "cannot read the stream: {e}"
+                    );
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
@@ -218,7 +223,10 @@ pub fn stream_messages(url: &str, stream: &str) -> Vec<StreamMsg> {
         let mut out = Vec::with_capacity(total);
         let t0 = Instant::now();
         while out.len() < total {
-            assert!(t0.elapsed() < Duration::from_secs(60), "stream read stalled");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "stream read stalled"
+            );
             let mut batch = c
                 .fetch()
                 .max_messages(5000)
