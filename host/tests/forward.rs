@@ -209,6 +209,12 @@ fn a_nats_that_starts_late_is_caught_up_with() {
     load(&server, 20_000);
     assert_eq!(server.metric("eventstream_forward_up"), 0.0);
     assert_eq!(server.metric("eventstream_forward_lag_events"), 20_000.0);
+    // The lag's age is read off the log while NATS is away.
+    let t0 = Instant::now();
+    while server.metric("eventstream_forward_lag_seconds") <= 0.0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no lag age");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let nats = Nats::start_on(dir.path(), port, None);
     nats.wait_ready(WAIT);
     caught_up(&server, Duration::from_secs(60));
@@ -377,4 +383,17 @@ fn retention_waits_for_the_forwarder_up_to_twice_its_bytes_and_counts_the_rest()
         server.stderr()
     );
     assert_mirrors(&stream_messages(&url, STREAM), &dir.data());
+}
+
+#[test]
+fn a_server_forwarding_to_an_absent_nats_stops_promptly_and_keeps_its_cursor() {
+    let dir = TempDir::new("fwd-stop");
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let server = serve_forwarding(&dir.data(), &url, &[]);
+    load(&server, 1_000);
+    let (status, took) = server.terminate();
+    assert!(status.success());
+    assert!(took < Duration::from_secs(5), "stop took {took:?}");
+    let groups = std::fs::read_to_string(dir.data().join("groups")).unwrap();
+    assert!(groups.contains("group _forward 0 "), "{groups}");
 }

@@ -16,12 +16,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
-use async_nats::jetstream::context::{ContextBuilder, PublishAckFuture};
+use async_nats::jetstream::context::ContextBuilder;
 use async_nats::jetstream::stream::{Config, StorageType};
 use async_nats::jetstream::Context;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use eventstream_core::Class;
+use std::future::IntoFuture;
 
 use super::log::{Event, LogReader};
 use super::{ForwardConfig, ForwardParts, CURSOR_GROUP};
@@ -30,8 +31,13 @@ use crate::shared::Phase;
 
 /// The cursor is committed at least this often while it moves.
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
-/// Sleep when every durable event is acked.
-const IDLE: Duration = Duration::from_millis(5);
+/// Sleep when every durable event is acked: from the first, doubling to
+/// the longest while nothing new is durable (the durable end moves once per
+/// fsync: each second under the default policy).
+const IDLE_MIN: Duration = Duration::from_millis(1);
+const IDLE_MAX: Duration = Duration::from_millis(50);
+/// A wait for an ack looks at the server's phase this often.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 /// First and longest wait before publishing again after a failure.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -44,7 +50,32 @@ const READ_STEP: usize = 16;
 struct Pending {
     offset: u64,
     recv_ns: u64,
-    ack: PublishAckFuture,
+    /// The ack (it times out after --forward-ack-timeout); boxed, so a
+    /// wait can stop to look at the phase and wait again.
+    ack: AckFuture,
+}
+
+type AckFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    async_nats::jetstream::publish::PublishAck,
+                    async_nats::jetstream::context::PublishError,
+                >,
+            > + Send,
+    >,
+>;
+
+/// Sleeps `d`, waking early at the stop.
+async fn nap(d: Duration, shared: &crate::shared::Shared) {
+    let end = Instant::now() + d;
+    while shared.phase() != Phase::Stop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(STOP_CHECK)).await;
+    }
 }
 
 /// One message, made from an event.
@@ -190,6 +221,9 @@ struct Loop {
     backoff: Duration,
     ready: bool,
     batch: Vec<Message>,
+    /// When the oldest unacked event's age was last read while NATS was
+    /// away.
+    last_peek: Option<Instant>,
 }
 
 impl Loop {
@@ -218,7 +252,22 @@ impl Loop {
             "forward: {what}; publishing again from offset {} ({dropped} in flight) in {:?}",
             self.acked, self.backoff
         ));
-        // The lag's age: the oldest event not acked.
+        self.note_oldest();
+        nap(self.backoff, &self.p.shared).await;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.ready = false;
+    }
+
+    /// Reads the receive time of the oldest event not acked (the lag's
+    /// age) while nothing is in flight; at most once a second.
+    fn note_oldest(&mut self) {
+        if self
+            .last_peek
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_peek = Some(Instant::now());
         let mut oldest = 0;
         if self.reader.read(1, |ev| oldest = ev.recv_ns).is_ok() {
             self.stats()
@@ -226,9 +275,6 @@ impl Loop {
                 .store(oldest, Ordering::Relaxed);
         }
         self.reader.rewind(self.acked);
-        tokio::time::sleep(self.backoff).await;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-        self.ready = false;
     }
 
     /// Sends the cursor to the commit thread if it moved and is due.
@@ -289,7 +335,7 @@ impl Loop {
                         self.pending.push_back(Pending {
                             offset: m.offset,
                             recv_ns: m.recv_ns,
-                            ack,
+                            ack: Box::pin(ack.into_future()),
                         });
                         self.stats().published.fetch_add(1, Ordering::Relaxed);
                     }
@@ -311,23 +357,22 @@ impl Loop {
     }
 
     /// Takes acks in order: at least one, then while fewer than a refill's
-    /// worth of room is free. Returns false after a failure.
-    async fn take_acks(&mut self, deadline: Option<Instant>) -> bool {
+    /// worth of room is free (or, with `deadline`, all of them until then).
+    /// Returns at the stop, or after a failure.
+    async fn take_acks(&mut self, deadline: Option<Instant>) {
         let refill = (self.p.cfg.max_pending / 8).clamp(1, READ_STEP);
-        while let Some(front) = self.pending.pop_front() {
-            let got = match deadline {
-                Some(d) => {
-                    match tokio::time::timeout(
-                        d.saturating_duration_since(Instant::now()),
-                        front.ack,
-                    )
-                    .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => return false,
-                    }
-                }
-                None => front.ack.await,
+        while let Some(front) = self.pending.front_mut() {
+            let wait = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => STOP_CHECK,
+            };
+            let got = match tokio::time::timeout(wait, front.ack.as_mut()).await {
+                Ok(r) => r,
+                Err(_) if deadline.is_some() || self.p.shared.phase() == Phase::Stop => return,
+                Err(_) => continue,
+            };
+            let Some(front) = self.pending.pop_front() else {
+                return;
             };
             match got {
                 Ok(ack) => {
@@ -346,14 +391,13 @@ impl Loop {
                         front.offset
                     ))
                     .await;
-                    return false;
+                    return;
                 }
             }
             if deadline.is_none() && self.pending.len() + refill <= self.p.cfg.max_pending {
                 break;
             }
         }
-        true
     }
 }
 
@@ -378,7 +422,10 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         .name("eventstream-forward")
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(2))
-        .reconnect_delay_callback(|n| Duration::from_millis((n as u64 * 100).min(1000)));
+        .reconnect_delay_callback(|n| Duration::from_millis((n as u64 * 100).min(1000)))
+        // Room for every publish in flight: a publish never waits for the
+        // client's queue.
+        .client_capacity(p.cfg.max_pending + READ_STEP + 64);
     if let Some(t) = &p.cfg.token {
         opts = opts.token(t.clone());
     }
@@ -402,15 +449,18 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         backoff: BACKOFF_MIN,
         ready: false,
         batch: Vec::with_capacity(READ_STEP),
+        last_peek: None,
     };
+    let mut idle = IDLE_MIN;
     let mut started = Some(started);
     let result = loop {
         if l.p.shared.phase() == Phase::Stop {
             break Ok(());
         }
         if !l.ready {
+            l.note_oldest();
             if l.client.connection_state() != State::Connected {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                nap(Duration::from_millis(20), &l.p.shared).await;
                 continue;
             }
             match ensure_stream(&l.js, &l.p.cfg).await {
@@ -421,14 +471,14 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
                         let _ = tx.send(Ok(()));
                     }
                 }
-                Ok(false) => tokio::time::sleep(l.backoff).await,
+                Ok(false) => nap(l.backoff, &l.p.shared).await,
                 Err(e) => {
                     if let Some(tx) = started.take() {
                         let _ = tx.send(Err(e));
                         return Ok(());
                     }
                     log_limited(&e);
-                    tokio::time::sleep(BACKOFF_MAX).await;
+                    nap(BACKOFF_MAX, &l.p.shared).await;
                 }
             }
             continue;
@@ -443,9 +493,11 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         if l.pending.is_empty() {
             l.stats().oldest_unacked_ns.store(0, Ordering::Relaxed);
             l.commit(false);
-            tokio::time::sleep(IDLE).await;
+            nap(idle, &l.p.shared).await;
+            idle = (idle * 2).min(IDLE_MAX);
             continue;
         }
+        idle = IDLE_MIN;
         l.take_acks(None).await;
         l.commit(false);
     };
