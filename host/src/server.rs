@@ -362,6 +362,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             tail: tail.clone(),
             gaps: opened.gaps.clone(),
             groups: groups.clone(),
+            sync: sync_targets.clone(),
             shared: shared.clone(),
         })?),
         None => None,

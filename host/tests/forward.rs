@@ -397,3 +397,14 @@ fn a_server_forwarding_to_an_absent_nats_stops_promptly_and_keeps_its_cursor() {
     let groups = std::fs::read_to_string(dir.data().join("groups")).unwrap();
     assert!(groups.contains("group _forward 0 "), "{groups}");
 }
+
+#[test]
+fn under_fsync_never_the_forwarder_makes_what_it_sends_durable() {
+    let dir = TempDir::new("fwd-never");
+    let nats = Nats::start(dir.path());
+    nats.wait_ready(WAIT);
+    let server = serve_forwarding(&dir.data(), &nats.url(), &["--fsync", "never"]);
+    load(&server, 5_000);
+    caught_up(&server, Duration::from_secs(30));
+    assert_mirrors(&stream_messages(&nats.url(), STREAM), &dir.data());
+}

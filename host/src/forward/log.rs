@@ -174,13 +174,15 @@ impl LogReader {
                         // The catalog copy predates the roll: take it anew.
                         let (catalog, _) = self.tail.segments();
                         match catalog.iter().find(|s| s.base == seg.entry.base) {
-                            Some(e) => {
+                            Some(e) if e.closed_len.is_some() => {
                                 let e = e.clone();
                                 if let Some(s) = &mut self.seg {
                                     s.entry = e;
                                 }
                                 continue;
                             }
+                            // Not closed in the catalog yet: later.
+                            Some(_) => break,
                             // Deleted by retention: its file's length is final.
                             None => seg.file.metadata()?.len(),
                         }

@@ -263,6 +263,8 @@ pub struct ForwardParts {
     pub gaps: Gaps,
     /// The consumer groups (the cursor lives there).
     pub groups: Arc<Groups>,
+    /// The log's fsync (for policies that leave events undurable).
+    pub sync: Arc<crate::storage::SyncTargets>,
     /// The server's shared state.
     pub shared: Arc<Shared>,
 }

@@ -36,6 +36,8 @@ const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// fsync: each second under the default policy).
 const IDLE_MIN: Duration = Duration::from_millis(1);
 const IDLE_MAX: Duration = Duration::from_millis(50);
+/// Written events undurable this long are made durable by the forwarder.
+const STALE_SYNC: Duration = Duration::from_secs(1);
 /// A wait for an ack looks at the server's phase this often.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 /// First and longest wait before publishing again after a failure.
@@ -224,6 +226,9 @@ struct Loop {
     /// When the oldest unacked event's age was last read while NATS was
     /// away.
     last_peek: Option<Instant>,
+    /// Since when the durable end has stayed at this offset below the
+    /// written end.
+    stale: Option<(Instant, u64)>,
 }
 
 impl Loop {
@@ -256,6 +261,32 @@ impl Loop {
         nap(self.backoff, &self.p.shared).await;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         self.ready = false;
+    }
+
+    /// Makes the log durable itself when written events have stayed
+    /// undurable for [`STALE_SYNC`] (`--fsync never`, or a long interval):
+    /// only durable events are forwarded.
+    fn sync_if_stale(&mut self) {
+        let tail = &self.p.tail;
+        let durable = tail.durable.load().offset;
+        let position = tail.written.load();
+        if position.offset == durable {
+            self.stale = None;
+            return;
+        }
+        match self.stale {
+            Some((since, at)) if at == durable => {
+                if since.elapsed() < STALE_SYNC {
+                    return;
+                }
+                match self.p.sync.sync() {
+                    Ok(()) => tail.publish_durable(position),
+                    Err(e) => log_limited(&format!("forward: the log's fsync failed: {e}")),
+                }
+                self.stale = None;
+            }
+            _ => self.stale = Some((Instant::now(), durable)),
+        }
     }
 
     /// Reads the receive time of the oldest event not acked (the lag's
@@ -450,6 +481,7 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         ready: false,
         batch: Vec::with_capacity(READ_STEP),
         last_peek: None,
+        stale: None,
     };
     let mut idle = IDLE_MIN;
     let mut started = Some(started);
@@ -493,6 +525,7 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         if l.pending.is_empty() {
             l.stats().oldest_unacked_ns.store(0, Ordering::Relaxed);
             l.commit(false);
+            l.sync_if_stale();
             nap(idle, &l.p.shared).await;
             idle = (idle * 2).min(IDLE_MAX);
             continue;
