@@ -96,7 +96,16 @@ print(f"forward medians: ours {mo:.0f} msg/s, bare publisher {mp:.0f} msg/s, rat
 PY
 
 echo "== 2. ingest closed loop with forwarding on and off (${SECS} s runs)"
-RATE= SECS="$SECS" BIN="$BIN" benches/ab.sh "$ROUNDS" \
-    "forward off|" \
-    "forward on|--forward $URL --forward-stream INGEST --forward-subject INGEST.{class}.{topic} --forward-create-stream"
+# Per run: ab.sh's line (the server's CPU seconds among it), then the CPU
+# seconds nats-server took in the same run.
+nats_cpu() { awk '{print ($14 + $15) / 100}' "/proc/$NATS_PID/stat"; }
+for r in $(seq "$ROUNDS"); do
+    for side in off on; do
+        flags=""
+        [ "$side" = on ] && flags="--forward $URL --forward-stream INGEST --forward-subject INGEST.{class}.{topic} --forward-create-stream"
+        c0=$(nats_cpu)
+        RATE= SECS="$SECS" BIN="$BIN" benches/ab.sh 1 "forward $side|$flags"
+        echo "  nats-server cpu $(python3 -c "print(round($(nats_cpu) - $c0, 2))") s"
+    done
+done
 kill "$NATS_PID" 2>/dev/null || true

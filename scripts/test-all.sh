@@ -124,7 +124,7 @@ fuzz_targets() {
 }
 
 step "install Debian packages (prometheus for promtool, qemu-system-arm, nats-server)" 90 apt_install
-step "install toolchains, targets and components" 340 install_toolchains
+step "install toolchains, targets and components" 300 install_toolchains
 step "cargo fmt --check" 20 cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -D warnings" 160 cargo clippy --workspace --all-targets -- -D warnings
 step "cargo clippy core (thumbv7em, defmt) -D warnings" 60 cargo clippy -p eventstream-core --target thumbv7em-none-eabihf --features defmt -- -D warnings
@@ -142,12 +142,12 @@ LAYOUT_SUITES=(--lib --test server_ingest --test server_storage --test server_ve
 step "server tests with --processors threads" 60 env ES_TEST_PROCESSORS=threads cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
 step "server tests with --processors inline --storage-thread on" 60 env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=on cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
 step "server tests with --processors inline --storage-thread off" 60 env ES_TEST_PROCESSORS=inline ES_TEST_STORAGE_THREAD=off cargo test -p eventstream-host "${LAYOUT_SUITES[@]}"
-step "no_std build for thumbv7em-none-eabihf (with and without defmt)" 45 no_std_builds
-step "loom models of ring, pool and dedup" 90 loom_models
+step "no_std build for thumbv7em-none-eabihf (with and without defmt)" 30 no_std_builds
+step "loom models of ring, pool and dedup" 60 loom_models
 step "miri on the core's unsafe code" 150 miri_core
-step "fuzz targets, 20 s each (cargo fuzz)" 180 fuzz_targets
-step "core never links alloc (sources, firmware symbols)" 45 core_never_links_alloc
-step "firmware image under QEMU mps2-an386 (cargo firmware)" 90 firmware_under_qemu
+step "fuzz targets, 20 s each (cargo fuzz)" 200 fuzz_targets
+step "core never links alloc (sources, firmware symbols)" 30 core_never_links_alloc
+step "firmware image under QEMU mps2-an386 (cargo firmware)" 70 firmware_under_qemu
 
 echo
 echo "==> step times"
