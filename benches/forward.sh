@@ -13,6 +13,7 @@
 # 2. Ingest closed loop (SECS s, 4 connections, acks) with forwarding on
 #    and off, alternating, fresh data dir each run (benches/ab.sh); the
 #    nats-server, the forwarder and ingest share the two cores.
+#    SKIP_RATE=1 runs only 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"
@@ -43,6 +44,7 @@ start() { # data-dir extra-flags... ; sets PID, ADDR, METRICS
 }
 stop() { kill -TERM "$PID"; wait "$PID" || true; }
 
+if [ -z "${SKIP_RATE:-}" ]; then
 echo "== 1. forward rate: $EVENTS events of 256 bytes, against a bare publisher"
 start "$WORK/log"
 "$BIN" load --target "$ADDR" --events "$EVENTS" --payload 256 --connections 4 --ack \
@@ -94,6 +96,7 @@ p = [float(x) for x in sys.argv[2].split()]
 mo, mp = statistics.median(o), statistics.median(p)
 print(f"forward medians: ours {mo:.0f} msg/s, bare publisher {mp:.0f} msg/s, ratio {mo / mp:.3f}")
 PY
+fi
 
 echo "== 2. ingest closed loop with forwarding on and off (${SECS} s runs)"
 # Per run: ab.sh's line (the server's CPU seconds among it), then the CPU

@@ -45,6 +45,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// At shutdown, the acks in flight are awaited this long at most.
 const SHUTDOWN_ACKS: Duration = Duration::from_secs(2);
+/// The forwarder thread's nice value.
+const FORWARD_NICE: i32 = 10;
 /// Events read from the log per step at most.
 const READ_STEP: usize = 16;
 
@@ -94,6 +96,11 @@ pub(super) fn run(
     p: ForwardParts,
     started: mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
+    // Ingest comes first when the CPU is short: the forwarder catches up
+    // later (docs/decisions.md, "Forwarding").
+    if let Err(e) = crate::sys::set_thread_nice(FORWARD_NICE) {
+        eprintln!("eventstream: forward: cannot lower its priority: {e}");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
