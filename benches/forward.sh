@@ -32,17 +32,8 @@ nats-server -js -sd "$WORK/js" -a 127.0.0.1 -p "$PORT" > "$WORK/nats.log" 2>&1 &
 NATS_PID=$!
 for _ in $(seq 100); do grep -q "Server is ready" "$WORK/nats.log" && break; sleep 0.1; done
 
-start() { # data-dir extra-flags... ; sets PID, ADDR, METRICS
-    local data="$1"; shift
-    "$BIN" serve --data "$data" --listen 127.0.0.1:0 --metrics 127.0.0.1:0 "$@" \
-        > "$WORK/out" 2> "$WORK/serve.err" &
-    PID=$!
-    for _ in $(seq 600); do grep -q '^metrics on' "$WORK/out" 2>/dev/null && break; sleep 0.05; done
-    ADDR=$(awk '/^listening on/ {print $3}' "$WORK/out")
-    METRICS=$(awk '/^metrics on/ {print $3}' "$WORK/out")
-    [ -n "$ADDR" ] || { tail -5 "$WORK/serve.err" >&2; exit 1; }
-}
-stop() { kill -TERM "$PID"; wait "$PID" || true; }
+# shellcheck source=benches/serve.sh
+. benches/serve.sh
 
 if [ -z "${SKIP_RATE:-}" ]; then
 echo "== 1. forward rate: $EVENTS events of 256 bytes, against a bare publisher"

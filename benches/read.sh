@@ -27,16 +27,8 @@ RB="$PWD/target/release/read_bench"
 WORK="$(mktemp -d /tmp/es-read.XXXXXX)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
-start() { # data-dir extra-flags... ; sets PID and ADDR
-    local data="$1"; shift
-    "$BIN" serve --data "$data" --listen 127.0.0.1:0 --metrics 127.0.0.1:0 "$@" \
-        > "$WORK/out" 2> "$WORK/serve.err" &
-    PID=$!
-    for _ in $(seq 600); do grep -q '^metrics on' "$WORK/out" 2>/dev/null && break; sleep 0.05; done
-    ADDR=$(awk '/^listening on/ {print $3}' "$WORK/out")
-    [ -n "$ADDR" ] || { tail -5 "$WORK/serve.err" >&2; exit 1; }
-}
-stop() { kill -TERM "$PID"; wait "$PID" || true; }
+# shellcheck source=benches/serve.sh
+. benches/serve.sh
 
 if [ -z "${SKIP_CATCHUP:-}" ]; then
 echo "== 1. catch-up read of about 2 GiB from the page cache"
