@@ -364,6 +364,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             groups: groups.clone(),
             sync: sync_targets.clone(),
             shared: shared.clone(),
+            start: 0,
         })?),
         None => None,
     };

@@ -221,6 +221,22 @@ fn a_nats_that_starts_late_is_caught_up_with() {
     assert_eq!(server.metric("eventstream_forward_lag_seconds"), 0.0);
     assert_eq!(server.metric("eventstream_forward_up"), 1.0);
     assert_mirrors(&stream_messages(&url, STREAM), &dir.data());
+    // NATS goes away while the forwarder is idle: it says so, and the lag
+    // of what comes meanwhile has an age.
+    drop(nats);
+    load(&server, 1_000);
+    let t0 = Instant::now();
+    while server.metric("eventstream_forward_up") != 0.0
+        || server.metric("eventstream_forward_lag_seconds") <= 0.0
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{}",
+            server.metrics_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.metric("eventstream_forward_lag_events"), 1_000.0);
 }
 
 #[test]

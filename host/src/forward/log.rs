@@ -5,7 +5,8 @@
 //!
 //! Segments are read with `pread` in chunks of [`CHUNK`] bytes (grown for
 //! a record larger than that), and every record's CRC is checked before
-//! its events go out.
+//! its events go out. A read hands on whole records (a batch record's
+//! events all at once), so each record is checked once.
 
 use std::fs::File;
 use std::io;
@@ -43,6 +44,17 @@ pub(super) struct Found {
     pub events: usize,
     /// Offsets retention deleted before they were read: `[from, to)`.
     pub skipped: Option<(u64, u64)>,
+}
+
+/// Whether the offsets `from..to` are lost to `--repair`: listed in its
+/// report, `from` possibly inside a listed range (a cursor that had
+/// forwarded part of what a later repair lost).
+fn lost_to_repair(gaps: &Gaps, from: u64, to: u64) -> bool {
+    gaps.covers(from, to)
+        || gaps
+            .ranges()
+            .iter()
+            .any(|&(a, b)| a < from && from < b && (b >= to || gaps.covers(b, to)))
 }
 
 struct Open {
@@ -94,7 +106,14 @@ impl LogReader {
             return Ok(false);
         };
         if self.next < first.base {
-            found.skipped = Some((self.next, first.base));
+            if lost_to_repair(&self.gaps, self.next, first.base) {
+                eprintln!(
+                    "eventstream: forward: offsets {}..{} were lost to --repair (listed in damaged/report); they are not forwarded",
+                    self.next, first.base
+                );
+            } else {
+                found.skipped = Some((self.next, first.base));
+            }
             self.next = first.base;
         }
         let i = catalog.partition_point(|s| s.base <= self.next);
@@ -128,7 +147,7 @@ impl LogReader {
             return Ok(false);
         };
         if entry.base != self.next {
-            if entry.base > self.next && self.gaps.covers(self.next, entry.base) {
+            if entry.base > self.next && lost_to_repair(&self.gaps, self.next, entry.base) {
                 eprintln!(
                     "eventstream: forward: offsets {}..{} were lost to --repair (listed in damaged/report); they are not forwarded",
                     self.next, entry.base
@@ -151,7 +170,9 @@ impl LogReader {
         Ok(true)
     }
 
-    /// Hands on up to `max` durable events from the cursor to `each`.
+    /// Hands on the durable events from the cursor to `each`, whole
+    /// records at a time, until `max` or more are handed on (at most one
+    /// record's events past `max`).
     pub(super) fn read(
         &mut self,
         max: usize,
@@ -226,14 +247,9 @@ impl LogReader {
                     rec.offset()
                 )));
             }
-            let mut whole = true;
             for (offset, frame) in rec.frames() {
                 if offset < self.next {
                     continue;
-                }
-                if found.events >= max {
-                    whole = false;
-                    break;
                 }
                 each(&Event {
                     offset,
@@ -244,13 +260,30 @@ impl LogReader {
                 self.next = offset + 1;
                 found.events += 1;
             }
-            if whole {
-                if let Some(s) = &mut self.seg {
-                    s.pos = pos + head.size;
-                }
+            if let Some(s) = &mut self.seg {
+                s.pos = pos + head.size;
             }
         }
         Ok(found)
+    }
+
+    /// The receive time of the next event, if one is durable, without
+    /// moving the cursor.
+    pub(super) fn peek_recv_ns(&mut self) -> io::Result<Option<u64>> {
+        let (next, at) = (self.next, self.seg.as_ref().map(|s| (s.entry.base, s.pos)));
+        let mut recv = None;
+        let found = self.read(1, |ev| {
+            recv.get_or_insert(ev.recv_ns);
+        });
+        match (&mut self.seg, at) {
+            (Some(s), Some((base, pos))) if s.entry.base == base => {
+                s.pos = pos;
+                self.next = next;
+            }
+            _ => self.rewind(next),
+        }
+        found?;
+        Ok(recv)
     }
 
     /// The header of the record at `pos` with the whole record in the

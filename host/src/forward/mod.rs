@@ -267,6 +267,8 @@ pub struct ForwardParts {
     pub sync: Arc<crate::storage::SyncTargets>,
     /// The server's shared state.
     pub shared: Arc<Shared>,
+    /// The first offset to forward (set by [`start`] from the cursor).
+    pub start: u64,
 }
 
 /// How long `serve` waits at start for NATS, to tell a missing stream as
@@ -276,8 +278,21 @@ const START_WAIT: Duration = Duration::from_secs(3);
 /// Starts the `es-forward` thread; returns once NATS answered (or did not
 /// within [`START_WAIT`]). A missing stream without
 /// `--forward-create-stream`, or one that cannot be made, is an error.
-pub fn start(p: ForwardParts) -> Result<std::thread::JoinHandle<Result<(), String>>, String> {
+pub fn start(mut p: ForwardParts) -> Result<std::thread::JoinHandle<Result<(), String>>, String> {
     let (tx, rx) = mpsc::channel();
+    // The cursor, and retention's hold on it, before anything runs.
+    p.start = {
+        let mut groups = p.groups.lock();
+        let g = groups.entry(CURSOR_GROUP.to_string()).or_default();
+        g.session = Some(crate::readers::groups::FORWARD_SESSION);
+        g.committed
+    }
+    .unwrap_or_else(|| p.tail.first_offset());
+    p.tail.set_forward_hold(Some(p.start));
+    p.shared
+        .forward
+        .acked_offset
+        .store(p.start, Ordering::Relaxed);
     p.shared.forward.enabled.store(true, Ordering::Relaxed);
     let handle = std::thread::Builder::new()
         .name("es-forward".into())

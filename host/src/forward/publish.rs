@@ -45,6 +45,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// At shutdown, the acks in flight are awaited this long at most.
 const SHUTDOWN_ACKS: Duration = Duration::from_secs(2);
+/// Publishes one read may add past --forward-max-pending at most (the
+/// rest of one record).
+const IN_FLIGHT_ROOM: usize = u16::MAX as usize + READ_STEP;
 /// The forwarder thread's nice value.
 const FORWARD_NICE: i32 = 10;
 /// Events read from the log per step at most.
@@ -69,6 +72,21 @@ type AckFuture = std::pin::Pin<
             > + Send,
     >,
 >;
+
+/// Awaits `fut`, or None at the stop (looked at every [`STOP_CHECK`]).
+async fn until_stop<T>(
+    fut: impl std::future::Future<Output = T>,
+    shared: &crate::shared::Shared,
+) -> Option<T> {
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        match tokio::time::timeout(STOP_CHECK, fut.as_mut()).await {
+            Ok(v) => return Some(v),
+            Err(_) if shared.phase() == Phase::Stop => return None,
+            Err(_) => {}
+        }
+    }
+}
 
 /// Sleeps `d`, waking early at the stop.
 async fn nap(d: Duration, shared: &crate::shared::Shared) {
@@ -230,9 +248,10 @@ struct Loop {
     backoff: Duration,
     ready: bool,
     batch: Vec<Message>,
-    /// When the oldest unacked event's age was last read while NATS was
-    /// away.
+    /// When the oldest unacked event's age was last read off the log, and
+    /// what it was (cursor, receive time).
     last_peek: Option<Instant>,
+    peeked: Option<(u64, u64)>,
     /// Since when the durable end has stayed at this offset below the
     /// written end.
     stale: Option<(Instant, u64)>,
@@ -249,8 +268,9 @@ impl Loop {
         self.p.tail.set_forward_hold(Some(next));
         let s = &self.p.shared.forward;
         s.acked_offset.store(next, Ordering::Relaxed);
-        let oldest = self.pending.front().map_or(0, |q| q.recv_ns);
-        s.oldest_unacked_ns.store(oldest, Ordering::Relaxed);
+        if let Some(q) = self.pending.front() {
+            s.oldest_unacked_ns.store(q.recv_ns, Ordering::Relaxed);
+        }
     }
 
     /// A publish failed: everything in flight goes again from `acked`.
@@ -296,9 +316,21 @@ impl Loop {
         }
     }
 
-    /// Reads the receive time of the oldest event not acked (the lag's
-    /// age) while nothing is in flight; at most once a second.
+    /// Sets the lag's age while nothing is in flight: 0 when every written
+    /// event is acked, else the receive time of the oldest not acked, read
+    /// off the log (once per cursor position, at most once a second).
     fn note_oldest(&mut self) {
+        let s = &self.p.shared.forward;
+        if self.acked >= self.p.tail.written.load().offset {
+            s.oldest_unacked_ns.store(0, Ordering::Relaxed);
+            return;
+        }
+        if let Some((at, recv)) = self.peeked {
+            if at == self.acked {
+                s.oldest_unacked_ns.store(recv, Ordering::Relaxed);
+                return;
+            }
+        }
         if self
             .last_peek
             .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
@@ -306,13 +338,17 @@ impl Loop {
             return;
         }
         self.last_peek = Some(Instant::now());
-        let mut oldest = 0;
-        if self.reader.read(1, |ev| oldest = ev.recv_ns).is_ok() {
-            self.stats()
-                .oldest_unacked_ns
-                .store(oldest, Ordering::Relaxed);
+        // Not durable yet: not readable, age unknown (0) until it is.
+        let recv = self.reader.peek_recv_ns().ok().flatten();
+        let recv = recv.unwrap_or(0);
+        self.p
+            .shared
+            .forward
+            .oldest_unacked_ns
+            .store(recv, Ordering::Relaxed);
+        if recv != 0 {
+            self.peeked = Some((self.acked, recv));
         }
-        self.reader.rewind(self.acked);
     }
 
     /// Sends the cursor to the commit thread if it moved and is due.
@@ -357,13 +393,20 @@ impl Loop {
             let mut batch = std::mem::take(&mut self.batch);
             let mut failed = None;
             for m in batch.drain(..) {
-                // The publish waits for room in the client's queue at most
-                // --forward-ack-timeout (the context's timeout).
-                match self
-                    .js
-                    .publish_with_headers(m.subject, m.headers, m.payload)
-                    .await
-                {
+                // Neither the client's queue nor its ack permits are ever
+                // short (sized for twice what may be in flight), so a
+                // publish waits only for its turn on this thread.
+                let sent = until_stop(
+                    self.js
+                        .publish_with_headers(m.subject, m.headers, m.payload),
+                    &self.p.shared,
+                )
+                .await;
+                let Some(sent) = sent else {
+                    // The stop: what is in flight is awaited there.
+                    break;
+                };
+                match sent {
                     Ok(ack) => {
                         if self.pending.is_empty() {
                             self.stats()
@@ -440,16 +483,7 @@ impl Loop {
 }
 
 async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> Result<(), String> {
-    let start = {
-        let mut groups = p.groups.lock();
-        let g = groups.entry(CURSOR_GROUP.to_string()).or_default();
-        g.session = Some(FORWARD_SESSION);
-        g.committed
-    }
-    .unwrap_or_else(|| p.tail.first_offset());
-    let s = &p.shared.forward;
-    s.acked_offset.store(start, Ordering::Relaxed);
-    p.tail.set_forward_hold(Some(start));
+    let start = p.start;
     eprintln!(
         "eventstream: forward: to stream {} at {} from offset {start} (server id {})",
         p.cfg.stream,
@@ -463,16 +497,21 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         .reconnect_delay_callback(|n| Duration::from_millis((n as u64 * 100).min(1000)))
         // Room for every publish in flight: a publish never waits for the
         // client's queue.
-        .client_capacity(p.cfg.max_pending + READ_STEP + 64);
+        .client_capacity(IN_FLIGHT_ROOM.saturating_mul(2) + 2 * p.cfg.max_pending);
     if let Some(t) = &p.cfg.token {
         opts = opts.token(t.clone());
     }
     let client = async_nats::connect_with_options(p.cfg.servers.clone(), opts)
         .await
         .map_err(|e| format!("forward: cannot start the NATS client: {e}"))?;
+    // A dropped ack (after a failure) keeps its permit until its own
+    // timeout: room for twice what may be in flight (one record of up to
+    // 65,535 events past --forward-max-pending), and no waiting for it.
     let js = ContextBuilder::new()
         .timeout(p.cfg.ack_timeout)
-        .max_ack_inflight(p.cfg.max_pending + 1)
+        .ack_timeout(p.cfg.ack_timeout)
+        .backpressure_on_inflight(false)
+        .max_ack_inflight(IN_FLIGHT_ROOM.saturating_mul(2) + 2 * p.cfg.max_pending)
         .build(client.clone());
     let reader = LogReader::new(p.tail.clone(), p.gaps.clone(), start);
     let mut l = Loop {
@@ -488,13 +527,14 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         ready: false,
         batch: Vec::with_capacity(READ_STEP),
         last_peek: None,
+        peeked: None,
         stale: None,
     };
     let mut idle = IDLE_MIN;
     let mut started = Some(started);
-    let result = loop {
+    loop {
         if l.p.shared.phase() == Phase::Stop {
-            break Ok(());
+            break;
         }
         if !l.ready {
             l.note_oldest();
@@ -502,7 +542,10 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
                 nap(Duration::from_millis(20), &l.p.shared).await;
                 continue;
             }
-            match ensure_stream(&l.js, &l.p.cfg).await {
+            let Some(found) = until_stop(ensure_stream(&l.js, &l.p.cfg), &l.p.shared).await else {
+                continue;
+            };
+            match found {
                 Ok(true) => {
                     l.ready = true;
                     l.stats().up.store(true, Ordering::Relaxed);
@@ -522,15 +565,30 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
             }
             continue;
         }
-        if l.client.connection_state() == State::Connected {
-            match l.publish_more().await {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => break Err(e),
+        if l.client.connection_state() != State::Connected {
+            // Lost: what is in flight goes again once a server is back
+            // (JetStream drops what had arrived).
+            if l.pending.is_empty() {
+                l.stats().up.store(false, Ordering::Relaxed);
+                l.ready = false;
+                log_limited("forward: the connection to NATS is lost; waiting for a server");
+            } else {
+                l.failed("the connection to NATS is lost").await;
+            }
+            continue;
+        }
+        match l.publish_more().await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            // A read error (a segment retention deleted under the reader,
+            // say) is retried from the cursor like a failed publish.
+            Err(e) => {
+                l.failed(&e).await;
+                continue;
             }
         }
         if l.pending.is_empty() {
-            l.stats().oldest_unacked_ns.store(0, Ordering::Relaxed);
+            l.note_oldest();
             l.commit(false);
             l.sync_if_stale();
             nap(idle, &l.p.shared).await;
@@ -540,7 +598,7 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         idle = IDLE_MIN;
         l.take_acks(None).await;
         l.commit(false);
-    };
+    }
     // Shutdown: the acks in flight, then the cursor, saved here (the
     // commit thread may be gone).
     if l.ready && !l.pending.is_empty() {
@@ -550,5 +608,5 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
     if let Err(e) = l.p.groups.commit_now(CURSOR_GROUP, l.acked) {
         eprintln!("eventstream: forward: cannot save its cursor: {e}");
     }
-    result
+    Ok(())
 }
