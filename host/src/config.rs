@@ -216,6 +216,14 @@ pub struct ServeArgs {
     /// Forwarding into NATS JetStream.
     #[command(flatten)]
     pub forward: crate::forward::ForwardArgs,
+    /// Turn on token authentication: the tokens (as SHA-256 digests) and
+    /// their rights (docs/operations.md, "Authentication").
+    #[arg(long, value_name = "FILE")]
+    pub auth: Option<PathBuf>,
+    /// With --auth: legacy clients (which cannot send a HELLO) may produce
+    /// to topics starting with this; without it they are refused.
+    #[arg(long, value_name = "TOPIC_PREFIX")]
+    pub legacy_unauthenticated: Option<String>,
 }
 
 /// `eventstream inspect` flags.
@@ -454,6 +462,14 @@ impl ServerConfig {
                 DropPagesArg::Never => DropPages::Never,
             },
             forward: args.forward.config()?,
+            auth: match &args.auth {
+                Some(p) => Some(std::sync::Arc::new(crate::auth::Auth::load(p)?)),
+                None if args.legacy_unauthenticated.is_some() => {
+                    return Err("--legacy-unauthenticated needs --auth".into())
+                }
+                None => None,
+            },
+            legacy_unauthenticated: args.legacy_unauthenticated.clone(),
         })
     }
 }

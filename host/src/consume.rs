@@ -30,6 +30,9 @@ pub struct ConsumeArgs {
     /// The server's address (the producer port).
     #[arg(long)]
     pub target: String,
+    /// A file whose first line is the token, for a server with --auth.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Where to start: earliest, latest, committed (needs --group) or an
     /// offset.
     #[arg(long, default_value = "earliest", value_parser = parse_from)]
@@ -106,6 +109,10 @@ pub fn run(args: &ConsumeArgs) -> Result<(), String> {
         classes: args.class.clone(),
         follow: args.follow,
         read_timeout: None,
+        token: match &args.token_file {
+            Some(p) => Some(crate::auth::read_token_file(p)?),
+            None => None,
+        },
         ..ConsumerOptions::default()
     };
     let mut consumer = match Consumer::connect(args.target.as_str(), opts.clone()) {

@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod auth;
 pub mod config;
 pub mod consume;
 pub mod endpoint;

@@ -56,6 +56,9 @@ pub struct ProduceArgs {
     /// The server's producer address.
     #[arg(long)]
     pub target: String,
+    /// A file whose first line is the token, for a server with --auth.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// The events' topic.
     #[arg(long)]
     pub topic: String,
@@ -84,7 +87,15 @@ pub fn run(args: &ProduceArgs) -> Result<(), String> {
 
 /// Sends one event per line of `input`; an error if any was not stored.
 pub fn produce(args: &ProduceArgs, input: impl BufRead) -> Result<(), String> {
-    let mut p = Producer::connect(args.target.as_str())
+    let token = match &args.token_file {
+        Some(p) => Some(crate::auth::read_token_file(p)?),
+        None => None,
+    };
+    let opts = eventstream_client::Options {
+        token,
+        ..Default::default()
+    };
+    let mut p = Producer::with_options(args.target.as_str(), opts)
         .map_err(|e| format!("cannot connect to {}: {e}", args.target))?;
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)

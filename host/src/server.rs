@@ -311,6 +311,11 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         reject_when_full: args.when_full == eventstream_core::pipeline::WhenFull::Reject,
         shared: shared.clone(),
         readers: inbox.clone(),
+        auth: cfg.auth.clone(),
+        legacy_prefix: cfg
+            .legacy_unauthenticated
+            .as_ref()
+            .map(|p| p.as_bytes().to_vec()),
     };
     // The thread layout (docs/architecture.md): inline, ingest runs the
     // processors; threads, a ring from ingest to each processor thread,

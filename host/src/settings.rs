@@ -129,4 +129,8 @@ pub struct ServerConfig {
     pub drop_written_pages: DropPages,
     /// Forwarding into NATS JetStream (`--forward`).
     pub forward: Option<crate::forward::ForwardConfig>,
+    /// The tokens, when authentication is on (`--auth`).
+    pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
+    /// With `--auth`: the topic prefix legacy clients may produce to.
+    pub legacy_unauthenticated: Option<String>,
 }

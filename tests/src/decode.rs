@@ -38,6 +38,8 @@ pub enum Item {
     /// A read session: the whole stream from its start (the bytes the
     /// decoder held, then everything it left unread).
     Reader(Vec<u8>),
+    /// A HELLO: the whole stream from its start, as for `Reader`.
+    Hello(Vec<u8>),
 }
 
 impl Item {
@@ -63,6 +65,7 @@ impl Item {
             Decoded::KeepAlive => Item::KeepAlive,
             Decoded::Close => Item::Close,
             Decoded::Reader(first) => Item::Reader(first.to_vec()),
+            Decoded::Hello(first) => Item::Hello(first.to_vec()),
         }
     }
 }
@@ -84,7 +87,7 @@ pub fn decode_chunks<'c>(
     for chunk in chunks {
         let mut pos = 0;
         if handed {
-            if let Some((_, Item::Reader(bytes))) = out.last_mut() {
+            if let Some((_, Item::Reader(bytes) | Item::Hello(bytes))) = out.last_mut() {
                 bytes.extend_from_slice(chunk);
             }
         }
@@ -96,12 +99,12 @@ pub fn decode_chunks<'c>(
                 None => break,
                 Some(d) => {
                     let mut item = Item::from_decoded(d);
-                    if let Item::Reader(bytes) = &mut item {
+                    if let Item::Reader(bytes) | Item::Hello(bytes) = &mut item {
                         bytes.extend_from_slice(&chunk[pos..]);
                         handed = true;
                     }
                     let at = match item {
-                        Item::Fatal(_) | Item::Close | Item::Reader(_) => None,
+                        Item::Fatal(_) | Item::Close | Item::Reader(_) | Item::Hello(_) => None,
                         _ => Some(total),
                     };
                     out.push((at, item));

@@ -441,9 +441,9 @@ impl<'a, 'r, 'p, R: Router, C: Clock, S: Sink, H: EventHook, const B: usize>
                 metrics.add(Counter::LegacySkipped, 1);
             }
             Decoded::KeepAlive => metrics.add(Counter::KeepAlives, 1),
-            // The firmware serves no read sessions: the decoder is closed,
-            // as after a legacy close.
-            Decoded::Close | Decoded::Reader(_) => {}
+            // The firmware serves no read sessions and no HELLO: the
+            // decoder is closed, as after a legacy close.
+            Decoded::Close | Decoded::Reader(_) | Decoded::Hello(_) => {}
         }
     }
 

@@ -47,6 +47,10 @@ pub enum Dialect {
     /// the decoder does not serve: it returns [`Decoded::Reader`] once and
     /// takes no more input.
     Read,
+    /// Starts with `ESCH`: a HELLO (section 8), which the decoder does not
+    /// check: it returns [`Decoded::Hello`] once and takes no more input
+    /// until [`StreamDecoder::resume_after_hello`].
+    Hello,
 }
 
 /// One result of the [`StreamDecoder`].
@@ -81,6 +85,12 @@ pub enum Decoded<'a> {
     /// it unread by the decoder, which takes no more input: whoever serves
     /// read sessions gets them.
     Reader(&'a [u8]),
+    /// The connection starts with a HELLO (`ESCH`). Like
+    /// [`Decoded::Reader`]: the stream's bytes are this slice followed by
+    /// the input from the consumed count on, unread. Whoever checks the
+    /// HELLO takes its bytes from there and, if it is accepted, calls
+    /// [`StreamDecoder::resume_after_hello`] and feeds the rest.
+    Hello(&'a [u8]),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +153,8 @@ pub struct StreamDecoder<S> {
     held: usize,
     state: State,
     limits: Limits,
+    /// A HELLO was accepted: the next frame must be `ESC1` or `ESCR`.
+    after_hello: bool,
 }
 
 impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
@@ -156,7 +168,19 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
             held: 0,
             state: State::Detect,
             limits,
+            after_hello: false,
         })
+    }
+
+    /// After a [`Decoded::Hello`] that was accepted: the stream goes on with
+    /// `ESC1` frames or an `ESCR` request (section 8); anything else is
+    /// FATAL BAD_MAGIC. Does nothing in any other state.
+    pub fn resume_after_hello(&mut self) {
+        if self.state == State::Closed(Dialect::Hello) {
+            self.state = State::Detect;
+            self.held = 0;
+            self.after_hello = true;
+        }
     }
 
     /// The dialect, once the first four bytes have arrived.
@@ -200,11 +224,20 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
                 detect(self.stash.as_ref())
             };
             self.state = State::Open(dialect);
-            if dialect == Dialect::Read {
+            if self.after_hello && !matches!(dialect, Dialect::V1 | Dialect::Read) {
+                // After a HELLO only v1 frames or a read request.
+                self.state = State::Closed(Dialect::V1);
+                self.held = 0;
+                return (input.len(), Some(Decoded::Fatal(Reason::BadMagic)));
+            }
+            if matches!(dialect, Dialect::Read | Dialect::Hello) {
                 self.state = State::Closed(dialect);
                 let held = core::mem::take(&mut self.held);
                 let first = self.stash.as_ref().get(..held).unwrap_or(&[]);
-                return (pos, Some(Decoded::Reader(first)));
+                return match dialect {
+                    Dialect::Read => (pos, Some(Decoded::Reader(first))),
+                    _ => (pos, Some(Decoded::Hello(first))),
+                };
             }
         }
         let State::Open(dialect) = self.state else {
@@ -249,7 +282,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
         match dialect {
             Dialect::V1 => extent_v1(head, &self.limits),
             Dialect::Legacy => extent_legacy(head, &self.limits),
-            Dialect::Read => Extent::Fatal(Reason::BadMagic),
+            Dialect::Read | Dialect::Hello => Extent::Fatal(Reason::BadMagic),
         }
     }
 
@@ -262,7 +295,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
         self.held = 0;
         match dialect {
             Dialect::V1 => Decoded::Fatal(reason),
-            Dialect::Legacy | Dialect::Read => Decoded::Close,
+            Dialect::Legacy | Dialect::Read | Dialect::Hello => Decoded::Close,
         }
     }
 
@@ -290,6 +323,8 @@ fn detect(first: &[u8]) -> Dialect {
         Dialect::V1
     } else if first.get(..4) == Some(&super::read::READ_MAGIC[..]) {
         Dialect::Read
+    } else if first.get(..4) == Some(&super::read::HELLO_MAGIC[..]) {
+        Dialect::Hello
     } else {
         Dialect::Legacy
     }
@@ -315,6 +350,6 @@ fn classify<'a>(dialect: Dialect, limits: &Limits, frame: &'a [u8]) -> Decoded<'
             Ok(ev) => Decoded::Legacy(ev),
             Err(rule) => Decoded::LegacySkipped(rule),
         },
-        Dialect::Read => Decoded::Close,
+        Dialect::Read | Dialect::Hello => Decoded::Close,
     }
 }

@@ -129,3 +129,53 @@ fn a_read_session_is_handed_back_whole_however_it_is_split() {
         assert!(d.is_closed() && !d.is_mid_frame());
     }
 }
+
+#[test]
+fn a_hello_pauses_the_decoder_until_it_is_accepted() {
+    let mut hello = [0u8; 64];
+    let n = super::read::Hello { token: b"t0k3n" }
+        .encode(&mut hello)
+        .unwrap();
+    let mut frame = [0u8; 64];
+    let f = FrameRepr {
+        priority: Priority::High,
+        flags: FLAG_ACK,
+        partition: 0,
+        event_id: 7,
+        timestamp_ns: 0,
+        topic: b"t",
+        payload: b"p",
+    };
+    let flen = f.encode(&mut frame).unwrap();
+    // A HELLO, then a v1 frame.
+    let mut d = StreamDecoder::new([0u8; 512], Limits::DEFAULT).unwrap();
+    let (used, item) = d.next(&hello[..2]);
+    assert_eq!((used, item), (2, None));
+    let (used, item) = d.next(&hello[2..n]);
+    // The four bytes that chose the dialect were held; the rest is unread.
+    assert_eq!(item, Some(Decoded::Hello(&hello[..4])));
+    assert_eq!(used, 2);
+    assert_eq!(d.dialect(), Some(Dialect::Hello));
+    assert!(d.is_closed());
+    d.resume_after_hello();
+    assert!(!d.is_closed() && d.dialect().is_none());
+    match d.next(&frame[..flen]) {
+        (used, Some(Decoded::Frame(got))) => {
+            assert_eq!(used, flen);
+            assert_eq!(got.event_id(), 7);
+        }
+        other => panic!("{other:?}"),
+    }
+    // After a HELLO: a legacy frame, or a second HELLO, is FATAL BAD_MAGIC.
+    for next in [&b"\x00\x00\x00\x05\x01\x00\x01tp"[..], &hello[..n]] {
+        let mut d = StreamDecoder::new([0u8; 512], Limits::DEFAULT).unwrap();
+        assert!(matches!(d.next(&hello[..n]).1, Some(Decoded::Hello(_))));
+        d.resume_after_hello();
+        assert_eq!(d.next(next).1, Some(Decoded::Fatal(Reason::BadMagic)));
+        assert!(d.is_closed());
+    }
+    // resume_after_hello does nothing elsewhere.
+    let mut d = StreamDecoder::new([0u8; 512], Limits::DEFAULT).unwrap();
+    d.resume_after_hello();
+    assert!(matches!(d.next(&frame[..flen]).1, Some(Decoded::Frame(_))));
+}

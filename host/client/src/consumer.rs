@@ -53,6 +53,8 @@ pub struct ConsumerOptions {
     /// Give up on a server that sends nothing for this long (a follower
     /// gets a heartbeat every second). None: wait forever.
     pub read_timeout: Option<Duration>,
+    /// The token for a server with authentication on (a HELLO first).
+    pub token: Option<Vec<u8>>,
 }
 
 impl Default for ConsumerOptions {
@@ -65,6 +67,7 @@ impl Default for ConsumerOptions {
             follow: false,
             window: 4 << 20,
             read_timeout: Some(Duration::from_secs(10)),
+            token: None,
         }
     }
 }
@@ -457,6 +460,9 @@ fn open(
     let mut stream = TcpStream::connect(addrs)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(opts.read_timeout)?;
+    if let Some(t) = &opts.token {
+        crate::hello(&mut stream, t)?;
+    }
     stream.write_all(&buf)?;
     let mut a = [0u8; SESSION_ANSWER_LEN];
     stream.read_exact(&mut a)?;

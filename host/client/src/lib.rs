@@ -168,7 +168,7 @@ impl From<io::Error> for Error {
 }
 
 /// How a [`Producer`] behaves.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Events sent and not yet acked at most; `send` waits for acks past
     /// it. Keep it under the server's ack credit (`--ack-buffer` / 24,
@@ -179,6 +179,9 @@ pub struct Options {
     pub reconnect: bool,
     /// How long to keep trying to connect again before giving up.
     pub reconnect_for: Duration,
+    /// The token for a server with authentication on: every connection
+    /// starts with a HELLO carrying it (PROTOCOL.md section 8).
+    pub token: Option<Vec<u8>>,
 }
 
 impl Default for Options {
@@ -187,6 +190,7 @@ impl Default for Options {
             max_in_flight: 1024,
             reconnect: true,
             reconnect_for: Duration::from_secs(30),
+            token: None,
         }
     }
 }
@@ -205,10 +209,32 @@ struct Conn {
     reader: Option<JoinHandle<()>>,
 }
 
+/// Sends a HELLO with `token` on `stream` and waits for its answer; a
+/// refused token is [`Error::Fatal`] UNAUTHORIZED.
+pub fn hello(stream: &mut TcpStream, token: &[u8]) -> Result<(), Error> {
+    let h = eventstream_core::wire::read::Hello { token };
+    let mut buf = vec![0u8; h.encoded_len()];
+    h.encode(&mut buf)
+        .map_err(|_| Error::Encode("a token over 512 bytes"))?;
+    stream.write_all(&buf)?;
+    let mut a = [0u8; ACK_LEN];
+    stream.read_exact(&mut a)?;
+    match Ack::decode(&a) {
+        Ok(ack) if ack == eventstream_core::wire::read::HELLO_ACCEPTED => Ok(()),
+        Ok(ack) if ack.status == eventstream_core::wire::Status::Fatal => {
+            Err(Error::Fatal(ack.reason))
+        }
+        _ => Err(Error::Protocol("a bad answer to HELLO")),
+    }
+}
+
 impl Conn {
-    fn open(addrs: &[SocketAddr]) -> io::Result<Conn> {
-        let stream = TcpStream::connect(addrs)?;
+    fn open(addrs: &[SocketAddr], token: Option<&[u8]>) -> Result<Conn, Error> {
+        let mut stream = TcpStream::connect(addrs)?;
         stream.set_nodelay(true)?;
+        if let Some(t) = token {
+            hello(&mut stream, t)?;
+        }
         let mut read_half = stream.try_clone()?;
         let (tx, acks) = mpsc::channel();
         let reader = thread::Builder::new()
@@ -278,7 +304,7 @@ impl Producer {
     /// Connects to a server.
     pub fn with_options(addr: impl ToSocketAddrs, opts: Options) -> Result<Producer, Error> {
         let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-        let conn = Conn::open(&addrs)?;
+        let conn = Conn::open(&addrs, opts.token.as_deref())?;
         Ok(Producer {
             addrs,
             opts: Options {
@@ -448,7 +474,9 @@ impl Producer {
         let until = Instant::now() + self.opts.reconnect_for;
         let mut pause = Duration::from_millis(10);
         loop {
-            match Conn::open(&self.addrs) {
+            match Conn::open(&self.addrs, self.opts.token.as_deref()) {
+                // A refused token is not worth another try.
+                Err(e @ Error::Fatal(_)) => return Err(e),
                 Ok(mut c) => {
                     let resent = self
                         .unacked
@@ -465,7 +493,7 @@ impl Producer {
                         Err(_) => {}
                     }
                 }
-                Err(e) if Instant::now() >= until => return Err(Error::Io(e)),
+                Err(e) if Instant::now() >= until => return Err(e),
                 Err(_) => {}
             }
             thread::sleep(pause);

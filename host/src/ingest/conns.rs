@@ -46,6 +46,10 @@ pub(super) struct Conn {
     /// It opened a read session: these bytes go with it to the reader
     /// thread.
     pub(super) handover: Option<Vec<u8>>,
+    /// A HELLO being received (its bytes so far).
+    pub(super) hello: Option<Vec<u8>>,
+    /// What it may do (its HELLO's token, when authentication is on).
+    pub(super) access: Access,
 }
 
 /// Gives `c` an ack buffer if it has none (from `spare` when one is kept).
@@ -213,6 +217,12 @@ impl<D: Downstream> Ingest<D> {
             mid_since: None,
             last_active: monotonic_ns(),
             handover: None,
+            hello: None,
+            access: if self.p.auth.is_some() {
+                Access::Anonymous
+            } else {
+                Access::Open
+            },
         });
         self.p
             .shared
@@ -280,7 +290,7 @@ impl<D: Downstream> Ingest<D> {
 
     /// Gives the connection `id` (a reader) to the reader thread with the
     /// bytes read of it; ingest never serves it again.
-    pub(super) fn hand_over(&mut self, id: u32, bytes: Vec<u8>) {
+    pub(super) fn hand_over(&mut self, id: u32, bytes: Vec<u8>, access: Access, unsent: Vec<u8>) {
         let Some(fd) = self.release(id) else {
             return;
         };
@@ -288,7 +298,7 @@ impl<D: Downstream> Ingest<D> {
             eprintln!("eventstream: cannot hand a reader over: {e}");
             return;
         }
-        self.p.readers.hand_over(fd, bytes);
+        self.p.readers.hand_over(fd, bytes, access, unsent);
     }
 
     /// Frees the connection's slot; returns its socket.

@@ -36,9 +36,14 @@ use crate::topology::Downstream;
 
 mod acks;
 mod conns;
+mod hello;
 mod read;
 
 use conns::{spares, Conn};
+use hello::HELLO_MAX;
+
+use crate::auth::Access;
+use eventstream_core::wire::Reason;
 
 /// Bytes read per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
@@ -107,6 +112,12 @@ pub struct IngestParts {
     pub shared: Arc<Shared>,
     /// Where read sessions go.
     pub readers: Arc<crate::readers::Inbox>,
+    /// The tokens, when authentication is on (`--auth`).
+    pub auth: Option<Arc<crate::auth::Auth>>,
+    /// With authentication on, legacy connections may produce to topics
+    /// starting with this (`--legacy-unauthenticated`); None: they are
+    /// closed.
+    pub legacy_prefix: Option<Vec<u8>>,
 }
 
 /// The ingest loop's state.

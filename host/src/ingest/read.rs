@@ -51,7 +51,8 @@ impl<D: Downstream> Ingest<D> {
         };
         let keep = self.serve_conn(&mut c, now, wall);
         let was_mid = c.mid_since.is_some();
-        let mid = c.dec.is_mid_frame();
+        // A HELLO half-received counts as a frame (--frame-timeout).
+        let mid = c.dec.is_mid_frame() || c.hello.is_some();
         match (was_mid, mid) {
             (false, true) => {
                 c.mid_since = Some(now);
@@ -67,12 +68,17 @@ impl<D: Downstream> Ingest<D> {
             _ => {}
         }
         if let Some(bytes) = c.handover.take() {
+            // With what it may do, and the answer to its HELLO if that is
+            // not written yet.
+            let access = c.access.clone();
+            let unsent = c.out.get(c.out_pos..).unwrap_or(&[]).to_vec();
             self.conns[slot] = Some(c);
-            self.hand_over(id, bytes);
+            self.hand_over(id, bytes, access, unsent);
             return false;
         }
-        let closed = c.dec.is_closed();
-        let dirty = c.out_pos < c.out.len() || c.fatal.is_some() || c.eof;
+        // A decoder paused for a HELLO is not closed.
+        let closed = c.dec.is_closed() && c.hello.is_none();
+        let dirty = c.out_pos < c.out.len() || c.fatal.is_some() || c.eof || c.closing;
         self.conns[slot] = Some(c);
         if dirty {
             self.mark_dirty(id);
@@ -88,7 +94,7 @@ impl<D: Downstream> Ingest<D> {
     }
 
     pub(super) fn serve_conn(&mut self, c: &mut Conn, now: u64, wall: u64) -> bool {
-        if c.closing || c.fatal.is_some() || c.dec.is_closed() {
+        if c.closing || c.fatal.is_some() || (c.dec.is_closed() && c.hello.is_none()) {
             return false;
         }
         // Input held back by a full ring or pool goes first.
@@ -184,6 +190,21 @@ impl<D: Downstream> Ingest<D> {
         let mut stop = Stop::Done;
         let mut scan = 0;
         while pos < input.len() {
+            if c.hello.is_some() {
+                match self.take_hello(c, &input[pos..]) {
+                    (used, None) => {
+                        pos += used;
+                        continue;
+                    }
+                    (_, Some(reason)) => {
+                        self.metrics.add(Counter::Rejected(reason), 1);
+                        c.fatal = Some(Ack::fatal(reason));
+                        pos = input.len();
+                        stop = Stop::Closed;
+                        break;
+                    }
+                }
+            }
             if c.dec.is_closed() {
                 pos = input.len();
                 stop = Stop::Closed;
@@ -205,15 +226,46 @@ impl<D: Downstream> Ingest<D> {
                 inflight,
                 fatal,
                 handover,
+                hello,
+                access,
+                closing,
                 ..
             } = c;
             let (used, item) = dec.next(&input[pos..]);
             pos += used;
             let Some(item) = item else { break };
+            if matches!(access, Access::Anonymous)
+                && self.p.legacy_prefix.is_none()
+                && matches!(
+                    item,
+                    Decoded::Legacy(_) | Decoded::LegacySkipped(_) | Decoded::KeepAlive
+                )
+            {
+                // Authentication is on and legacy clients are not let in
+                // (no --legacy-unauthenticated): closed without an answer
+                // (the dialect has none).
+                self.metrics.add(Counter::Rejected(Reason::Unauthorized), 1);
+                *closing = true;
+                pos = input.len();
+                stop = Stop::Closed;
+                break;
+            }
             match item {
                 Decoded::Frame(f) => {
                     let ack = f.ack_requested();
-                    if let Some(reason) = refusal(self.shutting_down, room) {
+                    if let Access::Anonymous = access {
+                        // Authentication is on and this connection sent
+                        // no HELLO (section 8): FATAL UNAUTHORIZED.
+                        self.metrics.add(Counter::Rejected(Reason::Unauthorized), 1);
+                        *fatal = Some(Ack::fatal(Reason::Unauthorized));
+                        pos = input.len();
+                        stop = Stop::Closed;
+                        break;
+                    }
+                    let refused = refusal(self.shutting_down, room).or_else(|| {
+                        (!access.may_produce(f.topic_bytes())).then_some(Reason::Forbidden)
+                    });
+                    if let Some(reason) = refused {
                         self.metrics.add(Counter::Rejected(reason), 1);
                         if ack {
                             if out.capacity() == 0 {
@@ -241,7 +293,17 @@ impl<D: Downstream> Ingest<D> {
                     }
                 }
                 Decoded::Legacy(ev) => {
-                    if let Some(reason) = refusal(self.shutting_down, room) {
+                    let forbidden = match access {
+                        Access::Anonymous => !self
+                            .p
+                            .legacy_prefix
+                            .as_ref()
+                            .is_some_and(|p| ev.topic().starts_with(p)),
+                        _ => false,
+                    };
+                    let refused = refusal(self.shutting_down, room)
+                        .or_else(|| forbidden.then_some(Reason::Forbidden));
+                    if let Some(reason) = refused {
                         self.metrics.add(Counter::Rejected(reason), 1);
                         continue;
                     }
@@ -255,6 +317,15 @@ impl<D: Downstream> Ingest<D> {
                     let head = ev.v1_head();
                     let ev = Event::new(slot.share(len), head, id, class, wall, now);
                     self.push(class, ev, now);
+                }
+                Decoded::Rejected { .. } | Decoded::Fatal(_)
+                    if matches!(access, Access::Anonymous) =>
+                {
+                    self.metrics.add(Counter::Rejected(Reason::Unauthorized), 1);
+                    *fatal = Some(Ack::fatal(Reason::Unauthorized));
+                    pos = input.len();
+                    stop = Stop::Closed;
+                    break;
                 }
                 Decoded::Rejected {
                     reason,
@@ -289,6 +360,13 @@ impl<D: Downstream> Ingest<D> {
                     pos = input.len();
                     stop = Stop::Closed;
                     break;
+                }
+                Decoded::Hello(first) => {
+                    // Its bytes so far; the rest is taken at the loop's
+                    // top (take_hello).
+                    let mut h = Vec::with_capacity(HELLO_MAX);
+                    h.extend_from_slice(first);
+                    *hello = Some(h);
                 }
                 Decoded::Reader(first) => {
                     // A read session: its bytes so far go to the reader

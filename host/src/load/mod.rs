@@ -43,6 +43,9 @@ pub struct LoadArgs {
     /// Server address.
     #[arg(long)]
     pub target: SocketAddr,
+    /// A file whose first line is the token, for a server with --auth.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Events to send (default 100000 unless --duration).
     #[arg(long, conflicts_with = "duration")]
     pub events: Option<u64>,
@@ -221,10 +224,18 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let mut opened = Vec::new();
     let mut readers = Vec::new();
+    let token = match &args.token_file {
+        Some(p) => Some(crate::auth::read_token_file(p)?),
+        None => None,
+    };
     for c in 0..u64::from(args.connections) {
-        let stream = TcpStream::connect(args.target)
+        let mut stream = TcpStream::connect(args.target)
             .map_err(|e| format!("cannot connect to {}: {e}", args.target))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        if let Some(t) = &token {
+            eventstream_client::hello(&mut stream, t)
+                .map_err(|e| format!("{}: HELLO refused: {e}", args.target))?;
+        }
         let conn = Arc::new(Conn {
             slots: (0..SLOTS)
                 .map(|_| Slot {

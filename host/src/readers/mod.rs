@@ -44,9 +44,14 @@ const HEARTBEAT_NS: u64 = 1_000_000_000;
 const TOKEN_INBOX: u64 = u64::MAX;
 const TOKEN_TAIL: u64 = u64::MAX - 1;
 
+/// A connection handed over: its socket, the bytes read of it, what its
+/// HELLO allows, and the bytes ingest had still to write to it (the
+/// HELLO's answer).
+type Handed = (OwnedFd, Vec<u8>, crate::auth::Access, Vec<u8>);
+
 /// Connections handed over by ingest.
 pub struct Inbox {
-    queue: Mutex<Vec<(OwnedFd, Vec<u8>)>>,
+    queue: Mutex<Vec<Handed>>,
     waker: Arc<EventFd>,
 }
 
@@ -60,9 +65,17 @@ impl Inbox {
     }
 
     /// Ingest: the connection `fd` is a reader; `bytes` are what was read
-    /// of it so far (the request, and anything pipelined behind it).
-    pub fn hand_over(&self, fd: OwnedFd, bytes: Vec<u8>) {
-        locked(&self.queue).push((fd, bytes));
+    /// of it so far (the request, and anything pipelined behind it);
+    /// `access` what its HELLO allows; `unsent` what ingest had not yet
+    /// written to it, sent first.
+    pub fn hand_over(
+        &self,
+        fd: OwnedFd,
+        bytes: Vec<u8>,
+        access: crate::auth::Access,
+        unsent: Vec<u8>,
+    ) {
+        locked(&self.queue).push((fd, bytes, access, unsent));
         self.waker.notify();
     }
 
@@ -239,7 +252,7 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
         segs.refresh();
         // New sessions from ingest.
         let handed = std::mem::take(&mut *locked(&p.inbox.queue));
-        for (fd, bytes) in handed {
+        for (fd, bytes, access, unsent) in handed {
             let id = next_id;
             next_id += 1;
             let flags = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
@@ -247,7 +260,7 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
                 eprintln!("eventstream: cannot watch a reader connection: {e}");
                 continue;
             }
-            let mut s = Session::new(id, fd, bytes, now);
+            let mut s = Session::new(id, fd, bytes, access, unsent, now);
             if draining {
                 s.close_with(&ctx, Reason::ShuttingDown, now);
             }

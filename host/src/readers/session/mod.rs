@@ -80,6 +80,8 @@ pub(super) struct Session {
     pub(super) deadline: u64,
     /// The request as parsed (kept until the start is resolved).
     pending: Option<Pending>,
+    /// What its HELLO allows (section 8).
+    access: crate::auth::Access,
 }
 
 /// A parsed request waiting for its group.
@@ -99,13 +101,22 @@ pub(super) enum Turn {
 }
 
 impl Session {
-    pub(super) fn new(id: u64, fd: OwnedFd, input: Vec<u8>, now: u64) -> Session {
+    pub(super) fn new(
+        id: u64,
+        fd: OwnedFd,
+        input: Vec<u8>,
+        access: crate::auth::Access,
+        unsent: Vec<u8>,
+        now: u64,
+    ) -> Session {
+        let mut out = Vec::with_capacity(256.max(unsent.len()));
+        out.extend_from_slice(&unsent);
         Session {
             id,
             fd,
             state: State::Request,
             input,
-            out: Vec::with_capacity(256),
+            out,
             out_pos: 0,
             run: None,
             after: Vec::new(),
@@ -127,6 +138,7 @@ impl Session {
             eof: false,
             deadline: now + super::REQUEST_TIMEOUT_NS,
             pending: None,
+            access,
         }
     }
 
@@ -298,6 +310,19 @@ impl Session {
     /// A well-formed request: fences the group's old session, then
     /// resolves the start (or waits for the group's commit in flight).
     fn begin(&mut self, ctx: &mut Ctx, segs: &mut Segments, req: &ReadRequest<'_>, now: u64) {
+        use crate::auth::Access;
+        let refused = match &self.access {
+            Access::Open => None,
+            // Authentication is on and no HELLO came first.
+            Access::Anonymous => Some(Reason::Unauthorized),
+            Access::Token(r) => (!r.may_read(req.prefix)
+                || (!req.group.is_empty() && !r.may_use_group(req.group)))
+            .then_some(Reason::Forbidden),
+        };
+        if let Some(reason) = refused {
+            self.answer_error(ctx, reason, segs, now);
+            return;
+        }
         self.follow = req.follow;
         self.classes = req.classes;
         self.prefix = req.prefix.to_vec();

@@ -1,0 +1,66 @@
+//! A HELLO (PROTOCOL.md section 8) on a producer connection: its bytes are
+//! gathered past the decoder (which pauses at `ESCH`), then checked: a
+//! well-formed HELLO with a known token (any token with authentication
+//! off) is answered STORED/NONE and the decoder goes on; anything else is
+//! FATAL UNAUTHORIZED.
+
+use eventstream_core::wire::read::{Hello, HELLO_ACCEPTED};
+
+use super::conns::ensure_out;
+use super::*;
+
+/// The longest HELLO: 16 bytes and a 512-byte token.
+pub(super) const HELLO_MAX: usize = 16 + 512;
+
+impl<D: Downstream> Ingest<D> {
+    /// Takes the bytes of `c`'s HELLO from the front of `input`; returns
+    /// how many, and the reason to refuse it once it is whole and bad.
+    /// Accepted, its answer is queued, the connection gets its token's
+    /// rights and its decoder resumes.
+    pub(super) fn take_hello(&mut self, c: &mut Conn, input: &[u8]) -> (usize, Option<Reason>) {
+        let Some(h) = c.hello.as_mut() else {
+            return (0, None);
+        };
+        let mut used = 0;
+        loop {
+            let want = match h.get(4..8) {
+                None => 8,
+                Some(l) => {
+                    let len = u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize;
+                    if !(16..=HELLO_MAX).contains(&len) {
+                        return (used, Some(Reason::Unauthorized));
+                    }
+                    len
+                }
+            };
+            if h.len() >= want {
+                break;
+            }
+            let take = (want - h.len()).min(input.len() - used);
+            if take == 0 {
+                return (used, None);
+            }
+            h.extend_from_slice(&input[used..used + take]);
+            used += take;
+        }
+        let bytes = c.hello.take().unwrap_or_default();
+        let verdict = Hello::parse(&bytes).and_then(|hello| match &self.p.auth {
+            None => Ok(Access::Open),
+            Some(auth) => auth
+                .check(hello.token)
+                .map(Access::Token)
+                .ok_or(Reason::Unauthorized),
+        });
+        match verdict {
+            Ok(access) => {
+                c.access = access;
+                let capacity = (self.p.ack_credit as usize + 1) * ACK_LEN;
+                ensure_out(c, &mut self.spare_out, capacity);
+                c.push_ack(&HELLO_ACCEPTED);
+                c.dec.resume_after_hello();
+                (used, None)
+            }
+            Err(reason) => (used, Some(reason)),
+        }
+    }
+}
