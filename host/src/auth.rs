@@ -14,8 +14,9 @@
 //! (`printf %s "$TOKEN" | sha256sum`). A token is looked up by comparing
 //! its digest with every line's, in constant time, with no early exit.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// One token's rights.
 #[derive(Debug, PartialEq, Eq)]
@@ -199,9 +200,15 @@ impl Auth {
     /// Whether the token of `rights` is still in this file (after a
     /// reload): the same name and digest.
     pub fn still_has(&self, rights: &Rights) -> bool {
+        self.refresh(rights).is_some()
+    }
+
+    /// The rights this file gives the token of `rights` (None: revoked).
+    pub fn refresh(&self, rights: &Rights) -> Option<Arc<Rights>> {
         self.tokens
             .iter()
-            .any(|t| t.name == rights.name && same(&t.digest, &rights.digest))
+            .find(|t| t.name == rights.name && same(&t.digest, &rights.digest))
+            .cloned()
     }
 
     /// How many tokens.
@@ -212,6 +219,45 @@ impl Auth {
     /// Whether there is none.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
+    }
+}
+
+/// The `--auth` file as loaded, re-read on SIGHUP.
+#[derive(Debug)]
+pub struct AuthState {
+    path: PathBuf,
+    current: Mutex<Arc<Auth>>,
+    generation: AtomicU64,
+}
+
+impl AuthState {
+    /// Loads `path`; errors are one line.
+    pub fn load(path: &Path) -> Result<AuthState, String> {
+        Ok(AuthState {
+            path: path.to_path_buf(),
+            current: Mutex::new(Arc::new(Auth::load(path)?)),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// The tokens now.
+    pub fn current(&self) -> Arc<Auth> {
+        crate::storage::locked(&self.current).clone()
+    }
+
+    /// Changes at each reload (one load: cheap to check once per loop).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Reads the file again; a file that does not load leaves the tokens
+    /// as they were. Returns how many tokens there are now.
+    pub fn reload(&self) -> Result<usize, String> {
+        let auth = Auth::load(&self.path)?;
+        let n = auth.len();
+        *crate::storage::locked(&self.current) = Arc::new(auth);
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(n)
     }
 }
 

@@ -224,6 +224,43 @@ pub struct ServeArgs {
     /// to topics starting with this; without it they are refused.
     #[arg(long, value_name = "TOPIC_PREFIX")]
     pub legacy_unauthenticated: Option<String>,
+    /// Listen beyond loopback in plaintext (there is no TLS yet) or
+    /// without --auth; without it `serve` refuses to.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// The safe defaults: a producer port beyond loopback needs TLS and
+/// `--auth`, a metrics port beyond loopback a token; `--insecure` lets
+/// either be exposed anyway, with a warning (returned). TLS does not exist
+/// yet, so a producer port beyond loopback always needs `--insecure`.
+pub fn exposure(
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    auth: bool,
+    insecure: bool,
+) -> Result<Vec<String>, String> {
+    let mut risks = Vec::new();
+    if !listen.ip().is_loopback() {
+        let what = if auth {
+            "in plaintext (no TLS)"
+        } else {
+            "in plaintext (no TLS) and without --auth"
+        };
+        risks.push(format!("producers and readers on {listen} {what}"));
+    }
+    if !metrics.ip().is_loopback() {
+        risks.push(format!("/metrics on {metrics} without a token"));
+    }
+    match risks.first() {
+        Some(first) if !insecure => Err(format!(
+            "refusing to serve {first}: anyone on the network could use it; keep it on loopback, or give --insecure"
+        )),
+        _ => Ok(risks
+            .into_iter()
+            .map(|r| format!("warning: --insecure: serving {r}"))
+            .collect()),
+    }
 }
 
 /// `eventstream inspect` flags.
@@ -351,6 +388,14 @@ impl ServerConfig {
         if window_ms == 0 || window_ms > i32::MAX as u128 {
             return Err("--dedup-window must be between 1ms and 24d".into());
         }
+        for warning in exposure(
+            args.listen,
+            args.metrics,
+            args.auth.is_some(),
+            args.insecure,
+        )? {
+            eprintln!("eventstream: {warning}");
+        }
         if args.segment_bytes < 4096 {
             return Err("--segment-bytes must be at least 4KiB".into());
         }
@@ -463,7 +508,7 @@ impl ServerConfig {
             },
             forward: args.forward.config()?,
             auth: match &args.auth {
-                Some(p) => Some(std::sync::Arc::new(crate::auth::Auth::load(p)?)),
+                Some(p) => Some(std::sync::Arc::new(crate::auth::AuthState::load(p)?)),
                 None if args.legacy_unauthenticated.is_some() => {
                     return Err("--legacy-unauthenticated needs --auth".into())
                 }
@@ -496,5 +541,21 @@ mod tests {
         assert_eq!(parse_duration_us("50us"), Ok(Duration::from_micros(50)));
         assert_eq!(parse_duration_us("0ms"), Ok(Duration::ZERO));
         assert!(parse_duration_us("xus").is_err());
+    }
+
+    #[test]
+    fn ports_beyond_loopback_need_insecure() {
+        let lo: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:9464".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:7000".parse().unwrap();
+        let lan: SocketAddr = "10.1.2.3:9464".parse().unwrap();
+        assert_eq!(exposure(lo, lo6, false, false), Ok(vec![]));
+        let e = exposure(any, lo, true, false).unwrap_err();
+        assert!(e.contains("0.0.0.0:7000 in plaintext (no TLS)") && e.contains("--insecure"));
+        let e = exposure(lo, lan, true, false).unwrap_err();
+        assert!(e.contains("/metrics on 10.1.2.3:9464"), "{e}");
+        let w = exposure(any, lan, false, true).unwrap();
+        assert_eq!(w.len(), 2);
+        assert!(w[0].contains("without --auth") && w[1].contains("/metrics"));
     }
 }

@@ -130,6 +130,9 @@ pub fn run_housekeeping(listener: TcpListener, dedup: DedupRef<'static>, shared:
             Some(e) => e.poll(wait_ms, monotonic_ns, &mut render_now),
             None => std::thread::sleep(Duration::from_millis(wait_ms as u64)),
         }
+        if shared.life.reload_requested.swap(false, Ordering::AcqRel) {
+            reload(&shared);
+        }
         let now = monotonic_ns();
         if now < next {
             continue;
@@ -158,6 +161,25 @@ pub fn run_housekeeping(listener: TcpListener, dedup: DedupRef<'static>, shared:
             last_printed = Some(key);
         }
         prev = snap;
+    }
+}
+
+/// SIGHUP: reads the `--auth` file again and wakes ingest and the reader
+/// thread to close the connections of revoked tokens.
+fn reload(shared: &Shared) {
+    let Some(state) = shared.auth.get() else {
+        eprintln!("eventstream: SIGHUP: nothing to reload (no --auth)");
+        return;
+    };
+    match state.reload() {
+        Ok(n) => {
+            eprintln!("eventstream: SIGHUP: --auth reloaded, {n} tokens");
+            shared.wake.ingest.wake_always();
+            if let Some(w) = shared.readers_waker.get() {
+                w.notify();
+            }
+        }
+        Err(e) => eprintln!("eventstream: SIGHUP: {e}; the tokens stay as they were"),
     }
 }
 

@@ -284,6 +284,10 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         .min(u64::from(u32::MAX)) as u32,
     )?;
     let _ = shared.readers.tail.set(tail.clone());
+    if let Some(a) = &cfg.auth {
+        let _ = shared.auth.set(a.clone());
+    }
+    let _ = shared.readers_waker.set(inbox.waker());
     let _ = shared.readers.groups.set(groups.clone());
     let prefill =
         (args.fsync == FsyncPolicy::Always && args.segment_prefill).then(|| log.enable_prefill());
@@ -444,6 +448,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
         segment_bytes: args.segment_bytes,
         hold_bytes: args.reader_hold_bytes,
         shared: shared.clone(),
+        auth: cfg.auth.clone(),
     };
     spawn(
         "readers",
@@ -526,6 +531,13 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
 static SIGNAL_TARGET: AtomicI32 = AtomicI32::new(-1);
 static SIGNAL_SHARED: std::sync::OnceLock<Arc<Shared>> = std::sync::OnceLock::new();
 
+extern "C" fn on_hangup(_sig: libc::c_int) {
+    // Only an atomic store: housekeeping reloads within 100 ms.
+    if let Some(shared) = SIGNAL_SHARED.get() {
+        shared.life.reload_requested.store(true, Ordering::Release);
+    }
+}
+
 extern "C" fn on_signal(_sig: libc::c_int) {
     // Only async-signal-safe work: an atomic store and a write(2).
     if let Some(shared) = SIGNAL_SHARED.get() {
@@ -554,6 +566,9 @@ pub fn install_signal_handlers(running: &Running) -> Result<(), String> {
         crate::sys::on_signal(sig, on_signal)
             .map_err(|e| format!("cannot install the signal handler: {e}"))?;
     }
+    // SIGHUP: the --auth file is read again.
+    crate::sys::on_signal(libc::SIGHUP, on_hangup)
+        .map_err(|e| format!("cannot install the signal handler: {e}"))?;
     Ok(())
 }
 

@@ -130,7 +130,7 @@ pub struct ServerConfig {
     /// Forwarding into NATS JetStream (`--forward`).
     pub forward: Option<crate::forward::ForwardConfig>,
     /// The tokens, when authentication is on (`--auth`).
-    pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
+    pub auth: Option<std::sync::Arc<crate::auth::AuthState>>,
     /// With `--auth`: the topic prefix legacy clients may produce to.
     pub legacy_unauthenticated: Option<String>,
 }

@@ -99,6 +99,10 @@ pub struct Shared {
     pub readers: crate::readers::ReaderStats,
     /// The forwarder's figures.
     pub forward: crate::forward::ForwardStats,
+    /// The `--auth` tokens (reloaded by housekeeping on SIGHUP).
+    pub auth: std::sync::OnceLock<std::sync::Arc<crate::auth::AuthState>>,
+    /// Wakes the reader thread (after a reload).
+    pub readers_waker: std::sync::OnceLock<std::sync::Arc<crate::sys::EventFd>>,
 }
 
 /// The server's life: its [`Phase`] and the counts the shutdown waits on.
@@ -107,6 +111,8 @@ pub struct Lifecycle {
     phase: AtomicU32,
     /// A shutdown was asked for (signal or API).
     pub shutdown_requested: AtomicBool,
+    /// SIGHUP came: read the `--auth` file again.
+    pub reload_requested: AtomicBool,
     /// Events ingest handed on.
     pub accepted: AtomicU64,
     /// Events storage answered (stored, duplicate, rejected).
@@ -231,6 +237,7 @@ impl Shared {
             life: Lifecycle {
                 phase: AtomicU32::new(Phase::Run as u32),
                 shutdown_requested: AtomicBool::new(false),
+                reload_requested: AtomicBool::new(false),
                 accepted: AtomicU64::new(0),
                 finished: AtomicU64::new(0),
                 storage_done: AtomicBool::new(false),
@@ -274,6 +281,8 @@ impl Shared {
             idle_spin_ns,
             readers: Default::default(),
             forward: Default::default(),
+            auth: Default::default(),
+            readers_waker: Default::default(),
         })
     }
 

@@ -112,15 +112,6 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// Lowers the calling thread's scheduling priority to `nice` (Linux
-/// gives each thread its own nice value).
-pub fn set_thread_nice(nice: i32) -> io::Result<()> {
-    // SAFETY: gettid has no arguments and cannot fail.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
-    syscall!(setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice))?;
-    Ok(())
-}
-
 /// Number of online CPUs.
 pub fn online_cpus() -> usize {
     syscall!(sysconf(libc::_SC_NPROCESSORS_ONLN)).map_or(1, |n| n.max(1) as usize)

@@ -362,3 +362,87 @@ fn the_client_library_and_the_commands_carry_a_token() {
     assert!(!ok, "load without a token");
     let _ = err;
 }
+
+#[test]
+fn sighup_reloads_the_tokens_and_closes_what_a_revoked_one_opened() {
+    let dir = TempDir::new("auth-reload");
+    let file = auth_file(dir.path());
+    let server = Server::start(&dir.data(), &["--auth", &file]);
+    let mut alice = server.connect();
+    let mut bytes = hello(b"alice-secret");
+    bytes.extend_from_slice(&ev(1, "orders.eu"));
+    alice.send(&bytes);
+    assert_eq!(alice.acks(2)[1].status, Status::Stored);
+    // Her follower.
+    let mut reader = TcpStream::connect(server.addr).unwrap();
+    reader
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut req = hello(b"alice-secret");
+    req.extend_from_slice(&request(&ReadRequest {
+        prefix: b"orders.",
+        follow: true,
+        ..base_request()
+    }));
+    reader.write_all(&req).unwrap();
+    let mut a = [0u8; 24 + SESSION_ANSWER_LEN];
+    reader.read_exact(&mut a).unwrap();
+    assert_eq!(SessionAnswer::decode(&a[24..]).unwrap().reason, None);
+    let mut ops = server.connect();
+    let mut bytes = hello(b"ops-secret");
+    bytes.extend_from_slice(&ev(2, "x"));
+    ops.send(&bytes);
+    assert_eq!(ops.acks(2)[1].status, Status::Stored);
+
+    // A file that does not load changes nothing.
+    std::fs::write(&file, "token broken\n").unwrap();
+    // SAFETY: kill(2) on the server child's pid.
+    assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGHUP) }, 0);
+    let t0 = std::time::Instant::now();
+    while !server.stderr().contains("the tokens stay as they were") {
+        assert!(t0.elapsed() < WAIT, "{}", server.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    alice.send(&ev(3, "orders.eu"));
+    assert_eq!(alice.acks(1)[0].status, Status::Stored);
+
+    // alice revoked: her producer gets FATAL UNAUTHORIZED, her reader
+    // CLOSING UNAUTHORIZED; ops goes on; her token opens nothing new.
+    std::fs::write(
+        &file,
+        format!(
+            "token ops {} produce=* read=* groups=*\n",
+            sha256_hex(b"ops-secret")
+        ),
+    )
+    .unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGHUP) }, 0);
+    assert_eq!(alice.acks(1)[0], Ack::fatal(Reason::Unauthorized));
+    assert!(alice.closed_within(Duration::from_secs(5)));
+    let (_, reason) = read_until_closing(&mut reader, 1 << 20);
+    assert_eq!(reason, Reason::Unauthorized);
+    assert!(server.stderr().contains("--auth reloaded, 1 tokens"));
+    ops.send(&ev(4, "x"));
+    assert_eq!(ops.acks(1)[0].status, Status::Stored);
+    let (a, closed) = answer_and_close(&server, &hello(b"alice-secret"));
+    assert!(a == Ack::fatal(Reason::Unauthorized) && closed);
+}
+
+#[test]
+fn a_port_beyond_loopback_is_refused_without_insecure() {
+    let dir = TempDir::new("auth-exposed");
+    for args in [
+        &["--listen", "0.0.0.0:0"][..],
+        &["--metrics", "0.0.0.0:0"][..],
+        &["--listen", "0.0.0.0:0", "--auth", &auth_file(dir.path())][..],
+    ] {
+        let f = Server::try_start(&dir.data(), args)
+            .err()
+            .unwrap_or_else(|| panic!("{args:?} started"));
+        assert_eq!(f.status.code(), Some(1), "{args:?}");
+        let lines: Vec<&str> = f.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {}", f.stderr);
+        assert!(lines[0].contains("--insecure"), "{}", lines[0]);
+    }
+}

@@ -9,6 +9,7 @@
 //! figures it keeps are in [`ForwardStats`].
 
 mod log;
+mod nats;
 mod publish;
 mod subject;
 
@@ -249,6 +250,18 @@ pub fn server_id(dir: &Path) -> Result<String, String> {
     };
     write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(id)
+}
+
+/// Lowers the calling thread's scheduling priority to `nice` (Linux
+/// gives each thread its own nice value).
+fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    // SAFETY: setpriority takes plain integers; its result is checked.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What the forwarder needs of the server.

@@ -13,6 +13,40 @@ use super::*;
 pub(super) const HELLO_MAX: usize = 16 + 512;
 
 impl<D: Downstream> Ingest<D> {
+    /// After a reload of the `--auth` file (SIGHUP): a connection whose
+    /// token is gone gets FATAL UNAUTHORIZED (after the answers of its
+    /// earlier events) and is closed; the others take their new rights.
+    pub(super) fn recheck_tokens(&mut self) {
+        let Some(state) = &self.p.auth else {
+            return;
+        };
+        let generation = state.generation();
+        if generation == self.auth_seen {
+            return;
+        }
+        self.auth_seen = generation;
+        let auth = state.current();
+        let mut revoked = Vec::new();
+        for c in self.conns.iter_mut().flatten() {
+            if let Access::Token(r) = &c.access {
+                match auth.refresh(r) {
+                    Some(now) => c.access = Access::Token(now),
+                    None if c.fatal.is_none() => {
+                        c.fatal = Some(Ack::fatal(Reason::Unauthorized));
+                        revoked.push(c.id);
+                    }
+                    None => {}
+                }
+            }
+        }
+        for id in revoked {
+            self.metrics.add(
+                eventstream_core::metrics::Counter::Rejected(Reason::Unauthorized),
+                1,
+            );
+            self.mark_dirty(id);
+        }
+    }
     /// Takes the bytes of `c`'s HELLO from the front of `input`; returns
     /// how many, and the reason to refuse it once it is whole and bad.
     /// Accepted, its answer is queued, the connection gets its token's
@@ -47,6 +81,7 @@ impl<D: Downstream> Ingest<D> {
         let verdict = Hello::parse(&bytes).and_then(|hello| match &self.p.auth {
             None => Ok(Access::Open),
             Some(auth) => auth
+                .current()
                 .check(hello.token)
                 .map(Access::Token)
                 .ok_or(Reason::Unauthorized),

@@ -113,7 +113,7 @@ pub struct IngestParts {
     /// Where read sessions go.
     pub readers: Arc<crate::readers::Inbox>,
     /// The tokens, when authentication is on (`--auth`).
-    pub auth: Option<Arc<crate::auth::Auth>>,
+    pub auth: Option<Arc<crate::auth::AuthState>>,
     /// With authentication on, legacy connections may produce to topics
     /// starting with this (`--legacy-unauthenticated`); None: they are
     /// closed.
@@ -128,6 +128,8 @@ pub struct Ingest<D> {
     listener: Option<TcpListener>,
     epoll: Epoll,
     spare_fd: Option<File>,
+    /// The `--auth` generation the connections were checked against.
+    auth_seen: u64,
     conns: Vec<Option<Conn>>,
     gens: Vec<u32>,
     free_slots: Vec<u32>,
@@ -167,6 +169,7 @@ impl<D: Downstream> Ingest<D> {
             listener: Some(listener),
             epoll,
             spare_fd: File::open("/dev/null").ok(),
+            auth_seen: 0,
             conns: Vec::new(),
             gens: Vec::new(),
             free_slots: Vec::new(),
@@ -200,6 +203,7 @@ impl<D: Downstream> Ingest<D> {
             self.deliver_acks();
             self.resume_waiting();
             self.serve_ready(now);
+            self.recheck_tokens();
             self.flush_dirty();
             self.publish(now);
             if self.shutdown_step(now)? {

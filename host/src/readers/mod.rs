@@ -134,6 +134,8 @@ pub struct ReaderParts {
     pub hold_bytes: u64,
     /// Shared state.
     pub shared: Arc<Shared>,
+    /// The tokens, when authentication is on.
+    pub auth: Option<Arc<crate::auth::AuthState>>,
 }
 
 /// What sessions share on the reader thread.
@@ -233,6 +235,7 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
     let mut done: Vec<CommitDone> = Vec::new();
     let mut seen_end = segs.visible().offset;
     let mut draining = false;
+    let mut auth_seen = 0;
     loop {
         let now = monotonic_ns();
         let phase = p.shared.phase();
@@ -291,6 +294,16 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
             }
         }
         fence_old(&mut ctx, &mut sessions, now);
+        // A reload of --auth (SIGHUP): sessions of revoked tokens end.
+        if let Some(state) = &p.auth {
+            if state.generation() != auth_seen {
+                auth_seen = state.generation();
+                let auth = state.current();
+                for s in sessions.values_mut() {
+                    s.recheck_token(&ctx, &auth, now);
+                }
+            }
+        }
         // Retention (taken in by the refresh at the top): sessions inside
         // deleted segments keep them, up to the cap; past it the ones there
         // are closed OUT_OF_RANGE.

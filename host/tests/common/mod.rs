@@ -85,13 +85,13 @@ fn command(data: &Path, stderr: &Path, args: &[&str]) -> Command {
             defaults.extend([flag.to_string(), value.to_string()]);
         }
     }
-    if !args.contains(&"--listen") {
-        defaults.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
+    for flag in ["--listen", "--metrics"] {
+        if !args.contains(&flag) {
+            defaults.extend([flag.to_string(), "127.0.0.1:0".to_string()]);
+        }
     }
     cmd.arg("serve")
         .args(defaults)
-        .arg("--metrics")
-        .arg("127.0.0.1:0")
         .arg("--data")
         .arg(data)
         .args(args)

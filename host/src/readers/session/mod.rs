@@ -479,6 +479,20 @@ impl Session {
         }
     }
 
+    /// After a reload of `--auth`: a session whose token is gone gets
+    /// CLOSING UNAUTHORIZED; the others take their new rights.
+    pub(super) fn recheck_token(&mut self, ctx: &Ctx, auth: &crate::auth::Auth, now: u64) {
+        if let crate::auth::Access::Token(r) = &self.access {
+            match auth.refresh(r) {
+                Some(now_rights) => self.access = crate::auth::Access::Token(now_rights),
+                None if self.state != State::Closing => {
+                    self.close_with(ctx, Reason::Unauthorized, now)
+                }
+                None => {}
+            }
+        }
+    }
+
     /// Whether it holds a segment retention deleted.
     pub(super) fn in_deleted(&self) -> bool {
         self.seg.as_ref().is_some_and(|s| s.deleted.get())
