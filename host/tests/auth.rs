@@ -393,6 +393,20 @@ fn sighup_reloads_the_tokens_and_closes_what_a_revoked_one_opened() {
     bytes.extend_from_slice(&ev(2, "x"));
     ops.send(&bytes);
     assert_eq!(ops.acks(2)[1].status, Status::Stored);
+    // ops follows every topic.
+    let mut ops_reader = TcpStream::connect(server.addr).unwrap();
+    ops_reader
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut req = hello(b"ops-secret");
+    req.extend_from_slice(&request(&ReadRequest {
+        follow: true,
+        ..base_request()
+    }));
+    ops_reader.write_all(&req).unwrap();
+    let mut a = [0u8; 24 + SESSION_ANSWER_LEN];
+    ops_reader.read_exact(&mut a).unwrap();
+    assert_eq!(SessionAnswer::decode(&a[24..]).unwrap().reason, None);
 
     // A file that does not load changes nothing.
     std::fs::write(&file, "token broken\n").unwrap();
@@ -407,11 +421,13 @@ fn sighup_reloads_the_tokens_and_closes_what_a_revoked_one_opened() {
     assert_eq!(alice.acks(1)[0].status, Status::Stored);
 
     // alice revoked: her producer gets FATAL UNAUTHORIZED, her reader
-    // CLOSING UNAUTHORIZED; ops goes on; her token opens nothing new.
+    // CLOSING UNAUTHORIZED; ops may read only `x.` now: its follower of
+    // every topic gets CLOSING FORBIDDEN; ops goes on producing; alice's
+    // token opens nothing new.
     std::fs::write(
         &file,
         format!(
-            "token ops {} produce=* read=* groups=*\n",
+            "token ops {} produce=* read=x. groups=*\n",
             sha256_hex(b"ops-secret")
         ),
     )
@@ -422,6 +438,8 @@ fn sighup_reloads_the_tokens_and_closes_what_a_revoked_one_opened() {
     assert!(alice.closed_within(Duration::from_secs(5)));
     let (_, reason) = read_until_closing(&mut reader, 1 << 20);
     assert_eq!(reason, Reason::Unauthorized);
+    let (_, reason) = read_until_closing(&mut ops_reader, 1 << 20);
+    assert_eq!(reason, Reason::Forbidden);
     assert!(server.stderr().contains("--auth reloaded, 1 tokens"));
     ops.send(&ev(4, "x"));
     assert_eq!(ops.acks(1)[0].status, Status::Stored);

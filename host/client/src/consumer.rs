@@ -33,7 +33,7 @@ pub enum StartAt {
 }
 
 /// How a [`Consumer`] reads.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConsumerOptions {
     /// Where to start.
     pub from: StartAt,
@@ -55,6 +55,22 @@ pub struct ConsumerOptions {
     pub read_timeout: Option<Duration>,
     /// The token for a server with authentication on (a HELLO first).
     pub token: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ConsumerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerOptions")
+            .field("from", &self.from)
+            .field("group", &self.group)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("classes", &self.classes)
+            .field("follow", &self.follow)
+            .field("window", &self.window)
+            .field("read_timeout", &self.read_timeout)
+            // Never printed.
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
 }
 
 impl Default for ConsumerOptions {

@@ -168,7 +168,7 @@ impl From<io::Error> for Error {
 }
 
 /// How a [`Producer`] behaves.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Options {
     /// Events sent and not yet acked at most; `send` waits for acks past
     /// it. Keep it under the server's ack credit (`--ack-buffer` / 24,
@@ -182,6 +182,18 @@ pub struct Options {
     /// The token for a server with authentication on: every connection
     /// starts with a HELLO carrying it (PROTOCOL.md section 8).
     pub token: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("max_in_flight", &self.max_in_flight)
+            .field("reconnect", &self.reconnect)
+            .field("reconnect_for", &self.reconnect_for)
+            // Never printed.
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
 }
 
 impl Default for Options {
@@ -212,10 +224,13 @@ struct Conn {
 /// Sends a HELLO with `token` on `stream` and waits for its answer; a
 /// refused token is [`Error::Fatal`] UNAUTHORIZED.
 pub fn hello(stream: &mut TcpStream, token: &[u8]) -> Result<(), Error> {
+    if token.is_empty() || token.len() > 512 {
+        return Err(Error::Encode("a token of 1..=512 bytes"));
+    }
     let h = eventstream_core::wire::read::Hello { token };
     let mut buf = vec![0u8; h.encoded_len()];
     h.encode(&mut buf)
-        .map_err(|_| Error::Encode("a token over 512 bytes"))?;
+        .map_err(|_| Error::Encode("a token of 1..=512 bytes"))?;
     stream.write_all(&buf)?;
     let mut a = [0u8; ACK_LEN];
     stream.read_exact(&mut a)?;

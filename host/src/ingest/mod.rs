@@ -202,8 +202,9 @@ impl<D: Downstream> Ingest<D> {
             self.resume_accepting(now);
             self.deliver_acks();
             self.resume_waiting();
-            self.serve_ready(now);
+            // Before any read: no frame is taken under revoked rights.
             self.recheck_tokens();
+            self.serve_ready(now);
             self.flush_dirty();
             self.publish(now);
             if self.shutdown_step(now)? {

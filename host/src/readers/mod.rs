@@ -255,7 +255,15 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
         segs.refresh();
         // New sessions from ingest.
         let handed = std::mem::take(&mut *locked(&p.inbox.queue));
-        for (fd, bytes, access, unsent) in handed {
+        for (fd, bytes, mut access, unsent) in handed {
+            // Rights as of now (a reload may have come after ingest's
+            // last check).
+            if let (Some(state), crate::auth::Access::Token(r)) = (&p.auth, &access) {
+                access = match state.current().refresh(r) {
+                    Some(now_rights) => crate::auth::Access::Token(now_rights),
+                    None => crate::auth::Access::Anonymous,
+                };
+            }
             let id = next_id;
             next_id += 1;
             let flags = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;

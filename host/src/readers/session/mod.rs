@@ -252,6 +252,12 @@ impl Session {
 
     /// Takes the request, or the CREDIT and COMMIT frames, from the input.
     pub(super) fn take_input(&mut self, ctx: &mut Ctx, segs: &mut Segments, now: u64) {
+        if self.state == State::Request && matches!(self.access, crate::auth::Access::Anonymous) {
+            // Authentication is on and no HELLO came first: whatever the
+            // request holds, the answer is UNAUTHORIZED.
+            self.answer_error(ctx, Reason::Unauthorized, segs, now);
+            return;
+        }
         if self.state == State::Request {
             let Some(len) = declared_frame_length(&self.input) else {
                 return;
@@ -480,15 +486,33 @@ impl Session {
     }
 
     /// After a reload of `--auth`: a session whose token is gone gets
-    /// CLOSING UNAUTHORIZED; the others take their new rights.
+    /// CLOSING UNAUTHORIZED (before its answer: ERROR UNAUTHORIZED), one
+    /// whose new rights no longer cover its prefix or group CLOSING
+    /// FORBIDDEN; the others take their new rights.
     pub(super) fn recheck_token(&mut self, ctx: &Ctx, auth: &crate::auth::Auth, now: u64) {
-        if let crate::auth::Access::Token(r) = &self.access {
-            match auth.refresh(r) {
-                Some(now_rights) => self.access = crate::auth::Access::Token(now_rights),
-                None if self.state != State::Closing => {
-                    self.close_with(ctx, Reason::Unauthorized, now)
+        use crate::auth::Access;
+        let Access::Token(r) = &self.access else {
+            return;
+        };
+        let refreshed = auth.refresh(r);
+        let started = matches!(self.state, State::Streaming | State::AwaitGroup);
+        match refreshed {
+            None if started => {
+                self.access = Access::Anonymous;
+                self.close_with(ctx, Reason::Unauthorized, now);
+            }
+            // Not answered yet: the answer says it.
+            None => self.access = Access::Anonymous,
+            Some(rights) => {
+                let allowed = rights.may_read(&self.prefix)
+                    && self
+                        .group
+                        .as_ref()
+                        .is_none_or(|g| rights.may_use_group(g.as_bytes()));
+                self.access = Access::Token(rights);
+                if started && !allowed {
+                    self.close_with(ctx, Reason::Forbidden, now);
                 }
-                None => {}
             }
         }
     }
