@@ -13,7 +13,7 @@
 # 2. Ingest closed loop (SECS s, 4 connections, acks) with forwarding on
 #    and off, alternating, fresh data dir each run (benches/ab.sh); the
 #    nats-server, the forwarder and ingest share the two cores.
-#    SKIP_RATE=1 runs only 2.
+#    SKIP_RATE=1 runs only 2, SKIP_INGEST=1 only 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"
@@ -89,6 +89,7 @@ print(f"forward medians: ours {mo:.0f} msg/s, bare publisher {mp:.0f} msg/s, rat
 PY
 fi
 
+[ -z "${SKIP_INGEST:-}" ] || exit 0
 echo "== 2. ingest closed loop with forwarding on and off (${SECS} s runs)"
 # Per run: ab.sh's line (the server's CPU seconds among it), then the CPU
 # seconds nats-server took in the same run.

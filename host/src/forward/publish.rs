@@ -76,6 +76,12 @@ async fn until_stop<T>(
     shared: &crate::shared::Shared,
 ) -> Option<T> {
     let mut fut = std::pin::pin!(fut);
+    // Most are ready at once (a publish into the client's queue, an ack
+    // that came): no timer for those.
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(v) = first {
+        return Some(v);
+    }
     loop {
         match tokio::time::timeout(STOP_CHECK, fut.as_mut()).await {
             Ok(v) => return Some(v),
@@ -324,14 +330,18 @@ impl Loop {
     async fn take_acks(&mut self, deadline: Option<Instant>) {
         let refill = (self.p.cfg.max_pending / 8).clamp(1, READ_STEP);
         while let Some(front) = self.pending.front_mut() {
-            let wait = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()),
-                None => STOP_CHECK,
-            };
-            let got = match tokio::time::timeout(wait, front.ack.as_mut()).await {
-                Ok(r) => r,
-                Err(_) if deadline.is_some() || self.p.shared.phase() == Phase::Stop => return,
-                Err(_) => continue,
+            let got = match deadline {
+                Some(d) => {
+                    let wait = d.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(wait, front.ack.as_mut()).await {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    }
+                }
+                None => match until_stop(front.ack.as_mut(), &self.p.shared).await {
+                    Some(r) => r,
+                    None => return,
+                },
             };
             let Some(front) = self.pending.pop_front() else {
                 return;
