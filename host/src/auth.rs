@@ -104,6 +104,11 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
+/// Whether two digests are equal, in constant time.
+pub fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    same(a, b)
+}
+
 fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

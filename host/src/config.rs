@@ -228,6 +228,10 @@ pub struct ServeArgs {
     /// without --auth; without it `serve` refuses to.
     #[arg(long)]
     pub insecure: bool,
+    /// `/metrics` answers only requests with `Authorization: Bearer` and
+    /// the token in this file (its first line).
+    #[arg(long, value_name = "FILE")]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 /// The safe defaults: a producer port beyond loopback needs TLS and
@@ -238,6 +242,7 @@ pub fn exposure(
     listen: SocketAddr,
     metrics: SocketAddr,
     auth: bool,
+    metrics_token: bool,
     insecure: bool,
 ) -> Result<Vec<String>, String> {
     let mut risks = Vec::new();
@@ -249,7 +254,7 @@ pub fn exposure(
         };
         risks.push(format!("producers and readers on {listen} {what}"));
     }
-    if !metrics.ip().is_loopback() {
+    if !metrics.ip().is_loopback() && !metrics_token {
         risks.push(format!("/metrics on {metrics} without a token"));
     }
     match risks.first() {
@@ -392,6 +397,7 @@ impl ServerConfig {
             args.listen,
             args.metrics,
             args.auth.is_some(),
+            args.metrics_token_file.is_some(),
             args.insecure,
         )? {
             eprintln!("eventstream: {warning}");
@@ -515,6 +521,13 @@ impl ServerConfig {
                 None => None,
             },
             legacy_unauthenticated: args.legacy_unauthenticated.clone(),
+            metrics_token: match &args.metrics_token_file {
+                Some(p) => Some(
+                    crate::auth::read_token_file(p)
+                        .map_err(|e| e.replace("--token-file", "--metrics-token-file"))?,
+                ),
+                None => None,
+            },
         })
     }
 }
@@ -549,12 +562,14 @@ mod tests {
         let lo6: SocketAddr = "[::1]:9464".parse().unwrap();
         let any: SocketAddr = "0.0.0.0:7000".parse().unwrap();
         let lan: SocketAddr = "10.1.2.3:9464".parse().unwrap();
-        assert_eq!(exposure(lo, lo6, false, false), Ok(vec![]));
-        let e = exposure(any, lo, true, false).unwrap_err();
+        assert_eq!(exposure(lo, lo6, false, false, false), Ok(vec![]));
+        let e = exposure(any, lo, true, false, false).unwrap_err();
         assert!(e.contains("0.0.0.0:7000 in plaintext (no TLS)") && e.contains("--insecure"));
-        let e = exposure(lo, lan, true, false).unwrap_err();
+        let e = exposure(lo, lan, true, false, false).unwrap_err();
         assert!(e.contains("/metrics on 10.1.2.3:9464"), "{e}");
-        let w = exposure(any, lan, false, true).unwrap();
+        // A metrics token lets /metrics beyond loopback.
+        assert_eq!(exposure(lo, lan, false, true, false), Ok(vec![]));
+        let w = exposure(any, lan, false, false, true).unwrap();
         assert_eq!(w.len(), 2);
         assert!(w[0].contains("without --auth") && w[1].contains("/metrics"));
     }

@@ -44,8 +44,8 @@ const SLOT_BITS: u32 = 32;
 /// What the endpoint counts, rendered into `/metrics` by `report`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HttpStats {
-    /// Answers sent, by status: 200, 400, 404, 405.
-    pub answers: [u64; 4],
+    /// Answers sent, by status: 200, 400, 401, 404, 405.
+    pub answers: [u64; 5],
     /// Connections closed because their request or answer missed its
     /// deadline, or a kept-alive one idled out.
     pub deadline_closes: u64,
@@ -58,7 +58,7 @@ pub struct HttpStats {
 }
 
 /// The statuses the endpoint answers with, in [`HttpStats::answers`] order.
-pub const STATUSES: [u16; 4] = [200, 400, 404, 405];
+pub const STATUSES: [u16; 5] = [200, 400, 401, 404, 405];
 
 struct Conn {
     stream: TcpStream,
@@ -88,6 +88,8 @@ enum Request {
     NotFound { head: bool, keep_alive: bool },
     /// A method other than GET and HEAD.
     Method,
+    /// `/metrics` without the bearer token `--metrics-token-file` asks for.
+    Unauthorized,
     /// Malformed, or carries a body.
     Bad,
 }
@@ -108,11 +110,15 @@ pub struct Endpoint {
     deferred: std::collections::VecDeque<usize>,
     /// Counters.
     pub stats: HttpStats,
+    /// SHA-256 of the bearer token `/metrics` asks for (`None`: none).
+    token: Option<[u8; 32]>,
 }
 
 impl Endpoint {
-    /// Serves on `listener` (made non-blocking here).
-    pub fn new(listener: TcpListener) -> io::Result<Self> {
+    /// Serves on `listener` (made non-blocking here); with `token`,
+    /// `/metrics` answers only requests carrying `Authorization: Bearer`
+    /// with it (others get 401).
+    pub fn new(listener: TcpListener, token: Option<&[u8]>) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         epoll.add(
@@ -130,6 +136,7 @@ impl Endpoint {
             tat: 0,
             deferred: std::collections::VecDeque::with_capacity(MAX_CONNECTIONS),
             stats: HttpStats::default(),
+            token: token.map(crate::auth::sha256),
         })
     }
 
@@ -307,7 +314,7 @@ impl Endpoint {
                     return;
                 }
                 self.tat = self.tat.max(t) + ANSWER_INTERVAL_NS;
-                let req = parse(&c.buf[..head_len]);
+                let req = parse(&c.buf[..head_len], self.token.as_ref());
                 c.buf.copy_within(head_len..c.len, 0);
                 c.len -= head_len;
                 let stats = self.stats;
@@ -379,8 +386,9 @@ fn head_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
-/// Reads a request head (request line and headers).
-fn parse(head: &[u8]) -> Request {
+/// Reads a request head (request line and headers); `token`: the digest
+/// of the bearer token `/metrics` needs.
+fn parse(head: &[u8], bearer: Option<&[u8; 32]>) -> Request {
     let Ok(text) = std::str::from_utf8(head) else {
         return Request::Bad;
     };
@@ -399,6 +407,7 @@ fn parse(head: &[u8]) -> Request {
     if !token(method) || !target.starts_with('/') {
         return Request::Bad;
     }
+    let mut bearer_ok = bearer.is_none();
     let mut keep_alive = match version {
         "HTTP/1.1" => true,
         "HTTP/1.0" => false,
@@ -419,6 +428,13 @@ fn parse(head: &[u8]) -> Request {
             // request.
             return Request::Bad;
         }
+        if let (true, Some(want), Some(got)) = (
+            name.eq_ignore_ascii_case("authorization"),
+            bearer,
+            value.strip_prefix("Bearer "),
+        ) {
+            bearer_ok = crate::auth::same_digest(&crate::auth::sha256(got.trim().as_bytes()), want);
+        }
         if name.eq_ignore_ascii_case("connection") {
             for opt in value.split(',').map(str::trim) {
                 if opt.eq_ignore_ascii_case("close") {
@@ -435,7 +451,9 @@ fn parse(head: &[u8]) -> Request {
         _ => return Request::Method,
     };
     let path = target.split('?').next().unwrap_or("");
-    if path == "/metrics" {
+    if path == "/metrics" && !bearer_ok {
+        Request::Unauthorized
+    } else if path == "/metrics" {
         Request::Metrics { head, keep_alive }
     } else {
         Request::NotFound { head, keep_alive }
@@ -464,6 +482,15 @@ fn answer(req: &Request, out: &mut Vec<u8>, render: impl FnOnce() -> String) -> 
             head,
             keep_alive,
             "",
+        ),
+        Request::Unauthorized => (
+            401,
+            "Unauthorized",
+            TEXT,
+            "a bearer token is needed\n".to_string(),
+            false,
+            false,
+            "WWW-Authenticate: Bearer realm=\"eventstream\"\r\n",
         ),
         Request::Method => (
             405,
@@ -497,79 +524,5 @@ fn answer(req: &Request, out: &mut Vec<u8>, render: impl FnOnce() -> String) -> 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heads_end_at_the_first_blank_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nrest"), Some(18));
-        assert_eq!(head_end(b"GET / HTTP/1.1\n\nrest"), Some(16));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
-        assert_eq!(head_end(b""), None);
-    }
-
-    #[test]
-    fn requests_are_read_as_the_endpoint_answers_them() {
-        let p = |s: &str| parse(s.as_bytes());
-        let get = |keep_alive| Request::Metrics {
-            head: false,
-            keep_alive,
-        };
-        assert_eq!(p("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), get(true));
-        assert_eq!(p("GET /metrics?x=1 HTTP/1.0\r\n\r\n"), get(false));
-        assert_eq!(
-            p("GET /metrics HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"),
-            get(true)
-        );
-        assert_eq!(
-            p("GET /metrics HTTP/1.1\r\nconnection: close\r\n\r\n"),
-            get(false)
-        );
-        assert_eq!(
-            p("HEAD /metrics HTTP/1.1\r\n\r\n"),
-            Request::Metrics {
-                head: true,
-                keep_alive: true
-            }
-        );
-        assert!(matches!(
-            p("GET /other HTTP/1.1\r\n\r\n"),
-            Request::NotFound { .. }
-        ));
-        assert_eq!(p("POST /metrics HTTP/1.1\r\n\r\n"), Request::Method);
-        for bad in [
-            "GET /metrics\r\n\r\n",
-            "GET  /metrics HTTP/1.1\r\n\r\n",
-            "GET metrics HTTP/1.1\r\n\r\n",
-            "GET /metrics HTTP/2.0\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nno colon\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "G(T /metrics HTTP/1.1\r\n\r\n",
-            "\r\n\r\n",
-        ] {
-            assert_eq!(p(bad), Request::Bad, "{bad:?}");
-        }
-        assert_eq!(parse(b"GET /\xff HTTP/1.1\r\n\r\n"), Request::Bad);
-    }
-
-    #[test]
-    fn answers_carry_length_type_and_connection() {
-        let mut out = Vec::new();
-        let req = Request::Metrics {
-            head: true,
-            keep_alive: true,
-        };
-        assert_eq!(answer(&req, &mut out, || "a 1\n".into()), (200, false));
-        let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
-        assert!(text.contains("Content-Type: text/plain; version=0.0.4"));
-        assert!(text.contains("Content-Length: 4\r\n"));
-        assert!(text.ends_with("Connection: keep-alive\r\n\r\n"), "{text}");
-        let mut out = Vec::new();
-        assert_eq!(answer(&Request::Method, &mut out, String::new), (405, true));
-        let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("Allow: GET, HEAD\r\n"));
-        assert!(text.ends_with("only GET and HEAD\n"));
-    }
-}
+#[path = "endpoint_tests.rs"]
+mod tests;

@@ -81,8 +81,13 @@ pub fn summary_line(shared: &Shared, snap: &Snapshot, prev: &Snapshot, secs: f64
 /// Runs housekeeping until shutdown: the `/metrics` endpoint (which never
 /// waits on a client), and once a second the summary line, the effective
 /// dedup window and its warning.
-pub fn run_housekeeping(listener: TcpListener, dedup: DedupRef<'static>, shared: Arc<Shared>) {
-    let mut endpoint = match Endpoint::new(listener) {
+pub fn run_housekeeping(
+    listener: TcpListener,
+    metrics_token: Option<Vec<u8>>,
+    dedup: DedupRef<'static>,
+    shared: Arc<Shared>,
+) {
+    let mut endpoint = match Endpoint::new(listener, metrics_token.as_deref()) {
         Ok(e) => Some(e),
         Err(e) => {
             eprintln!("eventstream: metrics endpoint failed, serving no metrics: {e}");

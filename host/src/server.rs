@@ -499,12 +499,13 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             }),
         )?;
     }
+    let metrics_token = cfg.metrics_token.clone();
     let s = shared.clone();
     spawn(
         "housekeeping",
         0,
         Box::new(move || {
-            crate::report::run_housekeeping(metrics_listener, dedup, s);
+            crate::report::run_housekeeping(metrics_listener, metrics_token, dedup, s);
             Ok(())
         }),
     )?;

@@ -464,3 +464,39 @@ fn a_port_beyond_loopback_is_refused_without_insecure() {
         assert!(lines[0].contains("--insecure"), "{}", lines[0]);
     }
 }
+
+#[test]
+fn metrics_may_ask_for_a_bearer_token() {
+    let dir = TempDir::new("auth-metrics");
+    let token = dir.path().join("metrics.token");
+    std::fs::write(&token, "scrape-secret\n").unwrap();
+    let server = Server::start(
+        &dir.data(),
+        &["--metrics-token-file", token.to_str().unwrap()],
+    );
+    let get = |auth: Option<&str>| -> String {
+        let mut s = TcpStream::connect(server.metrics).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let header = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    for bad in [None, Some("Bearer nope"), Some("Basic scrape-secret")] {
+        let t = get(bad);
+        assert!(t.starts_with("HTTP/1.1 401 "), "{bad:?}: {t}");
+        assert!(t.contains("WWW-Authenticate: Bearer"), "{t}");
+        assert!(!t.contains("eventstream_"), "no figures without the token");
+    }
+    let t = get(Some("Bearer scrape-secret"));
+    assert!(t.starts_with("HTTP/1.1 200 "), "{t}");
+    assert!(
+        t.contains("eventstream_metrics_requests_total{code=\"401\"} 3"),
+        "{t}"
+    );
+}
