@@ -81,19 +81,30 @@ pub struct Auth {
     tokens: Vec<Arc<Rights>>,
 }
 
-/// The token in `path` (its first line), for the client commands'
-/// `--token-file`.
-pub fn read_token_file(path: &Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+pub use eventstream_core::wire::read::MAX_TOKEN;
+
+/// The token in the file the flag `flag` names (`None`: no flag): its
+/// first line without surrounding white space, 1..=`max` bytes. Tokens are
+/// kept in files, never on a command line.
+pub fn token_file(flag: &str, path: Option<&Path>, max: usize) -> Result<Option<String>, String> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     let token = text.lines().next().unwrap_or("").trim();
-    if token.is_empty() || token.len() > 512 {
+    if token.is_empty() || token.len() > max {
         return Err(format!(
-            "--token-file {}: the first line must hold a token of 1..=512 bytes",
+            "{flag} {}: the first line must hold a token of 1..={max} bytes",
             path.display()
         ));
     }
-    Ok(token.as_bytes().to_vec())
+    Ok(Some(token.to_string()))
+}
+
+/// A HELLO token from `--token-file` (the client commands).
+pub fn hello_token(path: Option<&Path>) -> Result<Option<Vec<u8>>, String> {
+    Ok(token_file("--token-file", path, MAX_TOKEN)?.map(String::into_bytes))
 }
 
 /// The SHA-256 digest of `bytes`.
@@ -202,12 +213,6 @@ impl Auth {
         found
     }
 
-    /// Whether the token of `rights` is still in this file (after a
-    /// reload): the same name and digest.
-    pub fn still_has(&self, rights: &Rights) -> bool {
-        self.refresh(rights).is_some()
-    }
-
     /// The rights this file gives the token of `rights` (None: revoked).
     pub fn refresh(&self, rights: &Rights) -> Option<Arc<Rights>> {
         self.tokens
@@ -297,9 +302,9 @@ mod tests {
         let o = auth.check(b"ops-secret").unwrap();
         assert!(o.may_produce(b"x") && o.may_read(b"") && o.may_use_group(b"any"));
         assert!(auth.check(b"alice-secreT").is_none() && auth.check(b"").is_none());
-        assert!(auth.still_has(&a));
+        assert!(auth.refresh(&a).is_some());
         let reloaded = Auth::parse(&text.replace("token ops", "# token ops")).unwrap();
-        assert!(reloaded.still_has(&a) && !reloaded.still_has(&o));
+        assert!(reloaded.refresh(&a).is_some() && reloaded.refresh(&o).is_none());
     }
 
     #[test]

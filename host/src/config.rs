@@ -521,13 +521,12 @@ impl ServerConfig {
                 None => None,
             },
             legacy_unauthenticated: args.legacy_unauthenticated.clone(),
-            metrics_token: match &args.metrics_token_file {
-                Some(p) => Some(
-                    crate::auth::read_token_file(p)
-                        .map_err(|e| e.replace("--token-file", "--metrics-token-file"))?,
-                ),
-                None => None,
-            },
+            metrics_token: crate::auth::token_file(
+                "--metrics-token-file",
+                args.metrics_token_file.as_deref(),
+                crate::auth::MAX_TOKEN,
+            )?
+            .map(String::into_bytes),
         })
     }
 }

@@ -109,10 +109,7 @@ pub fn run(args: &ConsumeArgs) -> Result<(), String> {
         classes: args.class.clone(),
         follow: args.follow,
         read_timeout: None,
-        token: match &args.token_file {
-            Some(p) => Some(crate::auth::read_token_file(p)?),
-            None => None,
-        },
+        token: crate::auth::hello_token(args.token_file.as_deref())?,
         ..ConsumerOptions::default()
     };
     let mut consumer = match Consumer::connect(args.target.as_str(), opts.clone()) {

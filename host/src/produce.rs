@@ -87,12 +87,8 @@ pub fn run(args: &ProduceArgs) -> Result<(), String> {
 
 /// Sends one event per line of `input`; an error if any was not stored.
 pub fn produce(args: &ProduceArgs, input: impl BufRead) -> Result<(), String> {
-    let token = match &args.token_file {
-        Some(p) => Some(crate::auth::read_token_file(p)?),
-        None => None,
-    };
     let opts = eventstream_client::Options {
-        token,
+        token: crate::auth::hello_token(args.token_file.as_deref())?,
         ..Default::default()
     };
     let mut p = Producer::with_options(args.target.as_str(), opts)

@@ -58,17 +58,10 @@ struct Family {
 
 /// The forwarder's lag: events, seconds (zeros without --forward).
 fn forward_lag(c: &Ctx) -> (f64, f64) {
-    let f = &c.shared.forward;
-    match c.shared.readers.tail.get() {
-        Some(t) if f.enabled.load(Ordering::Relaxed) => {
-            let end = t.written.load().offset;
-            (
-                f.lag_events(end) as f64,
-                f.lag_seconds(end, crate::sys::wall_ns()),
-            )
-        }
-        _ => (0.0, 0.0),
-    }
+    c.shared
+        .forward
+        .lag(c.shared.readers.tail.get())
+        .map_or((0.0, 0.0), |(events, secs)| (events as f64, secs))
 }
 
 fn relaxed(a: &std::sync::atomic::AtomicU64) -> f64 {

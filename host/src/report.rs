@@ -43,21 +43,16 @@ pub fn summary_line(shared: &Shared, snap: &Snapshot, prev: &Snapshot, secs: f64
     }
     let depth = |i: usize| shared.gauges.depth(RingGauge::ALL[i]);
     let f = &shared.forward;
-    let forward = match shared.readers.tail.get() {
-        Some(t) if f.enabled.load(Ordering::Relaxed) => {
-            let end = t.written.load().offset;
-            format!(
-                " | fwd lag {} ev {:.1}s{}",
-                f.lag_events(end),
-                f.lag_seconds(end, crate::sys::wall_ns()),
-                if f.up.load(Ordering::Relaxed) {
-                    ""
-                } else {
-                    " (down)"
-                }
-            )
-        }
-        _ => String::new(),
+    let forward = match f.lag(shared.readers.tail.get()) {
+        Some((events, secs)) => format!(
+            " | fwd lag {events} ev {secs:.1}s{}",
+            if f.up.load(Ordering::Relaxed) {
+                ""
+            } else {
+                " (down)"
+            }
+        ),
+        None => String::new(),
     };
     format!(
         "eventstream: in {:.0}/s stored {:.0}/s dup {} rej {} | p50 {} p99 {} p99.9 {} | rings rt {} tx {} b {} st {} | pool free {} | conns {}{}",

@@ -60,6 +60,25 @@ fn answer_and_close(server: &Server, bytes: &[u8]) -> (Ack, bool) {
     (ack, c.closed_within(Duration::from_secs(5)))
 }
 
+/// A read session opened with `first` (a HELLO, or nothing) in front of
+/// the request `r`: the HELLO's answer checked, the session answer read.
+fn session(server: &Server, first: &[u8], r: ReadRequest<'_>) -> (TcpStream, SessionAnswer) {
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut bytes = first.to_vec();
+    bytes.extend_from_slice(&request(&r));
+    s.write_all(&bytes).unwrap();
+    if !first.is_empty() {
+        let mut a = [0u8; 24];
+        s.read_exact(&mut a).unwrap();
+        assert_eq!(a.to_vec(), unhex(ACCEPTED));
+    }
+    let mut a = [0u8; SESSION_ANSWER_LEN];
+    s.read_exact(&mut a).unwrap();
+    let answer = SessionAnswer::decode(&a).unwrap();
+    (s, answer)
+}
+
 fn ev(id: u64, topic: &str) -> Vec<u8> {
     frame(id, Priority::Medium, topic, b"payload", true)
 }
@@ -170,21 +189,7 @@ fn tokens_grant_their_rights_and_refuse_the_rest() {
     check_good(&mut good);
 
     // Read sessions: no HELLO, a prefix or a group outside the rights.
-    let read = |first: &[u8], r: ReadRequest<'_>| -> SessionAnswer {
-        let mut s = TcpStream::connect(server.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut bytes = first.to_vec();
-        bytes.extend_from_slice(&request(&r));
-        s.write_all(&bytes).unwrap();
-        if !first.is_empty() {
-            let mut a = [0u8; 24];
-            s.read_exact(&mut a).unwrap();
-            assert_eq!(a.to_vec(), unhex(ACCEPTED));
-        }
-        let mut a = [0u8; SESSION_ANSWER_LEN];
-        s.read_exact(&mut a).unwrap();
-        SessionAnswer::decode(&a).unwrap()
-    };
+    let read = |first: &[u8], r: ReadRequest<'_>| session(&server, first, r).1;
     let a = read(b"", base_request());
     assert_eq!(a.reason, Some(Reason::Unauthorized));
     let alice_hello = hello(b"alice-secret");
@@ -374,39 +379,31 @@ fn sighup_reloads_the_tokens_and_closes_what_a_revoked_one_opened() {
     alice.send(&bytes);
     assert_eq!(alice.acks(2)[1].status, Status::Stored);
     // Her follower.
-    let mut reader = TcpStream::connect(server.addr).unwrap();
-    reader
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut req = hello(b"alice-secret");
-    req.extend_from_slice(&request(&ReadRequest {
-        prefix: b"orders.",
-        follow: true,
-        ..base_request()
-    }));
-    reader.write_all(&req).unwrap();
-    let mut a = [0u8; 24 + SESSION_ANSWER_LEN];
-    reader.read_exact(&mut a).unwrap();
-    assert_eq!(SessionAnswer::decode(&a[24..]).unwrap().reason, None);
+    let (mut reader, a) = session(
+        &server,
+        &hello(b"alice-secret"),
+        ReadRequest {
+            prefix: b"orders.",
+            follow: true,
+            ..base_request()
+        },
+    );
+    assert_eq!(a.reason, None);
     let mut ops = server.connect();
     let mut bytes = hello(b"ops-secret");
     bytes.extend_from_slice(&ev(2, "x"));
     ops.send(&bytes);
     assert_eq!(ops.acks(2)[1].status, Status::Stored);
     // ops follows every topic.
-    let mut ops_reader = TcpStream::connect(server.addr).unwrap();
-    ops_reader
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut req = hello(b"ops-secret");
-    req.extend_from_slice(&request(&ReadRequest {
-        follow: true,
-        ..base_request()
-    }));
-    ops_reader.write_all(&req).unwrap();
-    let mut a = [0u8; 24 + SESSION_ANSWER_LEN];
-    ops_reader.read_exact(&mut a).unwrap();
-    assert_eq!(SessionAnswer::decode(&a[24..]).unwrap().reason, None);
+    let (mut ops_reader, a) = session(
+        &server,
+        &hello(b"ops-secret"),
+        ReadRequest {
+            follow: true,
+            ..base_request()
+        },
+    );
+    assert_eq!(a.reason, None);
 
     // A file that does not load changes nothing.
     std::fs::write(&file, "token broken\n").unwrap();

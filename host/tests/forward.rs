@@ -113,6 +113,13 @@ fn assert_mirrors(msgs: &[StreamMsg], data: &Path) {
     assert_eq!(ids.len(), msgs.len(), "a Nats-Msg-Id twice in the stream");
 }
 
+/// A nats-server with JetStream under `dir`, ready.
+fn nats(dir: &TempDir) -> Nats {
+    let nats = Nats::start(dir.path());
+    nats.wait_ready(WAIT);
+    nats
+}
+
 fn serve_forwarding(data: &Path, urls: &str, extra: &[&str]) -> Server {
     let mut args: Vec<String> = forward_args(urls, STREAM);
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -123,8 +130,7 @@ fn serve_forwarding(data: &Path, urls: &str, extra: &[&str]) -> Server {
 #[test]
 fn the_stream_holds_exactly_the_stored_events() {
     let dir = TempDir::new("fwd-all");
-    let nats = Nats::start(dir.path());
-    nats.wait_ready(WAIT);
+    let nats = nats(&dir);
     let server = serve_forwarding(&dir.data(), &nats.url(), &["--batch-max-age", "5ms"]);
     load(&server, 100_000);
     legacy(&server, 500, 100_000);
@@ -156,8 +162,7 @@ fn committed_cursor(data: &Path) -> u64 {
 #[test]
 fn a_kill_in_the_middle_of_forwarding_leaves_each_event_once() {
     let dir = TempDir::new("fwd-kill");
-    let nats = Nats::start(dir.path());
-    nats.wait_ready(WAIT);
+    let nats = nats(&dir);
     let server = serve_forwarding(&dir.data(), &nats.url(), &[]);
     let mut producer = std::process::Command::new(BIN)
         .args(["load", "--target", &server.addr.to_string()])
@@ -242,8 +247,7 @@ fn a_nats_that_starts_late_is_caught_up_with() {
 #[test]
 fn two_servers_store_a_transactional_id_once_and_keep_the_rest() {
     let dir = TempDir::new("fwd-two");
-    let nats = Nats::start(dir.path());
-    nats.wait_ready(WAIT);
+    let nats = nats(&dir);
     let a_dir = dir.path().join("a");
     let b_dir = dir.path().join("b");
     let a = serve_forwarding(&a_dir, &nats.url(), &["--batch-max-age", "5ms"]);
@@ -305,8 +309,7 @@ fn two_servers_store_a_transactional_id_once_and_keep_the_rest() {
 #[test]
 fn a_missing_stream_without_create_and_bad_flags_stop_the_start() {
     let dir = TempDir::new("fwd-flags");
-    let nats = Nats::start(dir.path());
-    nats.wait_ready(WAIT);
+    let nats = nats(&dir);
     let url = nats.url();
     let f = Server::try_start(
         &dir.data(),
@@ -417,8 +420,7 @@ fn a_server_forwarding_to_an_absent_nats_stops_promptly_and_keeps_its_cursor() {
 #[test]
 fn under_fsync_never_the_forwarder_makes_what_it_sends_durable() {
     let dir = TempDir::new("fwd-never");
-    let nats = Nats::start(dir.path());
-    nats.wait_ready(WAIT);
+    let nats = nats(&dir);
     let server = serve_forwarding(&dir.data(), &nats.url(), &["--fsync", "never"]);
     load(&server, 5_000);
     caught_up(&server, Duration::from_secs(30));

@@ -224,7 +224,7 @@ struct Conn {
 /// Sends a HELLO with `token` on `stream` and waits for its answer; a
 /// refused token is [`Error::Fatal`] UNAUTHORIZED.
 pub fn hello(stream: &mut TcpStream, token: &[u8]) -> Result<(), Error> {
-    if token.is_empty() || token.len() > 512 {
+    if !(1..=eventstream_core::wire::read::MAX_TOKEN).contains(&token.len()) {
         return Err(Error::Encode("a token of 1..=512 bytes"));
     }
     let h = eventstream_core::wire::read::Hello { token };

@@ -170,6 +170,32 @@ impl LogReader {
         Ok(true)
     }
 
+    /// How far the open segment is durable, and whether it is closed and
+    /// whole (a newer segment is durable); None: nothing durable in it yet.
+    fn durable_end(&mut self) -> io::Result<Option<(u64, bool)>> {
+        let Some(seg) = &mut self.seg else {
+            return Ok(None);
+        };
+        let durable = self.tail.durable.load();
+        if durable.base == seg.entry.base {
+            return Ok(Some((durable.bytes, false)));
+        }
+        if durable.base < seg.entry.base {
+            return Ok(None);
+        }
+        if seg.entry.closed_len.is_none() {
+            // The catalog copy predates the roll: take it anew.
+            let (catalog, _) = self.tail.segments();
+            match catalog.iter().find(|s| s.base == seg.entry.base) {
+                Some(e) => seg.entry = e.clone(),
+                // Deleted by retention: its file's length is final.
+                None => return Ok(Some((seg.file.metadata()?.len(), true))),
+            }
+        }
+        // Not closed in the catalog yet: later.
+        Ok(seg.entry.closed_len.map(|len| (len, true)))
+    }
+
     /// Hands on the durable events from the cursor to `each`, whole
     /// records at a time, until `max` or more are handed on (at most one
     /// record's events past `max`).
@@ -183,35 +209,10 @@ impl LogReader {
             if self.seg.is_none() && !self.locate(&mut found)? {
                 break;
             }
-            let Some(seg) = &self.seg else { break };
-            let durable = self.tail.durable.load();
-            let closed = durable.base > seg.entry.base;
-            let end = if durable.base == seg.entry.base {
-                durable.bytes
-            } else if closed {
-                match seg.entry.closed_len {
-                    Some(len) => len,
-                    None => {
-                        // The catalog copy predates the roll: take it anew.
-                        let (catalog, _) = self.tail.segments();
-                        match catalog.iter().find(|s| s.base == seg.entry.base) {
-                            Some(e) if e.closed_len.is_some() => {
-                                let e = e.clone();
-                                if let Some(s) = &mut self.seg {
-                                    s.entry = e;
-                                }
-                                continue;
-                            }
-                            // Not closed in the catalog yet: later.
-                            Some(_) => break,
-                            // Deleted by retention: its file's length is final.
-                            None => seg.file.metadata()?.len(),
-                        }
-                    }
-                }
-            } else {
+            let Some((end, closed)) = self.durable_end()? else {
                 break;
             };
+            let Some(seg) = &self.seg else { break };
             if seg.pos >= end {
                 if closed && self.advance()? {
                     continue;

@@ -14,7 +14,7 @@ mod publish;
 mod subject;
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -149,18 +149,12 @@ impl ForwardArgs {
         if self.forward_ack_timeout.is_zero() {
             return Err("--forward-ack-timeout must be above zero".into());
         }
-        let token = match &self.forward_token_file {
-            Some(p) => {
-                let text = fs::read_to_string(p)
-                    .map_err(|e| format!("--forward-token-file {}: {e}", p.display()))?;
-                let t = text.lines().next().unwrap_or("").trim().to_string();
-                if t.is_empty() {
-                    return Err(format!("--forward-token-file {}: empty", p.display()));
-                }
-                Some(t)
-            }
-            None => None,
-        };
+        // NATS tokens are not HELLO tokens: no 512-byte bound of ours.
+        let token = crate::auth::token_file(
+            "--forward-token-file",
+            self.forward_token_file.as_deref(),
+            usize::MAX,
+        )?;
         Ok(Some(ForwardConfig {
             servers,
             stream,
@@ -201,6 +195,17 @@ pub struct ForwardStats {
 }
 
 impl ForwardStats {
+    /// The lag now, against the log's written end: (events, seconds);
+    /// None without `--forward`.
+    pub fn lag(&self, tail: Option<&Arc<LogTail>>) -> Option<(u64, f64)> {
+        let tail = tail.filter(|_| self.enabled.load(Ordering::Relaxed))?;
+        let end = tail.written.load().offset;
+        Some((
+            self.lag_events(end),
+            self.lag_seconds(end, crate::sys::wall_ns()),
+        ))
+    }
+
     /// Events stored and not yet acked by JetStream.
     pub fn lag_events(&self, end: u64) -> u64 {
         end.saturating_sub(self.acked_offset.load(Ordering::Relaxed))
@@ -240,15 +245,8 @@ pub fn server_id(dir: &Path) -> Result<String, String> {
         .and_then(|mut f| f.read_exact(&mut raw))
         .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
     let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = dir.join("server_id.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(format!("{id}\n").as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    crate::storage::replace_durably(dir, SERVER_ID_FILE, format!("{id}\n").as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(id)
 }
 

@@ -226,11 +226,8 @@ impl Loop {
         }
         self.last_peek = Some(Instant::now());
         // Not durable yet: not readable, age unknown (0) until it is.
-        let recv = self.reader.peek_recv_ns().ok().flatten();
-        let recv = recv.unwrap_or(0);
-        self.p
-            .shared
-            .forward
+        let recv = self.reader.peek_recv_ns().ok().flatten().unwrap_or(0);
+        self.stats()
             .oldest_unacked_ns
             .store(recv, Ordering::Relaxed);
         if recv != 0 {
@@ -239,8 +236,8 @@ impl Loop {
     }
 
     /// Sends the cursor to the commit thread if it moved and is due.
-    fn commit(&mut self, force: bool) {
-        if self.acked == self.committed || (!force && self.last_commit.elapsed() < COMMIT_EVERY) {
+    fn commit(&mut self) {
+        if self.acked == self.committed || self.last_commit.elapsed() < COMMIT_EVERY {
             return;
         }
         self.p.groups.commit(CommitReq {
@@ -381,6 +378,10 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         p.cfg.servers.join(","),
         p.server_id
     );
+    // Twice what may be in flight (one record of up to 65,535 events past
+    // --forward-max-pending): a dropped ack (after a failure) keeps its
+    // permit until its own timeout, and nothing waits for room.
+    let room = 2 * (IN_FLIGHT_ROOM + p.cfg.max_pending);
     let mut opts = async_nats::ConnectOptions::new()
         .name("eventstream-forward")
         .retry_on_initial_connect()
@@ -388,21 +389,18 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         .reconnect_delay_callback(|n| Duration::from_millis((n as u64 * 100).min(1000)))
         // Room for every publish in flight: a publish never waits for the
         // client's queue.
-        .client_capacity(IN_FLIGHT_ROOM.saturating_mul(2) + 2 * p.cfg.max_pending);
+        .client_capacity(room);
     if let Some(t) = &p.cfg.token {
         opts = opts.token(t.clone());
     }
     let client = async_nats::connect_with_options(p.cfg.servers.clone(), opts)
         .await
         .map_err(|e| format!("forward: cannot start the NATS client: {e}"))?;
-    // A dropped ack (after a failure) keeps its permit until its own
-    // timeout: room for twice what may be in flight (one record of up to
-    // 65,535 events past --forward-max-pending), and no waiting for it.
     let js = ContextBuilder::new()
         .timeout(p.cfg.ack_timeout)
         .ack_timeout(p.cfg.ack_timeout)
         .backpressure_on_inflight(false)
-        .max_ack_inflight(IN_FLIGHT_ROOM.saturating_mul(2) + 2 * p.cfg.max_pending)
+        .max_ack_inflight(room)
         .build(client.clone());
     let reader = LogReader::new(p.tail.clone(), p.gaps.clone(), start);
     let mut l = Loop {
@@ -480,7 +478,7 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         }
         if l.pending.is_empty() {
             l.note_oldest();
-            l.commit(false);
+            l.commit();
             l.sync_if_stale();
             nap(idle, &l.p.shared).await;
             idle = (idle * 2).min(IDLE_MAX);
@@ -488,7 +486,7 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
         }
         idle = IDLE_MIN;
         l.take_acks(None).await;
-        l.commit(false);
+        l.commit();
     }
     // Shutdown: the acks in flight, then the cursor, saved here (the
     // commit thread may be gone).

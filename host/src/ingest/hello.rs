@@ -4,13 +4,13 @@
 //! off) is answered STORED/NONE and the decoder goes on; anything else is
 //! FATAL UNAUTHORIZED.
 
-use eventstream_core::wire::read::{Hello, HELLO_ACCEPTED};
+use eventstream_core::wire::read::{Hello, HELLO_ACCEPTED, HELLO_MIN, MAX_TOKEN};
 
 use super::conns::ensure_out;
 use super::*;
 
-/// The longest HELLO: 16 bytes and a 512-byte token.
-pub(super) const HELLO_MAX: usize = 16 + 512;
+/// The longest HELLO.
+pub(super) const HELLO_MAX: usize = HELLO_MIN + MAX_TOKEN;
 
 impl<D: Downstream> Ingest<D> {
     /// After a reload of the `--auth` file (SIGHUP): a connection whose
@@ -61,7 +61,7 @@ impl<D: Downstream> Ingest<D> {
                 None => 8,
                 Some(l) => {
                     let len = u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize;
-                    if !(16..=HELLO_MAX).contains(&len) {
+                    if !(HELLO_MIN..=HELLO_MAX).contains(&len) {
                         return (used, Some(Reason::Unauthorized));
                     }
                     len

@@ -224,10 +224,7 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let mut opened = Vec::new();
     let mut readers = Vec::new();
-    let token = match &args.token_file {
-        Some(p) => Some(crate::auth::read_token_file(p)?),
-        None => None,
-    };
+    let token = crate::auth::hello_token(args.token_file.as_deref())?;
     for c in 0..u64::from(args.connections) {
         let mut stream = TcpStream::connect(args.target)
             .map_err(|e| format!("cannot connect to {}: {e}", args.target))?;

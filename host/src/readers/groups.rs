@@ -15,8 +15,8 @@
 //! thread's, `SyncTargets::sync`).
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -198,12 +198,7 @@ impl Groups {
         }
         let crc = eventstream_core::crc32c::checksum(text.as_bytes());
         text.push_str(&format!("crc {crc:08x}\n"));
-        let tmp = self.dir.join("groups.tmp");
-        let mut f = File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.dir.join(GROUPS_FILE))?;
-        File::open(&self.dir)?.sync_all()
+        crate::storage::replace_durably(&self.dir, GROUPS_FILE, text.as_bytes())
     }
 }
 

@@ -184,11 +184,7 @@ pub fn max_record_bytes(dir: &std::path::Path, now: u32) -> Result<u32, String> 
     if now <= before {
         return Ok(before);
     }
-    let tmp = dir.join("max_record.tmp");
-    std::fs::write(&tmp, format!("{now}\n"))
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .and_then(|()| std::fs::File::open(dir)?.sync_all())
+    crate::storage::replace_durably(dir, MAX_RECORD_FILE, format!("{now}\n").as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(now)
 }

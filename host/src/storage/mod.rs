@@ -163,6 +163,19 @@ struct Owed {
     dir: bool,
 }
 
+/// Replaces `dir/name` with `bytes` so that a crash leaves the old file or
+/// the new one, whole: written to `name.tmp`, fsynced, renamed, and the
+/// directory fsynced (the data dir's small files: consumer groups, the
+/// largest record size, the server id).
+pub fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}
+
 /// `m`'s guard, also after a panic elsewhere poisoned it: what these
 /// locks hold (a file handle, a to-do list) is whole between any two
 /// statements.
