@@ -91,9 +91,10 @@ pub enum DropPagesArg {
 /// `eventstream serve` flags.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Address to accept producers on.
-    #[arg(long, default_value = "127.0.0.1:7000")]
-    pub listen: SocketAddr,
+    /// Address to accept producers and readers on in plaintext; `none`:
+    /// only `--tls-listen`.
+    #[arg(long, default_value = "127.0.0.1:7000", value_parser = parse_listen)]
+    pub listen: Listen,
     /// Data directory (created if missing).
     #[arg(long, default_value = "./data")]
     pub data: PathBuf,
@@ -224,48 +225,17 @@ pub struct ServeArgs {
     /// to topics starting with this; without it they are refused.
     #[arg(long, value_name = "TOPIC_PREFIX")]
     pub legacy_unauthenticated: Option<String>,
-    /// Listen beyond loopback in plaintext (there is no TLS yet) or
-    /// without --auth; without it `serve` refuses to.
+    /// TLS for producers and readers.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    /// Listen beyond loopback in plaintext or without --auth; without it
+    /// `serve` refuses to.
     #[arg(long)]
     pub insecure: bool,
     /// `/metrics` answers only requests with `Authorization: Bearer` and
     /// the token in this file (its first line).
     #[arg(long, value_name = "FILE")]
     pub metrics_token_file: Option<PathBuf>,
-}
-
-/// The safe defaults: a producer port beyond loopback needs TLS and
-/// `--auth`, a metrics port beyond loopback a token; `--insecure` lets
-/// either be exposed anyway, with a warning (returned). TLS does not exist
-/// yet, so a producer port beyond loopback always needs `--insecure`.
-pub fn exposure(
-    listen: SocketAddr,
-    metrics: SocketAddr,
-    auth: bool,
-    metrics_token: bool,
-    insecure: bool,
-) -> Result<Vec<String>, String> {
-    let mut risks = Vec::new();
-    if !listen.ip().is_loopback() {
-        let what = if auth {
-            "in plaintext (no TLS)"
-        } else {
-            "in plaintext (no TLS) and without --auth"
-        };
-        risks.push(format!("producers and readers on {listen} {what}"));
-    }
-    if !metrics.ip().is_loopback() && !metrics_token {
-        risks.push(format!("/metrics on {metrics} without a token"));
-    }
-    match risks.first() {
-        Some(first) if !insecure => Err(format!(
-            "refusing to serve {first}: anyone on the network could use it; keep it on loopback, or give --insecure"
-        )),
-        _ => Ok(risks
-            .into_iter()
-            .map(|r| format!("warning: --insecure: serving {r}"))
-            .collect()),
-    }
 }
 
 /// `eventstream inspect` flags.
@@ -285,6 +255,20 @@ pub struct InspectArgs {
     /// Events to print at most.
     #[arg(long)]
     pub limit: Option<u64>,
+}
+
+/// `--listen`: an address, or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+/// Parses `--listen`: `ADDR` or `none`.
+pub fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "none" {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|_| format!("{s:?} is not an address (HOST:PORT) or none"))
 }
 
 /// Parses `never`, `always` or `interval:<ms>`.
@@ -393,8 +377,13 @@ impl ServerConfig {
         if window_ms == 0 || window_ms > i32::MAX as u128 {
             return Err("--dedup-window must be between 1ms and 24d".into());
         }
-        for warning in exposure(
-            args.listen,
+        let tls = crate::tls::TlsFiles::from_args(&args.tls)?;
+        if args.listen.0.is_none() && tls.is_none() {
+            return Err("--listen none needs --tls-listen".into());
+        }
+        for warning in crate::exposure::exposure(
+            args.listen.0,
+            args.tls.tls_listen,
             args.metrics,
             args.auth.is_some(),
             args.metrics_token_file.is_some(),
@@ -460,7 +449,9 @@ impl ServerConfig {
             return Err(format!("topic {t:?} is longer than --max-topic"));
         }
         Ok(ServerConfig {
-            listen: args.listen,
+            listen: args.listen.0,
+            tls_listen: args.tls.tls_listen,
+            tls,
             data: args.data,
             metrics: args.metrics,
             fsync: args.fsync,
@@ -553,23 +544,5 @@ mod tests {
         assert_eq!(parse_duration_us("50us"), Ok(Duration::from_micros(50)));
         assert_eq!(parse_duration_us("0ms"), Ok(Duration::ZERO));
         assert!(parse_duration_us("xus").is_err());
-    }
-
-    #[test]
-    fn ports_beyond_loopback_need_insecure() {
-        let lo: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-        let lo6: SocketAddr = "[::1]:9464".parse().unwrap();
-        let any: SocketAddr = "0.0.0.0:7000".parse().unwrap();
-        let lan: SocketAddr = "10.1.2.3:9464".parse().unwrap();
-        assert_eq!(exposure(lo, lo6, false, false, false), Ok(vec![]));
-        let e = exposure(any, lo, true, false, false).unwrap_err();
-        assert!(e.contains("0.0.0.0:7000 in plaintext (no TLS)") && e.contains("--insecure"));
-        let e = exposure(lo, lan, true, false, false).unwrap_err();
-        assert!(e.contains("/metrics on 10.1.2.3:9464"), "{e}");
-        // A metrics token lets /metrics beyond loopback.
-        assert_eq!(exposure(lo, lan, false, true, false), Ok(vec![]));
-        let w = exposure(any, lan, false, false, true).unwrap();
-        assert_eq!(w.len(), 2);
-        assert!(w[0].contains("without --auth") && w[1].contains("/metrics"));
     }
 }

@@ -33,6 +33,9 @@ pub struct ConsumeArgs {
     /// A file whose first line is the token, for a server with --auth.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
+    /// TLS (to a server's `--tls-listen` port).
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// Where to start: earliest, latest, committed (needs --group) or an
     /// offset.
     #[arg(long, default_value = "earliest", value_parser = parse_from)]
@@ -110,6 +113,7 @@ pub fn run(args: &ConsumeArgs) -> Result<(), String> {
         follow: args.follow,
         read_timeout: None,
         token: crate::auth::hello_token(args.token_file.as_deref())?,
+        tls: args.tls.client()?,
         ..ConsumerOptions::default()
     };
     let mut consumer = match Consumer::connect(args.target.as_str(), opts.clone()) {

@@ -59,6 +59,9 @@ pub struct ProduceArgs {
     /// A file whose first line is the token, for a server with --auth.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
+    /// TLS (to a server's `--tls-listen` port).
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// The events' topic.
     #[arg(long)]
     pub topic: String,
@@ -89,6 +92,7 @@ pub fn run(args: &ProduceArgs) -> Result<(), String> {
 pub fn produce(args: &ProduceArgs, input: impl BufRead) -> Result<(), String> {
     let opts = eventstream_client::Options {
         token: crate::auth::hello_token(args.token_file.as_deref())?,
+        tls: args.tls.client()?,
         ..Default::default()
     };
     let mut p = Producer::with_options(args.target.as_str(), opts)

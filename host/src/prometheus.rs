@@ -432,7 +432,58 @@ static FAMILIES: &[Family] = &[
         help: "Open connections to the /metrics endpoint.",
         samples: Samples::One(|c| c.http.open as f64),
     },
+    Family {
+        name: "eventstream_tls_connections",
+        kind: Kind::Gauge,
+        help: "Open TLS connections (producers, readers, handshakes under way).",
+        samples: Samples::One(|c| tls(c, |t| relaxed(&t.open))),
+    },
+    Family {
+        name: "eventstream_tls_handshakes_total",
+        kind: Kind::Counter,
+        help: "TLS handshakes completed.",
+        samples: Samples::One(|c| tls(c, |t| relaxed(&t.handshakes))),
+    },
+    Family {
+        name: "eventstream_tls_handshake_failures_total",
+        kind: Kind::Counter,
+        help: "TLS handshakes failed, by cause (timeout: not done within --frame-timeout; peer_alert: the client refused our certificate; client_cert, no_client_cert: with --tls-client-ca; malformed: not TLS).",
+        samples: Samples::Labeled("cause", |c, out| {
+            for (i, cause) in crate::tls::Cause::ALL.iter().enumerate() {
+                out(cause.name(), tls(c, |t| relaxed(&t.failures[i])));
+            }
+        }),
+    },
+    Family {
+        name: "eventstream_tls_reload_failures_total",
+        kind: Kind::Counter,
+        help: "SIGHUP reloads of the TLS certificate and key that failed (the old ones stay).",
+        samples: Samples::One(|c| tls(c, |t| relaxed(&t.reload_failures))),
+    },
+    Family {
+        name: "eventstream_auth_failures_total",
+        kind: Kind::Counter,
+        help: "Connections refused for a wrong or missing token (FATAL UNAUTHORIZED to producers, ERROR UNAUTHORIZED to readers, legacy clients closed).",
+        samples: Samples::One(|c| {
+            let readers = relaxed(&c.shared.readers.errors[Reason::Unauthorized as usize]);
+            c.snap.get(Counter::Rejected(Reason::Unauthorized)) as f64 + readers
+        }),
+    },
+    Family {
+        name: "eventstream_forbidden_total",
+        kind: Kind::Counter,
+        help: "Requests outside their token's rights: events (REJECTED FORBIDDEN) and read sessions (ERROR FORBIDDEN).",
+        samples: Samples::Labeled("kind", |c, out| {
+            out("event", c.snap.get(Counter::Rejected(Reason::Forbidden)) as f64);
+            out("read", relaxed(&c.shared.readers.errors[Reason::Forbidden as usize]));
+        }),
+    },
 ];
+
+/// A TLS figure (0 without `--tls-listen`).
+fn tls(c: &Ctx, f: impl Fn(&crate::tls::TlsStats) -> f64) -> f64 {
+    c.shared.tls.get().map_or(0.0, |t| f(&t.stats))
+}
 
 /// Writes one latency summary (ns recorded, seconds served).
 fn summary(out: &mut String, name: &str, labels: &str, h: &Histogram) {

@@ -167,8 +167,13 @@ pub fn run_housekeeping(
 /// SIGHUP: reads the `--auth` file again and wakes ingest and the reader
 /// thread to close the connections of revoked tokens.
 fn reload(shared: &Shared) {
+    if let Some(tls) = shared.tls.get() {
+        tls.reload();
+    }
     let Some(state) = shared.auth.get() else {
-        eprintln!("eventstream: SIGHUP: nothing to reload (no --auth)");
+        if shared.tls.get().is_none() {
+            eprintln!("eventstream: SIGHUP: nothing to reload (no --auth, no TLS)");
+        }
         return;
     };
     match state.reload() {

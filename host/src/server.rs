@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -27,6 +27,7 @@ use crate::sys::{
     ignore_signal, monotonic_ns, online_cpus, pin_to_cpu, raise_nofile_limit, set_nonblocking,
     usable_cpus, wall_ns,
 };
+use crate::tls::ServerTls;
 use crate::topology::{Inline, InlineParts, Threads};
 use crate::writer::{drop_min_rate, run_prefill, run_sync, Storage, StorageMode, StorageParts};
 
@@ -83,13 +84,24 @@ fn ring<T: Send>(capacity: usize) -> Result<(Producer<'static, T>, Consumer<'sta
     ring.split().ok_or_else(|| "ring split twice".to_string())
 }
 
+/// A non-blocking listener on `addr`.
+fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    let l = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    l.set_nonblocking(true)
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    Ok(l)
+}
+
 /// A running server.
 pub struct Running {
-    /// The bound producer address.
-    pub listen: SocketAddr,
+    /// The bound plaintext address of producers and readers (None:
+    /// `--listen none`).
+    pub listen: Option<SocketAddr>,
+    /// The bound TLS address (`--tls-listen`).
+    pub tls_listen: Option<SocketAddr>,
     /// The bound metrics address.
     pub metrics: SocketAddr,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     threads: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
 }
 
@@ -157,16 +169,18 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             list.join(", ")
         );
     }
-    let listener = TcpListener::bind(args.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let listener = args.listen.map(bind).transpose()?;
+    let tls = match (args.tls_listen, &args.tls) {
+        (Some(addr), Some(files)) => Some((bind(addr)?, Arc::new(ServerTls::new(files.clone())?))),
+        _ => None,
+    };
     let metrics_listener = TcpListener::bind(args.metrics)
         .map_err(|e| format!("cannot serve metrics on {}: {e}", args.metrics))?;
     set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&metrics_listener))
         .map_err(|e| format!("cannot serve metrics: {e}"))?;
-    let listen = listener.local_addr().map_err(|e| e.to_string())?;
+    let local = |l: &TcpListener| l.local_addr().map_err(|e| e.to_string());
+    let listen = listener.as_ref().map(local).transpose()?;
+    let tls_listen = tls.as_ref().map(|(l, _)| local(l)).transpose()?;
     let metrics = metrics_listener.local_addr().map_err(|e| e.to_string())?;
 
     // Every buffer of the engine, once.
@@ -287,6 +301,9 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     if let Some(a) = &cfg.auth {
         let _ = shared.auth.set(a.clone());
     }
+    if let Some((_, t)) = &tls {
+        let _ = shared.tls.set(t.clone());
+    }
     let _ = shared.readers_waker.set(inbox.waker());
     let _ = shared.readers.groups.set(groups.clone());
     let prefill =
@@ -304,6 +321,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     let storage = Arc::new(Mutex::new(storage));
     let parts = IngestParts {
         listener,
+        tls,
         acquirer,
         ack_rx,
         router,
@@ -522,63 +540,24 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
     }
     Ok(Running {
         listen,
+        tls_listen,
         metrics,
         shared,
         threads,
     })
 }
 
-/// The write end of the eventfd the signal handler notifies.
-static SIGNAL_TARGET: AtomicI32 = AtomicI32::new(-1);
-static SIGNAL_SHARED: std::sync::OnceLock<Arc<Shared>> = std::sync::OnceLock::new();
-
-extern "C" fn on_hangup(_sig: libc::c_int) {
-    // Only an atomic store: housekeeping reloads within 100 ms.
-    if let Some(shared) = SIGNAL_SHARED.get() {
-        shared.life.reload_requested.store(true, Ordering::Release);
-    }
-}
-
-extern "C" fn on_signal(_sig: libc::c_int) {
-    // Only async-signal-safe work: an atomic store and a write(2).
-    if let Some(shared) = SIGNAL_SHARED.get() {
-        shared
-            .life
-            .shutdown_requested
-            .store(true, Ordering::Release);
-    }
-    let fd = SIGNAL_TARGET.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; fd is the server's eventfd,
-        // alive for the process's life; the buffer is 8 valid bytes.
-        unsafe {
-            libc::write(fd, (&one as *const u64).cast(), 8);
-        }
-    }
-}
-
-/// Routes SIGINT and SIGTERM to `running`'s graceful shutdown.
-pub fn install_signal_handlers(running: &Running) -> Result<(), String> {
-    let _ = SIGNAL_SHARED.set(running.shared.clone());
-    SIGNAL_TARGET.store(running.shared.wake.ingest.raw_fd(), Ordering::Relaxed);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // The handler only does async-signal-safe work (an eventfd write).
-        crate::sys::on_signal(sig, on_signal)
-            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    }
-    // SIGHUP: the --auth file is read again.
-    crate::sys::on_signal(libc::SIGHUP, on_hangup)
-        .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    Ok(())
-}
-
 /// `eventstream serve`: runs until SIGINT/SIGTERM.
 pub fn serve(cfg: ServerConfig) -> Result<(), String> {
     let running = start(cfg)?;
-    install_signal_handlers(&running)?;
+    crate::signals::install_signal_handlers(&running)?;
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "listening on {}", running.listen);
+    if let Some(a) = running.listen {
+        let _ = writeln!(out, "listening on {a}");
+    }
+    if let Some(a) = running.tls_listen {
+        let _ = writeln!(out, "listening with TLS on {a}");
+    }
     let _ = writeln!(out, "metrics on {}", running.metrics);
     let _ = out.flush();
     drop(out);

@@ -59,8 +59,13 @@ pub enum DropPages {
 /// Everything `serve` runs with (docs/operations.md says what each does).
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Address producers connect to.
-    pub listen: SocketAddr,
+    /// Address producers and readers connect to in plaintext (None:
+    /// `--listen none`).
+    pub listen: Option<SocketAddr>,
+    /// Address they connect to with TLS.
+    pub tls_listen: Option<SocketAddr>,
+    /// The TLS certificate, key and client CAs (with `tls_listen`).
+    pub tls: Option<crate::tls::TlsFiles>,
     /// The data directory.
     pub data: PathBuf,
     /// Address of the `/metrics` endpoint.

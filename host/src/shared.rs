@@ -101,6 +101,9 @@ pub struct Shared {
     pub forward: crate::forward::ForwardStats,
     /// The `--auth` tokens (reloaded by housekeeping on SIGHUP).
     pub auth: std::sync::OnceLock<std::sync::Arc<crate::auth::AuthState>>,
+    /// The TLS set-up (`--tls-listen`; its certificate is reloaded by
+    /// housekeeping on SIGHUP).
+    pub tls: std::sync::OnceLock<std::sync::Arc<crate::tls::ServerTls>>,
     /// Wakes the reader thread (after a reload).
     pub readers_waker: std::sync::OnceLock<std::sync::Arc<crate::sys::EventFd>>,
 }
@@ -282,6 +285,7 @@ impl Shared {
             readers: Default::default(),
             forward: Default::default(),
             auth: Default::default(),
+            tls: Default::default(),
             readers_waker: Default::default(),
         })
     }

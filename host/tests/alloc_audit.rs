@@ -187,7 +187,7 @@ fn audit(processors: &str, storage_thread: &str) {
         unreachable!()
     };
     let running = eventstream_host::server::start(ServerConfig::from_args(*args).unwrap()).unwrap();
-    let stream = TcpStream::connect(running.listen).unwrap();
+    let stream = TcpStream::connect(running.listen.unwrap()).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use eventstream_core::record::{Record, RECORD_HEADER_LEN};
@@ -55,6 +55,8 @@ pub struct ConsumerOptions {
     pub read_timeout: Option<Duration>,
     /// The token for a server with authentication on (a HELLO first).
     pub token: Option<Vec<u8>>,
+    /// Connect with TLS (a server's `--tls-listen` port).
+    pub tls: Option<crate::TlsClient>,
 }
 
 impl std::fmt::Debug for ConsumerOptions {
@@ -69,6 +71,7 @@ impl std::fmt::Debug for ConsumerOptions {
             .field("read_timeout", &self.read_timeout)
             // Never printed.
             .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -84,6 +87,7 @@ impl Default for ConsumerOptions {
             window: 4 << 20,
             read_timeout: Some(Duration::from_secs(10)),
             token: None,
+            tls: None,
         }
     }
 }
@@ -197,7 +201,7 @@ pub struct Message {
 pub struct Consumer {
     addrs: Vec<SocketAddr>,
     opts: ConsumerOptions,
-    stream: TcpStream,
+    stream: crate::tls::Duplex,
     info: SessionInfo,
     /// Chunks read ahead while waiting for a COMMITTED, in order.
     queued: VecDeque<(ChunkHeader, Vec<u8>)>,
@@ -453,7 +457,7 @@ fn open(
     addrs: &[SocketAddr],
     opts: &ConsumerOptions,
     from: StartAt,
-) -> Result<(TcpStream, SessionInfo), Error> {
+) -> Result<(crate::tls::Duplex, SessionInfo), Error> {
     let (start, offset) = match from {
         StartAt::Earliest => (Start::Earliest, 0),
         StartAt::Latest => (Start::Latest, 0),
@@ -473,9 +477,8 @@ fn open(
     let mut buf = vec![0u8; req.encoded_len()];
     req.encode(&mut buf)
         .map_err(|_| Error::Encode("a group or topic prefix over 255 bytes"))?;
-    let mut stream = TcpStream::connect(addrs)?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(opts.read_timeout)?;
+    let (recv, send) = crate::tls::connect(addrs, opts.tls.as_ref(), opts.read_timeout)?;
+    let mut stream = crate::tls::Duplex { recv, send };
     if let Some(t) = &opts.token {
         crate::hello(&mut stream, t)?;
     }

@@ -64,12 +64,14 @@
 #![deny(missing_docs)]
 
 mod consumer;
+pub mod tls;
 pub use consumer::{Class, Consumer, ConsumerOptions, EventRef, Message, SessionInfo, StartAt};
+pub use tls::TlsClient;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, BufWriter, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -182,6 +184,8 @@ pub struct Options {
     /// The token for a server with authentication on: every connection
     /// starts with a HELLO carrying it (PROTOCOL.md section 8).
     pub token: Option<Vec<u8>>,
+    /// Connect with TLS (a server's `--tls-listen` port).
+    pub tls: Option<TlsClient>,
 }
 
 impl fmt::Debug for Options {
@@ -192,6 +196,7 @@ impl fmt::Debug for Options {
             .field("reconnect_for", &self.reconnect_for)
             // Never printed.
             .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -203,6 +208,7 @@ impl Default for Options {
             reconnect: true,
             reconnect_for: Duration::from_secs(30),
             token: None,
+            tls: None,
         }
     }
 }
@@ -216,14 +222,14 @@ enum Msg {
 
 /// One connection: the writing half here, the reading half on a thread.
 struct Conn {
-    out: BufWriter<TcpStream>,
+    out: BufWriter<tls::Send>,
     acks: Receiver<Msg>,
     reader: Option<JoinHandle<()>>,
 }
 
 /// Sends a HELLO with `token` on `stream` and waits for its answer; a
 /// refused token is [`Error::Fatal`] UNAUTHORIZED.
-pub fn hello(stream: &mut TcpStream, token: &[u8]) -> Result<(), Error> {
+pub fn hello<S: Read + Write>(stream: &mut S, token: &[u8]) -> Result<(), Error> {
     if !(1..=eventstream_core::wire::read::MAX_TOKEN).contains(&token.len()) {
         return Err(Error::Encode("a token of 1..=512 bytes"));
     }
@@ -244,13 +250,20 @@ pub fn hello(stream: &mut TcpStream, token: &[u8]) -> Result<(), Error> {
 }
 
 impl Conn {
-    fn open(addrs: &[SocketAddr], token: Option<&[u8]>) -> Result<Conn, Error> {
-        let mut stream = TcpStream::connect(addrs)?;
-        stream.set_nodelay(true)?;
+    fn open(
+        addrs: &[SocketAddr],
+        token: Option<&[u8]>,
+        tls: Option<&TlsClient>,
+    ) -> Result<Conn, Error> {
+        let (recv, send) = tls::connect(addrs, tls, None)?;
+        let mut both = tls::Duplex { recv, send };
         if let Some(t) = token {
-            hello(&mut stream, t)?;
+            hello(&mut both, t)?;
         }
-        let mut read_half = stream.try_clone()?;
+        let tls::Duplex {
+            recv: mut read_half,
+            send: stream,
+        } = both;
         let (tx, acks) = mpsc::channel();
         let reader = thread::Builder::new()
             .name("es-client-acks".into())
@@ -281,7 +294,7 @@ impl Conn {
     }
 
     fn close(&mut self) {
-        let _ = self.out.get_ref().shutdown(Shutdown::Both);
+        let _ = self.out.get_ref().tcp().shutdown(Shutdown::Both);
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
@@ -319,7 +332,7 @@ impl Producer {
     /// Connects to a server.
     pub fn with_options(addr: impl ToSocketAddrs, opts: Options) -> Result<Producer, Error> {
         let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-        let conn = Conn::open(&addrs, opts.token.as_deref())?;
+        let conn = Conn::open(&addrs, opts.token.as_deref(), opts.tls.as_ref())?;
         Ok(Producer {
             addrs,
             opts: Options {
@@ -489,7 +502,11 @@ impl Producer {
         let until = Instant::now() + self.opts.reconnect_for;
         let mut pause = Duration::from_millis(10);
         loop {
-            match Conn::open(&self.addrs, self.opts.token.as_deref()) {
+            match Conn::open(
+                &self.addrs,
+                self.opts.token.as_deref(),
+                self.opts.tls.as_ref(),
+            ) {
                 // A refused token is not worth another try.
                 Err(e @ Error::Fatal(_)) => return Err(e),
                 Ok(mut c) => {

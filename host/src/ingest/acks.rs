@@ -50,8 +50,8 @@ impl<D: Downstream> Ingest<D> {
                     c.closing = true;
                 }
             }
-            let mut close = false;
-            while c.writable && c.out_pos < c.out.len() {
+            let mut close = c.tls.is_some() && !super::tls::write_tls(c);
+            while c.tls.is_none() && c.writable && c.out_pos < c.out.len() {
                 let rest = &c.out[c.out_pos..];
                 match sys::send(c.fd.as_raw_fd(), rest) {
                     Ok(n) => c.out_pos += n,
@@ -71,13 +71,15 @@ impl<D: Downstream> Ingest<D> {
                     give_back(&mut self.spare_out, std::mem::take(&mut c.out));
                 }
             }
-            let idle = c.inflight == 0 && c.out.is_empty();
+            let idle = c.inflight == 0 && !c.unsent();
             if close || (idle && (c.closing || c.eof)) {
                 self.close(id);
                 continue;
             }
             // Credit came back: decode what is held, read again.
-            let input = c.readable || c.stash_pos < c.stash.len();
+            let input = c.readable
+                || c.stash_pos < c.stash.len()
+                || c.tls.as_ref().is_some_and(|t| t.has_partial());
             if input && !c.queued && !c.closing && c.fatal.is_none() {
                 c.queued = true;
                 self.ready.push_back(id);

@@ -10,6 +10,7 @@ use eventstream_core::wire::{Ack, StreamDecoder, ACK_LEN};
 
 use super::*;
 use crate::sys;
+use crate::tls::TlsConn;
 
 /// One producer connection.
 pub(super) struct Conn {
@@ -50,6 +51,8 @@ pub(super) struct Conn {
     pub(super) hello: Option<Vec<u8>>,
     /// What it may do (its HELLO's token, when authentication is on).
     pub(super) access: Access,
+    /// Its TLS state (accepted on `--tls-listen`).
+    pub(super) tls: Option<Box<TlsConn>>,
 }
 
 /// Gives `c` an ack buffer if it has none (from `spare` when one is kept).
@@ -75,6 +78,11 @@ pub(super) fn give_back(spare: &mut Vec<Vec<u8>>, mut buf: Vec<u8>) {
 }
 
 impl Conn {
+    /// Bytes are waiting to be written (acks, or TLS records).
+    pub(super) fn unsent(&self) -> bool {
+        self.out_pos < self.out.len() || self.tls.as_ref().is_some_and(|t| t.pending())
+    }
+
     pub(super) fn unsent_acks(&self) -> u32 {
         ((self.out.len() - self.out_pos) / ACK_LEN) as u32
     }
@@ -85,9 +93,16 @@ impl Conn {
 }
 
 impl<D: Downstream> Ingest<D> {
-    pub(super) fn accept_all(&mut self) {
+    /// Accepts every pending connection of the plaintext listener, or of
+    /// the TLS one.
+    pub(super) fn accept_all(&mut self, tls: bool) {
         loop {
-            let Some(listener) = &self.listener else {
+            let listener = if tls {
+                &self.tls_listener
+            } else {
+                &self.listener
+            };
+            let Some(listener) = listener else {
                 return;
             };
             let fd = match sys::accept(listener.as_raw_fd()) {
@@ -133,7 +148,7 @@ impl<D: Downstream> Ingest<D> {
                     .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if let Err(e) = self.register(fd) {
+            if let Err(e) = self.register(fd, tls) {
                 eprintln!("eventstream: cannot register a connection: {e}");
             }
         }
@@ -144,7 +159,7 @@ impl<D: Downstream> Ingest<D> {
         if self.accept_paused_until.is_some() {
             return;
         }
-        if let Some(l) = &self.listener {
+        for l in self.listener.iter().chain(&self.tls_listener) {
             if let Err(e) = self.epoll.delete(l.as_raw_fd()) {
                 eprintln!("eventstream: cannot pause accepting: {e}");
                 return;
@@ -165,18 +180,27 @@ impl<D: Downstream> Ingest<D> {
         if self.spare_fd.is_none() {
             self.spare_fd = File::open("/dev/null").ok();
         }
-        if let Some(l) = &self.listener {
-            if let Err(e) = self
-                .epoll
-                .add(l.as_raw_fd(), TOKEN_LISTENER, libc::EPOLLIN as u32)
-            {
+        let listeners = [
+            (&self.listener, TOKEN_LISTENER),
+            (&self.tls_listener, TOKEN_TLS_LISTENER),
+        ];
+        for (l, token) in listeners {
+            let Some(l) = l else { continue };
+            if let Err(e) = self.epoll.add(l.as_raw_fd(), token, libc::EPOLLIN as u32) {
                 eprintln!("eventstream: cannot resume accepting: {e}");
             }
         }
     }
 
-    pub(super) fn register(&mut self, fd: OwnedFd) -> io::Result<()> {
+    pub(super) fn register(&mut self, fd: OwnedFd, tls: bool) -> io::Result<()> {
         sys::set_nodelay(fd.as_raw_fd())?;
+        let tls = match (&self.p.tls, tls) {
+            (Some((_, server)), true) => Some(Box::new(
+                TlsConn::new(server.clone(), self.out_capacity())
+                    .map_err(|e| io::Error::other(format!("{e:?}")))?,
+            )),
+            _ => None,
+        };
         let slot = match self.free_slots.pop() {
             Some(s) => s,
             None => {
@@ -185,6 +209,8 @@ impl<D: Downstream> Ingest<D> {
                 (self.conns.len() - 1) as u32
             }
         };
+        let now = monotonic_ns();
+        let handshake = tls.is_some();
         let gen = self.gens[slot as usize];
         let id = (gen << SLOT_BITS) | slot;
         let stash = vec![0u8; self.p.limits.max_frame() as usize].into_boxed_slice();
@@ -214,8 +240,9 @@ impl<D: Downstream> Ingest<D> {
             closing: false,
             queued: false,
             in_dirty: false,
-            mid_since: None,
-            last_active: monotonic_ns(),
+            // A handshake must finish within --frame-timeout of the accept.
+            mid_since: tls.is_some().then_some(now),
+            last_active: now,
             handover: None,
             hello: None,
             access: if self.p.auth.is_some() {
@@ -223,7 +250,14 @@ impl<D: Downstream> Ingest<D> {
             } else {
                 Access::Open
             },
+            tls,
         });
+        if handshake {
+            if self.mid_frames == 0 {
+                self.next_timeout_scan = now + self.p.frame_timeout.as_nanos() as u64;
+            }
+            self.mid_frames += 1;
+        }
         self.p
             .shared
             .gauges
@@ -271,7 +305,7 @@ impl<D: Downstream> Ingest<D> {
         if flags & libc::EPOLLOUT as u32 != 0 {
             c.writable = true;
         }
-        let flush = c.out_pos < c.out.len();
+        let flush = c.unsent();
         let queue = c.readable && !c.queued;
         if queue {
             c.queued = true;
@@ -285,12 +319,21 @@ impl<D: Downstream> Ingest<D> {
     }
 
     pub(super) fn close(&mut self, id: u32) {
+        if let Some(c) = self.conn_mut(id) {
+            let fd = c.fd.as_raw_fd();
+            if let Some(t) = c.tls.as_mut() {
+                // A last close_notify, if the socket takes it now.
+                t.close_notify();
+                let _ = t.flush(fd);
+            }
+        }
         drop(self.release(id));
     }
 
     /// Gives the connection `id` (a reader) to the reader thread with the
     /// bytes read of it; ingest never serves it again.
     pub(super) fn hand_over(&mut self, id: u32, bytes: Vec<u8>, access: Access, unsent: Vec<u8>) {
+        let tls = self.conn_mut(id).and_then(|c| c.tls.take());
         let Some(fd) = self.release(id) else {
             return;
         };
@@ -298,7 +341,7 @@ impl<D: Downstream> Ingest<D> {
             eprintln!("eventstream: cannot hand a reader over: {e}");
             return;
         }
-        self.p.readers.hand_over(fd, bytes, access, unsent);
+        self.p.readers.hand_over(fd, bytes, access, unsent, tls);
     }
 
     /// Frees the connection's slot; returns its socket.
@@ -335,7 +378,7 @@ impl<D: Downstream> Ingest<D> {
         let floor = now + limit.min(1_000_000_000);
         let mut expired = Vec::new();
         for c in self.conns.iter().flatten() {
-            let quiet = c.inflight == 0 && c.out_pos >= c.out.len() && c.stash.is_empty();
+            let quiet = c.inflight == 0 && !c.unsent() && c.stash.is_empty();
             let expiry = c.last_active + limit;
             if quiet && expiry <= now {
                 expired.push(c.id);
@@ -375,6 +418,14 @@ impl<D: Downstream> Ingest<D> {
             }
         }
         for id in expired {
+            if let Some(t) = self.conn_mut(id).and_then(|c| c.tls.as_mut()) {
+                if !t.is_open() {
+                    // Counted as a failed handshake, not a frame.
+                    t.timed_out();
+                    self.close(id);
+                    continue;
+                }
+            }
             eprintln!("eventstream: connection closed: frame half-received past --frame-timeout");
             self.p
                 .shared

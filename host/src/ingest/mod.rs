@@ -38,6 +38,7 @@ mod acks;
 mod conns;
 mod hello;
 mod read;
+mod tls;
 
 use conns::{spares, Conn};
 use hello::HELLO_MAX;
@@ -60,6 +61,7 @@ const SLOT_BITS: u32 = 20;
 const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_WAKER: u64 = u64::MAX - 1;
+const TOKEN_TLS_LISTENER: u64 = u64::MAX - 2;
 /// Longest a graceful shutdown waits for acks to reach slow clients.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
 /// How long a shutdown keeps reading input that was already sent ...
@@ -87,8 +89,10 @@ enum Stop {
 
 /// Everything ingest needs, built by the server.
 pub struct IngestParts {
-    /// The producer listener (non-blocking).
-    pub listener: TcpListener,
+    /// The producer listener (non-blocking; None: `--listen none`).
+    pub listener: Option<TcpListener>,
+    /// The TLS listener (non-blocking) and its set-up (`--tls-listen`).
+    pub tls: Option<(TcpListener, Arc<crate::tls::ServerTls>)>,
     /// The pool's acquirer.
     pub acquirer: Acquirer<'static>,
     /// Acks from storage.
@@ -126,6 +130,7 @@ pub struct Ingest<D> {
     /// What accepted events go to (the thread layout).
     down: D,
     listener: Option<TcpListener>,
+    tls_listener: Option<TcpListener>,
     epoll: Epoll,
     spare_fd: Option<File>,
     /// The `--auth` generation the connections were checked against.
@@ -158,15 +163,24 @@ impl<D: Downstream> Ingest<D> {
     /// Sets up epoll over the listener and the waker.
     pub fn new(p: IngestParts, down: D) -> io::Result<Self> {
         let epoll = Epoll::new()?;
-        epoll.add(p.listener.as_raw_fd(), TOKEN_LISTENER, libc::EPOLLIN as u32)?;
+        let mut listener = None;
+        if let Some(l) = &p.listener {
+            epoll.add(l.as_raw_fd(), TOKEN_LISTENER, libc::EPOLLIN as u32)?;
+            listener = Some(l.try_clone()?);
+        }
+        let mut tls_listener = None;
+        if let Some((l, _)) = &p.tls {
+            epoll.add(l.as_raw_fd(), TOKEN_TLS_LISTENER, libc::EPOLLIN as u32)?;
+            tls_listener = Some(l.try_clone()?);
+        }
         epoll.add(
             p.shared.wake.ingest.raw_fd(),
             TOKEN_WAKER,
             libc::EPOLLIN as u32,
         )?;
-        let listener = p.listener.try_clone()?;
         Ok(Self {
-            listener: Some(listener),
+            listener,
+            tls_listener,
             epoll,
             spare_fd: File::open("/dev/null").ok(),
             auth_seen: 0,
@@ -228,7 +242,8 @@ impl<D: Downstream> Ingest<D> {
                 let token = ev.u64;
                 let flags = ev.events;
                 match token {
-                    TOKEN_LISTENER => self.accept_all(),
+                    TOKEN_LISTENER => self.accept_all(false),
+                    TOKEN_TLS_LISTENER => self.accept_all(true),
                     TOKEN_WAKER => self.p.shared.wake.ingest.clear(),
                     _ => self.on_socket_event(token as u32, flags),
                 }
@@ -354,6 +369,7 @@ impl<D: Downstream> Ingest<D> {
             // Stop accepting; frames from now on are answered SHUTTING_DOWN.
             self.shutting_down = true;
             self.listener = None;
+            self.tls_listener = None;
             self.shutdown_began = Some(now);
             if shared.phase() == Phase::Run {
                 shared.set_phase(Phase::Drain);
@@ -379,11 +395,7 @@ impl<D: Downstream> Ingest<D> {
             // again once its acks are out), but not before DRAIN_MIN_NS, so
             // frames still on their way get their answer too.
             let begun = self.shutdown_began.unwrap_or(now);
-            let acks_out = self
-                .conns
-                .iter()
-                .flatten()
-                .all(|c| c.out_pos >= c.out.len());
+            let acks_out = self.conns.iter().flatten().all(|c| !c.unsent());
             let quiet = self.ready.is_empty() && acks_out && now >= begun + DRAIN_MIN_NS;
             let read_out = quiet || now >= begun + DRAIN_READ_NS;
             let answered = shared.life.finished.load(Ordering::Acquire) >= self.accepted;
@@ -400,7 +412,7 @@ impl<D: Downstream> Ingest<D> {
         }
         if shared.phase() == Phase::Stop && shared.life.storage_done.load(Ordering::Acquire) {
             self.deliver_acks();
-            let pending = self.conns.iter().flatten().any(|c| c.out_pos < c.out.len());
+            let pending = self.conns.iter().flatten().any(|c| c.unsent());
             if !pending || past_deadline {
                 return Ok(true);
             }

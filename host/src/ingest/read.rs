@@ -51,8 +51,13 @@ impl<D: Downstream> Ingest<D> {
         };
         let keep = self.serve_conn(&mut c, now, wall);
         let was_mid = c.mid_since.is_some();
-        // A HELLO half-received counts as a frame (--frame-timeout).
-        let mid = c.dec.is_mid_frame() || c.hello.is_some();
+        // A HELLO, a TLS record or a handshake half-received counts as a
+        // frame (--frame-timeout).
+        let mid = c.dec.is_mid_frame()
+            || c.hello.is_some()
+            || c.tls
+                .as_ref()
+                .is_some_and(|t| !t.is_open() || t.has_partial());
         match (was_mid, mid) {
             (false, true) => {
                 c.mid_since = Some(now);
@@ -78,7 +83,7 @@ impl<D: Downstream> Ingest<D> {
         }
         // A decoder paused for a HELLO is not closed.
         let closed = c.dec.is_closed() && c.hello.is_none();
-        let dirty = c.out_pos < c.out.len() || c.fatal.is_some() || c.eof || c.closing;
+        let dirty = c.unsent() || c.fatal.is_some() || c.eof || c.closing;
         self.conns[slot] = Some(c);
         if dirty {
             self.mark_dirty(id);
@@ -115,6 +120,9 @@ impl<D: Downstream> Ingest<D> {
                 }
                 Stop::Credit | Stop::Closed => return false,
             }
+        }
+        if c.tls.is_some() {
+            return self.serve_tls(c, now, wall);
         }
         if !c.readable || c.eof {
             return false;

@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,6 +46,9 @@ pub struct LoadArgs {
     /// A file whose first line is the token, for a server with --auth.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
+    /// TLS (to a server's `--tls-listen` port).
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     /// Events to send (default 100000 unless --duration).
     #[arg(long, conflicts_with = "duration")]
     pub events: Option<u64>,
@@ -225,14 +228,16 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
     let mut opened = Vec::new();
     let mut readers = Vec::new();
     let token = crate::auth::hello_token(args.token_file.as_deref())?;
+    let tls = args.tls.client()?;
     for c in 0..u64::from(args.connections) {
-        let mut stream = TcpStream::connect(args.target)
+        let (recv, send) = eventstream_client::tls::connect(&[args.target], tls.as_ref(), None)
             .map_err(|e| format!("cannot connect to {}: {e}", args.target))?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let mut both = eventstream_client::tls::Duplex { recv, send };
         if let Some(t) = &token {
-            eventstream_client::hello(&mut stream, t)
+            eventstream_client::hello(&mut both, t)
                 .map_err(|e| format!("{}: HELLO refused: {e}", args.target))?;
         }
+        let eventstream_client::tls::Duplex { recv, send: stream } = both;
         let conn = Arc::new(Conn {
             slots: (0..SLOTS)
                 .map(|_| Slot {
@@ -247,8 +252,7 @@ pub fn run_load(args: &LoadArgs) -> Result<Report, String> {
             t / u64::from(args.connections) + u64::from(c < t % u64::from(args.connections))
         });
         if args.ack {
-            let reader = stream.try_clone().map_err(|e| e.to_string())?;
-            readers.push(Reader::new(reader, conn.clone(), id_base));
+            readers.push(Reader::new(recv, conn.clone(), id_base));
         }
         opened.push((stream, conn, id_base, my_total, c));
     }

@@ -4,7 +4,7 @@ use super::*;
 
 /// One connection's receiving side.
 pub(super) struct Reader {
-    pub(super) stream: TcpStream,
+    pub(super) stream: eventstream_client::tls::Recv,
     pub(super) conn: Arc<Conn>,
     pub(super) id_base: u64,
     pub(super) buf: Vec<u8>,
@@ -13,7 +13,11 @@ pub(super) struct Reader {
 }
 
 impl Reader {
-    pub(super) fn new(stream: TcpStream, conn: Arc<Conn>, id_base: u64) -> Self {
+    pub(super) fn new(
+        stream: eventstream_client::tls::Recv,
+        conn: Arc<Conn>,
+        id_base: u64,
+    ) -> Self {
         Self {
             stream,
             conn,
@@ -84,7 +88,7 @@ pub(super) fn recv_all(mut readers: Vec<Reader>, shared: &Shared, t: &mut Tally)
     let mut fds: Vec<libc::pollfd> = readers
         .iter()
         .map(|r| libc::pollfd {
-            fd: r.stream.as_raw_fd(),
+            fd: r.stream.tcp().as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         })
@@ -92,10 +96,16 @@ pub(super) fn recv_all(mut readers: Vec<Reader>, shared: &Shared, t: &mut Tally)
     while readers.iter().any(|r| r.open) {
         for (f, r) in fds.iter_mut().zip(&readers) {
             // A negative fd is skipped by poll.
-            f.fd = if r.open { r.stream.as_raw_fd() } else { -1 };
+            f.fd = if r.open {
+                r.stream.tcp().as_raw_fd()
+            } else {
+                -1
+            };
             f.revents = 0;
         }
-        match crate::sys::poll(&mut fds, 100) {
+        // TLS records read and not yet returned: no waiting for poll.
+        let buffered = readers.iter().any(|r| r.open && r.stream.buffered());
+        match crate::sys::poll(&mut fds, if buffered { 0 } else { 100 }) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -104,7 +114,7 @@ pub(super) fn recv_all(mut readers: Vec<Reader>, shared: &Shared, t: &mut Tally)
             }
         }
         for (f, r) in fds.iter().zip(readers.iter_mut()) {
-            if r.open && f.revents != 0 && !r.read(shared, t) {
+            if r.open && (f.revents != 0 || r.stream.buffered()) && !r.read(shared, t) {
                 r.open = false;
             }
         }

@@ -4,7 +4,7 @@ use super::*;
 
 /// One connection's sending side.
 pub(super) struct Sender {
-    pub(super) stream: TcpStream,
+    pub(super) stream: eventstream_client::tls::Send,
     pub(super) conn: Arc<Conn>,
     pub(super) templates: [Template; 3],
     pub(super) buf: Vec<u8>,
@@ -44,7 +44,7 @@ pub(super) enum Step {
 impl Sender {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        stream: TcpStream,
+        stream: eventstream_client::tls::Send,
         args: &LoadArgs,
         conn: Arc<Conn>,
         id_base: u64,
@@ -274,7 +274,7 @@ pub(super) fn drive(mut senders: Vec<Sender>, shared: &Shared, spin_ns: u64) -> 
     let failed = senders.iter_mut().find_map(|s| s.failed.take());
     let mut lag = Histogram::new();
     for s in &senders {
-        let _ = s.stream.shutdown(std::net::Shutdown::Both);
+        let _ = s.stream.tcp().shutdown(std::net::Shutdown::Both);
         lag.merge(&s.send_lag);
     }
     (sent, missing, failed, lag)

@@ -47,7 +47,13 @@ const TOKEN_TAIL: u64 = u64::MAX - 1;
 /// A connection handed over: its socket, the bytes read of it, what its
 /// HELLO allows, and the bytes ingest had still to write to it (the
 /// HELLO's answer).
-type Handed = (OwnedFd, Vec<u8>, crate::auth::Access, Vec<u8>);
+type Handed = (
+    OwnedFd,
+    Vec<u8>,
+    crate::auth::Access,
+    Vec<u8>,
+    Option<Box<crate::tls::TlsConn>>,
+);
 
 /// Connections handed over by ingest.
 pub struct Inbox {
@@ -67,15 +73,17 @@ impl Inbox {
     /// Ingest: the connection `fd` is a reader; `bytes` are what was read
     /// of it so far (the request, and anything pipelined behind it);
     /// `access` what its HELLO allows; `unsent` what ingest had not yet
-    /// written to it, sent first.
+    /// written to it, sent first; `tls` its TLS session (with any records
+    /// read and not yet opened, and any not yet written).
     pub fn hand_over(
         &self,
         fd: OwnedFd,
         bytes: Vec<u8>,
         access: crate::auth::Access,
         unsent: Vec<u8>,
+        tls: Option<Box<crate::tls::TlsConn>>,
     ) {
-        locked(&self.queue).push((fd, bytes, access, unsent));
+        locked(&self.queue).push((fd, bytes, access, unsent, tls));
         self.waker.notify();
     }
 
@@ -251,7 +259,7 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
         segs.refresh();
         // New sessions from ingest.
         let handed = std::mem::take(&mut *locked(&p.inbox.queue));
-        for (fd, bytes, mut access, unsent) in handed {
+        for (fd, bytes, mut access, unsent, tls) in handed {
             // Rights as of now (a reload may have come after ingest's
             // last check).
             if let (Some(state), crate::auth::Access::Token(r)) = (&p.auth, &access) {
@@ -267,7 +275,7 @@ pub fn run_readers(p: ReaderParts) -> std::io::Result<()> {
                 eprintln!("eventstream: cannot watch a reader connection: {e}");
                 continue;
             }
-            let mut s = Session::new(id, fd, bytes, access, unsent, now);
+            let mut s = Session::new(id, fd, bytes, access, unsent, tls, now);
             if draining {
                 s.close_with(&ctx, Reason::ShuttingDown, now);
             }
@@ -452,12 +460,13 @@ fn fence_old(ctx: &mut Ctx, sessions: &mut HashMap<u64, Session>, now: u64) {
 
 /// Closes the session `id` and lets its group go.
 fn close(epoll: &Epoll, sessions: &mut HashMap<u64, Session>, id: u64, groups: &Groups) {
-    let Some(s) = sessions.remove(&id) else {
+    let Some(mut s) = sessions.remove(&id) else {
         return;
     };
     if let Err(e) = epoll.delete(s.fd.as_raw_fd()) {
         eprintln!("eventstream: cannot unwatch a reader connection: {e}");
     }
+    s.goodbye();
     if let Some(g) = &s.group {
         let mut all = groups.lock();
         if let Some(g) = all.get_mut(g) {

@@ -4,6 +4,7 @@
 
 pub mod nats;
 pub mod read;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -54,7 +55,11 @@ impl Drop for TempDir {
 /// A running server process.
 pub struct Server {
     pub child: Child,
+    /// The plaintext address, or the TLS one with `--listen none`.
     pub addr: SocketAddr,
+    /// The TLS address (`--tls-listen`).
+    #[allow(dead_code)]
+    pub tls_addr: Option<SocketAddr>,
     pub metrics: SocketAddr,
     pub stderr: PathBuf,
     pub data: PathBuf,
@@ -138,12 +143,16 @@ impl Server {
         let out = child.stdout.take().unwrap();
         let mut lines = BufReader::new(out).lines();
         let mut addr = None;
+        let mut tls_addr = None;
         let mut metrics = None;
-        while addr.is_none() || metrics.is_none() {
+        // "metrics on" comes last.
+        while metrics.is_none() {
             match lines.next() {
                 Some(Ok(l)) => {
                     if let Some(a) = l.strip_prefix("listening on ") {
                         addr = Some(a.parse().unwrap());
+                    } else if let Some(a) = l.strip_prefix("listening with TLS on ") {
+                        tls_addr = Some(a.parse().unwrap());
                     } else if let Some(a) = l.strip_prefix("metrics on ") {
                         metrics = Some(a.parse().unwrap());
                     }
@@ -161,7 +170,8 @@ impl Server {
         }
         Ok(Server {
             child,
-            addr: addr.unwrap(),
+            addr: addr.or(tls_addr).expect("a listening address"),
+            tls_addr,
             metrics: metrics.unwrap(),
             stderr,
             data: data.to_path_buf(),

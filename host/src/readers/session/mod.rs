@@ -82,6 +82,10 @@ pub(super) struct Session {
     pending: Option<Pending>,
     /// What its HELLO allows (section 8).
     access: crate::auth::Access,
+    /// Its TLS session (a connection from `--tls-listen`), and the buffer
+    /// records are read into from their segment before sealing.
+    tls: Option<Box<crate::tls::TlsConn>>,
+    scratch: Vec<u8>,
 }
 
 /// A parsed request waiting for its group.
@@ -107,11 +111,16 @@ impl Session {
         input: Vec<u8>,
         access: crate::auth::Access,
         unsent: Vec<u8>,
+        tls: Option<Box<crate::tls::TlsConn>>,
         now: u64,
     ) -> Session {
         let mut out = Vec::with_capacity(256.max(unsent.len()));
         out.extend_from_slice(&unsent);
-        Session {
+        let scratch = match &tls {
+            Some(t) => vec![0; t.seal_room().min(eventstream_client::tls::MAX_PLAINTEXT)],
+            None => Vec::new(),
+        };
+        let mut s = Session {
             id,
             fd,
             state: State::Request,
@@ -139,6 +148,41 @@ impl Session {
             deadline: now + super::REQUEST_TIMEOUT_NS,
             pending: None,
             access,
+            tls,
+            scratch,
+        };
+        // Records that came with the request are opened now.
+        s.open_records();
+        s
+    }
+
+    /// Opens the TLS records read so far into the input; false if the
+    /// session must end (close_notify, a bad record).
+    fn open_records(&mut self) -> bool {
+        let Some(t) = &mut self.tls else {
+            return true;
+        };
+        loop {
+            match t.next_record() {
+                Ok(Some(range)) => {
+                    if self.state != State::Closing {
+                        self.input.extend_from_slice(t.data(range));
+                    }
+                }
+                Ok(None) => return true,
+                Err(_) => {
+                    self.eof = true;
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// A last close_notify on a TLS session, if the socket takes it now.
+    pub(super) fn goodbye(&mut self) {
+        if let Some(t) = &mut self.tls {
+            t.close_notify();
+            let _ = t.flush(self.fd.as_raw_fd());
         }
     }
 
@@ -225,6 +269,9 @@ impl Session {
 
     /// Reads what the socket has; false once the peer is gone.
     pub(super) fn read_input(&mut self, buf: &mut [u8]) -> bool {
+        if self.tls.is_some() {
+            return self.read_tls();
+        }
         loop {
             match sys::read(self.fd.as_raw_fd(), buf) {
                 Ok(0) => {
@@ -234,6 +281,38 @@ impl Session {
                 Ok(n) => {
                     if self.state != State::Closing {
                         self.input.extend_from_slice(&buf[..n]);
+                    }
+                    if self.input.len() > 64 * 1024 {
+                        // A client never sends this much unanswered.
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.eof = true;
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// read_input over TLS: reads and opens records until the socket is
+    /// empty.
+    fn read_tls(&mut self) -> bool {
+        let fd = self.fd.as_raw_fd();
+        loop {
+            let Some(t) = &mut self.tls else {
+                return false;
+            };
+            match t.read(fd) {
+                Ok((0, _)) => {
+                    self.eof = true;
+                    return false;
+                }
+                Ok(_) => {
+                    if !self.open_records() {
+                        return false;
                     }
                     if self.input.len() > 64 * 1024 {
                         // A client never sends this much unanswered.

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 
 use eventstream_core::record::SEGMENT_HEADER_LEN;
@@ -34,6 +35,10 @@ impl Run {
     }
 }
 
+fn tls_error(e: crate::tls::Failure) -> io::Error {
+    io::Error::other(format!("{e:?}"))
+}
+
 impl Session {
     /// What a `send` or `sendfile` did: bytes sent (0 when interrupted:
     /// try again), or why the turn ends (the socket is full: wait for
@@ -59,8 +64,20 @@ impl Session {
         now: u64,
     ) -> Turn {
         loop {
+            if let Some(t) = &mut self.tls {
+                if t.pending() {
+                    let r = t.flush(self.fd.as_raw_fd()).map(|()| 0);
+                    if let Err(turn) = self.progress(r) {
+                        return turn;
+                    }
+                    continue;
+                }
+            }
             if self.out_pos < self.out.len() {
-                let r = sys::send(self.fd.as_raw_fd(), &self.out[self.out_pos..]);
+                let r = match &mut self.tls {
+                    None => sys::send(self.fd.as_raw_fd(), &self.out[self.out_pos..]),
+                    Some(t) => t.seal(&self.out[self.out_pos..]).map_err(tls_error),
+                };
                 match self.progress(r) {
                     Ok(n) => self.out_pos += n,
                     Err(turn) => return turn,
@@ -73,12 +90,27 @@ impl Session {
                 if run.left > 0 {
                     let want = run.left.min(MAX_RUN) as usize;
                     let (base, at) = (run.seg.base, run.pos);
-                    let r = sys::sendfile(
-                        self.fd.as_raw_fd(),
-                        run.seg.file.as_raw_fd(),
-                        &mut run.pos,
-                        want,
-                    );
+                    let r = match &mut self.tls {
+                        None => sys::sendfile(
+                            self.fd.as_raw_fd(),
+                            run.seg.file.as_raw_fd(),
+                            &mut run.pos,
+                            want,
+                        ),
+                        // TLS: read from the segment, sealed into the
+                        // session's output (queued; the loop's top writes
+                        // it).
+                        Some(t) => {
+                            let want = want.min(self.scratch.len());
+                            let buf = &mut self.scratch[..want];
+                            match run.seg.file.read_at(buf, run.pos) {
+                                Ok(n) => t.seal(&buf[..n]).map_err(tls_error).inspect(|&n| {
+                                    run.pos += n as u64;
+                                }),
+                                Err(e) => Err(e),
+                            }
+                        }
+                    };
                     if matches!(r, Ok(0)) {
                         // The file is shorter than its records said.
                         eprintln!(
