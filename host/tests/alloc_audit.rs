@@ -3,12 +3,12 @@
 //! in this process on 127.0.0.1, and 100,000 events over TCP from frames
 //! built beforehand, with acks and storage on. Between warm-up and the end
 //! the ingest, processor, storage and sync threads must not allocate at
-//! all; housekeeping may (bounded); every thread's count is printed.
+//! all; housekeeping may (bounded); every thread's count is printed. Once
+//! over plaintext, once over TLS (certificates made at test time).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -16,6 +16,9 @@ use clap::Parser;
 use eventstream_core::wire::{FrameRepr, FLAG_ACK};
 use eventstream_core::Priority;
 use eventstream_host::config::{Cli, Command, ServerConfig};
+
+#[path = "common/tls.rs"]
+mod certs;
 
 const THREADS: usize = 512;
 
@@ -123,13 +126,20 @@ fn frames(first: u64, n: u64) -> Vec<u8> {
 }
 
 /// Sends `bytes` from a second thread and reads `n` acks; returns STORED ones.
-fn run(stream: &TcpStream, bytes: Vec<u8>, n: usize) -> usize {
-    let mut w = stream.try_clone().unwrap();
+fn run(
+    r: &mut eventstream_client::tls::Recv,
+    w: &mut Option<eventstream_client::tls::Send>,
+    bytes: Vec<u8>,
+    n: usize,
+) -> usize {
+    let mut out = w.take().unwrap();
     let writer = std::thread::Builder::new()
         .name("client-writer".into())
-        .spawn(move || w.write_all(&bytes).unwrap())
+        .spawn(move || {
+            out.write_all(&bytes).unwrap();
+            out
+        })
         .unwrap();
-    let mut r = stream.try_clone().unwrap();
     let mut buf = vec![0u8; 24 * 4096];
     let mut got = 0usize;
     let mut stored = 0usize;
@@ -149,59 +159,77 @@ fn run(stream: &TcpStream, bytes: Vec<u8>, n: usize) -> usize {
         buf.copy_within(whole..end, 0);
         held = end - whole;
     }
-    writer.join().unwrap();
+    *w = Some(writer.join().unwrap());
     stored
 }
 
 #[test]
 fn the_hot_path_threads_make_no_heap_allocation() {
     // One server after the other: the counts are per thread name.
-    audit("threads", "auto");
-    audit("inline", "auto");
+    audit("threads", "auto", false);
+    audit("inline", "auto", false);
     // Ingest writes the log itself.
-    audit("inline", "off");
+    audit("inline", "off", false);
+    // Over TLS: records opened and sealed in place.
+    audit("threads", "auto", true);
+    audit("inline", "auto", true);
 }
 
-fn audit(processors: &str, storage_thread: &str) {
+fn audit(processors: &str, storage_thread: &str, tls: bool) {
     let dir = std::env::temp_dir().join(format!(
-        "es-alloc-{}-{processors}-{storage_thread}",
+        "es-alloc-{}-{processors}-{storage_thread}-{tls}",
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&dir);
-    let cli = Cli::try_parse_from([
-        "eventstream",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--data",
-        dir.to_str().unwrap(),
-        "--processors",
-        processors,
-        "--storage-thread",
-        storage_thread,
-    ])
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = certs::Ca::new(&dir, "ca");
+    let mut flags: Vec<String> = if tls {
+        certs::serve_args(&ca.server("server"))
+    } else {
+        Vec::new()
+    };
+    flags.extend(["--listen", "127.0.0.1:0"].map(String::from));
+    let data = dir.join("data");
+    let cli = Cli::try_parse_from(
+        [
+            "eventstream",
+            "serve",
+            "--metrics",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap(),
+            "--processors",
+            processors,
+            "--storage-thread",
+            storage_thread,
+        ]
+        .into_iter()
+        .chain(flags.iter().map(String::as_str)),
+    )
     .unwrap();
     let Command::Serve(args) = cli.command else {
         unreachable!()
     };
     let running = eventstream_host::server::start(ServerConfig::from_args(*args).unwrap()).unwrap();
-    let stream = TcpStream::connect(running.listen.unwrap()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let (addr, client) = match running.tls_listen {
+        Some(a) => (a, Some(certs::client(&ca, None))),
+        None => (running.listen.unwrap(), None),
+    };
+    let (mut r, w) =
+        eventstream_client::tls::connect(&[addr], client.as_ref(), Some(Duration::from_secs(30)))
+            .unwrap();
+    let mut w = Some(w);
     let warm = frames(1, 20_000);
     let load = frames(1_000_000, 100_000);
     // Warm-up: every buffer reaches its working size.
-    assert_eq!(run(&stream, warm, 20_000), 20_000);
+    assert_eq!(run(&mut r, &mut w, warm, 20_000), 20_000);
     std::thread::sleep(Duration::from_millis(300));
     let before = ALLOC.by_thread();
-    assert_eq!(run(&stream, load, 100_000), 100_000);
+    assert_eq!(run(&mut r, &mut w, load, 100_000), 100_000);
     std::thread::sleep(Duration::from_millis(300));
     let after = ALLOC.by_thread();
     println!(
-        "--processors {processors} --storage-thread {storage_thread}: allocations per thread during 100,000 events (after warm-up):"
+        "--processors {processors} --storage-thread {storage_thread}, tls {tls}: allocations per thread during 100,000 events (after warm-up):"
     );
     let mut hot = 0;
     for (name, n) in &after {

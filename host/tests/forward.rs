@@ -426,3 +426,43 @@ fn under_fsync_never_the_forwarder_makes_what_it_sends_durable() {
     caught_up(&server, Duration::from_secs(30));
     assert_mirrors(&stream_messages(&nats.url(), STREAM), &dir.data());
 }
+
+#[test]
+fn the_forwarder_speaks_tls_to_nats() {
+    let dir = TempDir::new("fwd-tls");
+    let ca = common::tls::Ca::new(dir.path(), "ca");
+    let leaf = ca.server("nats");
+    let tls = format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+        leaf.cert.display(),
+        leaf.key.display()
+    );
+    let nats = Nats::start_conf(dir.path(), common::nats::free_port(), None, &tls);
+    nats.wait_ready(WAIT);
+    let ca_pem = ca.pem.to_str().unwrap();
+    let server = serve_forwarding(
+        &dir.data(),
+        &nats.url(),
+        &["--forward-tls-ca", ca_pem, "--batch-max-age", "5ms"],
+    );
+    load(&server, 20_000);
+    caught_up(&server, Duration::from_secs(60));
+    let opts = async_nats::ConnectOptions::new()
+        .add_root_certificates(ca.pem.clone())
+        .require_tls(true);
+    let msgs = common::nats::stream_messages_with(&nats.url(), STREAM, opts);
+    assert_mirrors(&msgs, &dir.data());
+    assert_eq!(msgs.len(), 20_000);
+    // A CA file that does not load stops the start with one line.
+    let bad = dir.path().join("bad.pem");
+    std::fs::write(&bad, "nothing").unwrap();
+    let mut args = forward_args(&nats.url(), STREAM);
+    args.extend(["--forward-tls-ca".into(), bad.to_str().unwrap().into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dir2 = TempDir::new("fwd-tls-bad");
+    let f = Server::try_start(&dir2.data(), &args)
+        .err()
+        .expect("started");
+    assert_eq!(f.status.code(), Some(1));
+    assert!(f.stderr.contains("--forward-tls-ca"), "{}", f.stderr);
+}

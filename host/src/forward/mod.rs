@@ -72,6 +72,16 @@ pub struct ForwardArgs {
     /// everything after it are published again.
     #[arg(long, default_value = "5s", value_parser = crate::config::parse_duration, value_name = "TIME")]
     pub forward_ack_timeout: Duration,
+    /// Connect to NATS with TLS, trusting the CA certificates in this PEM
+    /// file (also for `tls://` URLs signed by a private CA).
+    #[arg(long, value_name = "PEM")]
+    pub forward_tls_ca: Option<PathBuf>,
+    /// Present this client certificate (PEM) to NATS (its `verify`).
+    #[arg(long, value_name = "PEM", requires = "forward_tls_key")]
+    pub forward_tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, value_name = "PEM", requires = "forward_tls_cert")]
+    pub forward_tls_key: Option<PathBuf>,
 }
 
 /// The forwarder's settings, checked.
@@ -95,6 +105,10 @@ pub struct ForwardConfig {
     pub token: Option<String>,
     /// The wait for a publish ack.
     pub ack_timeout: Duration,
+    /// TLS to NATS: the CA file (TLS required when given).
+    pub tls_ca: Option<PathBuf>,
+    /// TLS to NATS: a client certificate and its key.
+    pub tls_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl ForwardArgs {
@@ -155,6 +169,21 @@ impl ForwardArgs {
             self.forward_token_file.as_deref(),
             usize::MAX,
         )?;
+        // Read now, so a bad file stops the start with one line.
+        if let Some(ca) = &self.forward_tls_ca {
+            eventstream_client::tls::read_certs(ca)
+                .map_err(|e| format!("--forward-tls-ca: {e}"))?;
+        }
+        let tls_cert = self
+            .forward_tls_cert
+            .clone()
+            .zip(self.forward_tls_key.clone());
+        if let Some((cert, key)) = &tls_cert {
+            eventstream_client::tls::read_certs(cert)
+                .map_err(|e| format!("--forward-tls-cert: {e}"))?;
+            eventstream_client::tls::read_key(key)
+                .map_err(|e| format!("--forward-tls-key: {e}"))?;
+        }
         Ok(Some(ForwardConfig {
             servers,
             stream,
@@ -165,6 +194,8 @@ impl ForwardArgs {
             duplicate_window: self.forward_duplicate_window,
             token,
             ack_timeout: self.forward_ack_timeout,
+            tls_ca: self.forward_tls_ca.clone(),
+            tls_cert,
         }))
     }
 }

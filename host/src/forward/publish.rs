@@ -393,6 +393,12 @@ async fn forward(p: ForwardParts, started: mpsc::Sender<Result<(), String>>) -> 
     if let Some(t) = &p.cfg.token {
         opts = opts.token(t.clone());
     }
+    if let Some(ca) = &p.cfg.tls_ca {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &p.cfg.tls_cert {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
     let client = async_nats::connect_with_options(p.cfg.servers.clone(), opts)
         .await
         .map_err(|e| format!("forward: cannot start the NATS client: {e}"))?;

@@ -51,6 +51,17 @@ impl Nats {
     /// One server on `port`, member `cluster` = (name, own route port, all
     /// route ports) if given.
     pub fn start_on(dir: &Path, port: u16, cluster: Option<(&str, u16, &[u16])>) -> Nats {
+        Self::start_conf(dir, port, cluster, "")
+    }
+
+    /// Like `start_on`, with `extra` appended to its configuration (a
+    /// `tls { ... }` block, say).
+    pub fn start_conf(
+        dir: &Path,
+        port: u16,
+        cluster: Option<(&str, u16, &[u16])>,
+        extra: &str,
+    ) -> Nats {
         let monitor = free_port();
         let name = cluster.map_or("solo".to_string(), |c| c.0.to_string());
         let store = dir.join(format!("js-{name}"));
@@ -70,6 +81,7 @@ impl Nats {
                 routes.join(", ")
             ));
         }
+        conf.push_str(extra);
         let config = dir.join(format!("{name}.conf"));
         std::fs::write(&config, conf).unwrap();
         let mut n = Nats {
@@ -187,8 +199,17 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Every message of `stream`, in stream order, read through `url`.
 pub fn stream_messages(url: &str, stream: &str) -> Vec<StreamMsg> {
+    stream_messages_with(url, stream, async_nats::ConnectOptions::new())
+}
+
+/// Like `stream_messages`, connecting with `opts` (TLS, say).
+pub fn stream_messages_with(
+    url: &str,
+    stream: &str,
+    opts: async_nats::ConnectOptions,
+) -> Vec<StreamMsg> {
     runtime().block_on(async {
-        let client = async_nats::connect(url).await.unwrap();
+        let client = opts.connect(url).await.unwrap();
         let js = jetstream::new(client);
         // Retried: a cluster that just lost a node elects new leaders.
         let t0 = Instant::now();

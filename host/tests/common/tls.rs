@@ -1,5 +1,6 @@
 //! Certificates made at test time (rcgen): CAs, and server and client
 //! certificates they sign, written as PEM files.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
