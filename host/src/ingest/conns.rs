@@ -196,8 +196,7 @@ impl<D: Downstream> Ingest<D> {
         sys::set_nodelay(fd.as_raw_fd())?;
         let tls = match (&self.p.tls, tls) {
             (Some((_, server)), true) => Some(Box::new(
-                TlsConn::new(server.clone(), self.out_capacity())
-                    .map_err(|e| io::Error::other(format!("{e:?}")))?,
+                TlsConn::new(server.clone()).map_err(|e| io::Error::other(format!("{e:?}")))?,
             )),
             _ => None,
         };
@@ -421,7 +420,7 @@ impl<D: Downstream> Ingest<D> {
             if let Some(t) = self.conn_mut(id).and_then(|c| c.tls.as_mut()) {
                 if !t.is_open() {
                     // Counted as a failed handshake, not a frame.
-                    t.timed_out();
+                    t.abandoned(crate::tls::Cause::Timeout);
                     self.close(id);
                     continue;
                 }

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 
 use super::conns::Conn;
 use super::*;
-use crate::tls::{Failure, TlsConn};
+use crate::tls::{Cause, Failure, TlsConn};
 
 impl<D: Downstream> Ingest<D> {
     /// One turn of a TLS connection (whose held-back plaintext, if any,
@@ -30,6 +30,7 @@ impl<D: Downstream> Ingest<D> {
         }
         match t.read(c.fd.as_raw_fd()) {
             Ok((0, _)) => {
+                t.abandoned(Cause::Closed);
                 c.eof = true;
                 c.readable = false;
                 return false;
@@ -48,6 +49,7 @@ impl<D: Downstream> Ingest<D> {
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
             Err(_) => {
+                t.abandoned(Cause::Protocol);
                 c.eof = true;
                 c.readable = false;
                 c.closing = true;

@@ -18,9 +18,10 @@ use rustls::unbuffered::{ConnectionState, EncodeError};
 use super::{Cause, ServerTls};
 use crate::sys;
 
-/// Ciphertext read per `read` at most, besides a partial record kept from
-/// the last one.
-const READ_ROOM: usize = 64 * 1024;
+/// The input buffer: two whole records (a read brings at least one more
+/// record than the partial one it may hold). A TLS connection's buffers
+/// cost about 50 KiB with the output's.
+const IN_CAP: usize = 2 * MAX_RECORD;
 /// A TLS 1.3 KeyUpdate message's type.
 const KEY_UPDATE: u8 = 24;
 
@@ -70,21 +71,19 @@ pub struct TlsConn {
 }
 
 impl TlsConn {
-    /// A connection about to make its handshake; `out_room` is the most
-    /// plaintext it will seal before its output is written (its output
-    /// buffer never grows past what that and a handshake need).
-    pub fn new(server: Arc<ServerTls>, out_room: usize) -> Result<TlsConn, Failure> {
+    /// A connection about to make its handshake. Its output buffer holds
+    /// one whole record (more only if its handshake needs it): sealing
+    /// waits until what was sealed before is written.
+    pub fn new(server: Arc<ServerTls>) -> Result<TlsConn, Failure> {
         let conn = UnbufferedServerConnection::new(server.config())
             .map_err(|e| Failure::Handshake(Cause::Protocol, e.to_string()))?;
-        let records = out_room.div_ceil(MAX_PLAINTEXT).max(1);
-        let cap = (out_room + records * OVERHEAD).max(8 * 1024);
         server.stats.open.fetch_add(1, Ordering::Relaxed);
         Ok(TlsConn {
             phase: Phase::Handshake(Box::new(conn)),
-            buf: vec![0u8; READ_ROOM + MAX_RECORD].into_boxed_slice(),
+            buf: vec![0u8; IN_CAP].into_boxed_slice(),
             head: 0,
             len: 0,
-            out: Vec::with_capacity(cap),
+            out: Vec::with_capacity(MAX_PLAINTEXT + OVERHEAD),
             out_pos: 0,
             server,
         })
@@ -115,6 +114,14 @@ impl TlsConn {
             self.head = 0;
         }
         let room = self.buf.len() - self.len;
+        if room == 0 {
+            // A handshake message longer than the buffer (a record is
+            // never longer): refused.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a TLS handshake message over the input buffer",
+            ));
+        }
         let n = sys::read(fd, &mut self.buf[self.len..])?;
         self.len += n;
         Ok((n, room))
@@ -229,11 +236,13 @@ impl TlsConn {
         Failure::Handshake(cause, why)
     }
 
-    /// Counts a handshake that did not finish in time.
-    pub fn timed_out(&mut self) {
+    /// Counts a handshake given up for `cause` (it did not finish in
+    /// time, the peer hung up, the socket failed); nothing if none is
+    /// under way.
+    pub fn abandoned(&mut self, cause: Cause) {
         if matches!(self.phase, Phase::Handshake(_)) {
             self.phase = Phase::Failed;
-            self.server.stats.failed(Cause::Timeout);
+            self.server.stats.failed(cause);
         }
     }
 

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# TLS against plaintext, alternating in one run (fresh data dir per run):
+#
+#   benches/tls.sh [ROUNDS] [SECS]   (default 5, 8)
+#
+# 1. Closed loop: `eventstream load` (4 connections, 256-byte events,
+#    acks) for SECS s over the plaintext port, then over the TLS port
+#    (TLS 1.3, AES-128-GCM, an ECDSA P-256 certificate), per round; the
+#    medians and their ratio.
+# 2. Connections per second, each a connect (+ handshake), one acked event
+#    and a close, 2 threads (benches/src/bin/handshakes.rs), plaintext
+#    then TLS, per round; the medians.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS="${1:-5}"
+SECS="${2:-8}"
+cargo build --release -q -p eventstream-host
+cargo build --release -q -p eventstream-benches --bin handshakes
+BIN="$PWD/target/release/eventstream"
+HS="$PWD/target/release/handshakes"
+WORK="$(mktemp -d /tmp/es-tls.XXXXXX)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+# A CA and a server certificate for 127.0.0.1.
+ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+openssl req -x509 "${ec[@]}" -keyout "$WORK/ca.key" -out "$WORK/ca.pem" -days 7 \
+    -subj /CN=bench-ca 2> /dev/null
+openssl req "${ec[@]}" -keyout "$WORK/server.key" -out "$WORK/server.csr" \
+    -subj /CN=127.0.0.1 2> /dev/null
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > "$WORK/ext"
+openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" \
+    -CAcreateserial -out "$WORK/server.pem" -days 7 -extfile "$WORK/ext" 2> /dev/null
+TLS_FLAGS=(--tls-listen 127.0.0.1:0 --tls-cert "$WORK/server.pem" --tls-key "$WORK/server.key")
+
+# shellcheck source=benches/serve.sh
+. benches/serve.sh
+
+tls_addr() { awk '/^listening with TLS on/ {print $5}' "$WORK/out"; }
+median() { sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+rate() { python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["events_per_sec"]))' "$1"; }
+
+echo "== 1. closed loop, $SECS s, 4 connections, 256-byte events, acks"
+plain=(); tls=()
+for r in $(seq "$ROUNDS"); do
+    for side in plain tls; do
+        rm -rf "$WORK/data"
+        start "$WORK/data" "${TLS_FLAGS[@]}"
+        if [ "$side" = plain ]; then
+            target=("$ADDR")
+        else
+            target=("$(tls_addr)" --tls-ca "$WORK/ca.pem")
+        fi
+        "$BIN" load --target "${target[@]}" --duration "$SECS" --connections 4 \
+            --payload 256 --ack --json > "$WORK/load.json" 2> "$WORK/load.err" \
+            || { tail -5 "$WORK/load.err" "$WORK/serve.err" >&2; exit 1; }
+        cpu=$(awk '{print ($14 + $15) / 100}' "/proc/$PID/stat")
+        stop
+        ev=$(rate "$WORK/load.json")
+        echo "round $r $side: $ev ev/s, server cpu $cpu s"
+        if [ "$side" = plain ]; then plain+=("$ev"); else tls+=("$ev"); fi
+    done
+done
+p=$(printf '%s\n' "${plain[@]}" | median)
+t=$(printf '%s\n' "${tls[@]}" | median)
+echo "median: plaintext $p ev/s, TLS $t ev/s, ratio $(python3 -c "print(round($t / $p, 3))")"
+
+echo "== 2. connections per second (connect, handshake, one acked event, close), 2 threads"
+plain=(); tls=()
+for r in $(seq "$ROUNDS"); do
+    rm -rf "$WORK/data"
+    start "$WORK/data" "${TLS_FLAGS[@]}"
+    a=$("$HS" "$ADDR" 4 2 | awk '{print $2}')
+    b=$("$HS" "$(tls_addr)" 4 2 "$WORK/ca.pem" | awk '{print $2}')
+    hs=$(curl -s "http://$METRICS/metrics" | awk '/^eventstream_tls_handshakes_total/ {print $2}')
+    stop
+    echo "round $r: plaintext $a/s, TLS $b/s (server counted $hs handshakes)"
+    plain+=("$a"); tls+=("$b")
+done
+p=$(printf '%s\n' "${plain[@]}" | median)
+t=$(printf '%s\n' "${tls[@]}" | median)
+echo "median: plaintext $p connections/s, TLS $t handshakes/s, ratio $(python3 -c "print(round($t / $p, 3))")"
