@@ -10,6 +10,11 @@
 # 2. Connections per second, each a connect (+ handshake), one acked event
 #    and a close, 2 threads (benches/src/bin/handshakes.rs), plaintext
 #    then TLS, per round; the medians.
+# 3. The closed loop over TLS again, alone and then beside a flood of
+#    garbage handshakes (one thread connecting, sending 64 bytes that are
+#    not TLS, waiting for the close), per round; the medians, the ratio,
+#    and the bad handshakes the server counted. The flood's client takes
+#    CPU from the same two cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-5}"
@@ -79,3 +84,32 @@ done
 p=$(printf '%s\n' "${plain[@]}" | median)
 t=$(printf '%s\n' "${tls[@]}" | median)
 echo "median: plaintext $p connections/s, TLS $t handshakes/s, ratio $(python3 -c "print(round($t / $p, 3))")"
+
+echo "== 3. closed loop over TLS alone and beside a flood of garbage handshakes"
+alone=(); flood=()
+for r in $(seq "$ROUNDS"); do
+    for side in alone flood; do
+        rm -rf "$WORK/data"
+        start "$WORK/data" "${TLS_FLAGS[@]}"
+        fpid=
+        if [ "$side" = flood ]; then
+            "$HS" "$(tls_addr)" "$((SECS + 1))" 1 garbage > "$WORK/flood.out" &
+            fpid=$!
+        fi
+        "$BIN" load --target "$(tls_addr)" --tls-ca "$WORK/ca.pem" --duration "$SECS" \
+            --connections 4 --payload 256 --ack --json > "$WORK/load.json" 2> "$WORK/load.err" \
+            || { tail -5 "$WORK/load.err" "$WORK/serve.err" >&2; exit 1; }
+        bad=0
+        if [ -n "$fpid" ]; then
+            wait "$fpid"
+            bad=$(curl -s "http://$METRICS/metrics" | awk '/^eventstream_tls_handshake_failures_total/ {s += $2} END {print s}')
+        fi
+        stop
+        ev=$(rate "$WORK/load.json")
+        echo "round $r $side: $ev ev/s, bad handshakes $bad"
+        if [ "$side" = alone ]; then alone+=("$ev"); else flood+=("$ev"); fi
+    done
+done
+a=$(printf '%s\n' "${alone[@]}" | median)
+f=$(printf '%s\n' "${flood[@]}" | median)
+echo "median: alone $a ev/s, beside the flood $f ev/s, ratio $(python3 -c "print(round($f / $a, 3))")"

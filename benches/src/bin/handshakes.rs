@@ -2,9 +2,11 @@
 //! connect (and, with `--tls-ca`, a TLS handshake), one event with ACK,
 //! its ack, and the close. One connection at a time per thread.
 //!
-//!   handshakes ADDR SECS THREADS [CA_PEM]
+//!   handshakes ADDR SECS THREADS [CA_PEM | garbage]
 //!
-//! Prints `connections/s N` (and the failures, which must be 0).
+//! Prints `connections/s N` (and the failures, which must be 0). With
+//! `garbage` instead of a CA: each connection sends 64 bytes that are not
+//! TLS and waits for the server to close it (a flood of bad handshakes).
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -25,7 +27,8 @@ fn main() {
     let addr: SocketAddr = args[1].parse().expect("ADDR");
     let secs: f64 = args[2].parse().expect("SECS");
     let threads: u64 = args[3].parse().expect("THREADS");
-    let tls = args.get(4).map(|ca| {
+    let garbage = args.get(4).is_some_and(|a| a == "garbage");
+    let tls = args.get(4).filter(|_| !garbage).map(|ca| {
         eventstream_client::TlsClient::new(Path::new(ca), None).unwrap_or_else(|e| {
             eprintln!("handshakes: {e}");
             std::process::exit(2)
@@ -42,7 +45,12 @@ fn main() {
                 let mut id = t << 40;
                 while Instant::now() < until {
                     id += 1;
-                    match once(addr, tls.as_ref(), id) {
+                    let r = if garbage {
+                        junk(addr, id)
+                    } else {
+                        once(addr, tls.as_ref(), id)
+                    };
+                    match r {
                         Ok(()) => done.fetch_add(1, Ordering::Relaxed),
                         Err(_) => failed.fetch_add(1, Ordering::Relaxed),
                     };
@@ -87,5 +95,28 @@ fn once(
     if ack[5] != 0 {
         return Err(std::io::Error::other("not stored"));
     }
+    Ok(())
+}
+
+/// One connection that sends 64 bytes of garbage and reads until closed.
+fn junk(addr: SocketAddr, id: u64) -> std::io::Result<()> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut x = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let bytes: Vec<u8> = (0..64)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if i == 0 {
+                0xff
+            } else {
+                x as u8
+            }
+        })
+        .collect();
+    s.write_all(&bytes)?;
+    let mut sink = Vec::new();
+    s.read_to_end(&mut sink)?;
     Ok(())
 }
