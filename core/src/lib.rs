@@ -21,6 +21,7 @@ pub mod batch;
 pub mod crc32c;
 pub mod dedup;
 pub mod event;
+pub mod flash;
 pub mod metrics;
 pub mod pipeline;
 pub mod pool;
@@ -30,6 +31,7 @@ pub mod ring;
 pub mod route;
 pub mod splitmix;
 mod sync;
+pub mod uplink;
 pub mod wire;
 
 pub use event::{Class, EventId, Priority};

@@ -225,6 +225,12 @@ pub struct ServeArgs {
     /// to topics starting with this; without it they are refused.
     #[arg(long, value_name = "TOPIC_PREFIX")]
     pub legacy_unauthenticated: Option<String>,
+    /// allow: connections may speak the original C++ EventStreamCore's
+    /// frames; deny: a connection that does not start with a v1, read or
+    /// HELLO magic gets FATAL BAD_MAGIC and is closed (an appliance's
+    /// byte link that starts mid-frame, say).
+    #[arg(long, value_enum, default_value = "allow")]
+    pub legacy: LegacyArg,
     /// TLS for producers and readers.
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
@@ -255,6 +261,15 @@ pub struct InspectArgs {
     /// Events to print at most.
     #[arg(long)]
     pub limit: Option<u64>,
+}
+
+/// `--legacy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LegacyArg {
+    /// Legacy clients are served.
+    Allow,
+    /// Legacy frames are refused (FATAL BAD_MAGIC).
+    Deny,
 }
 
 /// `--listen`: an address, or none.
@@ -511,7 +526,13 @@ impl ServerConfig {
                 }
                 None => None,
             },
-            legacy_unauthenticated: args.legacy_unauthenticated.clone(),
+            legacy_unauthenticated: match args.legacy {
+                LegacyArg::Deny if args.legacy_unauthenticated.is_some() => {
+                    return Err("--legacy-unauthenticated needs --legacy allow".into())
+                }
+                _ => args.legacy_unauthenticated.clone(),
+            },
+            legacy_deny: args.legacy == LegacyArg::Deny,
             metrics_token: crate::auth::token_file(
                 "--metrics-token-file",
                 args.metrics_token_file.as_deref(),

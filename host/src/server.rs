@@ -338,6 +338,7 @@ pub fn start(cfg: ServerConfig) -> Result<Running, String> {
             .legacy_unauthenticated
             .as_ref()
             .map(|p| p.as_bytes().to_vec()),
+        legacy_deny: cfg.legacy_deny,
     };
     // The thread layout (docs/architecture.md): inline, ingest runs the
     // processors; threads, a ring from ingest to each processor thread,

@@ -138,6 +138,8 @@ pub struct ServerConfig {
     pub auth: Option<std::sync::Arc<crate::auth::AuthState>>,
     /// With `--auth`: the topic prefix legacy clients may produce to.
     pub legacy_unauthenticated: Option<String>,
+    /// `--legacy deny`: the legacy dialect is refused.
+    pub legacy_deny: bool,
     /// The bearer token `/metrics` asks for (`--metrics-token-file`).
     pub metrics_token: Option<Vec<u8>>,
 }

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use common::*;
-use eventstream_core::wire::{Reason, Status, LEGACY_ID_BASE};
+use eventstream_core::wire::{Ack, Reason, Status, LEGACY_ID_BASE};
 use eventstream_core::Priority;
 
 const TOPICS: [&str; 3] = ["orders/eu", "metrics/cpu", "alerts"];
@@ -532,4 +532,37 @@ fn topic_priorities_from_flags_and_a_topics_file_only_raise() {
         .err()
         .expect("refused");
     assert!(bad.stderr.contains("--topic-priority"), "{}", bad.stderr);
+}
+
+#[test]
+fn legacy_deny_closes_a_connection_that_starts_with_anything_but_a_magic() {
+    let dir = TempDir::new("legacy-deny");
+    let server = Server::start(&dir.data(), &["--legacy", "deny"]);
+    // A legacy client: FATAL BAD_MAGIC, closed.
+    let mut old = server.connect();
+    old.send(&legacy_frame(2, "old", b"payload"));
+    assert_eq!(old.acks(1)[0], Ack::fatal(Reason::BadMagic));
+    assert!(old.closed_within(Duration::from_secs(5)));
+    // A byte link that comes up in the middle of a frame: the same.
+    let f = frame(1, Priority::Medium, "t", b"half a frame", true);
+    let mut mid = server.connect();
+    mid.send(&f[f.len() / 2..]);
+    assert_eq!(mid.acks(1)[0], Ack::fatal(Reason::BadMagic));
+    assert!(mid.closed_within(Duration::from_secs(5)));
+    // v1 frames are served.
+    let mut v1 = server.connect();
+    v1.send(&f);
+    assert_eq!(v1.acks(1)[0].status, Status::Stored);
+    let events = wait_for_events(&dir.data(), 1);
+    assert_eq!(events.len(), 1);
+    drop(server);
+    // --legacy deny with --legacy-unauthenticated: one line, exit 1.
+    let f = Server::try_start(
+        &dir.data(),
+        &["--legacy", "deny", "--legacy-unauthenticated", "x"],
+    )
+    .err()
+    .expect("started");
+    assert_eq!(f.status.code(), Some(1));
+    assert_eq!(f.stderr.lines().count(), 1, "{}", f.stderr);
 }

@@ -197,6 +197,10 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Frame<T> {
             &event_id.to_le_bytes(),
         );
     }
+    /// Sets `flags` (an uplink sending a stored frame on with ACK only).
+    pub fn set_flags(&mut self, flags: u8) {
+        put(self.buffer.as_mut(), field::FLAGS, &[flags]);
+    }
     /// Sets `timestamp_ns`.
     pub fn set_timestamp_ns(&mut self, timestamp_ns: u64) {
         put(

@@ -155,6 +155,8 @@ pub struct StreamDecoder<S> {
     limits: Limits,
     /// A HELLO was accepted: the next frame must be `ESC1` or `ESCR`.
     after_hello: bool,
+    /// The legacy dialect is refused (`serve --legacy deny`).
+    no_legacy: bool,
 }
 
 impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
@@ -169,7 +171,15 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
             state: State::Detect,
             limits,
             after_hello: false,
+            no_legacy: false,
         })
+    }
+
+    /// Refuses the legacy dialect: a connection whose first four bytes are
+    /// not a magic of this protocol gets FATAL BAD_MAGIC (a byte link that
+    /// starts mid-frame is closed instead of read as legacy events).
+    pub fn refuse_legacy(&mut self) {
+        self.no_legacy = true;
     }
 
     /// After a [`Decoded::Hello`] that was accepted: the stream goes on with
@@ -224,7 +234,8 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> StreamDecoder<S> {
                 detect(self.stash.as_ref())
             };
             self.state = State::Open(dialect);
-            if self.after_hello && !matches!(dialect, Dialect::V1 | Dialect::Read) {
+            let refused = self.no_legacy && dialect == Dialect::Legacy;
+            if refused || (self.after_hello && !matches!(dialect, Dialect::V1 | Dialect::Read)) {
                 // After a HELLO only v1 frames or a read request.
                 self.state = State::Closed(Dialect::V1);
                 self.held = 0;

@@ -213,8 +213,11 @@ impl<D: Downstream> Ingest<D> {
         let gen = self.gens[slot as usize];
         let id = (gen << SLOT_BITS) | slot;
         let stash = vec![0u8; self.p.limits.max_frame() as usize].into_boxed_slice();
-        let dec = StreamDecoder::new(stash, self.p.limits)
+        let mut dec = StreamDecoder::new(stash, self.p.limits)
             .map_err(|_| io::Error::other("decoder stash too small"))?;
+        if self.p.legacy_deny {
+            dec.refuse_legacy();
+        }
         self.epoll.add(
             fd.as_raw_fd(),
             u64::from(id),

@@ -122,6 +122,8 @@ pub struct IngestParts {
     /// starting with this (`--legacy-unauthenticated`); None: they are
     /// closed.
     pub legacy_prefix: Option<Vec<u8>>,
+    /// `--legacy deny`: the legacy dialect is FATAL BAD_MAGIC.
+    pub legacy_deny: bool,
 }
 
 /// The ingest loop's state.
