@@ -120,6 +120,9 @@ fn producers_readers_and_legacy_clients_work_over_tls() {
         },
     )
     .unwrap();
+    // Not read for a while: the server fills the socket and waits for
+    // room, its last records sealed but not yet written.
+    std::thread::sleep(Duration::from_secs(1));
     let mut n = 0;
     while let Some(m) = c.next().unwrap() {
         assert_eq!(m.offset, events[n].offset);
@@ -500,8 +503,9 @@ fn a_stock_rustls_client_works_and_its_key_updates_are_followed() {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
+    let config = Arc::new(config);
     let conn =
-        rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+        rustls::ClientConnection::new(config.clone(), "localhost".try_into().unwrap()).unwrap();
     let tcp = TcpStream::connect(server.tls_addr.unwrap()).unwrap();
     tcp.set_read_timeout(Some(WAIT)).unwrap();
     let mut s = rustls::StreamOwned::new(conn, tcp);
@@ -534,4 +538,50 @@ fn a_stock_rustls_client_works_and_its_key_updates_are_followed() {
     s.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
     assert_eq!(wait_for_events(&dir.data(), 300).len(), 300);
+
+    let connect = || {
+        let conn =
+            rustls::ClientConnection::new(config.clone(), "localhost".try_into().unwrap()).unwrap();
+        let tcp = TcpStream::connect(server.tls_addr.unwrap()).unwrap();
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        rustls::StreamOwned::new(conn, tcp)
+    };
+    // Events and close_notify in the client's last handshake flight,
+    // written in one piece with its Finished: every event is acked, then
+    // the connection ends cleanly.
+    let mut conn =
+        rustls::ClientConnection::new(config.clone(), "localhost".try_into().unwrap()).unwrap();
+    let mut tcp = TcpStream::connect(server.tls_addr.unwrap()).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    conn.write_tls(&mut tcp).unwrap();
+    while conn.is_handshaking() {
+        conn.read_tls(&mut tcp).unwrap();
+        conn.process_new_packets().unwrap();
+    }
+    for id in 1001..1011 {
+        conn.writer()
+            .write_all(&frame(id, Priority::Medium, "stock", b"early", true))
+            .unwrap();
+    }
+    conn.send_close_notify();
+    let mut flight = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut flight).unwrap();
+    }
+    tcp.write_all(&flight).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut acks = Vec::new();
+    s.read_to_end(&mut acks).unwrap();
+    assert_eq!(acks.len(), 24 * 10);
+    assert_eq!(failures(&server, "closed"), 0.0);
+    // Key updates without data between them: the server stops after 32.
+    let mut s = connect();
+    round(&mut s, 2001);
+    for _ in 0..40 {
+        s.conn.refresh_traffic_keys().unwrap();
+        s.flush().unwrap();
+    }
+    let mut rest = Vec::new();
+    assert!(s.read_to_end(&mut rest).is_err() || rest.is_empty());
+    assert_eq!(failures(&server, "timeout"), 0.0);
 }

@@ -32,6 +32,10 @@ pub const MAX_RECORD: usize = HEADER_LEN + MAX_PLAINTEXT + 256;
 /// What sealing adds to the plaintext: header, content type, tag.
 pub const OVERHEAD: usize = HEADER_LEN + 1 + TAG_LEN;
 
+/// Records one key may protect here (RFC 8446 section 5.5 puts AES-GCM's
+/// limit at 2^24.5; the server updates its keys at 2^24).
+pub const KEY_LIMIT: u64 = (1 << 24) + (1 << 16);
+
 /// Content types (RFC 8446 section 5.1).
 pub const ALERT: u8 = 21;
 /// A handshake message (after the handshake: KeyUpdate, NewSessionTicket).
@@ -126,6 +130,11 @@ impl Keys {
 
     fn nonce(&mut self) -> Result<Nonce, RecordError> {
         let seq = self.seq;
+        if seq >= KEY_LIMIT {
+            // AES-GCM's confidentiality limit: the server moves to new
+            // keys before it; a client stops here and connects again.
+            return Err(RecordError::Exhausted);
+        }
         self.seq = seq.checked_add(1).ok_or(RecordError::Exhausted)?;
         let mut n = self.iv;
         for (b, s) in n[4..].iter_mut().zip(seq.to_be_bytes()) {
@@ -181,6 +190,9 @@ impl Keys {
             .iter()
             .rposition(|&b| b != 0)
             .ok_or(RecordError::Malformed)?;
+        if end > MAX_PLAINTEXT {
+            return Err(RecordError::Malformed);
+        }
         Ok((plain[end], HEADER_LEN, HEADER_LEN + end))
     }
 }

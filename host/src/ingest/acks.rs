@@ -79,7 +79,7 @@ impl<D: Downstream> Ingest<D> {
             // Credit came back: decode what is held, read again.
             let input = c.readable
                 || c.stash_pos < c.stash.len()
-                || c.tls.as_ref().is_some_and(|t| t.has_partial());
+                || c.tls.as_ref().is_some_and(|t| t.has_whole());
             if input && !c.queued && !c.closing && c.fatal.is_none() {
                 c.queued = true;
                 self.ready.push_back(id);

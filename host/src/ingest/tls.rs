@@ -48,8 +48,14 @@ impl<D: Downstream> Ingest<D> {
                 return false;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
-            Err(_) => {
-                t.abandoned(Cause::Protocol);
+            Err(e) => {
+                // A reset is the peer leaving; anything else (a handshake
+                // message over the buffer) a protocol failure.
+                let cause = match e.kind() {
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Cause::Closed,
+                    _ => Cause::Protocol,
+                };
+                t.abandoned(cause);
                 c.eof = true;
                 c.readable = false;
                 c.closing = true;

@@ -24,6 +24,12 @@ use crate::sys;
 const IN_CAP: usize = 64 * 1024 + MAX_RECORD;
 /// A TLS 1.3 KeyUpdate message's type.
 const KEY_UPDATE: u8 = 24;
+/// KeyUpdates taken in a row without application data between them at
+/// most (rustls' own limit): a peer cannot keep the server deriving keys.
+const KEY_UPDATES_IN_A_ROW: u8 = 32;
+/// Records sealed with one key at most before the server moves to the
+/// next (AES-GCM's confidentiality limit in TLS 1.3 is 2^24.5 records).
+const RECORDS_PER_KEY: u64 = 1 << 24;
 
 /// Why a TLS connection cannot go on.
 #[derive(Debug)]
@@ -53,6 +59,13 @@ struct Open {
     tx: Keys,
     /// rustls' side of the connection after the hand-over (key updates).
     kernel: KernelConnection<ServerConnectionData>,
+    /// KeyUpdates since the last application data.
+    key_updates: u8,
+    /// The peer asked for our keys to move on; our KeyUpdate goes out
+    /// with the next flush (one at a time).
+    update_owed: bool,
+    /// Records sealed with the current key.
+    sealed: u64,
 }
 
 /// One connection's TLS state and buffers.
@@ -68,6 +81,8 @@ pub struct TlsConn {
     out: Vec<u8>,
     out_pos: usize,
     server: Arc<ServerTls>,
+    /// The peer sent close_notify: nothing after it is read.
+    peer_closed: bool,
 }
 
 impl TlsConn {
@@ -86,6 +101,7 @@ impl TlsConn {
             out: Vec::with_capacity(MAX_PLAINTEXT + OVERHEAD),
             out_pos: 0,
             server,
+            peer_closed: false,
         })
     }
 
@@ -94,9 +110,20 @@ impl TlsConn {
         matches!(self.phase, Phase::Open(_))
     }
 
-    /// Part of a record (or of the handshake) is waiting for the rest.
+    /// Part of a record (or of the handshake) is waiting for the rest: a
+    /// frame half-received, for `--frame-timeout`. Whole records waiting
+    /// (decoding stopped for room or credit) are not.
     pub fn has_partial(&self) -> bool {
-        self.head < self.len
+        let rest = &self.buf[self.head..self.len];
+        !rest.is_empty()
+            && (!self.is_open() || !matches!(record_len(rest), Ok(Some(n)) if rest.len() >= n))
+    }
+
+    /// A whole record is waiting to be opened (decoding stopped for room
+    /// or credit).
+    pub fn has_whole(&self) -> bool {
+        let rest = &self.buf[self.head..self.len];
+        self.is_open() && matches!(record_len(rest), Ok(Some(n)) if rest.len() >= n)
     }
 
     /// Ciphertext is waiting to be written.
@@ -139,6 +166,7 @@ impl TlsConn {
             let discard = status.discard;
             let mut done = false;
             let mut blocked = false;
+            let mut peer_closed = false;
             match status.state {
                 Err(e) => {
                     self.head += discard;
@@ -178,7 +206,8 @@ impl TlsConn {
                         }
                     }
                 }
-                Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                Ok(ConnectionState::PeerClosed) => peer_closed = true,
+                Ok(ConnectionState::Closed) => {
                     self.head += discard;
                     return Err(self.fail(Cause::Closed, "closed during the handshake".into()));
                 }
@@ -189,6 +218,15 @@ impl TlsConn {
                 }
             }
             self.head += discard;
+            if peer_closed {
+                if conn.is_handshaking() {
+                    return Err(self.fail(Cause::Closed, "closed during the handshake".into()));
+                }
+                // Finished, data and close_notify in one flight: the
+                // handshake is done; the data is decoded, then EOF.
+                self.peer_closed = true;
+                done = true;
+            }
             if blocked {
                 return Ok(false);
             }
@@ -210,8 +248,14 @@ impl TlsConn {
             rx: Keys::new(secrets.rx).map_err(|e| self.fail(Cause::Protocol, e.to_string()))?,
             tx: Keys::new(secrets.tx).map_err(|e| self.fail(Cause::Protocol, e.to_string()))?,
             kernel,
+            key_updates: 0,
+            update_owed: false,
+            sealed: 0,
         };
         self.phase = Phase::Open(Box::new(open));
+        if self.peer_closed {
+            self.head = self.len;
+        }
         self.server.stats.handshakes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -251,6 +295,9 @@ impl TlsConn {
     /// record is waiting. Key updates are taken on the way.
     pub fn next_record(&mut self) -> Result<Option<(usize, usize)>, Failure> {
         loop {
+            if self.peer_closed {
+                return Err(Failure::Closed);
+            }
             let Phase::Open(o) = &mut self.phase else {
                 return Ok(None);
             };
@@ -265,25 +312,31 @@ impl TlsConn {
             let (typ, a, b) = o.rx.open(&mut self.buf[at..at + len])?;
             let body = &self.buf[at + a..at + b];
             match typ {
-                APPLICATION_DATA => return Ok(Some((at + a, at + b))),
-                ALERT if body == [1, 0] => return Err(Failure::Closed),
+                APPLICATION_DATA => {
+                    o.key_updates = 0;
+                    return Ok(Some((at + a, at + b)));
+                }
+                ALERT if body == [1, 0] => {
+                    // Nothing after close_notify counts.
+                    self.peer_closed = true;
+                    self.head = self.len;
+                    return Err(Failure::Closed);
+                }
                 ALERT => return Err(Failure::Record(format!("the peer sent alert {body:?}"))),
-                HANDSHAKE if body.len() == 5 && body[..4] == [KEY_UPDATE, 0, 0, 1] => {
-                    let requested = body[4] == 1;
+                HANDSHAKE
+                    if body.len() == 5 && body[..4] == [KEY_UPDATE, 0, 0, 1] && body[4] <= 1 =>
+                {
+                    o.key_updates += 1;
+                    if o.key_updates > KEY_UPDATES_IN_A_ROW {
+                        return Err(Failure::Record("too many key updates in a row".into()));
+                    }
                     let rx = o
                         .kernel
                         .update_rx_secret()
                         .map_err(|e| Failure::Record(e.to_string()))?;
                     o.rx = Keys::new(rx)?;
-                    if requested {
-                        // Our own update, sealed with the old keys.
-                        o.tx.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], &mut self.out)?;
-                        let tx = o
-                            .kernel
-                            .update_tx_secret()
-                            .map_err(|e| Failure::Record(e.to_string()))?;
-                        o.tx = Keys::new(tx)?;
-                    }
+                    // Ours moves on with the next write (one owed at most).
+                    o.update_owed |= body[4] == 1;
                 }
                 _ => {
                     return Err(Failure::Record(
@@ -305,6 +358,17 @@ impl TlsConn {
         let Phase::Open(o) = &mut self.phase else {
             return Ok(0);
         };
+        if o.update_owed || o.sealed >= RECORDS_PER_KEY {
+            // Our KeyUpdate, sealed with the old keys, then the new ones.
+            o.tx.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], &mut self.out)?;
+            let tx = o
+                .kernel
+                .update_tx_secret()
+                .map_err(|e| Failure::Record(e.to_string()))?;
+            o.tx = Keys::new(tx)?;
+            o.update_owed = false;
+            o.sealed = 0;
+        }
         let mut used = 0;
         while used < plain.len() {
             let room = (self.out.capacity() - self.out.len()).saturating_sub(OVERHEAD);
@@ -313,6 +377,7 @@ impl TlsConn {
                 break;
             }
             o.tx.seal(APPLICATION_DATA, &plain[used..used + n], &mut self.out)?;
+            o.sealed += 1;
             used += n;
         }
         Ok(used)

@@ -188,6 +188,11 @@ impl Session {
 
     /// Whether a turn could make progress without an outside event.
     pub(super) fn runnable(&self) -> bool {
+        // Sealed bytes not yet written (the last chunk, END, a HELLO's
+        // answer) go out whatever the state.
+        if !self.blocked && self.tls.as_ref().is_some_and(|t| t.pending()) {
+            return true;
+        }
         match self.state {
             State::Request | State::AwaitGroup => false,
             State::Closing => !self.blocked,
