@@ -80,6 +80,14 @@ core_never_links_alloc() {
     fi
 }
 
+# The appliance image under QEMU: its UART0 a TCP link to a real
+# `eventstream serve --legacy deny` through a proxy the test cuts, its flash
+# log in file-backed PSRAM across a QEMU restart (host/tests/appliance.rs).
+appliance_under_qemu() {
+    cargo build --release --manifest-path linker/firmware/Cargo.toml --target thumbv7em-none-eabihf --bin appliance
+    cargo test -p eventstream-host --test appliance -- --ignored --nocapture
+}
+
 firmware_under_qemu() {
     cargo fmt --manifest-path linker/firmware/Cargo.toml -- --check
     cargo clippy --manifest-path linker/firmware/Cargo.toml --target thumbv7em-none-eabihf -- -D warnings
@@ -124,7 +132,7 @@ fuzz_targets() {
 }
 
 step "install Debian packages (prometheus for promtool, qemu-system-arm, nats-server)" 90 apt_install
-step "install toolchains, targets and components" 300 install_toolchains
+step "install toolchains, targets and components" 240 install_toolchains
 step "cargo fmt --check" 20 cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -D warnings" 160 cargo clippy --workspace --all-targets -- -D warnings
 step "cargo clippy core (thumbv7em, defmt) -D warnings" 60 cargo clippy -p eventstream-core --target thumbv7em-none-eabihf --features defmt -- -D warnings
@@ -148,6 +156,7 @@ step "miri on the core's unsafe code" 150 miri_core
 step "fuzz targets, 20 s each (cargo fuzz)" 200 fuzz_targets
 step "core never links alloc (sources, firmware symbols)" 30 core_never_links_alloc
 step "firmware image under QEMU mps2-an386 (cargo firmware)" 70 firmware_under_qemu
+step "appliance under QEMU streaming to serve (link cut, power cut)" 60 appliance_under_qemu
 
 echo
 echo "==> step times"

@@ -4,7 +4,7 @@
 use embedded_storage::nor_flash::NorFlash;
 
 use super::{align_up, FlashLog, FlashLogError, State, SECTOR_HEADER_LEN};
-use crate::dedup::Inserter;
+use crate::dedup::DedupRef;
 use crate::record::Record;
 use crate::Class;
 
@@ -99,10 +99,11 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
     /// the table (as the server does at start): single-event records of
     /// the transactional class whose recv_ns is at most `window_ms` before
     /// `now_wall_ns`, legacy frames left out; `now_ms` is the table's
-    /// clock. Returns the ids put back.
+    /// clock. Call it before the table's single inserter is taken (a
+    /// pipeline takes it). Returns the ids put back.
     pub fn rebuild_dedup(
         &mut self,
-        inserter: &mut Inserter<'_>,
+        table: DedupRef<'_>,
         window_ms: u64,
         now_wall_ns: u64,
         now_ms: u64,
@@ -112,7 +113,6 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
         let Some(mut cur) = self.first() else {
             return Ok(0);
         };
-        let table = inserter.table();
         let mut n = 0;
         while let Some(r) = self.next_record(&mut cur, buf)? {
             if r.class() != Class::Transactional
@@ -126,7 +126,7 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
                 if frame.is_legacy() {
                     continue;
                 }
-                let _ = inserter.insert(frame.event_id(), now_ms.saturating_sub(age_ms));
+                let _ = table.insert(frame.event_id(), now_ms.saturating_sub(age_ms));
                 table.set_offset(frame.event_id(), offset);
                 n += 1;
             }

@@ -199,9 +199,8 @@ fn check(mem: &mut [u8], done: &Done, cut: u64) {
         when_full: DedupFull::Reject,
     });
     let d = table.table();
-    let mut ins = d.inserter().unwrap();
     let wall = 2_000_000_000u64;
-    log.rebuild_dedup(&mut ins, 60_000, wall, 100_000, &mut buf)
+    log.rebuild_dedup(d, 60_000, wall, 100_000, &mut buf)
         .unwrap();
     for r in &got {
         let rec = Record::parse(r).unwrap();

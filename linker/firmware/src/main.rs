@@ -9,8 +9,11 @@
 #![no_std]
 #![no_main]
 
-use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+mod common;
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use common::{paint_stack, stack_used, TakeOnce};
 
 use cortex_m_rt::entry;
 use cortex_m_semihosting::debug;
@@ -57,40 +60,6 @@ static REGISTRY: Registry<COARSE> = Registry::empty();
 static ROUTER: TopicTable<4> = TopicTable::new();
 /// A second counter of failed checks, kept outside the pipeline.
 static MISMATCHES: AtomicU32 = AtomicU32::new(0);
-
-/// A `static` handed out once as `&'static mut`: built in place at compile
-/// time, so large buffers never pass through the stack (as a `singleton!`
-/// built at run time would).
-struct TakeOnce<T> {
-    taken: AtomicBool,
-    value: UnsafeCell<T>,
-}
-
-// SAFETY: the value is reachable only through the one `&mut` that `take`
-// hands out, once; T moves to the taker's context, so T: Send suffices.
-unsafe impl<T: Send> Sync for TakeOnce<T> {}
-
-impl<T> TakeOnce<T> {
-    const fn new(value: T) -> Self {
-        Self {
-            taken: AtomicBool::new(false),
-            value: UnsafeCell::new(value),
-        }
-    }
-
-    /// The value, the first time; `None` after.
-    // A `&mut` out of `&self` is this type's purpose; the flag makes it
-    // unique.
-    #[allow(clippy::mut_from_ref)]
-    fn take(&'static self) -> Option<&'static mut T> {
-        if self.taken.swap(true, Ordering::AcqRel) {
-            return None;
-        }
-        // SAFETY: the flag was false, so this is the first and only call
-        // that gets here: no other reference to the value exists or will.
-        Some(unsafe { &mut *self.value.get() })
-    }
-}
 
 /// The simulated clock: time moves only when the stream says so.
 struct SimClock {
@@ -239,45 +208,9 @@ fn v1(buf: &mut [u8], id: u64, priority: Priority, ack: bool) -> usize {
     .unwrap_or(0)
 }
 
-/// Byte written over the free stack at start; what is still there at the
-/// end was never used.
-const PAINT: u32 = 0xACE5_ACE5;
-
-extern "C" {
-    /// End of the statics (cortex-m-rt): the stack may grow down to it.
-    static mut __euninit: u32;
-    /// Where the stack starts (cortex-m-rt: the end of RAM).
-    static _stack_start: u32;
-}
-
-/// Paints the free stack (below the current frame) and returns its bounds.
-fn paint_stack() -> (usize, usize) {
-    let low = core::ptr::addr_of_mut!(__euninit) as usize;
-    let high = cortex_m::register::msp::read() as usize - 256;
-    let mut at = low;
-    while at + 4 <= high {
-        // SAFETY: [low, high) lies between the end of the statics and the
-        // current stack frame (less a margin for this function's own
-        // frame): memory nothing else uses yet. Aligned word writes.
-        unsafe { core::ptr::write_volatile(at as *mut u32, PAINT) };
-        at += 4;
-    }
-    (low, high)
-}
-
-/// Bytes of painted stack that were written over.
-fn stack_used((low, high): (usize, usize), top: usize) -> usize {
-    let mut at = low;
-    // SAFETY: the same range as `paint_stack`; aligned word reads.
-    while at + 4 <= high && unsafe { core::ptr::read_volatile(at as *const u32) } == PAINT {
-        at += 4;
-    }
-    top - at
-}
-
 #[entry]
 fn main() -> ! {
-    let top = core::ptr::addr_of!(_stack_start) as usize;
+    let top = common::stack_top();
     let painted = paint_stack();
     let ok = run();
     let stack = stack_used(painted, top);
@@ -676,13 +609,4 @@ fn check(p: &Engine, want: &Tally) -> bool {
         );
     }
     ok
-}
-
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    defmt::error!("firmware: panic");
-    debug::exit(debug::EXIT_FAILURE);
-    loop {
-        cortex_m::asm::bkpt();
-    }
 }
