@@ -1,4 +1,5 @@
-//! Puts linker/memory.x (the mps2-an386 memory map) on the link path.
+//! Puts linker/memory.x (the mps2-an386 memory map) and linker/device.x
+//! (its interrupt handlers' defaults) on the link path.
 use std::path::PathBuf;
 
 fn main() {
@@ -7,6 +8,9 @@ fn main() {
         .join("..")
         .join("memory.x");
     std::fs::copy(&memory, out.join("memory.x")).expect("copy memory.x");
+    let device = memory.with_file_name("device.x");
+    std::fs::copy(&device, out.join("device.x")).expect("copy device.x");
+    println!("cargo:rerun-if-changed={}", device.display());
     println!("cargo:rustc-link-search={}", out.display());
     println!("cargo:rerun-if-changed={}", memory.display());
     println!("cargo:rustc-link-arg=-Tlink.x");

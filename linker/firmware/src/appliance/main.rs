@@ -1,10 +1,11 @@
-//! The appliance: an image shaped like product firmware. It collects events
-//! from its own sources (a sensor that makes one event of every priority
-//! in turn each millisecond, and a byte stream in the original
-//! EventStreamCore's legacy format), runs them through the core's pipeline
-//! (dedup, batch windows) into a flash log that survives power cuts, and
-//! streams the log to `eventstream serve` through UART0, exactly once for
-//! transactional events.
+//! The appliance: an image shaped like product firmware, its tasks on RTIC
+//! (v2). It collects events from its own sources (a sensor task that
+//! makes one event of every priority in turn each millisecond, and a byte
+//! stream in the original EventStreamCore's legacy format), runs them
+//! through the core's pipeline (dedup, batch windows) into a flash log
+//! that survives power cuts, and streams the log to `eventstream serve`
+//! through UART0 (an uplink task; the receive interrupt's task queues the
+//! acks), exactly once for transactional events.
 //!
 //! Under QEMU the UART is a TCP socket (`-serial tcp:HOST:PORT,reconnect=1`)
 //! and the flash log lives in the board's PSRAM at 0x2100_0000, which QEMU
@@ -15,20 +16,20 @@
 #![no_std]
 #![no_main]
 
+#[path = "../board.rs"]
+mod board;
 #[path = "../common.rs"]
 mod common;
 mod uart;
 
-use core::sync::atomic::{AtomicU32, Ordering};
-
-use common::{paint_stack, stack_used, TakeOnce};
-use cortex_m::peripheral::syst::SystClkSource;
-use cortex_m_rt::{entry, exception};
+use common::TakeOnce;
+// The reset handler and vector table (RTIC provides `main`).
+use cortex_m_rt as _;
 use cortex_m_semihosting::debug;
 use defmt_semihosting as _;
 use eventstream_core::batch::{BatchConfig, StaticBatchWindows};
 use eventstream_core::dedup::{DedupConfig, DedupTable, FullPolicy as DedupFull};
-use eventstream_core::flash::{FlashLog, FullPolicy, MemFlash};
+use eventstream_core::flash::{FlashLog, MemFlash};
 use eventstream_core::metrics::{Registry, COARSE};
 use eventstream_core::pipeline::{Clock, Event, Parts, Pipeline, Sink, StorageFailed, WhenFull};
 use eventstream_core::pool::EventPool;
@@ -40,7 +41,7 @@ use eventstream_core::wire::{Ack, FrameRepr, Limits, Reason, Status, StreamDecod
 use eventstream_core::Priority;
 
 /// Pool slots and their size: the largest frame the appliance makes.
-const SLOTS: usize = 24;
+const SLOTS: usize = 16;
 const SLOT: usize = 256;
 /// Events per batch window.
 const BATCH_EVENTS: usize = 8;
@@ -62,11 +63,20 @@ const LIMITS: Limits = match Limits::new(SLOT as u32, 32) {
     Ok(l) => l,
     Err(_) => Limits::DEFAULT,
 };
+/// The legacy source's frames are short (a body under 64 bytes).
+const LEGACY: usize = 128;
+const LEGACY_LIMITS: Limits = match Limits::new(LEGACY as u32, 32) {
+    Ok(l) => l,
+    Err(_) => Limits::DEFAULT,
+};
+/// Bytes received and not yet read by the uplink: the acks of every
+/// event in flight, with room to spare.
+const RX_QUEUE: usize = 256;
 
 static POOL: EventPool<SLOTS, SLOT> = EventPool::new();
-static RT_IN: Ring<Event<'static>, 8> = Ring::new();
-static TX_IN: Ring<Event<'static>, 8> = Ring::new();
-static BATCH_IN: Ring<Event<'static>, 8> = Ring::new();
+static RT_IN: Ring<Event<'static>, 4> = Ring::new();
+static TX_IN: Ring<Event<'static>, 4> = Ring::new();
+static BATCH_IN: Ring<Event<'static>, 4> = Ring::new();
 static DEDUP: DedupTable<1024> = DedupTable::new(DedupConfig {
     window_ms: WINDOW_MS,
     when_full: DedupFull::Evict,
@@ -81,21 +91,16 @@ static UPLINK: TakeOnce<Uplink<8, RECORD, SLOT>> = TakeOnce::new(Uplink::new(Upl
 }));
 static REGISTRY: Registry<COARSE> = Registry::empty();
 static ROUTER: TopicTable<4> = TopicTable::new();
-/// Milliseconds since boot (SysTick).
-static MS: AtomicU32 = AtomicU32::new(0);
 
-#[exception]
-fn SysTick() {
-    MS.fetch_add(1, Ordering::Relaxed);
-}
-
+/// Milliseconds since boot, from RTIC's SysTick monotonic.
 fn now_ms() -> u64 {
-    u64::from(MS.load(Ordering::Relaxed))
+    use rtic_monotonics::Monotonic;
+    u64::from(app::Mono::now().ticks())
 }
 
 /// The board's clock: no real-time clock, so wall time is a fixed epoch
 /// plus the time since boot.
-struct BoardClock;
+pub struct BoardClock;
 
 impl Clock for BoardClock {
     fn monotonic_ns(&self) -> u64 {
@@ -110,11 +115,10 @@ type Flash = MemFlash<'static, 4, SECTOR>;
 type Log = FlashLog<Flash, SECTORS>;
 
 /// The pipeline's storage: the flash log; its acks go back to the sensor.
-struct FlashSink {
+pub struct FlashSink {
     log: Log,
     /// Sensor events refused for now (the flash was full): made again.
     retry: heapless::Deque<u64, 64>,
-    stored_acks: u32,
 }
 
 impl Sink for FlashSink {
@@ -130,17 +134,36 @@ impl Sink for FlashSink {
     }
 
     fn ack(&mut self, _conn: u32, ack: Ack) {
-        match ack.status {
-            Status::Stored | Status::Duplicate => self.stored_acks += 1,
-            Status::Rejected if ack.reason != Reason::BadTopic => {
-                let _ = self.retry.push_back(ack.event_id);
-            }
-            _ => {}
+        if ack.status == Status::Rejected && ack.reason != Reason::BadTopic {
+            let _ = self.retry.push_back(ack.event_id);
         }
     }
 }
 
 type Engine = Pipeline<'static, 'static, 'static, TopicTable<4>, BoardClock, FlashSink, (), COARSE>;
+
+/// The sensor task's state.
+pub struct Sensor {
+    /// Ids: the boot's base (the log's next offset at boot, which every
+    /// stored event of earlier boots is below) and a counter.
+    base: u64,
+    seq: u64,
+    made: u32,
+    v1: StreamDecoder<[u8; SLOT]>,
+    legacy: StreamDecoder<[u8; LEGACY]>,
+}
+
+/// Ends the run through semihosting.
+fn exit(ok: bool) -> ! {
+    debug::exit(if ok {
+        debug::EXIT_SUCCESS
+    } else {
+        debug::EXIT_FAILURE
+    });
+    loop {
+        cortex_m::asm::bkpt();
+    }
+}
 
 /// The sensor's event `id`: its priority, topic and payload follow from
 /// the id, so a refused one is made again the same.
@@ -185,7 +208,12 @@ fn legacy_frame(buf: &mut [u8; 64], n: u32) -> usize {
 }
 
 /// Feeds `bytes` whole (running the pipeline while it is full).
-fn feed(p: &mut Engine, conn: u32, dec: &mut StreamDecoder<[u8; SLOT]>, mut bytes: &[u8]) {
+fn feed<const N: usize>(
+    p: &mut Engine,
+    conn: u32,
+    dec: &mut StreamDecoder<[u8; N]>,
+    mut bytes: &[u8],
+) {
     while !bytes.is_empty() {
         let fed = p.feed(conn, dec, bytes);
         bytes = &bytes[fed.consumed..];
@@ -198,12 +226,217 @@ fn feed(p: &mut Engine, conn: u32, dec: &mut StreamDecoder<[u8; SLOT]>, mut byte
     }
 }
 
-#[entry]
-fn main() -> ! {
-    let top = common::stack_top();
-    let painted = paint_stack();
-    let ok = run();
-    let stack = stack_used(painted, top);
+#[rtic::app(device = crate::board, peripherals = false, dispatchers = [UART2RX, UART2TX])]
+mod app {
+    use super::*;
+    use heapless::spsc::{Producer, Queue};
+    use rtic_monotonics::systick::prelude::*;
+
+    systick_monotonic!(Mono, 1_000);
+
+    #[shared]
+    struct Shared {
+        /// The pipeline and, as its sink, the flash log (both tasks that
+        /// use it run at one priority, so its lock costs nothing).
+        engine: Engine,
+    }
+
+    #[local]
+    struct Local {
+        received: Producer<'static, u8>,
+        link: uart::Link,
+        uplink: &'static mut Uplink<8, RECORD, SLOT>,
+        sensor: Sensor,
+        painted: (usize, usize),
+    }
+
+    #[init(local = [rx: Queue<u8, RX_QUEUE> = Queue::new()])]
+    fn init(cx: init::Context) -> (Shared, Local) {
+        let painted = common::paint_stack();
+        // 1 ms ticks of the 25 MHz system clock.
+        Mono::start(cx.core.SYST, 25_000_000);
+        let (Some(scan), Some(uplink), Some(windows)) =
+            (RECORD_BUF.take(), UPLINK.take(), WINDOWS.take())
+        else {
+            exit(false)
+        };
+        // SAFETY: the PSRAM at FLASH_BASE is mapped on this board, and
+        // nothing else in the image uses it (the linker places nothing
+        // there); this is the only reference made to it.
+        let mem =
+            unsafe { core::slice::from_raw_parts_mut(FLASH_BASE as *mut u8, SECTOR * SECTORS) };
+        // The record buffer reads the flash log at boot, then builds
+        // records.
+        let mut log: Log = match FlashLog::open(
+            MemFlash::new(mem),
+            eventstream_core::flash::FullPolicy::StopAccepting,
+            scan,
+        ) {
+            Ok(l) => l,
+            Err(e) => {
+                defmt::error!("appliance: flash log: {}", e);
+                exit(false)
+            }
+        };
+        let s = log.stats();
+        let rebuilt = log
+            .rebuild_dedup(
+                DEDUP.table(),
+                u64::from(WINDOW_MS),
+                BoardClock.wall_ns(),
+                now_ms(),
+                scan,
+            )
+            .unwrap_or(0);
+        defmt::info!(
+            "appliance: boot: log at offset {}, {} undelivered records, torn tail {}, {} ids in the dedup table",
+            log.next_offset(),
+            s.recovered_records,
+            s.torn_tail,
+            rebuilt
+        );
+        let base = log.next_offset();
+        let Some(engine) = build(log, scan, windows) else {
+            defmt::error!("appliance: the pipeline's parts were taken");
+            exit(false)
+        };
+        let (Ok(v1), Ok(legacy)) = (
+            StreamDecoder::new([0u8; SLOT], LIMITS),
+            StreamDecoder::new([0u8; LEGACY], LEGACY_LIMITS),
+        ) else {
+            exit(false)
+        };
+        let (received, queued) = cx.local.rx.split();
+        uart::enable();
+        if sensor::spawn().is_err() || uplink::spawn().is_err() {
+            exit(false)
+        }
+        (
+            Shared { engine },
+            Local {
+                received,
+                link: uart::Link { received: queued },
+                uplink,
+                sensor: Sensor {
+                    base,
+                    seq: 0,
+                    made: 0,
+                    v1,
+                    legacy,
+                },
+                painted,
+            },
+        )
+    }
+
+    #[idle]
+    fn idle(_: idle::Context) -> ! {
+        loop {
+            cortex_m::asm::wfi();
+        }
+    }
+
+    /// UART0 received bytes (acks): into the queue.
+    #[task(binds = UART0RX, priority = 2, local = [received])]
+    fn uart0_rx(cx: uart0_rx::Context) {
+        uart::take_received(cx.local.received);
+    }
+
+    /// One event a millisecond, every priority in turn, and a legacy one
+    /// after every tenth, until the log holds `TOTAL`.
+    #[task(priority = 1, shared = [engine], local = [sensor])]
+    async fn sensor(mut cx: sensor::Context) {
+        let s = cx.local.sensor;
+        let mut buf = [0u8; SLOT];
+        loop {
+            let more = cx.shared.engine.lock(|p| {
+                if p.sink().log.next_offset() >= TOTAL {
+                    return false;
+                }
+                let id = match p.sink_mut().retry.pop_front() {
+                    Some(id) => id,
+                    None => {
+                        s.seq += 1;
+                        ((s.base + 1) << 20) | s.seq
+                    }
+                };
+                let n = sensor_frame(&mut buf, id);
+                feed(p, 0, &mut s.v1, &buf[..n]);
+                s.made += 1;
+                if s.made.is_multiple_of(LEGACY_EVERY) {
+                    let mut l = [0u8; 64];
+                    let n = legacy_frame(&mut l, s.made / LEGACY_EVERY);
+                    feed(p, 1, &mut s.legacy, &l[..n]);
+                }
+                true
+            });
+            if !more {
+                return;
+            }
+            Mono::delay(1.millis()).await;
+        }
+    }
+
+    /// Runs the pipeline and the uplink each millisecond; ends the run
+    /// once every event the log holds is delivered.
+    #[task(priority = 1, shared = [engine], local = [uplink, link, painted])]
+    async fn uplink(mut cx: uplink::Context) {
+        let (up, link, painted) = (cx.local.uplink, cx.local.link, *cx.local.painted);
+        let started = now_ms();
+        loop {
+            let now = now_ms();
+            cx.shared.engine.lock(|p| {
+                let making = p.sink().log.next_offset() < TOTAL;
+                p.poll();
+                if !making {
+                    // Close the last batch windows.
+                    p.drain();
+                }
+                let restarts = up.stats().restarts;
+                if let Err(e) = up.poll(&mut p.sink_mut().log, link, now) {
+                    defmt::error!("appliance: flash: {}", e);
+                    exit(false)
+                }
+                if up.stats().restarts > restarts {
+                    defmt::info!(
+                        "appliance: the link was silent; sending again from offset {} ({} timeouts so far)",
+                        up.delivered(),
+                        up.stats().timeouts
+                    );
+                }
+                let end = p.sink().log.next_offset();
+                if !making && up.delivered() >= end && up.in_flight() == 0 {
+                    finish(end, up.stats(), now - started, painted);
+                }
+            });
+            Mono::delay(1.millis()).await;
+        }
+    }
+}
+
+/// Prints the run's figures and RAM, and ends it.
+fn finish(
+    end: u64,
+    u: eventstream_core::uplink::UplinkStats,
+    ms: u64,
+    painted: (usize, usize),
+) -> ! {
+    let ms = ms.max(1);
+    defmt::info!(
+        "appliance: done: {} events in the log, all delivered; this boot sent {} frames ({} again) in {} ms: {} events/s, {} bytes/event; acks stored {} duplicate {} refused {}; {} timeouts, {} restarts",
+        end,
+        u.sent,
+        u.resent,
+        ms,
+        u.sent * 1000 / ms,
+        u.bytes / u.sent.max(1),
+        u.stored,
+        u.duplicates,
+        u.refused,
+        u.timeouts,
+        u.restarts
+    );
+    let stack = common::stack_used(painted, common::stack_top());
     let statics = painted.0 - 0x2000_0000;
     defmt::info!(
         "RAM: statics {} B + stack {} B = {} B (budget {} B)",
@@ -212,139 +445,18 @@ fn main() -> ! {
         statics + stack,
         RAM_BUDGET
     );
-    if ok && statics + stack <= RAM_BUDGET {
-        debug::exit(debug::EXIT_SUCCESS);
-    } else {
-        defmt::error!("appliance: failed, or RAM over its budget");
-        debug::exit(debug::EXIT_FAILURE);
+    if statics + stack > RAM_BUDGET {
+        defmt::error!("appliance: RAM over its budget");
     }
-    loop {
-        cortex_m::asm::bkpt();
-    }
-}
-
-/// Boots the appliance and runs it until every event is delivered.
-fn run() -> bool {
-    let Some(mut cp) = cortex_m::Peripherals::take() else {
-        return false;
-    };
-    // 1 ms ticks of the 25 MHz system clock.
-    cp.SYST.set_clock_source(SystClkSource::Core);
-    cp.SYST.set_reload(25_000 - 1);
-    cp.SYST.clear_current();
-    cp.SYST.enable_interrupt();
-    cp.SYST.enable_counter();
-
-    // The record buffer reads the flash log at boot, then builds records.
-    let (Some(scan), Some(uplink)) = (RECORD_BUF.take(), UPLINK.take()) else {
-        return false;
-    };
-    // SAFETY: the PSRAM at FLASH_BASE is mapped on this board, and nothing
-    // else in the image uses it (the linker places nothing there); this
-    // is the only reference made to it.
-    let mem = unsafe { core::slice::from_raw_parts_mut(FLASH_BASE as *mut u8, SECTOR * SECTORS) };
-    let mut log: Log = match FlashLog::open(MemFlash::new(mem), FullPolicy::StopAccepting, scan) {
-        Ok(l) => l,
-        Err(e) => {
-            defmt::error!("appliance: flash log: {}", e);
-            return false;
-        }
-    };
-    let s = log.stats();
-    let wall = BoardClock.wall_ns();
-    let rebuilt = log
-        .rebuild_dedup(DEDUP.table(), u64::from(WINDOW_MS), wall, now_ms(), scan)
-        .unwrap_or(0);
-    defmt::info!(
-        "appliance: boot: log at offset {}, {} undelivered records, torn tail {}, {} ids in the dedup table",
-        log.next_offset(),
-        s.recovered_records,
-        s.torn_tail,
-        rebuilt
-    );
-    let boot_base = log.next_offset();
-    let Some(mut p) = build(log, scan) else {
-        defmt::error!("appliance: the pipeline's parts were taken");
-        return false;
-    };
-    let mut link = uart::Uart::take();
-    let mut sensor = StreamDecoder::new([0u8; SLOT], LIMITS).ok();
-    let mut legacy = StreamDecoder::new([0u8; SLOT], LIMITS).ok();
-    let (Some(sensor), Some(legacy)) = (sensor.as_mut(), legacy.as_mut()) else {
-        return false;
-    };
-    // Ids: the boot's base (the log's next offset at boot, which every
-    // stored event of earlier boots is below) and a counter.
-    let mut seq: u64 = 0;
-    let mut made = 0u32;
-    let mut next_tick = now_ms();
-    let started = now_ms();
-    let mut buf = [0u8; SLOT];
-    loop {
-        let now = now_ms();
-        let making = p.sink().log.next_offset() < TOTAL;
-        if making && now >= next_tick {
-            next_tick = now + 1;
-            let id = match p.sink_mut().retry.pop_front() {
-                Some(id) => id,
-                None => {
-                    seq += 1;
-                    ((boot_base + 1) << 20) | seq
-                }
-            };
-            let n = sensor_frame(&mut buf, id);
-            feed(&mut p, 0, sensor, &buf[..n]);
-            made += 1;
-            if made.is_multiple_of(LEGACY_EVERY) {
-                let mut l = [0u8; 64];
-                let n = legacy_frame(&mut l, made / LEGACY_EVERY);
-                feed(&mut p, 1, legacy, &l[..n]);
-            }
-        }
-        p.poll();
-        if !making {
-            // Close the last batch windows.
-            p.drain();
-        }
-        let log = &mut p.sink_mut().log;
-        let restarts = uplink.stats().restarts;
-        if let Err(e) = uplink.poll(log, &mut link, now) {
-            defmt::error!("appliance: flash: {}", e);
-            return false;
-        }
-        if uplink.stats().restarts > restarts {
-            defmt::info!(
-                "appliance: the link was silent; sending again from offset {} ({} timeouts so far)",
-                uplink.delivered(),
-                uplink.stats().timeouts
-            );
-        }
-        let end = p.sink().log.next_offset();
-        if !making && uplink.delivered() >= end && uplink.in_flight() == 0 {
-            let u = uplink.stats();
-            let secs = (now - started).max(1);
-            defmt::info!(
-                "appliance: done: {} events in the log, all delivered; this boot sent {} frames ({} again) in {} ms: {} events/s, {} bytes/event; acks stored {} duplicate {} refused {}; {} timeouts, {} restarts",
-                end,
-                u.sent,
-                u.resent,
-                secs,
-                u.sent * 1000 / secs,
-                u.bytes / u.sent.max(1),
-                u.stored,
-                u.duplicates,
-                u.refused,
-                u.timeouts,
-                u.restarts
-            );
-            return true;
-        }
-    }
+    exit(statics + stack <= RAM_BUDGET)
 }
 
 /// The pipeline over the statics.
-fn build(log: Log, record_buf: &'static mut [u8; RECORD]) -> Option<Engine> {
-    let windows = WINDOWS.take()?;
+fn build(
+    log: Log,
+    record_buf: &'static mut [u8; RECORD],
+    windows: &'static mut StaticBatchWindows<Event<'static>, 8, 32>,
+) -> Option<Engine> {
     let (Some(acquirer), Some(windows)) = (
         POOL.acquirer(),
         windows.windows(BatchConfig {
@@ -370,7 +482,6 @@ fn build(log: Log, record_buf: &'static mut [u8; RECORD]) -> Option<Engine> {
         sink: FlashSink {
             log,
             retry: heapless::Deque::new(),
-            stored_acks: 0,
         },
         hook: (),
         when_full: WhenFull::Backpressure,
