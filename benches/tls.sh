@@ -41,6 +41,14 @@ TLS_FLAGS=(--tls-listen 127.0.0.1:0 --tls-cert "$WORK/server.pem" --tls-key "$WO
 . benches/serve.sh
 
 tls_addr() { awk '/^listening with TLS on/ {print $5}' "$WORK/out"; }
+# closed_loop OUT TARGET [--tls-ca PEM]: the closed-loop load against
+# TARGET; its JSON in OUT.
+closed_loop() {
+    local out="$1"; shift
+    "$BIN" load --target "$@" --duration "$SECS" --connections 4 \
+        --payload 256 --ack --json > "$out" 2> "$WORK/load.err" \
+        || { tail -5 "$WORK/load.err" "$WORK/serve.err" >&2; exit 1; }
+}
 median() { sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 rate() { python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["events_per_sec"]))' "$1"; }
 
@@ -55,9 +63,7 @@ for r in $(seq "$ROUNDS"); do
         else
             target=("$(tls_addr)" --tls-ca "$WORK/ca.pem")
         fi
-        "$BIN" load --target "${target[@]}" --duration "$SECS" --connections 4 \
-            --payload 256 --ack --json > "$WORK/load.json" 2> "$WORK/load.err" \
-            || { tail -5 "$WORK/load.err" "$WORK/serve.err" >&2; exit 1; }
+        closed_loop "$WORK/load.json" "${target[@]}"
         cpu=$(awk '{print ($14 + $15) / 100}' "/proc/$PID/stat")
         stop
         ev=$(rate "$WORK/load.json")
@@ -96,9 +102,7 @@ for r in $(seq "$ROUNDS"); do
             "$HS" "$(tls_addr)" "$((SECS + 1))" 1 garbage > "$WORK/flood.out" &
             fpid=$!
         fi
-        "$BIN" load --target "$(tls_addr)" --tls-ca "$WORK/ca.pem" --duration "$SECS" \
-            --connections 4 --payload 256 --ack --json > "$WORK/load.json" 2> "$WORK/load.err" \
-            || { tail -5 "$WORK/load.err" "$WORK/serve.err" >&2; exit 1; }
+        closed_loop "$WORK/load.json" "$(tls_addr)" --tls-ca "$WORK/ca.pem"
         bad=0
         if [ -n "$fpid" ]; then
             wait "$fpid"

@@ -274,50 +274,25 @@ impl Session {
 
     /// Reads what the socket has; false once the peer is gone.
     pub(super) fn read_input(&mut self, buf: &mut [u8]) -> bool {
-        if self.tls.is_some() {
-            return self.read_tls();
-        }
+        let fd = self.fd.as_raw_fd();
         loop {
-            match sys::read(self.fd.as_raw_fd(), buf) {
+            // Over TLS the bytes land in its buffer and are opened there.
+            let r = match &mut self.tls {
+                None => sys::read(fd, buf),
+                Some(t) => t.read(fd).map(|(n, _)| n),
+            };
+            match r {
                 Ok(0) => {
                     self.eof = true;
                     return false;
                 }
                 Ok(n) => {
-                    if self.state != State::Closing {
+                    if self.tls.is_some() {
+                        if !self.open_records() {
+                            return false;
+                        }
+                    } else if self.state != State::Closing {
                         self.input.extend_from_slice(&buf[..n]);
-                    }
-                    if self.input.len() > 64 * 1024 {
-                        // A client never sends this much unanswered.
-                        return true;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.eof = true;
-                    return false;
-                }
-            }
-        }
-    }
-
-    /// read_input over TLS: reads and opens records until the socket is
-    /// empty.
-    fn read_tls(&mut self) -> bool {
-        let fd = self.fd.as_raw_fd();
-        loop {
-            let Some(t) = &mut self.tls else {
-                return false;
-            };
-            match t.read(fd) {
-                Ok((0, _)) => {
-                    self.eof = true;
-                    return false;
-                }
-                Ok(_) => {
-                    if !self.open_records() {
-                        return false;
                     }
                     if self.input.len() > 64 * 1024 {
                         // A client never sends this much unanswered.
