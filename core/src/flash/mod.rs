@@ -82,7 +82,7 @@ pub enum FlashLogError<E> {
     TooLarge,
     /// Every sector holds undelivered events (see [`FullPolicy`]).
     Full,
-    /// The caller's buffer is smaller than a record the log holds.
+    /// The caller's buffer is empty.
     BufferTooSmall,
 }
 
@@ -177,20 +177,24 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
     const WRITE: u32 = F::WRITE_SIZE as u32;
 
     /// Opens the log on `flash`, recovering what it holds; `buf` must hold
-    /// the largest record ever appended (records that do not fit it are
-    /// [`FlashLogError::BufferTooSmall`]).
+    /// the largest record ever appended (a record that does not fit it is
+    /// read as damage: the sector's records end there). An empty `buf` is
+    /// [`FlashLogError::BufferTooSmall`].
     pub fn open(
         flash: F,
         policy: FullPolicy,
         buf: &mut [u8],
     ) -> Result<Self, FlashLogError<F::Error>> {
-        let count = (flash.capacity() / F::ERASE_SIZE).min(SECTORS);
-        if count < 2
-            || F::ERASE_SIZE <= SECTOR_HEADER_LEN as usize
-            || F::WRITE_SIZE > MAX_WRITE_SIZE
+        if F::ERASE_SIZE <= SECTOR_HEADER_LEN as usize
             || F::WRITE_SIZE == 0
+            || MAX_WRITE_SIZE % F::WRITE_SIZE != 0
+            || F::ERASE_SIZE % F::WRITE_SIZE != 0
             || F::ERASE_SIZE > u32::MAX as usize
         {
+            return Err(FlashLogError::Geometry);
+        }
+        let count = (flash.capacity() / F::ERASE_SIZE).min(SECTORS);
+        if count < 2 {
             return Err(FlashLogError::Geometry);
         }
         let mut log = FlashLog {
@@ -238,7 +242,10 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
         while let Some(i) = log.next_live(prev.map(|p| p.seq)) {
             let s = log.sectors[i];
             if let Some(p) = prev {
-                log.stats.lost_events += s.base.saturating_sub(p.end);
+                log.stats.lost_events = log
+                    .stats
+                    .lost_events
+                    .saturating_add(s.base.saturating_sub(p.end));
             }
             prev = Some(s);
         }
@@ -302,12 +309,17 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
         let Some(head) = RecordHead::peek(&h) else {
             return Ok(None);
         };
-        if head.offset != expected || head.size > u64::from(Self::SECTOR - pos) {
+        if head.offset != expected
+            || head.size > u64::from(Self::SECTOR - pos)
+            || head.offset.checked_add(u64::from(head.count)).is_none()
+        {
             return Ok(None);
         }
         let size = head.size as usize;
+        // Larger than any record appended (the buffer holds the largest):
+        // a damaged length.
         let Some(rec) = buf.get_mut(..size) else {
-            return Err(FlashLogError::BufferTooSmall);
+            return Ok(None);
         };
         self.flash
             .read(start + pos, rec)
@@ -412,7 +424,10 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
             let batch_only = self.sectors[i].classes & !class_bit(Class::Batch) == 0;
             if self.policy == FullPolicy::DropOldestBatch && oldest && batch_only {
                 let s = self.sectors[i];
-                self.stats.dropped_events += s.end - s.base;
+                self.stats.dropped_events = self
+                    .stats
+                    .dropped_events
+                    .saturating_add(s.end.saturating_sub(s.base));
                 self.retire_sector(i)?;
             } else {
                 return Err(FlashLogError::Full);
@@ -459,8 +474,10 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
     }
 
     /// Every event below `offset` is delivered: retires each sector that
-    /// holds only such events (the newest one too, once it is full or
-    /// torn, so that nothing delivered is sent again after a reboot).
+    /// holds only such events and takes no more appends (every one but the
+    /// sector being appended to; that one once it is closed by a torn
+    /// tail). Delivered events of a sector still open are sent again
+    /// after a reboot: the progress kept across power cuts is per sector.
     pub fn delivered_below(&mut self, offset: u64) -> Result<(), FlashLogError<F::Error>> {
         while let Some(i) = self.next_live(None) {
             let s = self.sectors[i];
@@ -484,6 +501,10 @@ fn parse_header(h: &[u8; SECTOR_HEADER_LEN as usize]) -> Option<Sector> {
         return None;
     }
     let seq = u64::from_le_bytes(h[8..16].try_into().ok()?);
+    if seq == u64::MAX {
+        // No next sequence number: not a header this log writes.
+        return None;
+    }
     let base = u64::from_le_bytes(h[16..24].try_into().ok()?);
     let retired = h[RETIRE_AT as usize..RETIRE_AT as usize + 4]
         .iter()

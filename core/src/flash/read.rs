@@ -60,7 +60,9 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
         buf: &'b mut [u8],
     ) -> Result<Option<Record<'b>>, FlashLogError<F::Error>> {
         loop {
-            let s = self.sectors[cur.sector];
+            let Some(&s) = self.sectors.get(cur.sector) else {
+                return Ok(None);
+            };
             if s.state == State::Free || s.seq != cur.seq {
                 // Its sector was given up under the cursor: go on from the
                 // oldest left.

@@ -165,9 +165,27 @@ impl<const WINDOW: usize, const REC: usize, const FRAME: usize> Uplink<WINDOW, R
         now_ms: u64,
     ) -> Result<(), FlashLogError<F::Error>> {
         if let Phase::Quiet { until_ms } = self.phase {
-            // Drop whatever arrives; start again once the time is up.
+            // A frame half-written when the uplink went quiet is finished
+            // (not counted in flight), so that a link that stayed up sees
+            // whole frames; a dead link loses it anyway.
+            while self.out_pos < self.out_len {
+                let n = link
+                    .write(&self.out[self.out_pos..self.out_len])
+                    .min(self.out_len - self.out_pos);
+                if n == 0 {
+                    break;
+                }
+                self.out_pos += n;
+                self.stats.bytes += n as u64;
+            }
+            // Drop whatever arrives (a bounded amount per poll); start
+            // again once the time is up.
             let mut sink = [0u8; 64];
-            while link.read(&mut sink) > 0 {}
+            for _ in 0..64 {
+                if link.read(&mut sink) == 0 {
+                    break;
+                }
+            }
             if now_ms < until_ms {
                 return Ok(());
             }
@@ -221,21 +239,24 @@ impl<const WINDOW: usize, const REC: usize, const FRAME: usize> Uplink<WINDOW, R
             if !f.done {
                 break;
             }
-            self.delivered = f.offset + 1;
+            self.delivered = f.offset.saturating_add(1);
             self.flights.pop_front();
         }
     }
 
     fn go_quiet(&mut self, now_ms: u64) {
         self.advance();
+        self.out_flight = None;
         self.phase = Phase::Quiet {
-            until_ms: now_ms + self.cfg.quiet_ms,
+            until_ms: now_ms.saturating_add(self.cfg.quiet_ms),
         };
     }
 
     fn read_acks(&mut self, link: &mut impl ByteLink, now_ms: u64) {
-        loop {
-            let n = link.read(&mut self.ack[self.ack_len..]);
+        // At most a window's acks and a few more per poll.
+        for _ in 0..(4 * WINDOW + 64) {
+            let room = ACK_LEN - self.ack_len;
+            let n = link.read(&mut self.ack[self.ack_len..]).min(room);
             if n == 0 {
                 return;
             }
@@ -267,9 +288,13 @@ impl<const WINDOW: usize, const REC: usize, const FRAME: usize> Uplink<WINDOW, R
                 self.stats.duplicates += 1;
                 false
             }
+            // BAD_CRC: the uplink seals every frame anew, so a bad CRC is
+            // damage on the link; sent again like the refusals of the
+            // moment.
             Status::Rejected => matches!(
                 ack.reason,
-                Reason::Overloaded
+                Reason::BadCrc
+                    | Reason::Overloaded
                     | Reason::ShuttingDown
                     | Reason::StorageFailed
                     | Reason::DedupFull
@@ -302,7 +327,9 @@ impl<const WINDOW: usize, const REC: usize, const FRAME: usize> Uplink<WINDOW, R
     ) -> Result<(), FlashLogError<F::Error>> {
         loop {
             if self.out_pos < self.out_len {
-                let n = link.write(&self.out[self.out_pos..self.out_len]);
+                let n = link
+                    .write(&self.out[self.out_pos..self.out_len])
+                    .min(self.out_len - self.out_pos);
                 if n == 0 {
                     return Ok(());
                 }
@@ -318,7 +345,7 @@ impl<const WINDOW: usize, const REC: usize, const FRAME: usize> Uplink<WINDOW, R
                     if f.offset < self.high_water {
                         self.stats.resent += 1;
                     }
-                    self.high_water = self.high_water.max(f.offset + 1);
+                    self.high_water = self.high_water.max(f.offset.saturating_add(1));
                     self.stats.sent += 1;
                     // Room was checked before the frame was made.
                     let _ = self.flights.push_back(f);
@@ -345,7 +372,7 @@ impl<const WINDOW: usize, const REC: usize, const FRAME: usize> Uplink<WINDOW, R
                 let len = wire::declared_length(&self.rec[at..self.rec_len]).unwrap_or(0) as usize;
                 let offset = self.rec_offset;
                 self.rec_pos += len.max(1);
-                self.rec_offset += 1;
+                self.rec_offset = self.rec_offset.saturating_add(1);
                 let Some(src) = self.rec.get(at..at + len) else {
                     continue;
                 };
@@ -393,7 +420,7 @@ impl<const WINDOW: usize, const REC: usize, const FRAME: usize> Uplink<WINDOW, R
                 let len = wire::declared_length(&self.rec[self.rec_pos..self.rec_len]).unwrap_or(0)
                     as usize;
                 self.rec_pos += len.max(1);
-                self.rec_offset += 1;
+                self.rec_offset = self.rec_offset.saturating_add(1);
             }
         }
     }

@@ -308,9 +308,10 @@ fn a_refusal_for_good_is_passed_and_a_retryable_one_sends_again() {
     };
     up.poll(&mut log, &mut m, 1).unwrap();
     assert_eq!(up.in_flight(), 6);
-    // 1 refused for good (BAD_TOPIC), 2 OVERLOADED (retry all), others stored.
+    // 1 refused for good (BAD_TOPIC), 2 BAD_CRC (damaged on the link:
+    // retry from it, as for OVERLOADED), others stored.
     m.acks.extend(Ack::rejected(1, Reason::BadTopic).encode());
-    m.acks.extend(Ack::rejected(2, Reason::Overloaded).encode());
+    m.acks.extend(Ack::rejected(2, Reason::BadCrc).encode());
     up.poll(&mut log, &mut m, 2).unwrap();
     assert_eq!(up.stats().refused, 1);
     // Quiet, then everything from 2 again.

@@ -22,6 +22,8 @@ mod board;
 mod common;
 mod uart;
 
+use core::sync::atomic::{AtomicU32, Ordering};
+
 use common::TakeOnce;
 // The reset handler and vector table (RTIC provides `main`).
 use cortex_m_rt as _;
@@ -92,10 +94,20 @@ static UPLINK: TakeOnce<Uplink<8, RECORD, SLOT>> = TakeOnce::new(Uplink::new(Upl
 static REGISTRY: Registry<COARSE> = Registry::empty();
 static ROUTER: TopicTable<4> = TopicTable::new();
 
-/// Milliseconds since boot, from RTIC's SysTick monotonic.
+/// The monotonic's last 32-bit reading and how often it wrapped.
+static LAST_TICKS: AtomicU32 = AtomicU32::new(0);
+static WRAPS: AtomicU32 = AtomicU32::new(0);
+
+/// Milliseconds since boot, from RTIC's SysTick monotonic (32-bit ticks,
+/// which wrap after 49.7 days: the wraps are counted here; both tasks that
+/// read the clock run at one priority and read it every millisecond).
 fn now_ms() -> u64 {
     use rtic_monotonics::Monotonic;
-    u64::from(app::Mono::now().ticks())
+    let t = app::Mono::now().ticks();
+    if t < LAST_TICKS.swap(t, Ordering::Relaxed) {
+        WRAPS.fetch_add(1, Ordering::Relaxed);
+    }
+    (u64::from(WRAPS.load(Ordering::Relaxed)) << 32) | u64::from(t)
 }
 
 /// The board's clock: no real-time clock, so wall time is a fixed epoch
@@ -406,7 +418,7 @@ mod app {
                 }
                 let end = p.sink().log.next_offset();
                 if !making && up.delivered() >= end && up.in_flight() == 0 {
-                    finish(end, up.stats(), now - started, painted);
+                    finish(end, up.stats(), now.saturating_sub(started), painted);
                 }
             });
             Mono::delay(1.millis()).await;
