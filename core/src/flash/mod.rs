@@ -102,8 +102,11 @@ pub struct FlashStats {
     pub recovered_records: u64,
     /// Recovery: a torn tail was found (a write cut short).
     pub torn_tail: bool,
-    /// Recovery: events missing between sectors.
+    /// Recovery: events missing between sectors, or in damaged records
+    /// (bytes that are not a record, with valid records after them).
     pub lost_events: u64,
+    /// Recovery: damaged spans skipped inside sectors.
+    pub damaged_spans: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,9 +142,11 @@ const FREE: Sector = Sector {
 };
 
 /// A valid record found in flash.
-struct Found {
+pub(super) struct Found {
     /// Bytes it takes (before alignment).
     size: u32,
+    /// Its offset.
+    offset: u64,
     /// The offset after it.
     next: u64,
     /// Its class bit.
@@ -260,13 +265,24 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
         let mut s = self.sectors[i];
         let mut pos = SECTOR_HEADER_LEN;
         let mut expected = s.base;
-        while let Some(found) = self.read_at(start, pos, expected, buf)? {
+        let mut damaged = false;
+        while let Some((at, found)) = self.find_at(start, pos, expected, buf)? {
+            if at > pos {
+                // Bytes that are not a record lay between: damage, its
+                // events lost (the sector takes no more appends).
+                damaged = true;
+                self.stats.damaged_spans = self.stats.damaged_spans.saturating_add(1);
+                self.stats.lost_events = self
+                    .stats
+                    .lost_events
+                    .saturating_add(found.offset.saturating_sub(expected));
+            }
             expected = found.next;
             s.classes |= found.class;
             if s.state == State::Live {
                 self.stats.recovered_records += 1;
             }
-            pos = align_up(pos + found.size, Self::WRITE);
+            pos = align_up(at + found.size, Self::WRITE);
         }
         s.end = expected;
         s.write_pos = pos.min(Self::SECTOR);
@@ -286,7 +302,38 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
             }
             at += n as u32;
         }
-        Ok(false)
+        Ok(damaged)
+    }
+
+    /// The valid record at `pos` with the offset `expected`; failing that
+    /// (damage: a bit flipped in a record, bytes overwritten), the first
+    /// valid record after `pos` whose offset is at least `expected`, as
+    /// the server's log recovery searches (PROTOCOL.md section 6). Its
+    /// position and what it is; None if there is none in the sector.
+    pub(super) fn find_at(
+        &mut self,
+        start: u32,
+        pos: u32,
+        expected: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<(u32, Found)>, FlashLogError<F::Error>> {
+        if let Some(found) = self.read_at(start, pos, expected, buf)? {
+            return Ok(Some((pos, found)));
+        }
+        let mut at = align_up(pos + 1, Self::WRITE);
+        while at + RECORD_HEADER_LEN as u32 <= Self::SECTOR {
+            let mut h = [0u8; RECORD_HEADER_LEN];
+            self.flash
+                .read(start + at, &mut h)
+                .map_err(FlashLogError::Flash)?;
+            if let Some(head) = RecordHead::peek(&h).filter(|h| h.offset >= expected) {
+                if let Some(found) = self.read_at(start, at, head.offset, buf)? {
+                    return Ok(Some((at, found)));
+                }
+            }
+            at += Self::WRITE;
+        }
+        Ok(None)
     }
 
     /// The valid record at `pos` of the sector starting at `start` with
@@ -327,6 +374,7 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
         match Record::parse(rec) {
             Ok(r) => Ok(Some(Found {
                 size: size as u32,
+                offset: expected,
                 next: r.next_offset(),
                 class: class_bit(r.class()),
             })),

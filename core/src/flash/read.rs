@@ -74,8 +74,9 @@ impl<F: NorFlash, const SECTORS: usize> FlashLog<F, SECTORS> {
             }
             if cur.offset < s.end && cur.pos < s.write_pos {
                 let start = cur.sector as u32 * Self::SECTOR;
-                if let Some(found) = self.read_at(start, cur.pos, cur.offset, buf)? {
-                    cur.pos = align_up(cur.pos + found.size, Self::WRITE);
+                // Past damage (recovery counted it) to the next valid record.
+                if let Some((at, found)) = self.find_at(start, cur.pos, cur.offset, buf)? {
+                    cur.pos = align_up(at + found.size, Self::WRITE);
                     cur.offset = found.next;
                     let rec = Record::parse(&buf[..found.size as usize]).ok();
                     return Ok(rec);

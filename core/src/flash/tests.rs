@@ -370,3 +370,54 @@ fn bad_records_and_geometry_are_refused() {
     .unwrap();
     assert_eq!((log.next_offset(), log.first()), (0, None));
 }
+
+#[test]
+#[cfg_attr(miri, ignore = "no unsafe code; thousands of steps")]
+fn a_damaged_record_is_skipped_and_the_records_after_it_are_kept() {
+    let mut mem = vec![0xFFu8; SECTOR * 4];
+    let mut buf = vec![0u8; BUF];
+    let mut records = Vec::new();
+    {
+        let mut log: FlashLog<Flash<'_>, 16> = FlashLog::open(
+            Flash::new(&mut mem),
+            super::FullPolicy::StopAccepting,
+            &mut buf,
+        )
+        .unwrap();
+        for id in 1..=6u64 {
+            let r = record(log.next_offset(), &[id], 60);
+            log.append(&r).unwrap();
+            records.push(r);
+        }
+    }
+    // A bit flips in the third record's payload.
+    let third = SECTOR_HEADER_LEN as usize
+        + records[..2]
+            .iter()
+            .map(|r| r.len().div_ceil(4) * 4)
+            .sum::<usize>();
+    mem[third + 60] ^= 0x10;
+    let mut log: FlashLog<Flash<'_>, 16> = FlashLog::open(
+        Flash::new(&mut mem),
+        super::FullPolicy::StopAccepting,
+        &mut buf,
+    )
+    .unwrap();
+    let got = read_all(&mut log);
+    let want: Vec<Vec<u8>> = records
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != 2)
+        .map(|(_, r)| r.clone())
+        .collect();
+    assert_eq!(got, want, "the records after the damage are kept");
+    // No offset is given out again, and the loss is counted.
+    assert_eq!(log.next_offset(), 6);
+    assert_eq!((log.stats().lost_events, log.stats().damaged_spans), (1, 1));
+    // The damaged sector takes no more appends; the next one does.
+    let r = record(6, &[7], 60);
+    assert_eq!(log.append(&r), Ok(6));
+    let got = read_all(&mut log);
+    assert_eq!(got.last(), Some(&r));
+    assert_eq!(got.len(), 6);
+}

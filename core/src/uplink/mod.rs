@@ -41,6 +41,12 @@ pub struct UplinkConfig {
     pub ack_timeout_ms: u64,
     /// How long it stays quiet before it starts again.
     pub quiet_ms: u64,
+    /// The ids legacy events go out with: this base ORed with the
+    /// event's log offset (low 40 bits), so that several appliances'
+    /// legacy events do not share ids at the server (the pipeline gives
+    /// them `LEGACY_ID_BASE + offset`, which every log repeats). 0: the
+    /// stored id.
+    pub legacy_id_base: u64,
 }
 
 /// What the uplink has done.
@@ -387,6 +393,9 @@ impl<const WINDOW: usize, const REC: usize, const FRAME: usize> Uplink<WINDOW, R
                     continue;
                 };
                 let mut f = Frame::with_head(&mut *dst, head);
+                if f.is_legacy() && self.cfg.legacy_id_base != 0 {
+                    f.set_event_id(self.cfg.legacy_id_base | (offset & ((1 << 40) - 1)));
+                }
                 f.set_flags(FLAG_ACK);
                 f.fill_crc();
                 let id = f.event_id();

@@ -170,6 +170,7 @@ const CFG: UplinkConfig = UplinkConfig {
     max_in_flight: 16,
     ack_timeout_ms: 50,
     quiet_ms: 20,
+    legacy_id_base: 0,
 };
 
 #[test]
@@ -340,4 +341,70 @@ fn a_refusal_for_good_is_passed_and_a_retryable_one_sends_again() {
     up.poll(&mut log, &mut m, 100).unwrap();
     assert_eq!(up.delivered(), log.next_offset());
     assert_eq!(up.stats().resent, 5);
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "no unsafe code; thousands of steps")]
+fn a_stored_legacy_event_goes_out_as_v1_with_an_id_of_its_appliance() {
+    let mut mem = vec![0xFFu8; SECTOR * 4];
+    let mut buf = vec![0u8; 4096];
+    let mut log: FlashLog<Flash<'_>, 32> =
+        FlashLog::open(Flash::new(&mut mem), FullPolicy::StopAccepting, &mut buf).unwrap();
+    fill(&mut log, 1, 3);
+    // A legacy event, as the pipeline stores it (LEGACY flag, its id from
+    // the offset).
+    let offset = log.next_offset();
+    let repr = FrameRepr {
+        priority: Priority::Medium,
+        flags: crate::wire::FLAG_LEGACY,
+        partition: 0,
+        event_id: crate::wire::LEGACY_ID_BASE + offset,
+        timestamp_ns: 0,
+        topic: b"legacy",
+        payload: b"old",
+    };
+    let mut f = vec![0u8; repr.encoded_len()];
+    repr.encode(&mut f).unwrap();
+    let mut b = RecordBuilder::new(&mut buf, RecordKind::Single, Class::Transactional, 1).unwrap();
+    b.push(&f).unwrap();
+    let r = b.finish(offset).unwrap().to_vec();
+    log.append(&r).unwrap();
+    let base = (1u64 << 63) | (7 << 40);
+    let mut up: Link = Uplink::new(UplinkConfig {
+        legacy_id_base: base,
+        ..CFG
+    });
+    let mut server = Server::default();
+    server.connect();
+    up.poll(
+        &mut log,
+        &mut SimLink {
+            server: &mut server,
+            budget: usize::MAX,
+        },
+        1,
+    )
+    .unwrap();
+    for now in 2..10 {
+        up.poll(
+            &mut log,
+            &mut SimLink {
+                server: &mut server,
+                budget: usize::MAX,
+            },
+            now,
+        )
+        .unwrap();
+    }
+    assert_eq!(up.delivered(), log.next_offset());
+    // The server got a plain v1 frame (checked as a producer's), its id
+    // the appliance's.
+    assert!(
+        server.transactional.contains_key(&(base | offset)),
+        "{:?}",
+        server.stored
+    );
+    assert!(!server
+        .stored
+        .contains_key(&(crate::wire::LEGACY_ID_BASE + offset)));
 }

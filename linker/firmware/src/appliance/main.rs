@@ -53,6 +53,9 @@ const RECORD: usize = RECORD_HEADER_LEN + BATCH_EVENTS * SLOT;
 const SECTOR: usize = 4096;
 const SECTORS: usize = 16;
 const FLASH_BASE: usize = 0x2100_0000;
+/// This appliance's number: in its events' ids, so that several
+/// appliances feeding one server never share an id.
+const DEVICE_ID: u64 = 1;
 /// Events the appliance makes over all its boots.
 const TOTAL: u64 = 3000;
 /// One legacy event after every this many sensor events.
@@ -90,6 +93,7 @@ static UPLINK: TakeOnce<Uplink<8, RECORD, SLOT>> = TakeOnce::new(Uplink::new(Upl
     max_in_flight: 8,
     ack_timeout_ms: 2000,
     quiet_ms: 1500,
+    legacy_id_base: (1 << 63) | (DEVICE_ID << 40),
 }));
 static REGISTRY: Registry<COARSE> = Registry::empty();
 static ROUTER: TopicTable<4> = TopicTable::new();
@@ -156,8 +160,8 @@ type Engine = Pipeline<'static, 'static, 'static, TopicTable<4>, BoardClock, Fla
 
 /// The sensor task's state.
 pub struct Sensor {
-    /// Ids: the boot's base (the log's next offset at boot, which every
-    /// stored event of earlier boots is below) and a counter.
+    /// Ids: the device, the boot's base (the log's next offset at boot,
+    /// which every stored event of earlier boots is below) and a counter.
     base: u64,
     seq: u64,
     made: u32,
@@ -369,7 +373,7 @@ mod app {
                     Some(id) => id,
                     None => {
                         s.seq += 1;
-                        ((s.base + 1) << 20) | s.seq
+                        (DEVICE_ID << 48) | ((s.base + 1) << 20) | s.seq
                     }
                 };
                 let n = sensor_frame(&mut buf, id);
