@@ -379,6 +379,11 @@ impl<const WINDOW: usize, const REC: usize, const FRAME: usize> Uplink<WINDOW, R
                 let offset = self.rec_offset;
                 self.rec_pos += len.max(1);
                 self.rec_offset = self.rec_offset.saturating_add(1);
+                if offset < self.delivered {
+                    // Below the delivered point: a restart's cursor starts
+                    // at the record that holds it.
+                    continue;
+                }
                 let Some(src) = self.rec.get(at..at + len) else {
                     continue;
                 };
@@ -422,15 +427,7 @@ impl<const WINDOW: usize, const REC: usize, const FRAME: usize> Uplink<WINDOW, R
             self.cursor = Some(cur);
             self.rec_len = size;
             self.rec_pos = RECORD_HEADER_LEN;
-            // Events of a record below the delivered point (the cursor
-            // started at its record) are skipped.
             self.rec_offset = offset;
-            while self.rec_offset < self.delivered && self.rec_pos < self.rec_len {
-                let len = wire::declared_length(&self.rec[self.rec_pos..self.rec_len]).unwrap_or(0)
-                    as usize;
-                self.rec_pos += len.max(1);
-                self.rec_offset = self.rec_offset.saturating_add(1);
-            }
         }
     }
 }

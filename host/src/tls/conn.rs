@@ -64,8 +64,6 @@ struct Open {
     /// The peer asked for our keys to move on; our KeyUpdate goes out
     /// with the next flush (one at a time).
     update_owed: bool,
-    /// Records sealed with the current key.
-    sealed: u64,
 }
 
 /// One connection's TLS state and buffers.
@@ -250,7 +248,6 @@ impl TlsConn {
             kernel,
             key_updates: 0,
             update_owed: false,
-            sealed: 0,
         };
         self.phase = Phase::Open(Box::new(open));
         if self.peer_closed {
@@ -358,7 +355,7 @@ impl TlsConn {
         let Phase::Open(o) = &mut self.phase else {
             return Ok(0);
         };
-        if o.update_owed || o.sealed >= RECORDS_PER_KEY {
+        if o.update_owed || o.tx.records() >= RECORDS_PER_KEY {
             // Our KeyUpdate, sealed with the old keys, then the new ones.
             o.tx.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], &mut self.out)?;
             let tx = o
@@ -367,7 +364,6 @@ impl TlsConn {
                 .map_err(|e| Failure::Record(e.to_string()))?;
             o.tx = Keys::new(tx)?;
             o.update_owed = false;
-            o.sealed = 0;
         }
         let mut used = 0;
         while used < plain.len() {
@@ -377,7 +373,6 @@ impl TlsConn {
                 break;
             }
             o.tx.seal(APPLICATION_DATA, &plain[used..used + n], &mut self.out)?;
-            o.sealed += 1;
             used += n;
         }
         Ok(used)

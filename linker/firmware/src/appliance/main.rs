@@ -63,17 +63,18 @@ const LEGACY_EVERY: u32 = 10;
 /// RAM the image may use, statics and stack.
 const RAM_BUDGET: usize = 48 * 1024;
 const WINDOW_MS: u32 = 60_000;
-/// Frames up to a pool slot, topics up to 32 bytes.
-const LIMITS: Limits = match Limits::new(SLOT as u32, 32) {
-    Ok(l) => l,
-    Err(_) => Limits::DEFAULT,
-};
+/// Frames up to `max_frame` bytes, topics up to 32.
+const fn limits(max_frame: usize) -> Limits {
+    match Limits::new(max_frame as u32, 32) {
+        Ok(l) => l,
+        Err(_) => Limits::DEFAULT,
+    }
+}
+/// Frames up to a pool slot.
+const LIMITS: Limits = limits(SLOT);
 /// The legacy source's frames are short (a body under 64 bytes).
 const LEGACY: usize = 128;
-const LEGACY_LIMITS: Limits = match Limits::new(LEGACY as u32, 32) {
-    Ok(l) => l,
-    Err(_) => Limits::DEFAULT,
-};
+const LEGACY_LIMITS: Limits = limits(LEGACY);
 /// Bytes received and not yet read by the uplink: the acks of every
 /// event in flight, with room to spare.
 const RX_QUEUE: usize = 256;
